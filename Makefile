@@ -1,0 +1,39 @@
+# The two commands of the README:  make demo  and  make test.
+# Each one installs what it needs: Debian packages (as root, when missing) and a project virtualenv.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEBS   := bubblewrap iproute2
+
+.PHONY: demo test lint system-deps venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml enclave/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -e './enclave[runtime]' -e '.[test]'
+	touch $@
+
+# Debian packages the local enclave needs; installed only when missing (apt-get needs root).
+system-deps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (install them as root: apt-get install$$missing)" >&2; exit 1; fi; \
+	fi
+
+demo: system-deps $(STAMP)
+	$(BIN)/python -m dcr_enclave.demo
+
+test: system-deps $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache test-artifacts

@@ -1,0 +1,1 @@
+"""One module per ``dcr`` subcommand; each has ``register(subparsers)``."""
