@@ -25,8 +25,18 @@ system-deps:
 	  else echo "missing Debian packages:$$missing (install them as root: apt-get install$$missing)" >&2; exit 1; fi; \
 	fi
 
+# The secure stage on demo data: generate a dataset, register it as a provider would, run the sample
+# notebook on the real rows in the local (simulated) enclave, and verify the receipt.
+DEMO := .demo
 demo: system-deps $(STAMP)
-	$(BIN)/python -m dcr_enclave.demo
+	rm -rf $(DEMO)/run
+	$(BIN)/python demo/make_demo_data.py $(DEMO)/data
+	$(BIN)/dcr provider add --store $(DEMO)/store --provider demo --dataset patients \
+	  --real $(DEMO)/data/real/patients.csv --synthetic $(DEMO)/data/synthetic/patients.csv
+	$(BIN)/dcr local-run demo/analysis.ipynb --store $(DEMO)/store --out $(DEMO)/run \
+	  --host-state $(DEMO)/enclave-host
+	$(BIN)/dcr verify $(DEMO)/run --trust $(DEMO)/enclave-host/public/jwks.json
+	@echo "outputs: $(DEMO)/run/outputs  (the executed notebook, summary.csv, charges.png)"
 
 test: system-deps $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -18,7 +18,7 @@ from . import __version__
 from .errors import DCRError
 
 #: Subcommands this distribution provides (module names under dcr_enclave.commands).
-BUILTIN_COMMANDS = ("provider", "verify")
+BUILTIN_COMMANDS = ("provider", "local_run", "enclave_host", "verify")
 
 
 def build_parser() -> argparse.ArgumentParser:

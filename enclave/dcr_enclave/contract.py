@@ -192,3 +192,15 @@ OUTPUTS_DIR: Final = "outputs"
 SEALED_OUTPUTS_FILE: Final = "outputs.sealed"
 #: Written instead of outputs when a job fails: the cell index and exception type only.
 FAILURE_FILE: Final = "failure.json"
+
+# ---------------------------------------------------------------------------------------------------------
+# The local platform (the enclave host): what it gives the supervisor besides the launch environment.
+# In Confidential Space the launcher provides the equivalent (the teeserver socket, a fixed image user).
+# ---------------------------------------------------------------------------------------------------------
+
+#: File descriptor of the supervisor's private link to the enclave host (attestation, key release, progress).
+LOCAL_LINK_FD: Final = "DCR_LOCAL_LINK_FD"
+#: Private scratch directory the supervisor mounts its memory-backed storage on.
+LOCAL_SCRATCH: Final = "DCR_LOCAL_SCRATCH"
+#: The unprivileged account the kernel sandbox runs as, ``uid:gid``.
+LOCAL_SANDBOX_IDS: Final = "DCR_LOCAL_SANDBOX_IDS"

@@ -20,7 +20,9 @@ READ_SIZE = 1 << 20
 
 def canonical_json(obj: Any) -> bytes:
     """UTF-8 JSON with sorted keys and no insignificant white space."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -1,0 +1,80 @@
+"""``dcr enclave-host``: run the local TEE platform simulation (root only)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from ..enclave_host import EnclaveHost, HostConfig
+from ..hostclient import DEFAULT_SOCKET
+from ..jwk import load_jwks_file
+
+DEFAULT_STATE = "/var/lib/dcr/enclave-host"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "enclave-host",
+        help="run the local enclave host (a SIMULATED TEE: isolation, attestation and key release, no memory encryption)",
+        description=(
+            "The local stand-in for Google Confidential Space: runs enclave jobs from a measured, read-only "
+            "install, signs simulated attestation tokens, and releases providers' data keys under their "
+            "conditions. Must run as root."
+        ),
+    )
+    p.add_argument("--store", required=True, type=Path, help="the providers' encrypted dataset store")
+    p.add_argument("--keys", type=Path, help="the providers' key material (default: STORE/.keys)")
+    p.add_argument(
+        "--hub-key",
+        action="append",
+        required=True,
+        type=Path,
+        help="public key (PEM or JWKS) of a hub whose grants this host accepts; repeatable",
+    )
+    p.add_argument(
+        "--state", type=Path, default=Path(DEFAULT_STATE), help=f"state directory (default {DEFAULT_STATE})"
+    )
+    p.add_argument(
+        "--socket", type=Path, default=Path(DEFAULT_SOCKET), help=f"unix socket (default {DEFAULT_SOCKET})"
+    )
+    p.add_argument("--sandbox-user", default="dcr-sandbox", help="unprivileged account kernels run as")
+    p.set_defaults(func=run)
+
+
+def build_host(args: argparse.Namespace) -> EnclaveHost:
+    hub_keys = [k for path in args.hub_key for k in load_jwks_file(path, "hub key")]
+    cfg = HostConfig(
+        state_dir=args.state,
+        socket_path=args.socket,
+        store=args.store,
+        keys_dir=args.keys or args.store / ".keys",
+        hub_keys=hub_keys,
+        sandbox_user=args.sandbox_user,
+    )
+    host = EnclaveHost(cfg)
+    host.prepare()
+    return host
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    host = build_host(args)
+    print(
+        f"enclave host: SIMULATED TEE (no hardware memory encryption), image {host.measurement()}", flush=True
+    )
+    print(f"enclave host: attestation JWKS at {args.state / 'public' / 'jwks.json'}", flush=True)
+
+    def stop(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        host.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        host.shutdown()
+    return 0

@@ -1,0 +1,200 @@
+"""``dcr local-run``: the secure stage without a hub, for providers and for trying DCR out.
+
+It bundles the notebook, issues a grant with the local development hub key (the one ``dcr provider add``
+pins by default), runs the job on an enclave host (an existing one with ``--host-socket``, else one it
+starts for the duration of the run), and leaves the decrypted outputs and the receipt in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import contract
+from ..bundle import build_bundle
+from ..enclave_host import EnclaveHost, HostConfig
+from ..errors import DCRError
+from ..grant import GrantedDataset, OutputLimits, issue_grant
+from ..hostclient import HostClient
+from ..jwk import load_or_create_key, public_jwk
+from ..sealing import generate_keypair, open_dir
+from ..store import DEV_HUB_KEY_FILE, Store
+
+DEFAULT_STATE = "/var/lib/dcr/enclave-host"
+_DATA_REF = re.compile(r"/data/([a-z0-9][a-z0-9_-]{0,62})/([a-z0-9][a-z0-9_-]{0,62})/")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "local-run",
+        help="run a notebook on the real data in the local (SIMULATED) enclave and fetch outputs and receipt",
+    )
+    p.add_argument("notebook", type=Path)
+    p.add_argument("--store", required=True, type=Path, help="the dataset store")
+    p.add_argument(
+        "--out", required=True, type=Path, help="directory for outputs and the receipt (must not exist)"
+    )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="PROVIDER/NAME",
+        help="dataset to grant (latest version); default: the /data/... paths the notebook's files mention",
+    )
+    p.add_argument("--keys", type=Path, help="provider key material (default: STORE/.keys)")
+    p.add_argument("--host-socket", type=Path, help="use this running enclave host instead of starting one")
+    p.add_argument("--host-state", type=Path, default=Path(DEFAULT_STATE), help="state of the started host")
+    p.add_argument("--time-limit", type=int, default=3600, help="seconds (default 3600)")
+    p.add_argument("--sandbox-user", default="dcr-sandbox")
+    p.set_defaults(func=run)
+
+
+def pick_datasets(store: Store, wanted: list[str], workspace_text: str) -> list[GrantedDataset]:
+    names: list[tuple[str, str]] = []
+    if wanted:
+        for w in wanted:
+            if w.count("/") != 1:
+                raise DCRError(f"--dataset {w!r} must be PROVIDER/NAME")
+            p, d = w.split("/")
+            names.append((contract.check_name(p, "provider"), contract.check_name(d, "dataset")))
+    else:
+        names = sorted(set(_DATA_REF.findall(workspace_text)))
+        if not names:
+            raise DCRError(
+                "the notebook mentions no /data/<provider>/<dataset>/ path", hint="name one with --dataset"
+            )
+    out = []
+    for p, d in names:
+        versions = [v for v in store.versions(p, d) if not v.retired]
+        if not versions:
+            raise DCRError(
+                f"the store has no usable version of {p}/{d}", hint="register it with `dcr provider add`"
+            )
+        out.append(GrantedDataset(p, d, versions[-1].version, "auto"))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out.exists():
+        raise DCRError(f"{args.out} already exists", hint="choose a new --out directory")
+    store = Store(args.store)
+    keys_dir = args.keys or args.store / ".keys"
+    hub_key = load_or_create_key(keys_dir / DEV_HUB_KEY_FILE)
+    print("local-run: using the LOCAL DEVELOPMENT hub key (not for production)", file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="dcr-local-run-") as tmp:
+        bundle_path = Path(tmp) / "bundle.tar"
+        bundle = build_bundle(args.notebook, bundle_path)
+        text = "".join(
+            (args.notebook.parent / f.path).read_text(errors="replace")
+            for f in bundle.files
+            if f.path.endswith((".ipynb", ".py", ".txt", ".json", ".yaml", ".yml", ".sql", ".r", ".R"))
+        )
+        datasets = pick_datasets(store, args.dataset, text)
+        private, public = generate_keypair()
+        job_id = contract.new_job_id()
+        grant = issue_grant(
+            hub_key,
+            user=getpass.getuser(),
+            job_id=job_id,
+            bundle_digest=bundle.digest,
+            datasets=datasets,
+            output_public_key=public,
+            output_limits=OutputLimits(),
+            time_limit=args.time_limit,
+        )
+        host, thread = None, None
+        if args.host_socket:
+            client = HostClient(args.host_socket)
+        else:
+            sock = Path(tmp) / "host.sock"
+            host = EnclaveHost(
+                HostConfig(
+                    state_dir=args.host_state,
+                    socket_path=sock,
+                    store=args.store,
+                    keys_dir=keys_dir,
+                    hub_keys=[public_jwk(hub_key)],
+                    sandbox_user=args.sandbox_user,
+                )
+            )
+            host.prepare()
+            thread = threading.Thread(target=host.serve_forever, daemon=True)
+            thread.start()
+            client = HostClient(sock)
+            _wait_for(client)
+        try:
+            trust = (
+                str(args.host_state / "public" / "jwks.json")
+                if host
+                else "<the enclave host's public/jwks.json>"
+            )
+            return _run_job(client, grant, bundle_path, job_id, private, args.out, datasets, trust)
+        finally:
+            if host:
+                host.shutdown()
+
+
+def _wait_for(client: HostClient) -> None:
+    for _ in range(200):
+        try:
+            client.ping()
+            return
+        except DCRError:
+            time.sleep(0.02)
+    client.ping()
+
+
+def _run_job(
+    client: HostClient,
+    grant: str,
+    bundle_path: Path,
+    job_id: str,
+    private: bytes,
+    out: Path,
+    datasets: list[GrantedDataset],
+    trust: str,
+) -> int:
+    job = client.launch(grant, bundle_path)
+    print(f"job {job['job_id']} on the LOCAL SIMULATED enclave; datasets: " + ", ".join(
+        f"{d.key}@{d.version[:19]}" for d in datasets), file=sys.stderr)  # fmt: skip
+    final: dict[str, Any] = job
+    for msg in client.watch(job_id):
+        ev = msg.get("event") or {}
+        if "state" in ev:
+            print(f"  state: {ev['state']}", file=sys.stderr)
+        if "cell" in ev and ev["cell"]:
+            i, n = ev["cell"]
+            print(f"  cell {i + 1}/{n}", file=sys.stderr)
+        if msg.get("end"):
+            final = msg["job"]
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        client.result(job_id, staging)
+        if final["state"] not in ("succeeded", "held"):
+            f = final.get("failure") or {}
+            where = f" in cell {f['cell'] + 1}" if isinstance(f.get("cell"), int) else ""
+            ename = f" ({f['ename']})" if f.get("ename") else ""
+            os.replace(staging, out)
+            print(f"job {job_id} {final['state']}{where}{ename}: {f.get('reason', '')}", file=sys.stderr)
+            return 1
+        sealed = staging / contract.SEALED_OUTPUTS_FILE
+        if sealed.exists():
+            open_dir(sealed, staging / contract.OUTPUTS_DIR, private, job_id)
+            sealed.unlink()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"job {job_id} {final['state']}: outputs and receipt in {out}", file=sys.stderr)
+    print(f"verify with: dcr verify {out} --trust {trust}", file=sys.stderr)
+    return 0

@@ -1,0 +1,177 @@
+"""Signing keys as JWKs: generation, storage, public JWKS and RFC 7638 thumbprints.
+
+DCR pins keys by thumbprint: ``sha256:<hex>`` of the RFC 7638 canonical form of the public JWK (only the
+required members, sorted, no white space). The hub key, the enclave host's attestation signer and test
+signers all go through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+from .digests import canonical_json, sha256_bytes
+from .errors import DCRError
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+# RFC 7638 section 3.2: the members that define each key type.
+_REQUIRED_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}
+MAX_JWKS_BYTES = 256 * 1024
+
+
+def generate_key(alg: str = "ES256") -> PrivateKey:
+    """A fresh signing key for ``alg`` (ES256: P-256; RS256: RSA 3072)."""
+    if alg == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if alg == "RS256":
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    raise DCRError(f"unsupported signing algorithm {alg!r}", hint="use ES256 or RS256")
+
+
+def key_alg(key: PrivateKey | PublicKey) -> str:
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise DCRError(f"EC keys must be on P-256, not {key.curve.name}")
+        return "ES256"
+    return "RS256"
+
+
+def public_jwk(key: PrivateKey | PublicKey) -> dict[str, Any]:
+    """The public JWK of ``key`` with ``kid`` = thumbprint, ``alg`` and ``use: sig``."""
+    pub = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) else key
+    alg = key_alg(pub)
+    algo = ECAlgorithm if alg == "ES256" else RSAAlgorithm
+    jwk: dict[str, Any] = algo.to_jwk(pub, as_dict=True)
+    jwk = {k: jwk[k] for k in _REQUIRED_MEMBERS[jwk["kty"]]}
+    jwk.update(alg=alg, use="sig", kid=thumbprint(jwk))
+    return jwk
+
+
+def thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638 thumbprint of a public JWK, written ``sha256:<hex>``."""
+    kty = jwk.get("kty")
+    if kty not in _REQUIRED_MEMBERS:
+        raise DCRError(f"unsupported JWK key type {kty!r}", hint="keys must be EC P-256 or RSA")
+    try:
+        members = {k: jwk[k] for k in _REQUIRED_MEMBERS[kty]}
+    except KeyError as e:
+        raise DCRError(f"JWK lacks the member {e.args[0]!r}") from None
+    return sha256_bytes(canonical_json(members))
+
+
+def jwks(*keys: PrivateKey | PublicKey) -> dict[str, Any]:
+    return {"keys": [public_jwk(k) for k in keys]}
+
+
+def public_key_from_jwk(jwk: dict[str, Any]) -> PublicKey:
+    """The public key of a JWK; refuses private members, symmetric keys and unsupported curves."""
+    if not isinstance(jwk, dict):
+        raise DCRError("a JWK must be a JSON object")
+    if "d" in jwk or jwk.get("kty") == "oct":
+        raise DCRError(
+            "refusing a JWK with private or symmetric key material", hint="publish public keys only"
+        )
+    thumbprint(jwk)  # validates kty and members
+    try:
+        key = jwt.PyJWK(jwk).key
+    except (jwt.PyJWKError, ValueError, TypeError) as e:
+        raise DCRError(f"unreadable JWK: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise DCRError("a JWK here must hold a public EC or RSA key")
+    key_alg(key)
+    return key
+
+
+def parse_jwks(text: str | bytes, what: str = "JWKS") -> list[dict[str, Any]]:
+    """Public keys from a JWKS document, a single JWK or a PEM public key; refuses anything else."""
+    if len(text) > MAX_JWKS_BYTES:
+        raise DCRError(f"{what} is larger than {MAX_JWKS_BYTES} bytes")
+    raw = text.encode() if isinstance(text, str) else text
+    if raw.lstrip().startswith(b"-----BEGIN"):
+        try:
+            pem_key = serialization.load_pem_public_key(raw)
+        except ValueError as e:
+            raise DCRError(f"{what} is not a readable PEM public key: {e}") from None
+        if not isinstance(pem_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+            raise DCRError(f"{what} must hold an EC P-256 or RSA public key")
+        return [public_jwk(pem_key)]
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DCRError(f"{what} is neither JSON nor PEM: {e}") from None
+    keys = doc.get("keys") if isinstance(doc, dict) and "keys" in doc else [doc]
+    if not isinstance(keys, list) or not keys:
+        raise DCRError(f"{what} holds no keys")
+    out = []
+    for k in keys:
+        public_key_from_jwk(k)
+        out.append(k)
+    return out
+
+
+def load_jwks_file(path: str | Path, what: str = "JWKS file") -> list[dict[str, Any]]:
+    p = Path(path)
+    try:
+        if p.stat().st_size > MAX_JWKS_BYTES:
+            raise DCRError(f"{what} {p} is larger than {MAX_JWKS_BYTES} bytes")
+        return parse_jwks(p.read_bytes(), f"{what} {p}")
+    except OSError as e:
+        raise DCRError(f"cannot read {what} {p}: {e.strerror}") from None
+
+
+def write_private_key(path: str | Path, key: PrivateKey) -> None:
+    """Write ``key`` as PKCS#8 PEM, owner-only (0600), atomically; never overwrites an existing key."""
+    p = Path(path)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, pem)
+        os.fsync(fd)
+        os.close(fd)
+        os.link(tmp, p)  # fails if p exists: a key is never silently replaced
+    except FileExistsError:
+        raise DCRError(f"refusing to overwrite the existing key {p}") from None
+    finally:
+        os.unlink(tmp)
+
+
+def read_private_key(path: str | Path) -> PrivateKey:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise DCRError(f"cannot read the private key {p}: {e.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise DCRError(f"{p} is not an unencrypted PEM private key: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise DCRError(f"{p} must hold an EC P-256 or RSA private key")
+    key_alg(key)
+    return key
+
+
+def load_or_create_key(path: str | Path, alg: str = "ES256") -> PrivateKey:
+    """The key at ``path``, created (0600) if absent. Used for persisted signer keys."""
+    p = Path(path)
+    if not p.exists():
+        try:
+            write_private_key(p, generate_key(alg))
+        except DCRError:
+            if not p.exists():  # lost a creation race: fine if the winner's key is there
+                raise
+    return read_private_key(p)

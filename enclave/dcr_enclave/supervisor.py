@@ -1,0 +1,330 @@
+"""The enclave supervisor: the trusted process that runs one job on real data.
+
+Order matters, and each step refuses before the next:
+
+1. read the launch environment (:mod:`dcr_enclave.contract`); verify the grant against the hub key pinned by
+   thumbprint, and that it names this job and this bundle digest;
+2. unpack the bundle, refusing any other digest;
+3. build the kernel sandbox once as a probe; if it cannot be built, stop before asking for a single key;
+4. for each granted dataset: fresh challenge, attestation token with it as nonce, key release, decryption
+   into private memory-backed storage, and the dataset version recomputed from the plaintext;
+5. run the notebook in the sandbox, reporting cell *i* of *n* (never data); kill the sandbox's whole
+   process tree;
+6. collect outputs (the executed notebook plus regular files created or changed in the working copy),
+   apply the grant's output limits, build the receipt and have it attested (nonce = its sha256);
+7. seal the outputs to the job's key (or the hub's airlock key under review) and write the receipt.
+
+All plaintext lives on a tmpfs mounted inside the supervisor's own mount namespace, so it disappears with
+the supervisor's last process, however it ends (``kill -9`` included). A failed job reports only the cell
+index and exception type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import contract
+from .bundle import BundleManifest, extract_bundle
+from .dataset import DatasetVersion
+from .digests import canonical_json, sha256_bytes, sha256_file
+from .errors import DCRError
+from .grant import Grant, output_public_key_bytes, verify_grant
+from .jwk import parse_jwks
+from .receipt import ReceiptManifest, output_entries, write_receipt_dir
+from .sandbox import SandboxSpec, check_sandbox, run_notebook
+from .sealing import seal_dir
+from .store import Store
+from .streamcrypt import FileContext, decrypt_file
+from .teelink import TeeLink
+
+ENV = contract.ENV
+
+
+@dataclass
+class Launch:
+    """The launch environment, read once."""
+
+    job_id: str
+    bundle_digest: str
+    bundle_path: Path
+    grant_token: str
+    hub_key_thumbprint: str
+    hub_jwks: list[dict[str, Any]]
+    store: Path
+    output: Path
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> Launch:
+        missing = [n for n in contract.LAUNCH_ENV_NAMES if n not in env and n != ENV.PROGRESS_URI]
+        if missing:
+            raise DCRError(f"launch environment lacks {', '.join(missing)}")
+        return cls(
+            job_id=contract.check_job_id(env[ENV.JOB_ID]),
+            bundle_digest=env[ENV.BUNDLE_DIGEST],
+            bundle_path=Path(env[ENV.BUNDLE_URI]),
+            grant_token=env[ENV.GRANT],
+            hub_key_thumbprint=env[ENV.HUB_KEY_THUMBPRINT],
+            hub_jwks=parse_jwks(env[ENV.HUB_JWKS], "hub JWKS"),
+            store=Path(env[ENV.STORE_URI]),
+            output=Path(env[ENV.OUTPUT_URI]),
+        )
+
+
+class JobFailed(Exception):
+    """The job ended without outputs; ``report`` is all that leaves the enclave about why."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        super().__init__(report.get("reason", "failed"))
+        self.report = report
+
+
+class Supervisor:
+    def __init__(self, launch: Launch, link: TeeLink, scratch: Path, sandbox_ids: tuple[int, int]) -> None:
+        self.launch = launch
+        self.link = link
+        self.scratch = scratch
+        self.uid, self.gid = sandbox_ids
+        self.work = scratch / "work"
+        self.data = scratch / "data"
+        self.outputs = scratch / "outputs"
+        self.started_at = time.time()
+
+    def state(self, state: str) -> None:
+        self.link.progress({"kind": contract.Progress.STATE, "state": state})
+
+    # -- steps ------------------------------------------------------------------------------------------
+
+    def verify_grant(self) -> Grant:
+        return verify_grant(
+            self.launch.grant_token,
+            self.launch.hub_jwks,
+            hub_key_thumbprint=self.launch.hub_key_thumbprint,
+            job_id=self.launch.job_id,
+            bundle_digest=self.launch.bundle_digest,
+        )
+
+    def unpack(self) -> BundleManifest:
+        manifest = extract_bundle(
+            self.launch.bundle_path, self.work, expected_digest=self.launch.bundle_digest
+        )
+        # The sandbox account owns the working copy; nothing else of the scratch is its.
+        for dirpath, dirnames, filenames in os.walk(self.work):
+            for name in [*dirnames, *filenames]:
+                os.chown(os.path.join(dirpath, name), self.uid, self.gid, follow_symlinks=False)
+        os.chown(self.work, self.uid, self.gid)
+        return manifest
+
+    def fetch_datasets(self, g: Grant) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        store = Store(self.launch.store)
+        receipt_datasets = []
+        conditions = {}
+        for d in g.datasets:
+            manifest: DatasetVersion = store.load(d.provider, d.dataset, d.version)
+            challenge = self.link.challenge()
+            token = self.link.token(contract.KEY_RELEASE_AUDIENCE, [challenge])
+            data_key, conditions[d.key] = self.link.release(
+                provider=d.provider,
+                dataset=d.dataset,
+                version=d.version,
+                wrapped_key=manifest.key,
+                token=token,
+                grant=self.launch.grant_token,
+                hub_jwks=self.launch.hub_jwks,
+                challenge=challenge,
+            )
+            target = self.data / d.provider / d.dataset
+            target.mkdir(parents=True, exist_ok=True)
+            plain_digests = {}
+            for f in manifest.files:
+                ctx = FileContext(d.provider, d.dataset, d.version, f.name)
+                digest, _ = decrypt_file(
+                    store.ciphertext_path(manifest, f.name), target / f.name, data_key, ctx
+                )
+                os.chmod(target / f.name, 0o444)
+                plain_digests[f.name] = digest
+            if manifest.expected_version(plain_digests) != d.version:
+                raise DCRError(f"dataset {d.key}: decrypted content does not match its version")
+            receipt_datasets.append(
+                {
+                    "provider": d.provider,
+                    "dataset": d.dataset,
+                    "version": d.version,
+                    "files": [
+                        {"name": f.name, "ciphertext_sha256": f.ciphertext_sha256} for f in manifest.files
+                    ],
+                }
+            )
+        for p in [self.data, *self.data.rglob("*")]:
+            if p.is_dir():
+                os.chmod(p, 0o555)
+        return receipt_datasets, conditions
+
+    def collect(self, bundle: BundleManifest, g: Grant) -> list[str]:
+        """Copy outputs out of the (dead) sandbox's working copy; return limit violations."""
+        original = {f.path: f.sha256 for f in bundle.files}
+        violations: list[str] = []
+        picked: list[tuple[str, Path]] = []
+        for dirpath, dirnames, filenames in os.walk(self.work):
+            for name in sorted([*dirnames, *filenames]):
+                p = Path(dirpath, name)
+                rel = p.relative_to(self.work).as_posix()
+                st = p.lstat()
+                if stat.S_ISDIR(st.st_mode):
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    violations.append(f"{rel}: links are not outputs")
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    violations.append(f"{rel}: special files are not outputs")
+                    continue
+                if rel in original and rel != bundle.notebook:
+                    if sha256_file(p)[0] == original[rel]:
+                        continue  # unchanged input
+                picked.append((rel, p))
+        limits = g.output_limits
+        total = sum(p.stat().st_size for _, p in picked)
+        if len(picked) > limits.max_files:
+            violations.append(f"{len(picked)} output files exceed the limit of {limits.max_files}")
+        if total > limits.max_bytes:
+            violations.append(f"{total} output bytes exceed the limit of {limits.max_bytes}")
+        if limits.allowed_suffixes:
+            for rel, _ in picked:
+                if not rel.lower().endswith(tuple(limits.allowed_suffixes)):
+                    violations.append(f"{rel}: file type not allowed by the grant")
+        if not violations:
+            for rel, p in picked:
+                dest = self.outputs / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, dest)
+        return violations
+
+    def run(self) -> int:
+        g = self.verify_grant()
+        self.state("launching")
+        bundle = self.unpack()
+        spec = SandboxSpec(
+            workdir=self.work,
+            data_dir=self.data,
+            uid=self.uid,
+            gid=self.gid,
+            wall_time=float(g.time_limit),
+            memory_bytes=g.memory_bytes,
+        )
+        self.data.mkdir(mode=0o755)
+        check_sandbox(spec)  # refuse before any key is asked for
+        datasets, conditions = self.fetch_datasets(g)
+        self.state("running")
+
+        def on_cell(index: int, count: int) -> None:
+            self.link.progress({"kind": contract.Progress.CELL, "index": index, "count": count})
+
+        result = run_notebook(bundle.notebook, spec, on_cell=on_cell)
+        # run_notebook returns only once the sandbox's whole process tree is dead.
+        if result.status != "ok":
+            raise JobFailed({"reason": result.status, "cell": result.cell, "ename": result.ename})
+        self.state("checking")
+        self.outputs.mkdir()
+        violations = self.collect(bundle, g)
+        review = g.release_mode == "review"
+        decision = "rejected" if violations else ("held" if review else "released")
+        manifest = self.receipt_manifest(g, bundle, datasets, conditions, violations, decision)
+        self.write_result(g, manifest, sealed=not violations)
+        return 0
+
+    def receipt_manifest(
+        self,
+        g: Grant,
+        bundle: BundleManifest,
+        datasets: list[dict[str, Any]],
+        conditions: dict[str, str],
+        violations: list[str],
+        decision: str,
+    ) -> ReceiptManifest:
+        platform = self.link.call("info")
+        doc = {
+            "schema": "dcr/receipt/v1",
+            "job_id": g.job_id,
+            "notebook": bundle.notebook,
+            "bundle_digest": g.bundle_digest,
+            "enclave": {"kind": platform["kind"], "image_digest": platform["image_digest"]},
+            "hub_key_thumbprint": self.launch.hub_key_thumbprint,
+            "grant": {"digest": sha256_bytes(g.token.encode()), "claims": g.claims()},
+            "datasets": datasets,
+            "policies": {
+                "output_policy": sha256_bytes(canonical_json(g.output_limits.to_json())),
+                "conditions": conditions,
+            },
+            "outputs": output_entries(self.outputs) if not violations else [],
+            "output_check": {"passed": not violations, "violations": violations},
+            "release": {"mode": g.release_mode, "decision": decision},
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(time.time()),
+        }
+        return ReceiptManifest.from_json(doc)
+
+    def write_result(self, g: Grant, manifest: ReceiptManifest, *, sealed: bool) -> None:
+        out = self.launch.output
+        receipt_bytes = canonical_json(manifest.to_json())
+        token = self.link.token(contract.RECEIPT_AUDIENCE, [sha256_bytes(receipt_bytes)])
+        jwks = self.link.call("info")["jwks"]
+        if sealed:
+            seal_dir(self.outputs, out / contract.SEALED_OUTPUTS_FILE, output_public_key_bytes(g), g.job_id)
+        write_receipt_dir(out, manifest, token, jwks)
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def mount_scratch(path: Path, size_bytes: int) -> None:
+    """Mount a private tmpfs on ``path`` (this process must be in its own mount namespace)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0700,nosuid,nodev", "dcr-scratch", str(path)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def main() -> int:
+    env = dict(os.environ)
+    link = TeeLink.from_fd(int(env[contract.LOCAL_LINK_FD]))
+    try:
+        launch = Launch.from_env(env)
+        uid, gid = (int(x) for x in env[contract.LOCAL_SANDBOX_IDS].split(":"))
+        scratch = Path(env[contract.LOCAL_SCRATCH])
+        mount_scratch(scratch, int(env.get("DCR_LOCAL_SCRATCH_BYTES", str(2 * 2**30))))
+        sup = Supervisor(launch, link, scratch, (uid, gid))
+        return sup.run()
+    except JobFailed as e:
+        _fail(link, e.report)
+        return 1
+    except DCRError as e:
+        _fail(link, {"reason": str(e), "cell": None, "ename": None})
+        return 1
+    except Exception as e:  # a bug: say which kind, never the message (it could carry data)
+        _fail(link, {"reason": f"supervisor error ({type(e).__name__})", "cell": None, "ename": None})
+        return 1
+    finally:
+        link.close()
+
+
+def _fail(link: TeeLink, report: dict[str, Any]) -> None:
+    msg = {"kind": contract.Progress.FAILED, **report}
+    try:
+        link.progress(msg)
+    except (DCRError, OSError):
+        print(json.dumps(msg), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
