@@ -10,12 +10,16 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 from .errors import DCRError
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 READ_SIZE = 1 << 20
+
+
+class Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -34,7 +38,7 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(canonical_json(obj))
 
 
-def sha256_stream(stream: BinaryIO) -> tuple[str, int]:
+def sha256_stream(stream: Readable) -> tuple[str, int]:
     """Digest and length of a stream, read in fixed-size pieces (memory flat in size)."""
     h = hashlib.sha256()
     total = 0
@@ -48,7 +52,7 @@ def sha256_stream(stream: BinaryIO) -> tuple[str, int]:
 
 def sha256_file(path: str | Path) -> tuple[str, int]:
     with open(path, "rb", buffering=0) as f:
-        return sha256_stream(f)  # type: ignore[arg-type]
+        return sha256_stream(f)
 
 
 def check_digest(value: Any, what: str) -> str:

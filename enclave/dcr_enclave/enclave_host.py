@@ -18,6 +18,7 @@ only to root or the account that launched it (checked with ``SO_PEERCRED``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -146,7 +147,7 @@ class EnclaveHost:
         shutil.copytree(
             package_root(), tmp / "dcr_enclave", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
-        for dirpath, dirnames, filenames in os.walk(tmp):
+        for dirpath, _dirnames, filenames in os.walk(tmp):
             for n in filenames:
                 os.chmod(os.path.join(dirpath, n), 0o444)
             os.chmod(dirpath, 0o555)
@@ -474,10 +475,8 @@ class EnclaveHost:
     def _kill(self, job: Job) -> None:
         """Kill the supervisor's whole session; its mount namespace, and the plaintext tmpfs, go with it."""
         if job.proc and job.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             job.proc.wait()
 
     def _watch(self, sock: socket.socket, uid: int, msg: dict[str, Any]) -> None:
@@ -541,10 +540,8 @@ class _FrameReader:
 
 
 def _send(sock: socket.socket, obj: dict[str, Any]) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.sendall(encode(obj))
-    except OSError:
-        pass
 
 
 def _peer_uid(sock: socket.socket) -> int:

@@ -84,7 +84,7 @@ def public_key_from_jwk(jwk: dict[str, Any]) -> PublicKey:
     thumbprint(jwk)  # validates kty and members
     try:
         key = jwt.PyJWK(jwk).key
-    except (jwt.PyJWKError, ValueError, TypeError) as e:
+    except (jwt.PyJWTError, ValueError, TypeError) as e:
         raise DCRError(f"unreadable JWK: {e}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         raise DCRError("a JWK here must hold a public EC or RSA key")

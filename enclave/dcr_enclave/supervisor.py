@@ -35,11 +35,11 @@ from typing import Any
 from . import contract
 from .bundle import BundleManifest, extract_bundle
 from .dataset import DatasetVersion
-from .digests import canonical_json, sha256_bytes, sha256_file
+from .digests import sha256_file, sha256_json
 from .errors import DCRError
 from .grant import Grant, output_public_key_bytes, verify_grant
 from .jwk import parse_jwks
-from .receipt import ReceiptManifest, output_entries, write_receipt_dir
+from .receipt import ReceiptManifest, build_manifest, output_entries, write_receipt_dir
 from .sandbox import SandboxSpec, check_sandbox, run_notebook
 from .sealing import seal_dir
 from .store import Store
@@ -135,7 +135,7 @@ class Supervisor:
                 provider=d.provider,
                 dataset=d.dataset,
                 version=d.version,
-                wrapped_key=manifest.key,
+                wrapped_key=manifest.key.to_json(),
                 token=token,
                 grant=self.launch.grant_token,
                 hub_jwks=self.launch.hub_jwks,
@@ -250,39 +250,33 @@ class Supervisor:
         decision: str,
     ) -> ReceiptManifest:
         platform = self.link.call("info")
-        doc = {
-            "schema": "dcr/receipt/v1",
-            "job_id": g.job_id,
-            "notebook": bundle.notebook,
-            "bundle_digest": g.bundle_digest,
-            "enclave": {"kind": platform["kind"], "image_digest": platform["image_digest"]},
-            "hub_key_thumbprint": self.launch.hub_key_thumbprint,
-            "grant": {"digest": sha256_bytes(g.token.encode()), "claims": g.claims()},
-            "datasets": datasets,
-            "policies": {
-                "output_policy": sha256_bytes(canonical_json(g.output_limits.to_json())),
-                "conditions": conditions,
-            },
-            "outputs": output_entries(self.outputs) if not violations else [],
-            "output_check": {"passed": not violations, "violations": violations},
-            "release": {"mode": g.release_mode, "decision": decision},
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(time.time()),
-        }
-        return ReceiptManifest.from_json(doc)
+        return build_manifest(
+            job_id=g.job_id,
+            notebook=bundle.notebook,
+            bundle_digest=g.bundle_digest,
+            enclave_kind=platform["kind"],
+            image_digest=platform["image_digest"],
+            hub_key_thumbprint=self.launch.hub_key_thumbprint,
+            grant_token=g.token,
+            grant_claims=g.claims(),
+            datasets=datasets,
+            output_policy=sha256_json(g.output_limits.to_json()),
+            conditions=conditions,
+            outputs=[] if violations else output_entries(self.outputs),
+            violations=violations,
+            release_mode=g.release_mode,
+            decision=decision,
+            started_at=self.started_at,
+            finished_at=time.time(),
+        )
 
     def write_result(self, g: Grant, manifest: ReceiptManifest, *, sealed: bool) -> None:
         out = self.launch.output
-        receipt_bytes = canonical_json(manifest.to_json())
-        token = self.link.token(contract.RECEIPT_AUDIENCE, [sha256_bytes(receipt_bytes)])
+        token = self.link.token(contract.RECEIPT_AUDIENCE, [manifest.digest])
         jwks = self.link.call("info")["jwks"]
         if sealed:
             seal_dir(self.outputs, out / contract.SEALED_OUTPUTS_FILE, output_public_key_bytes(g), g.job_id)
         write_receipt_dir(out, manifest, token, jwks)
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def mount_scratch(path: Path, size_bytes: int) -> None:

@@ -172,7 +172,7 @@ def _run_job(
         ev = msg.get("event") or {}
         if "state" in ev:
             print(f"  state: {ev['state']}", file=sys.stderr)
-        if "cell" in ev and ev["cell"]:
+        if ev.get("cell"):
             i, n = ev["cell"]
             print(f"  cell {i + 1}/{n}", file=sys.stderr)
         if msg.get("end"):

@@ -1,0 +1,146 @@
+"""Shared fixtures for DCR's tests.
+
+Fixtures:
+
+- ``insurance_real`` / ``insurance_synthetic``: paths of the public insurance data set in
+  ``../shared/data/insurance/`` (read in place, never copied into the repository).
+- ``run_cli``: runs ``dcr`` in-process (``dcr_enclave.cli.main``) and returns ``(exit_code, stdout, stderr)``.
+- ``store``: a fresh dataset store with ``acme/insurance`` registered through ``dcr provider add``
+  (real = the insurance rows, synthetic = their published MST version); yields a :class:`StoreInfo`.
+- ``host``: a real :class:`~dcr_enclave.enclave_host.EnclaveHost` serving on a temporary unix socket, with
+  its own state directory, trusting the store's local development hub key; yields a :class:`HostInfo`.
+- ``make_notebook``: writes a notebook from a list of code-cell sources into a fresh workspace directory.
+
+Markers: ``root`` (needs root: namespaces, accounts), ``slow`` (more than a few seconds).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from dcr_enclave.cli import main as cli_main
+from dcr_enclave.enclave_host import EnclaveHost, HostConfig
+from dcr_enclave.hostclient import HostClient
+from dcr_enclave.jwk import load_or_create_key, public_jwk
+from dcr_enclave.store import DEV_HUB_KEY_FILE
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not SHARED_DATA.is_dir():  # CI lays shared/ beside the clone
+    SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def insurance_real() -> Path:
+    p = SHARED_DATA / "insurance" / "real.csv"
+    assert p.is_file(), f"public test data missing at {p}"
+    return p
+
+
+@pytest.fixture(scope="session")
+def insurance_synthetic() -> Path:
+    return SHARED_DATA / "insurance" / "synthetic_mst.csv"
+
+
+CliResult = tuple[int, str, str]
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., CliResult]:
+    def run(*args: str | os.PathLike[str]) -> CliResult:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = cli_main([str(a) for a in args])
+            except SystemExit as e:  # argparse usage errors
+                code = int(e.code or 0)
+        return code, out.getvalue(), err.getvalue()
+
+    return run
+
+
+@dataclass
+class StoreInfo:
+    root: Path
+    keys: Path
+    provider: str
+    dataset: str
+    file_name: str
+
+    @property
+    def hub_key_path(self) -> Path:
+        return self.keys / DEV_HUB_KEY_FILE
+
+
+@pytest.fixture
+def store(
+    tmp_path: Path, run_cli: Callable[..., CliResult], insurance_real: Path, insurance_synthetic: Path
+) -> StoreInfo:
+    root = tmp_path / "store"
+    code, _out, err = run_cli(
+        "provider", "add", "--store", root, "--provider", "acme", "--dataset", "insurance",
+        "--real", insurance_real, "--synthetic", insurance_synthetic,
+    )  # fmt: skip
+    assert code == 0, err
+    return StoreInfo(root, root / ".keys", "acme", "insurance", insurance_real.name)
+
+
+@dataclass
+class HostInfo:
+    host: EnclaveHost
+    socket: Path
+    state: Path
+    client: HostClient
+
+    @property
+    def jwks_path(self) -> Path:
+        return self.state / "public" / "jwks.json"
+
+
+@pytest.fixture
+def host(tmp_path: Path, store: StoreInfo) -> Iterator[HostInfo]:
+    hub_key = load_or_create_key(store.hub_key_path)
+    state = tmp_path / "host-state"
+    sock = tmp_path / "host.sock"
+    h = EnclaveHost(
+        HostConfig(
+            state_dir=state,
+            socket_path=sock,
+            store=store.root,
+            keys_dir=store.keys,
+            hub_keys=[public_jwk(hub_key)],
+        )
+    )
+    h.prepare()
+    t = threading.Thread(target=h.serve_forever, daemon=True)
+    t.start()
+    client = HostClient(sock)
+    for _ in range(500):
+        if sock.exists():
+            break
+        threading.Event().wait(0.01)
+    yield HostInfo(h, sock, state, client)
+    h.shutdown()
+
+
+@pytest.fixture
+def make_notebook(tmp_path: Path) -> Callable[..., Path]:
+    def make(cells: list[str], name: str = "analysis.ipynb", workspace: str = "workspace") -> Path:
+        ws = tmp_path / workspace
+        ws.mkdir(exist_ok=True)
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        path = ws / name
+        nbformat.write(nb, path)
+        return path
+
+    return make
