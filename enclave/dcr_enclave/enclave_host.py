@@ -66,6 +66,8 @@ class HostConfig:
     scratch_bytes: int = 2 * 2**30
     #: Extra seconds after a grant's time limit before the host kills a job.
     grace_seconds: int = 60
+    #: Where each supervisor mounts its private tmpfs (a short path: kernel sockets live below it).
+    scratch_root: Path = Path("/run/dcr-enclave")
 
 
 @dataclass
@@ -331,11 +333,14 @@ class EnclaveHost:
     def _run(self, job: Job) -> None:
         env = self._launch_env(job)
         job.image_digest = self.measurement()
+        # The mount point is empty in the host's namespace: the tmpfs exists only in the supervisor's.
+        scratch = self.cfg.scratch_root / job.job_id
+        scratch.mkdir(parents=True, mode=0o700)
         parent, child = socket.socketpair()
         proc_env = {
             **env,
             contract.LOCAL_LINK_FD: str(child.fileno()),
-            contract.LOCAL_SCRATCH: str(job.spool / "scratch"),
+            contract.LOCAL_SCRATCH: str(scratch),
             contract.LOCAL_SANDBOX_IDS: f"{self.uid}:{self.gid}",
             "DCR_LOCAL_SCRATCH_BYTES": str(self.cfg.scratch_bytes),
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -373,6 +378,7 @@ class EnclaveHost:
                 )
         link.join(timeout=5)
         parent.close()
+        scratch.rmdir()
         if job.terminal or job.cancelled:
             return
         out = job.spool / "out"

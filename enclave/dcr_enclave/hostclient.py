@@ -62,7 +62,7 @@ class HostClient:
     def status(self, job_id: str) -> dict[str, Any]:
         return self.call("status", job_id=job_id)["job"]
 
-    def list(self) -> list[dict[str, Any]]:
+    def jobs(self) -> list[dict[str, Any]]:
         return self.call("list")["jobs"]
 
     def cancel(self, job_id: str) -> dict[str, Any]:

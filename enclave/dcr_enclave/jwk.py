@@ -50,8 +50,10 @@ def public_jwk(key: PrivateKey | PublicKey) -> dict[str, Any]:
     """The public JWK of ``key`` with ``kid`` = thumbprint, ``alg`` and ``use: sig``."""
     pub = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) else key
     alg = key_alg(pub)
-    algo = ECAlgorithm if alg == "ES256" else RSAAlgorithm
-    jwk: dict[str, Any] = algo.to_jwk(pub, as_dict=True)
+    if isinstance(pub, ec.EllipticCurvePublicKey):
+        jwk: dict[str, Any] = ECAlgorithm.to_jwk(pub, as_dict=True)
+    else:
+        jwk = RSAAlgorithm.to_jwk(pub, as_dict=True)
     jwk = {k: jwk[k] for k in _REQUIRED_MEMBERS[jwk["kty"]]}
     jwk.update(alg=alg, use="sig", kid=thumbprint(jwk))
     return jwk

@@ -113,15 +113,8 @@ class Supervisor:
         )
 
     def unpack(self) -> BundleManifest:
-        manifest = extract_bundle(
-            self.launch.bundle_path, self.work, expected_digest=self.launch.bundle_digest
-        )
-        # The sandbox account owns the working copy; nothing else of the scratch is its.
-        for dirpath, dirnames, filenames in os.walk(self.work):
-            for name in [*dirnames, *filenames]:
-                os.chown(os.path.join(dirpath, name), self.uid, self.gid, follow_symlinks=False)
-        os.chown(self.work, self.uid, self.gid)
-        return manifest
+        # The sandbox gives the working copy to its account when it starts the kernel.
+        return extract_bundle(self.launch.bundle_path, self.work, expected_digest=self.launch.bundle_digest)
 
     def fetch_datasets(self, g: Grant) -> tuple[list[dict[str, Any]], dict[str, str]]:
         store = Store(self.launch.store)
@@ -186,9 +179,8 @@ class Supervisor:
                 if not stat.S_ISREG(st.st_mode):
                     violations.append(f"{rel}: special files are not outputs")
                     continue
-                if rel in original and rel != bundle.notebook:
-                    if sha256_file(p)[0] == original[rel]:
-                        continue  # unchanged input
+                if rel in original and rel != bundle.notebook and sha256_file(p)[0] == original[rel]:
+                    continue  # an input the run left unchanged
                 picked.append((rel, p))
         limits = g.output_limits
         total = sum(p.stat().st_size for _, p in picked)
@@ -211,6 +203,8 @@ class Supervisor:
         g = self.verify_grant()
         self.state("launching")
         bundle = self.unpack()
+        run_root = self.scratch / "run"
+        run_root.mkdir(mode=0o711)
         spec = SandboxSpec(
             workdir=self.work,
             data_dir=self.data,
@@ -218,6 +212,8 @@ class Supervisor:
             gid=self.gid,
             wall_time=float(g.time_limit),
             memory_bytes=g.memory_bytes,
+            # Kernel sockets and per-run files live on the private tmpfs too, so nothing outlives a kill.
+            run_root=run_root,
         )
         self.data.mkdir(mode=0o755)
         check_sandbox(spec)  # refuse before any key is asked for
