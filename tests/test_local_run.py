@@ -80,7 +80,9 @@ def _no_plaintext_anywhere(roots: list[Path], marker: bytes) -> list[Path]:
     return hits
 
 
-def test_same_notebook_synthetic_then_real(tmp_path, store, make_notebook, run_cli, insurance_real, insurance_synthetic):
+def test_same_notebook_synthetic_then_real(
+    tmp_path, store, make_notebook, run_cli, insurance_real, insurance_synthetic
+):
     """A notebook reading /data/<provider>/<dataset>/<file> runs unchanged on the synthetic file in a
     sandboxed kernel and on the real file under `dcr local-run`; its outputs reflect the real data exactly."""
     nb = make_notebook(SUMMARY_CELLS)
@@ -93,7 +95,9 @@ def test_same_notebook_synthetic_then_real(tmp_path, store, make_notebook, run_c
     (work / nb.name).write_bytes(nb.read_bytes())
     os.chown(work, 65534, 65534)
     os.chown(work / nb.name, 65534, 65534)
-    res = run_notebook(nb.name, SandboxSpec(workdir=work, data_dir=syn_data, uid=65534, gid=65534, wall_time=120))
+    res = run_notebook(
+        nb.name, SandboxSpec(workdir=work, data_dir=syn_data, uid=65534, gid=65534, wall_time=120)
+    )
     assert res.status == "ok"
     syn_summary = pd.read_csv(work / "summary.csv", index_col=0)
     assert syn_summary["count"].sum() == len(pd.read_csv(insurance_synthetic))
@@ -122,7 +126,7 @@ def test_same_notebook_synthetic_then_real(tmp_path, store, make_notebook, run_c
     assert "FAIL" in text and "hardware" in text.lower()
 
 
-HOSTILE = r'''
+HOSTILE = r"""
 import json, os, socket, subprocess, sys, time
 results = {}
 def attempt(name, fn):
@@ -154,7 +158,7 @@ with open("results.json", "w") as f:
 subprocess.Popen([sys.executable, "-c",
     "import time, os; time.sleep(3); open('results.json', 'w').write('TAMPERED')"],
     start_new_session=True)
-'''
+"""
 
 
 def test_hostile_notebook_fails_every_attempt(tmp_path, store, host, make_notebook, run_cli):
@@ -178,7 +182,9 @@ def test_hostile_notebook_fails_every_attempt(tmp_path, store, host, make_notebo
     )
     nb = make_notebook(["open('/data/acme/insurance/real.csv').readline()", src])
     out = tmp_path / "out"
-    code, _o, err = run_cli("local-run", nb, "--store", store.root, "--out", out, "--host-socket", host.socket)
+    code, _o, err = run_cli(
+        "local-run", nb, "--store", store.root, "--out", out, "--host-socket", host.socket
+    )
     assert code == 0, err
     with pytest.raises(TimeoutError):
         listener.accept()  # nothing ever connected
@@ -273,7 +279,10 @@ def test_no_plaintext_after_cancel_or_kill(tmp_path, store, host, make_notebook,
     """After cancel, and after `kill -9` of the supervisor mid-run, the job ends, its processes are gone
     and no plaintext remains on disk or in /dev/shm."""
     nb = make_notebook(
-        ["import shutil\nshutil.copy('/data/acme/insurance/real.csv', 'copy.csv')", "import time\ntime.sleep(120)"]
+        [
+            "import shutil\nshutil.copy('/data/acme/insurance/real.csv', 'copy.csv')",
+            "import time\ntime.sleep(120)",
+        ]
     )
     job_id, grant, bundle, _key = _grant_and_bundle(store, nb, tmp_path)
     host.client.launch(grant, bundle)
@@ -326,7 +335,9 @@ def test_replayed_key_request_is_refused(tmp_path, store, host):
         contract.ENV.HUB_KEY_THUMBPRINT: public_jwk(hub_key)["kid"],
     }
     token = sign_token(
-        local_claims(image_digest=h.measurement(), env=env, audience=contract.KEY_RELEASE_AUDIENCE, nonces=[challenge]),
+        local_claims(
+            image_digest=h.measurement(), env=env, audience=contract.KEY_RELEASE_AUDIENCE, nonces=[challenge]
+        ),
         h.signer,
         kid=public_jwk(h.signer)["kid"],
     )
@@ -347,11 +358,16 @@ def test_replayed_key_request_is_refused(tmp_path, store, host):
     )  # fmt: skip
     c2 = h.broker.new_challenge(job_id)
     token2 = sign_token(
-        local_claims(image_digest=h.measurement(), env=env, audience=contract.KEY_RELEASE_AUDIENCE, nonces=[c2]),
+        local_claims(
+            image_digest=h.measurement(), env=env, audience=contract.KEY_RELEASE_AUDIENCE, nonces=[c2]
+        ),
         h.signer,
         kid=public_jwk(h.signer)["kid"],
     )
     with pytest.raises(DCRError, match="grant"):
-        h.broker.release({**req, "grant": forged, "hub_jwks": [public_jwk(other)], "token": token2, "challenge": c2}, job_id=job_id)
+        h.broker.release(
+            {**req, "grant": forged, "hub_jwks": [public_jwk(other)], "token": token2, "challenge": c2},
+            job_id=job_id,
+        )
     events = [json.loads(line)["event"] for line in (host.state / "audit.log").read_text().splitlines()]
     assert events.count("key_released") == 1 and events.count("key_refused") == 2

@@ -479,8 +479,8 @@ def pinned_public_key(jwk: Mapping[str, Any]) -> PublicKey:
     """The public key of a pinned JWK; any unusable JWK is a :class:`DCRError`."""
     try:
         return public_key_from_jwk(dict(jwk))
-    except jwt.PyJWTError as e:  # e.g. an "alg" member that does not fit the key type
-        raise DCRError(f"unusable pinned key {jwk.get('kid', '')!r}: {e}") from None
+    except DCRError as e:  # e.g. an "alg" member that does not fit the key type
+        raise DCRError(f"unusable pinned key {jwk.get('kid', '')!r}: {e.message}") from None
 
 
 def _unverified_iat(token: str) -> int:

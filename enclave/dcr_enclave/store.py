@@ -1,0 +1,407 @@
+"""The local dataset store: where dataset versions live on disk, and how one is added.
+
+Layout::
+
+    STORE/<provider>/<dataset>/<version hex>/manifest.json
+                                            /real/<name>.dcrenc      encrypted real file
+                                            /synthetic/<name>        synthetic file, same name as the real one
+    STORE/.keys/                             default keys directory (owner-only; see dcr_enclave.keys)
+
+A version directory is immutable once it exists: adding builds it under a temporary name in the dataset's
+directory and renames it into place as the last step, so an interrupted or failed add leaves nothing
+half-written. Ciphertext and manifests are not secret; the synthetic files are meant for entitled users:
+restrict the store root's own permissions if others on the machine must not read them.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from . import streamcrypt
+from .contract import check_file_name, check_name
+from .dataset import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    DatasetFile,
+    DatasetVersion,
+    Protection,
+    compute_version,
+    key_from_json,
+    utc_now,
+)
+from .digests import READ_SIZE, check_digest
+from .errors import DCRError, IntegrityError, LimitError
+from .keys import KeyDirectory, new_data_key
+
+#: The local development hub key, in the keys directory (created by ``dcr provider add`` when no hub key
+#: is given). For local development only: a real hub has its own key and providers pin its thumbprint.
+DEV_HUB_KEY_FILE: Final = "local-hub-key.pem"
+KEYS_DIR_NAME: Final = ".keys"
+REAL_DIR: Final = "real"
+SYNTHETIC_DIR: Final = "synthetic"
+CIPHERTEXT_SUFFIX: Final = ".dcrenc"
+DEFAULT_MAX_BYTES: Final = 16 << 30
+_VERSION_DIR_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIR_MODE = 0o755
+_FILE_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A validated input file and what its first read found."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PreparedVersion:
+    """A dataset version computed from validated inputs, before anything is written."""
+
+    provider: str
+    dataset: str
+    version: str
+    protection: Protection
+    #: (dataset file name, real input, synthetic input), sorted by name.
+    files: tuple[tuple[str, InputFile, InputFile], ...]
+
+
+@dataclass(frozen=True)
+class AddResult:
+    manifest: DatasetVersion
+    #: False when the version was already in the store (nothing was changed).
+    created: bool
+    path: Path
+
+
+def _open_input(path: Path, what: str, max_bytes: int) -> tuple[int, os.stat_result]:
+    """Open an input read-only, refusing links, non-regular, empty and oversized files."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise DCRError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise DCRError(f"cannot inspect {what} {path}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise DCRError(f"{what} {path} is a symbolic link", hint="pass the file itself, not a link")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise DCRError(f"{what} {path} is {kind}", hint="pass a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise DCRError(f"cannot read {what} {path}: {e.strerror}") from None
+    fst = os.fstat(fd)
+    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+        os.close(fd)
+        raise DCRError(f"{what} {path} was replaced while being opened", hint="retry")
+    if fst.st_size == 0:
+        os.close(fd)
+        raise DCRError(f"{what} {path} is empty", hint="a dataset file must hold data")
+    if fst.st_size > max_bytes:
+        os.close(fd)
+        raise LimitError(
+            f"{what} {path} is {fst.st_size} bytes, over the limit of {max_bytes}", hint="raise --max-bytes"
+        )
+    return fd, fst
+
+
+def inspect_input(path: str | Path, what: str, max_bytes: int = DEFAULT_MAX_BYTES) -> InputFile:
+    """Validate one input file and hash it (the first of the two passes over every input)."""
+    p = Path(path)
+    fd, st = _open_input(p, what, max_bytes)
+    h, total = hashlib.sha256(), 0
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        buf = memoryview(bytearray(READ_SIZE))
+        while n := f.readinto(buf):
+            h.update(buf[:n])
+            total += n
+    if total != st.st_size:
+        raise DCRError(f"{what} {p} changed while it was being read", hint="retry")
+    return InputFile(p, total, "sha256:" + h.hexdigest())
+
+
+def _copy_verified(src: Path, dest: Path, expected: InputFile) -> None:
+    """Copy ``src`` to a new ``dest``, refusing if the bytes are not the ones hashed in the first pass."""
+    fd, _ = _open_input(src, "synthetic file", 1 << 62)  # a changed size is caught by the digest below
+    h, total = hashlib.sha256(), 0
+    with os.fdopen(fd, "rb", buffering=0) as fin, open(dest, "xb") as fout:
+        buf = memoryview(bytearray(READ_SIZE))
+        while n := fin.readinto(buf):
+            h.update(buf[:n])
+            fout.write(buf[:n])
+            total += n
+        fout.flush()
+        os.fsync(fout.fileno())
+    if total != expected.size or "sha256:" + h.hexdigest() != expected.sha256:
+        raise DCRError(f"synthetic file {src} changed while the dataset was being added", hint="retry")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """A local store directory of dataset versions."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).absolute()
+
+    @property
+    def default_keys_dir(self) -> Path:
+        return self.root / KEYS_DIR_NAME
+
+    # Reading -----------------------------------------------------------------------------------------
+
+    def dataset_dir(self, provider: str, dataset: str) -> Path:
+        return self.root / check_name(provider, "provider") / check_name(dataset, "dataset")
+
+    def version_dir(self, provider: str, dataset: str, version: str) -> Path:
+        return self.dataset_dir(provider, dataset) / check_digest(version, "dataset version").removeprefix(
+            "sha256:"
+        )
+
+    def exists(self, provider: str, dataset: str, version: str) -> bool:
+        return (self.version_dir(provider, dataset, version) / MANIFEST_FILE).is_file()
+
+    def providers(self) -> list[str]:
+        return self._names(self.root)
+
+    def datasets(self, provider: str) -> list[str]:
+        return self._names(self.root / check_name(provider, "provider"))
+
+    @staticmethod
+    def _names(path: Path) -> list[str]:
+        if not path.is_dir():
+            return []
+        return sorted(
+            p.name for p in path.iterdir() if p.is_dir() and not p.is_symlink() and _is_name(p.name)
+        )
+
+    def versions(self, provider: str, dataset: str) -> list[DatasetVersion]:
+        """Every version of a dataset in the store (retired ones included), oldest first."""
+        d = self.dataset_dir(provider, dataset)
+        if not d.is_dir():
+            return []
+        found = [
+            self.load(provider, dataset, "sha256:" + p.name)
+            for p in d.iterdir()
+            if _VERSION_DIR_RE.match(p.name) and (p / MANIFEST_FILE).is_file()
+        ]
+        return sorted(found, key=lambda m: (m.created, m.version))
+
+    def load(self, provider: str, dataset: str, version: str) -> DatasetVersion:
+        """The manifest of one version, checked against where it is stored."""
+        path = self.version_dir(provider, dataset, version) / MANIFEST_FILE
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_MANIFEST_BYTES + 1)
+        except FileNotFoundError:
+            raise DCRError(f"no version {version} of {provider}/{dataset} in the store {self.root}") from None
+        except OSError as e:
+            raise DCRError(f"cannot read {path}: {e.strerror}") from None
+        manifest = DatasetVersion.from_json(data)
+        if (manifest.provider, manifest.dataset, manifest.version) != (provider, dataset, version):
+            raise IntegrityError(
+                f"{path} describes {manifest.ref}@{manifest.version}, not {provider}/{dataset}@{version}"
+            )
+        return manifest
+
+    def manifests(self) -> Iterator[DatasetVersion]:
+        """Every version in the store, by provider, dataset, then age."""
+        for provider in self.providers():
+            for dataset in self.datasets(provider):
+                yield from self.versions(provider, dataset)
+
+    def _member(self, manifest: DatasetVersion, rel: str) -> Path:
+        base = self.version_dir(manifest.provider, manifest.dataset, manifest.version)
+        path = base / rel
+        # Manifest paths are validated relative paths; refuse anyway if a link in the store leads out.
+        if not path.resolve().is_relative_to(base.resolve()):
+            raise IntegrityError(f"{path} leads out of its version directory")
+        return path
+
+    def ciphertext_path(self, manifest: DatasetVersion, file_name: str) -> Path:
+        return self._member(manifest, manifest.file(file_name).ciphertext)
+
+    def synthetic_path(self, manifest: DatasetVersion, file_name: str) -> Path:
+        return self._member(manifest, manifest.file(file_name).synthetic)
+
+    # Adding ------------------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        provider: str,
+        dataset: str,
+        files: Sequence[tuple[str | Path, str | Path]],
+        protection: Protection,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> PreparedVersion:
+        """Validate ``(real, synthetic)`` input pairs and compute the version; writes nothing."""
+        check_name(provider, "provider")
+        check_name(dataset, "dataset")
+        if not files:
+            raise DCRError(
+                "a dataset version needs at least one file", hint="pass --real FILE --synthetic FILE"
+            )
+        entries: dict[str, tuple[str, InputFile, InputFile]] = {}
+        for real_path, synthetic_path in files:
+            name = Path(real_path).name
+            try:
+                check_file_name(name)
+            except DCRError as e:
+                raise DCRError(f"real file {real_path}: {e.message}", hint=e.hint) from None
+            if name in entries:
+                raise DCRError(
+                    f"two real files are named {name!r}", hint="a dataset's file names must be unique"
+                )
+            real = inspect_input(real_path, "real file", max_bytes)
+            synthetic = inspect_input(synthetic_path, "synthetic file", max_bytes)
+            if real.sha256 == synthetic.sha256:
+                raise DCRError(
+                    f"the synthetic file {synthetic_path} has the same content as the real file {real_path}",
+                    hint="the synthetic version is shown to researchers; it must not be the real data",
+                )
+            entries[name] = (name, real, synthetic)
+        ordered = tuple(entries[n] for n in sorted(entries))
+        version = compute_version(
+            provider, dataset, ((n, r.size, r.sha256, s.sha256) for n, r, s in ordered), protection
+        )
+        return PreparedVersion(provider, dataset, version, protection, ordered)
+
+    def commit(
+        self, prepared: PreparedVersion, keys: KeyDirectory, chunk_size: int = streamcrypt.DEFAULT_CHUNK_SIZE
+    ) -> AddResult:
+        """Encrypt and copy a prepared version into the store; a no-op when the version is already there."""
+        streamcrypt.check_chunk_size(chunk_size)
+        p = prepared
+        final = self.version_dir(p.provider, p.dataset, p.version)
+        if self.exists(p.provider, p.dataset, p.version):
+            return AddResult(self.load(p.provider, p.dataset, p.version), False, final)
+        created_dirs: list[Path] = []
+        tmp = final.parent / f".tmp-{final.name[:16]}-{secrets.token_hex(6)}"
+        try:
+            created_dirs = self._make_dirs(final.parent)
+            tmp.mkdir(mode=_DIR_MODE)
+            manifest = self._build(p, tmp, keys, chunk_size)
+            _fsync_dir(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # Another add of the same content won the race: its version is the same data.
+                shutil.rmtree(tmp)
+                return AddResult(self.load(p.provider, p.dataset, p.version), False, final)
+            _fsync_dir(final.parent)
+        except OSError as e:  # disk full, permissions: a clear refusal, and nothing left behind
+            _discard(tmp, created_dirs)
+            raise DCRError(f"cannot add {p.provider}/{p.dataset} to the store {self.root}: {e}") from None
+        except BaseException:  # refusals, Ctrl-C
+            _discard(tmp, created_dirs)
+            raise
+        return AddResult(manifest, True, final)
+
+    def add(
+        self,
+        provider: str,
+        dataset: str,
+        files: Sequence[tuple[str | Path, str | Path]],
+        keys: KeyDirectory,
+        protection: Protection | None = None,
+        chunk_size: int = streamcrypt.DEFAULT_CHUNK_SIZE,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> AddResult:
+        """Add a dataset version from ``(real, synthetic)`` file pairs (see :meth:`prepare`, :meth:`commit`)."""
+        streamcrypt.check_chunk_size(chunk_size)
+        prepared = self.prepare(
+            provider, dataset, files, protection or Protection("provider-file"), max_bytes
+        )
+        return self.commit(prepared, keys, chunk_size)
+
+    def _make_dirs(self, path: Path) -> list[Path]:
+        """Create ``path`` and missing parents; returns the ones created, outermost first."""
+        missing = []
+        for d in [path, *path.parents]:
+            if d.exists():
+                break
+            missing.append(d)
+        for d in reversed(missing):
+            try:
+                d.mkdir(mode=_DIR_MODE)
+            except FileExistsError:
+                continue
+        return list(reversed(missing))
+
+    def _build(self, p: PreparedVersion, tmp: Path, keys: KeyDirectory, chunk_size: int) -> DatasetVersion:
+        data_key = new_data_key()
+        key = keys.wrap(p.provider, p.dataset, p.version, data_key)
+        (tmp / REAL_DIR).mkdir(mode=_DIR_MODE)
+        (tmp / SYNTHETIC_DIR).mkdir(mode=_DIR_MODE)
+        files = []
+        for name, real, synthetic in p.files:
+            ciphertext = f"{REAL_DIR}/{name}{CIPHERTEXT_SUFFIX}"
+            synthetic_rel = f"{SYNTHETIC_DIR}/{name}"
+            ctx = streamcrypt.FileContext(p.provider, p.dataset, p.version, name)
+            digest, size = streamcrypt.encrypt_file(
+                real.path, tmp / ciphertext, data_key, ctx, chunk_size, expected_sha256=real.sha256
+            )
+            os.chmod(tmp / ciphertext, _FILE_MODE)
+            _copy_verified(synthetic.path, tmp / synthetic_rel, synthetic)
+            os.chmod(tmp / synthetic_rel, _FILE_MODE)
+            files.append(
+                DatasetFile(
+                    name, real.size, ciphertext, digest, size, synthetic_rel, synthetic.sha256, synthetic.size
+                )
+            )
+        manifest = DatasetVersion.from_json(
+            DatasetVersion(
+                provider=p.provider,
+                dataset=p.dataset,
+                version=p.version,
+                created=utc_now(),
+                files=tuple(files),
+                chunk_size=chunk_size,
+                key=key_from_json(key),
+                protection=p.protection,
+            ).to_json()
+        )  # the round trip through from_json validates the manifest against its schema before it is written
+        with open(tmp / MANIFEST_FILE, "xb") as f:
+            f.write(manifest.dumps())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp / MANIFEST_FILE, _FILE_MODE)
+        return manifest
+
+
+def _discard(tmp: Path, created_dirs: list[Path]) -> None:
+    """Remove a half-built version directory and the (still empty) directories created for it."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    for d in reversed(created_dirs):
+        try:
+            d.rmdir()
+        except OSError:
+            break  # not empty: something else lives there now
+
+
+def _is_name(value: str) -> bool:
+    try:
+        check_name(value, "store entry")
+    except DCRError:
+        return False
+    return True
