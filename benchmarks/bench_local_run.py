@@ -32,9 +32,10 @@ plus decryption. Everything temporary is deleted. Run as root from the repositor
 from __future__ import annotations
 
 import argparse
+import compileall
 import io
-import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,7 +59,6 @@ from dcr_enclave.enclave_host import EnclaveHost, HostConfig
 from dcr_enclave.grant import GrantedDataset, issue_grant
 from dcr_enclave.hostclient import HostClient
 from dcr_enclave.jwk import load_or_create_key, public_jwk
-from dcr_enclave.measure import package_root
 from dcr_enclave.sandbox import SandboxSpec, check_sandbox
 from dcr_enclave.sealing import generate_keypair, open_dir
 from dcr_enclave.store import DEV_HUB_KEY_FILE, Store
@@ -175,6 +175,8 @@ class Enclave:
         self.socket = tmp / "host.sock"
         self.host: EnclaveHost | None = None
         self.count = 0
+        # (job id, op, received, answered) of each supervisor -> host request, wall-clock.
+        self.link_log: list[tuple[str, str, float, float]] = []
 
     def add(self, ds: DataSet) -> None:
         """``dcr provider add``, pinning the running host's image (its configuration snippet is not needed).
@@ -205,6 +207,7 @@ class Enclave:
             )
         )
         self.host.prepare()
+        self._time_link_requests(self.host)
         threading.Thread(target=self.host.serve_forever, daemon=True).start()
         self.client = HostClient(self.socket)
         for _ in range(500):
@@ -217,13 +220,22 @@ class Enclave:
         if self.host:
             self.host.shutdown()
 
-    def key_released_at(self, job_id: str) -> float | None:
-        at = None
-        for line in (self.state / "audit.log").read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("event") == "key_released" and rec.get("job_id") == job_id:
-                at = float(rec["time"])
-        return at
+    def _time_link_requests(self, host: EnclaveHost) -> None:
+        """Timestamp every request the supervisor makes over its link (challenge, token, release, ...).
+
+        Only this process's host object is wrapped; the supervisor and the installed code are untouched.
+        """
+        original = host._link_request
+        log = self.link_log
+
+        def timed(job: Any, msg: dict[str, Any]) -> dict[str, Any]:
+            start = time.time()
+            try:
+                return original(job, msg)
+            finally:
+                log.append((job.job_id, str(msg.get("op")), start, time.time()))
+
+        host._link_request = timed  # type: ignore[method-assign]
 
     def run(self, ds: DataSet, nb: nbformat.NotebookNode) -> EnclaveRun:
         """What ``dcr local-run`` does with a running host; times from ``launch`` to the opened outputs."""
@@ -245,7 +257,7 @@ class Enclave:
             output_public_key=public,
             time_limit=600,
         )
-        # Wall-clock times (not perf_counter) so that they line up with the audit log's.
+        # Wall-clock times (not perf_counter) so that they line up with the link requests'.
         t0 = time.time()
         self.client.launch(grant, work / "bundle.tar")
         launched = time.time()
@@ -267,23 +279,28 @@ class Enclave:
 
         states = [(t, ev["state"]) for t, ev in events if "state" in ev]
         cells = [(t, ev["cell"]) for t, ev in events if ev.get("cell")]
-        launching = [t for t, s in states if s == "launching"]
-        # The host reports "launching" when it has spawned the supervisor, the supervisor again once it
-        # has verified the grant.
-        host_spawned, sup_ready = launching[0], launching[-1]
+        # The host reports "launching" once it has spawned the supervisor.
+        host_spawned = next(t for t, s in states if s == "launching")
         running = next(t for t, s in states if s == "running")
         checking = next(t for t, s in states if s == "checking")
-        key_at = self.key_released_at(job_id) or running
         first_cell = cells[0][0] if cells else checking
+        link = [(op, start, end) for jid, op, start, end in self.link_log if jid == job_id]
+        # The supervisor's first request (its own "launching") comes once it has verified the grant.
+        sup_ready = min(start for _, start, _ in link)
+        challenge = next(start for op, start, _ in link if op == "challenge")
+        released = max(end for op, _, end in link if op == "release")
+        receipt_token = max(start for op, start, _ in link if op == "token")
         phases = {
             "launch call (grant check, bundle copy)": launched - t0,
             "host: measure image, spawn supervisor": host_spawned - launched,
             "supervisor start (interpreter, imports, tmpfs, grant)": sup_ready - host_spawned,
-            "unpack + sandbox probe + key release": key_at - sup_ready,
-            "decrypt + version check": running - key_at,
+            "unpack bundle + sandbox probe": challenge - sup_ready,
+            "key release (challenge, token, broker)": released - challenge,
+            "decrypt + version check": running - released,
             "kernel start in sandbox (running -> cell 1)": first_cell - running,
             "cells (cell 1 -> checking)": checking - first_cell,
-            "collect, receipt, seal, exit (-> terminal)": terminal - checking,
+            "collect outputs + receipt manifest": receipt_token - checking,
+            "receipt token, seal, write, exit (-> terminal)": terminal - receipt_token,
             "fetch + open results": done - terminal,
         }
         outputs = out / contract.OUTPUTS_DIR
@@ -377,7 +394,6 @@ def probes(enc: Enclave, repeat: int) -> dict[str, list[float]]:
     assert enc.host is not None
     host = enc.host
     image = host.image_dir
-    source_parent = package_root().parent
     out: dict[str, list[float]] = {}
     out["measure image (host, per launch)"] = timed_runs(host.measurement, repeat)
     out["bare interpreter start (python -I -B)"] = timed_runs(python_start("pass"), repeat)
@@ -387,11 +403,18 @@ def probes(enc: Enclave, repeat: int) -> dict[str, list[float]]:
         ),
         repeat,
     )
-    out["supervisor imports from source tree (with .pyc)"] = timed_runs(
-        python_start(
-            f"import sys; sys.path.insert(0, {str(source_parent)!r}); import dcr_enclave.supervisor"
-        ),
-        repeat,
+    with tempfile.TemporaryDirectory(prefix="dcr-bench-pyc-") as tmp:
+        # What byte-compiling the image would save: the same code with .pyc files beside it.
+        shutil.copytree(image / "dcr_enclave", Path(tmp) / "dcr_enclave")
+        compileall.compile_dir(Path(tmp) / "dcr_enclave", quiet=1)
+        out["supervisor imports from a byte-compiled copy of the image"] = timed_runs(
+            python_start(
+                f"import sys; sys.path.insert(0, {tmp!r}); import dcr_enclave.supervisor", unshare=True
+            ),
+            repeat,
+        )
+    out["ipykernel.kernelapp + zmq imports (what the probe imports)"] = timed_runs(
+        python_start("import ipykernel.kernelapp, zmq"), repeat
     )
     out["nbclient + jupyter_client imports (supervisor, after running)"] = timed_runs(
         python_start("import jupyter_client.asynchronous, nbclient"), repeat
@@ -418,15 +441,23 @@ def bench_row(row: Row, enc: Enclave, tmp: Path, repeat: int, target: float) -> 
         if i:
             row.plain0.append(p)
             row.enclave0.append(e)
-    row.per_iter = per_iteration(ds.real)
-    row.repeat = max(1, round((target - median(row.plain0)) / row.per_iter))
+    # Calibrate: a first guess from this process, then one plain run to learn the kernel's own pace.
+    guess = max(1, round((target - median(row.plain0)) / per_iteration(ds.real)))
+    total, work = run_plain(notebook(plain_path, guess), tmp / f"calibrate-{ds.dataset}")
+    row.per_iter = work / guess
+    row.repeat = max(1, round((target - (total - work)) / row.per_iter))
     print(f"  {ds.label}: {row.per_iter * 1e3:.2f} ms per repeat -> REPEAT={row.repeat}", flush=True)
     for i in range(repeat):
         ws = tmp / f"plain-{ds.dataset}-{i}"
-        total, work = run_plain(notebook(plain_path, row.repeat), ws)
+        nb_plain, nb_enclave = notebook(plain_path, row.repeat), notebook(ds.enclave_path, row.repeat)
+        # Alternate which goes first, so that drift in the machine's load does not favour one side.
+        if i % 2:
+            row.enclave.append(enc.run(ds, nb_enclave))
+        total, work = run_plain(nb_plain, ws)
         row.plain.append(total)
         row.plain_work.append(work)
-        row.enclave.append(enc.run(ds, notebook(ds.enclave_path, row.repeat)))
+        if not i % 2:
+            row.enclave.append(enc.run(ds, nb_enclave))
         print(
             f"    run {i + 1}: plain {row.plain[-1]:.3f} s, enclave {row.enclave[-1].total:.3f} s", flush=True
         )

@@ -152,6 +152,7 @@ attempt("write_data", lambda: open("/data/acme/insurance/new.csv", "w").write("x
 attempt("write_outside", lambda: open(OUTSIDE, "w").write("x"))
 results["interfaces"] = sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").readlines()[2:])
 results["uid"] = os.getuid()
+results["dcr_env"] = sorted(k for k in os.environ if k.startswith("DCR"))
 with open("results.json", "w") as f:
     json.dump(results, f)
 # Leave a process behind that would rewrite an output after the last cell.
@@ -198,6 +199,7 @@ def test_hostile_notebook_fails_every_attempt(tmp_path, store, host, make_notebo
         assert results[name].startswith("failed"), (name, results[name])
     assert results["interfaces"] == ["lo"]
     assert results["uid"] != 0
+    assert results["dcr_env"] == []  # no launch environment, no link descriptor number
     assert not outside.exists()
     code, text, _ = run_cli("verify", out, "--trust", host.jwks_path)
     assert code == 0, text  # the receipt's digest of results.json matches what the last cell wrote

@@ -456,6 +456,8 @@ class EnclaveHost:
             raise DCRError("malformed progress message")
         kind = msg["kind"]
         if kind == contract.Progress.STATE and msg.get("state") in ("launching", "running", "checking"):
+            if msg["state"] == job.state:
+                return
             self._set(job, state=msg["state"])
         elif kind == contract.Progress.CELL:
             i, n = msg.get("index"), msg.get("count")

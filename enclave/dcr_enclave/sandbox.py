@@ -181,7 +181,9 @@ def _python_roots() -> list[str]:
 
 
 def _reserved(spec: SandboxSpec) -> tuple[str, ...]:
-    return (spec.work_mount, DATA_ROOT, SANDBOX_TMP, "/proc", "/dev", "/etc", KERNEL_MOUNT)
+    # /tmp is not reserved: its tmpfs is mounted before the Python installation, which may live below it
+    # (a checkout under /tmp) and is then bound read-only inside the private /tmp.
+    return (spec.work_mount, DATA_ROOT, "/proc", "/dev", "/etc", KERNEL_MOUNT)
 
 
 def _check_python_roots(roots: Sequence[str], spec: SandboxSpec) -> None:
@@ -264,12 +266,12 @@ def _bwrap_argv(
             lay.add("--ro-bind", host, dest=host)
     for name, path in etc.items():
         lay.add("--ro-bind", str(path), dest=f"/etc/{name}")
+    lay.add("--perms", "1777", "--size", str(spec.tmp_bytes), "--tmpfs", dest=SANDBOX_TMP)
     for root in roots:
         lay.add("--ro-bind", root, dest=root)
     lay.add("--bind", str(workdir), dest=spec.work_mount)
     lay.add("--ro-bind", str(data_dir), dest=DATA_ROOT)
     lay.add("--bind", str(kernel_dir), dest=KERNEL_MOUNT)
-    lay.add("--perms", "1777", "--size", str(spec.tmp_bytes), "--tmpfs", dest=SANDBOX_TMP)
     lay.add("--proc", dest="/proc")
     lay.add("--dev", dest="/dev")
     lay.add("--perms", "1777", "--size", str(spec.tmp_bytes), "--tmpfs", dest=SANDBOX_SHM)

@@ -292,7 +292,9 @@ def mount_scratch(path: Path, size_bytes: int) -> None:
 
 def main() -> int:
     env = dict(os.environ)
-    link = TeeLink.from_fd(int(env[contract.LOCAL_LINK_FD]))
+    link_fd = int(env[contract.LOCAL_LINK_FD])
+    os.set_inheritable(link_fd, False)  # nothing the supervisor starts may hold the link
+    link = TeeLink.from_fd(link_fd)
     try:
         launch = Launch.from_env(env)
         uid, gid = (int(x) for x in env[contract.LOCAL_SANDBOX_IDS].split(":"))
