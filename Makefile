@@ -29,7 +29,7 @@ system-deps:
 # notebook on the real rows in the local (simulated) enclave, and verify the receipt.
 DEMO := .demo
 demo: system-deps $(STAMP)
-	rm -rf $(DEMO)/run
+	rm -rf $(DEMO)
 	$(BIN)/python demo/make_demo_data.py $(DEMO)/data
 	$(BIN)/dcr provider add --store $(DEMO)/store --provider demo --dataset patients \
 	  --real $(DEMO)/data/real/patients.csv --synthetic $(DEMO)/data/synthetic/patients.csv

@@ -109,6 +109,9 @@ class Job:
 
 class EnclaveHost:
     def __init__(self, cfg: HostConfig) -> None:
+        # The supervisor runs with its spool as working directory: every path it is given is absolute.
+        for name in ("state_dir", "socket_path", "store", "keys_dir", "scratch_root"):
+            setattr(cfg, name, Path(getattr(cfg, name)).absolute())
         self.cfg = cfg
         self.jobs: dict[str, Job] = {}
         self.by_grant: dict[str, str] = {}
