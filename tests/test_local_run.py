@@ -373,3 +373,25 @@ def test_replayed_key_request_is_refused(tmp_path, store, host):
         )
     events = [json.loads(line)["event"] for line in (host.state / "audit.log").read_text().splitlines()]
     assert events.count("key_released") == 1 and events.count("key_refused") == 2
+
+
+def test_review_grant_without_airlock_is_refused_before_any_key(tmp_path, store, host, make_notebook):
+    """A grant that puts outputs under review but names no airlock key is refused by the supervisor before it
+    asks for a single key: sealing held outputs to the researcher's own key would skip the review."""
+    nb = make_notebook(SUMMARY_CELLS)
+    hub_key = load_or_create_key(store.hub_key_path)
+    bundle_path = tmp_path / "bundle.tar"
+    bundle = build_bundle(nb, bundle_path)
+    version = Store(store.root).versions(store.provider, store.dataset)[-1].version
+    _private, public = generate_keypair()
+    job_id = contract.new_job_id()
+    grant = issue_grant(
+        hub_key, user="t", job_id=job_id, bundle_digest=bundle.digest,
+        datasets=[GrantedDataset(store.provider, store.dataset, version, "review")], output_public_key=public,
+    )  # fmt: skip
+    host.client.launch(grant, bundle_path)
+    job = _wait_state(host.client, job_id, contract.TERMINAL_STATES)
+    assert job["state"] == "failed"
+    assert "airlock" in job["failure"]["reason"]
+    audit = (host.state / "audit.log").read_text()
+    assert "key_released" not in audit and "key_refused" not in audit

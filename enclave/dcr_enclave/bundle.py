@@ -1014,3 +1014,26 @@ def _check_manifest(notebook: str, files: tuple[BundleFile, ...]) -> None:
         raise bad(f"notebook {_clip(repr(notebook))} is not an .ipynb path")
     if notebook not in paths:
         raise bad(f"notebook {notebook!r} is not one of the files")
+
+
+#: ``/data/<provider>/<dataset>/`` as written in notebooks and scripts.
+_DATA_REF = re.compile(r"/data/([a-z0-9][a-z0-9_-]{0,62})/([a-z0-9][a-z0-9_-]{0,62})/")
+#: Files whose text is searched for dataset references.
+_TEXT_SUFFIXES = (".ipynb", ".py", ".r", ".sql", ".txt", ".json", ".yaml", ".yml", ".toml", ".cfg", ".md")
+_MAX_SCAN_BYTES = 16 * 2**20
+
+
+def data_references(manifest: BundleManifest, workspace: Path | str) -> list[tuple[str, str]]:
+    """The ``(provider, dataset)`` pairs the bundle's text files mention as ``/data/<p>/<d>/...``, sorted.
+
+    Used to grant a job exactly the datasets its code names when the submitter names none.
+    """
+    found: set[tuple[str, str]] = set()
+    budget = _MAX_SCAN_BYTES
+    for f in manifest.files:
+        if not f.path.lower().endswith(_TEXT_SUFFIXES) or f.size > budget:
+            continue
+        budget -= f.size
+        text = (Path(workspace) / f.path).read_bytes().decode("utf-8", errors="replace")
+        found.update(_DATA_REF.findall(text))
+    return sorted(found)

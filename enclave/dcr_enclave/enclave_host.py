@@ -235,6 +235,8 @@ class EnclaveHost:
             return {"ok": True, "job": self._job_for(msg, uid).public()}
         if op == "cancel":
             return {"ok": True, "job": self.cancel(self._job_for(msg, uid)).public()}
+        if op == "delete":
+            return {"ok": True, "job": self.delete(self._job_for(msg, uid)).public()}
         if op == "list":
             with self.lock:
                 mine = [j.public() for j in self.jobs.values() if uid in (0, j.owner_uid)]
@@ -483,6 +485,13 @@ class EnclaveHost:
             self.audit.write("cancel", job_id=job.job_id)
         return job
 
+    def delete(self, job: Job) -> Job:
+        """Remove a finished job's spool (sealed outputs, receipt); the job stays known by its grant."""
+        if not job.terminal:
+            raise DCRError(f"job {job.job_id} is still running", hint="cancel it first")
+        shutil.rmtree(job.spool, ignore_errors=True)
+        return job
+
     def _kill(self, job: Job) -> None:
         """Kill the supervisor's whole session; its mount namespace, and the plaintext tmpfs, go with it."""
         if job.proc and job.proc.poll() is None:
@@ -513,6 +522,8 @@ class EnclaveHost:
             job = self._job_for(msg, uid)
             if not job.terminal:
                 raise DCRError(f"job {job.job_id} has not finished")
+            if not (job.spool / "out").is_dir():
+                raise DCRError(f"the results of job {job.job_id} were deleted")
         except DCRError as e:
             _send(sock, {"ok": False, "error": str(e)})
             return

@@ -106,6 +106,8 @@ class Grant:
     output_limits: OutputLimits = field(default_factory=OutputLimits)
     time_limit: int = 3600
     memory_bytes: int = 4 * 2**30
+    #: X25519 key of the hub's airlock (base64url): where outputs under review are sealed.
+    airlock_public_key: str | None = None
     issued_at: int = 0
     expires_at: int = 0
     token: str = ""
@@ -128,6 +130,7 @@ class Grant:
             "output_limits": self.output_limits.to_json(),
             "time_limit": self.time_limit,
             "memory_bytes": self.memory_bytes,
+            **({"airlock_key": self.airlock_public_key} if self.airlock_public_key else {}),
             "iat": self.issued_at,
             "nbf": self.issued_at,
             "exp": self.expires_at,
@@ -145,6 +148,7 @@ def issue_grant(
     output_limits: OutputLimits | None = None,
     time_limit: int = 3600,
     memory_bytes: int = 4 * 2**30,
+    airlock_public_key: bytes | None = None,
     grant_id: str | None = None,
     now: int | None = None,
 ) -> str:
@@ -166,6 +170,7 @@ def issue_grant(
         output_limits=output_limits or OutputLimits(),
         time_limit=time_limit,
         memory_bytes=memory_bytes,
+        airlock_public_key=_b64(airlock_public_key) if airlock_public_key else None,
         issued_at=iat,
         expires_at=iat + time_limit + 600,
     )
@@ -238,6 +243,7 @@ def verify_grant(
             output_limits=OutputLimits.from_json(c["output_limits"]),
             time_limit=_pos_int(c["time_limit"], "time_limit"),
             memory_bytes=_pos_int(c["memory_bytes"], "memory_bytes"),
+            airlock_public_key=str(c["airlock_key"]) if "airlock_key" in c else None,
             issued_at=int(c["iat"]),
             expires_at=int(c["exp"]),
             token=token,
@@ -248,6 +254,8 @@ def verify_grant(
         raise DCRError("grant refused: malformed grant id")
     if len(_unb64(g.output_public_key)) != 32:
         raise DCRError("grant refused: output key is not a 32-byte X25519 key")
+    if g.airlock_public_key is not None and len(_unb64(g.airlock_public_key)) != 32:
+        raise DCRError("grant refused: airlock key is not a 32-byte X25519 key")
     if job_id is not None and g.job_id != job_id:
         raise DCRError(f"grant refused: it is for job {g.job_id}, not {job_id}")
     if bundle_digest is not None and g.bundle_digest != bundle_digest:
@@ -257,6 +265,22 @@ def verify_grant(
 
 def output_public_key_bytes(g: Grant) -> bytes:
     return _unb64(g.output_public_key)
+
+
+def sealing_key(g: Grant) -> bytes:
+    """Where this job's outputs are sealed: the airlock under review, else the job's own key.
+
+    A review-mode grant without an airlock key is refused: sealing held outputs to the researcher's own
+    key would release them without review.
+    """
+    if g.release_mode == "review":
+        if not g.airlock_public_key:
+            raise DCRError(
+                "this grant puts outputs under review but names no airlock key",
+                hint="the hub's grant service adds it; development grants use release mode 'auto'",
+            )
+        return _unb64(g.airlock_public_key)
+    return output_public_key_bytes(g)
 
 
 def _b64(b: bytes) -> str:

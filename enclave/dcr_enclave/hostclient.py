@@ -68,6 +68,10 @@ class HostClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.call("cancel", job_id=job_id)["job"]
 
+    def delete(self, job_id: str) -> dict[str, Any]:
+        """Remove a finished job's results from the host (idempotent)."""
+        return self.call("delete", job_id=job_id)["job"]
+
     def watch(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Yield the job's current state, then each change as it happens, ending with the final state."""
         with self._connect(None) as s:

@@ -37,7 +37,7 @@ from .bundle import BundleManifest, extract_bundle
 from .dataset import DatasetVersion
 from .digests import sha256_file, sha256_json
 from .errors import DCRError
-from .grant import Grant, output_public_key_bytes, verify_grant
+from .grant import Grant, sealing_key, verify_grant
 from .jwk import parse_jwks
 from .receipt import ReceiptManifest, build_manifest, output_entries, write_receipt_dir
 from .sandbox import SandboxSpec, check_sandbox, run_notebook
@@ -198,6 +198,7 @@ class Supervisor:
 
     def run(self) -> int:
         g = self.verify_grant()
+        seal_to = sealing_key(g)  # refuses review without an airlock before anything else happens
         self.state("launching")
         bundle = self.unpack()
         run_root = self.scratch / "run"
@@ -230,7 +231,7 @@ class Supervisor:
         review = g.release_mode == "review"
         decision = "rejected" if violations else ("held" if review else "released")
         manifest = self.receipt_manifest(g, bundle, datasets, conditions, violations, decision)
-        self.write_result(g, manifest, sealed=not violations)
+        self.write_result(g, manifest, seal_to if not violations else None)
         return 0
 
     def receipt_manifest(
@@ -263,12 +264,12 @@ class Supervisor:
             finished_at=time.time(),
         )
 
-    def write_result(self, g: Grant, manifest: ReceiptManifest, *, sealed: bool) -> None:
+    def write_result(self, g: Grant, manifest: ReceiptManifest, seal_to: bytes | None) -> None:
         out = self.launch.output
         token = self.link.token(contract.RECEIPT_AUDIENCE, [manifest.digest])
         jwks = self.link.call("info")["jwks"]
-        if sealed:
-            seal_dir(self.outputs, out / contract.SEALED_OUTPUTS_FILE, output_public_key_bytes(g), g.job_id)
+        if seal_to is not None:
+            seal_dir(self.outputs, out / contract.SEALED_OUTPUTS_FILE, seal_to, g.job_id)
         write_receipt_dir(out, manifest, token, jwks)
 
 

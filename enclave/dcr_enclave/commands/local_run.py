@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import contract
-from ..bundle import build_bundle
+from ..bundle import build_bundle, data_references
 from ..enclave_host import EnclaveHost, HostConfig
 from ..errors import DCRError
 from ..grant import GrantedDataset, OutputLimits, issue_grant
@@ -30,7 +29,6 @@ from ..sealing import generate_keypair, open_dir
 from ..store import DEV_HUB_KEY_FILE, Store
 
 DEFAULT_STATE = "/var/lib/dcr/enclave-host"
-_DATA_REF = re.compile(r"/data/([a-z0-9][a-z0-9_-]{0,62})/([a-z0-9][a-z0-9_-]{0,62})/")
 
 
 def register(sub: Any) -> None:
@@ -58,7 +56,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def pick_datasets(store: Store, wanted: list[str], workspace_text: str) -> list[GrantedDataset]:
+def pick_datasets(store: Store, wanted: list[str], referenced: list[tuple[str, str]]) -> list[GrantedDataset]:
     names: list[tuple[str, str]] = []
     if wanted:
         for w in wanted:
@@ -67,7 +65,7 @@ def pick_datasets(store: Store, wanted: list[str], workspace_text: str) -> list[
             p, d = w.split("/")
             names.append((contract.check_name(p, "provider"), contract.check_name(d, "dataset")))
     else:
-        names = sorted(set(_DATA_REF.findall(workspace_text)))
+        names = referenced
         if not names:
             raise DCRError(
                 "the notebook mentions no /data/<provider>/<dataset>/ path", hint="name one with --dataset"
@@ -94,12 +92,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="dcr-local-run-") as tmp:
         bundle_path = Path(tmp) / "bundle.tar"
         bundle = build_bundle(args.notebook, bundle_path)
-        text = "".join(
-            (args.notebook.parent / f.path).read_text(errors="replace")
-            for f in bundle.files
-            if f.path.endswith((".ipynb", ".py", ".txt", ".json", ".yaml", ".yml", ".sql", ".r", ".R"))
-        )
-        datasets = pick_datasets(store, args.dataset, text)
+        datasets = pick_datasets(store, args.dataset, data_references(bundle, args.notebook.parent))
         private, public = generate_keypair()
         job_id = contract.new_job_id()
         grant = issue_grant(

@@ -1,0 +1,152 @@
+"""Where the per-job grant comes from. Chosen by ``c.DCRExtension.grant_source_class``.
+
+In production the hub's grant service issues grants (it alone holds the hub key and the policy). The
+development source below signs grants itself with a local key that the enclave host is told to trust;
+it exists for tests, demos and a provider trying DCR on one machine, and says so in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+from pathlib import Path
+from typing import Any
+
+from traitlets import Enum, Int, Unicode, validate
+from traitlets.config import LoggingConfigurable
+
+from dcr_enclave import contract
+from dcr_enclave.errors import DCRError
+from dcr_enclave.grant import GrantedDataset, OutputLimits, issue_grant
+from dcr_enclave.jwk import read_private_key
+from dcr_enclave.store import Store
+
+from .errors import APIError
+
+
+class GrantRefused(APIError):
+    status = 403
+
+
+class GrantSource(LoggingConfigurable):
+    """Obtains the hub's grant for one job."""
+
+    async def request(
+        self,
+        *,
+        job_id: str,
+        bundle_digest: str,
+        datasets: list[tuple[str, str]],
+        output_public_key: bytes,
+    ) -> str:
+        """A grant (JWT) for ``job_id``; ``datasets`` are the ``(provider, dataset)`` pairs wanted, or empty
+        for "every dataset this user is entitled to". Refusals raise :class:`GrantRefused`."""
+        raise NotImplementedError
+
+
+class DevGrantSource(GrantSource):
+    """Signs grants with a local development hub key, for every dataset of a local store.
+
+    **Not for production**: whoever can read the key can authorise any job on any dataset whose provider
+    condition pins this key. The hub's grant service replaces it.
+    """
+
+    key_file = Unicode(
+        "",
+        help="""Private key (PEM) this source signs grants with: the local development hub key.
+
+        Example::
+
+            c.DevGrantSource.key_file = "/srv/dcr/store/.keys/local-hub-key.pem"
+
+        Security: anyone who can read this file can grant any job. Use it only on a single-user development
+        machine; in production grants come from the hub's grant service.
+        """,
+    ).tag(config=True)
+
+    store = Unicode(
+        "",
+        help="""Dataset store whose latest versions are granted (``dcr provider add --store``).
+
+        Example::
+
+            c.DevGrantSource.store = "/srv/dcr/store"
+        """,
+    ).tag(config=True)
+
+    release = Enum(
+        ["auto", "review"],
+        default_value="auto",
+        help="""Release mode written into development grants.
+
+        Example::
+
+            c.DevGrantSource.release = "auto"
+        """,
+    ).tag(config=True)
+
+    time_limit = Int(
+        3600,
+        help="""Seconds a granted job may run; the grant expires shortly after.
+
+        Example::
+
+            c.DevGrantSource.time_limit = 600
+        """,
+    ).tag(config=True)
+
+    @validate("key_file", "store")
+    def _absolute(self, proposal: Any) -> str:
+        value = str(proposal["value"])
+        if value and not Path(value).is_absolute():
+            raise ValueError(
+                f"DevGrantSource.{proposal['trait'].name} must be an absolute path, not {value!r}"
+            )
+        return value
+
+    @validate("time_limit")
+    def _positive(self, proposal: Any) -> int:
+        if proposal["value"] <= 0:
+            raise ValueError("DevGrantSource.time_limit must be a positive number of seconds")
+        return int(proposal["value"])
+
+    async def request(
+        self,
+        *,
+        job_id: str,
+        bundle_digest: str,
+        datasets: list[tuple[str, str]],
+        output_public_key: bytes,
+    ) -> str:
+        return await asyncio.to_thread(self._issue, job_id, bundle_digest, datasets, output_public_key)
+
+    def _issue(self, job_id: str, bundle_digest: str, wanted: list[tuple[str, str]], public: bytes) -> str:
+        if not self.key_file or not self.store:
+            raise GrantRefused(
+                "the development grant source is not configured",
+                hint="set c.DevGrantSource.key_file and c.DevGrantSource.store",
+            )
+        self.log.warning("DCR: signing a grant with the LOCAL DEVELOPMENT hub key (not for production)")
+        store = Store(Path(self.store))
+        pairs = wanted or [(p, d) for p in store.providers() for d in store.datasets(p)]
+        granted = []
+        for provider, dataset in pairs:
+            versions = [v for v in store.versions(provider, dataset) if not v.retired]
+            if not versions:
+                raise GrantRefused(f"no dataset {provider}/{dataset} is available to you")
+            granted.append(GrantedDataset(provider, dataset, versions[-1].version, self.release))
+        if not granted:
+            raise GrantRefused("there is no dataset to grant")
+        try:
+            return issue_grant(
+                read_private_key(self.key_file),
+                user=getpass.getuser(),
+                job_id=contract.check_job_id(job_id),
+                bundle_digest=bundle_digest,
+                datasets=granted,
+                output_public_key=public,
+                output_limits=OutputLimits(),
+                time_limit=self.time_limit,
+            )
+        except DCRError as e:
+            raise GrantRefused(f"grant refused: {e.message}", hint=e.hint) from None

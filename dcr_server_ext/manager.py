@@ -1,0 +1,471 @@
+"""The job manager: submission, the reconciler, events, and opening results in the user's space.
+
+Every state change is stored before its side effect (grant request, launch, cancel, collect), so a server
+that stops at any point finds each job where it left it and the reconciler carries it on:
+
+* a job with a grant but no launch record is launched again (the backend launch is idempotent by grant id);
+* a job the backend reports finished is completed (results collected and opened);
+* a job the backend no longer knows is failed with a reason;
+* a running job is watched again.
+
+Events (``EVENT_SCHEMA_ID``) carry the state and cell *i* of *n* only, never data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import json
+import mimetypes
+import shutil
+import stat
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import jwt
+
+from dcr_enclave import contract
+from dcr_enclave.bundle import BundleLimits, build_bundle, data_references
+from dcr_enclave.errors import DCRError, LimitError
+from dcr_enclave.sealing import open_dir
+
+from .backends.base import Backend, BackendStatus
+from .errors import APIError, Conflict, NotFound, TooLarge, Unavailable
+from .grants import GrantSource
+from .jobkeys import JobKeys
+from .jobstore import JobStore
+from .model import Job
+
+MAX_DATASETS = 50
+#: Result files the backend hands over and what the user's job directory keeps in the clear.
+RECEIPT_FILES = (contract.RECEIPT_FILE, contract.TOKEN_FILE, contract.SIGNER_JWKS_FILE)
+
+
+class JobManager:
+    def __init__(
+        self,
+        *,
+        root_dir: Path,
+        data_dir: Path,
+        store: JobStore,
+        backend: Backend,
+        grants: GrantSource,
+        emit: Callable[[Job], None],
+        log: Any,
+        include: tuple[str, ...] = ("**",),
+        exclude: tuple[str, ...] | None = None,
+        limits: BundleLimits | None = None,
+        outputs_dir: str = "dcr-jobs",
+        reconcile_interval: float = 30.0,
+    ) -> None:
+        self.root = Path(root_dir).resolve()
+        self.data_dir = Path(data_dir)
+        self.jobs_dir = self.data_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.keys = JobKeys(self.data_dir / "keys")
+        self.store = store
+        self.backend = backend
+        self.backend_name = f"{type(backend).__module__}.{type(backend).__qualname__}"
+        self.grants = grants
+        self.emit = emit
+        self.log = log
+        self.include = include
+        self.exclude = exclude
+        self.limits = limits or BundleLimits()
+        self.outputs_dir = outputs_dir
+        self.reconcile_interval = reconcile_interval
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._finishing: set[str] = set()
+
+    # -- lifecycle of the manager ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.reconcile()
+        self._loop_task = asyncio.create_task(self._reconcile_forever())
+
+    async def stop(self) -> None:
+        """Stop watching (jobs go on in their enclaves; the next start picks them up)."""
+        tasks = [t for t in [self._loop_task, *self._watchers.values()] if t]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._watchers.clear()
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.reconcile_interval)
+            try:
+                await self.reconcile()
+            except Exception:  # keep reconciling; one bad pass must not stop the loop
+                self.log.exception("DCR: reconcile pass failed")
+
+    async def reconcile(self) -> None:
+        """Bring every unfinished job to its backend's truth."""
+        for job in self.store.unfinished():
+            if job.id in self._watchers or job.id in self._finishing:
+                continue
+            try:
+                await self._reconcile_one(job)
+            except Unavailable as e:
+                self.log.warning("DCR: cannot reconcile %s now: %s", job.id, e)
+
+    async def _reconcile_one(self, job: Job) -> None:
+        if not job.backend_ref:
+            grant = self._job_dir(job.id) / "grant.jwt"
+            if job.state in ("granted", "launching") and grant.exists():
+                await self._launch(job, grant.read_text())
+            else:
+                self._update(
+                    job, state="failed", failure=_failure("the server stopped before the job was granted")
+                )
+            return
+        st = await self.backend.status(job)
+        if st is None:
+            self._update(
+                job, state="failed", failure=_failure("the enclave vanished (its platform has no such job)")
+            )
+            return
+        await self._apply(job.id, st)
+
+    # -- submission -----------------------------------------------------------------------------------------
+
+    async def submit(self, path: Any, datasets: Any = None) -> Job:
+        notebook, rel = self._notebook_path(path)
+        wanted = _parse_datasets(datasets)
+        job_id = contract.new_job_id()
+        job_dir = self._job_dir(job_id)
+        job_dir.mkdir(mode=0o700)
+        try:
+            bundle_path = job_dir / "bundle.tar"
+            try:
+                options: dict[str, Any] = {"include": self.include, "limits": self.limits}
+                if self.exclude is not None:
+                    options["exclude"] = self.exclude
+                manifest = await asyncio.to_thread(partial(build_bundle, notebook, bundle_path, **options))
+            except LimitError as e:
+                raise TooLarge(e.message, hint=e.hint) from None
+            except DCRError as e:
+                raise APIError(e.message, hint=e.hint) from None
+            if not wanted:
+                wanted = data_references(manifest, notebook.parent)
+            public = self.keys.create(job_id)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            self.keys.delete(job_id)
+            raise
+        job = Job(
+            id=job_id,
+            notebook=rel,
+            bundle_digest=manifest.digest,
+            bundle_files=len(manifest.files),
+            bundle_bytes=manifest.total_bytes,
+            datasets=[{"provider": p, "dataset": d, "version": None, "release": None} for p, d in wanted],
+            backend=self.backend_name,
+        )
+        self.store.create(job)
+        self.emit(job)
+        try:
+            grant = await self.grants.request(
+                job_id=job_id, bundle_digest=manifest.digest, datasets=wanted, output_public_key=public
+            )
+        except APIError as e:
+            self._update(job, state="failed", failure=_failure(str(e)))
+            raise
+        except Exception as e:
+            self._update(
+                job, state="failed", failure=_failure(f"the grant service failed ({type(e).__name__})")
+            )
+            raise Unavailable("the grant service could not be reached; try again") from None
+        (job_dir / "grant.jwt").write_text(grant)
+        granted = _granted_datasets(grant)
+        job = self._update(job, state="granted", datasets=granted, grant_id=_grant_id(grant))
+        try:
+            await self._launch(job, grant)
+        except Unavailable as e:
+            # Stored as "granted": the reconciler launches it once the backend answers again.
+            self.log.warning("DCR: job %s waits for the backend: %s", job_id, e)
+        return self.get(job_id)
+
+    def _notebook_path(self, path: Any) -> tuple[Path, str]:
+        if not isinstance(path, str) or not path.strip():
+            raise APIError('"path" must be the notebook\'s path relative to the server root')
+        if "\x00" in path or len(path) > 4096:
+            raise APIError("the notebook path is malformed")
+        pure = PurePosixPath(path)
+        if pure.is_absolute() or ".." in pure.parts:
+            raise APIError(f"notebook path {path!r} must be relative to the server root, without '..'")
+        if pure.suffix != ".ipynb":
+            raise APIError(f"{path!r} is not a notebook (.ipynb)")
+        full = self.root.joinpath(*pure.parts)
+        try:
+            real = full.resolve(strict=True)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"no notebook at {path!r}") from None
+        if not real.is_relative_to(self.root):
+            raise APIError(f"{path!r} leads outside the server root")
+        if not real.is_file():
+            raise APIError(f"{path!r} is not a file")
+        return full, pure.as_posix()
+
+    async def _launch(self, job: Job, grant: str) -> None:
+        job = self._update(job, state="launching")
+        ref = await self.backend.launch(job, grant, self._job_dir(job.id) / "bundle.tar")
+        job = self._update(job, backend_ref=ref)
+        self._watch(job)
+
+    # -- following a job ------------------------------------------------------------------------------------
+
+    def _watch(self, job: Job) -> None:
+        if job.id in self._watchers:
+            return
+        task = asyncio.create_task(self._follow(job.id))
+        self._watchers[job.id] = task
+        task.add_done_callback(lambda _t: self._watchers.pop(job.id, None))
+
+    async def _follow(self, job_id: str) -> None:
+        try:
+            async for st in self.backend.progress(self.get(job_id)):
+                await self._apply(job_id, st)
+        except asyncio.CancelledError:
+            raise
+        except Unavailable as e:
+            self.log.warning("DCR: lost the progress stream of %s: %s (the reconciler resumes it)", job_id, e)
+        except Exception:
+            self.log.exception("DCR: following %s failed; the reconciler resumes it", job_id)
+
+    async def _apply(self, job_id: str, st: BackendStatus) -> None:
+        job = self.get(job_id)
+        if job.terminal:
+            return
+        changes: dict[str, Any] = {}
+        if st.enclave and job.enclave != st.enclave:
+            changes["enclave"] = st.enclave
+        if st.cells and (st.cell, st.cells) != (job.cell, job.cells):
+            changes.update(cell=st.cell, cells=st.cells)
+        if st.state in contract.TERMINAL_STATES or st.state == "held":
+            if changes:
+                job = self._update(job, **changes)
+            await self._finish(job, st)
+            return
+        if st.state != job.state and st.state in contract.JOB_STATES:
+            changes["state"] = st.state
+        if changes:
+            job = self._update(job, **changes)
+        if st.state not in contract.TERMINAL_STATES:
+            self._watch(job)
+
+    async def _finish(self, job: Job, st: BackendStatus) -> None:
+        """Collect the result and open it in the user's space, then record the final state."""
+        if job.id in self._finishing:
+            return
+        self._finishing.add(job.id)
+        try:
+            if st.state == "cancelled":
+                self._update(job, state="cancelled")
+                return
+            result = self._job_dir(job.id) / "result"
+            if not result.is_dir():
+                staging = self._job_dir(job.id) / ".result.partial"
+                shutil.rmtree(staging, ignore_errors=True)
+                await self.backend.collect(job, staging)
+                staging.rename(result)
+            if st.state == "failed":
+                failure = st.failure or _read_failure(result) or _failure("the enclave job failed")
+                self._update(job, state="failed", failure=failure)
+                return
+            outputs_path = await asyncio.to_thread(self._open_result, job, result, st.state)
+            self._update(job, state=st.state, outputs_path=outputs_path, receipt=True)
+            with contextlib.suppress(DCRError):
+                await self.backend.cleanup(job)
+        except Unavailable as e:
+            self.log.warning("DCR: cannot collect %s now: %s (the reconciler retries)", job.id, e)
+        except DCRError as e:
+            self._update(job, state="failed", failure=_failure(f"the results could not be opened: {e}"))
+        finally:
+            self._finishing.discard(job.id)
+
+    def _open_result(self, job: Job, result: Path, state: str) -> str:
+        """Lay the result out in the server root as ``dcr verify`` expects it; returns its relative path."""
+        rel = f"{self.outputs_dir}/{job.id}"
+        dest = self.root / self.outputs_dir / job.id
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging = dest.with_name(f".{job.id}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name in RECEIPT_FILES:
+            if (result / name).is_file():
+                shutil.copyfile(result / name, staging / name)
+        sealed = result / contract.SEALED_OUTPUTS_FILE
+        if state != "held" and sealed.is_file():
+            open_dir(sealed, staging / contract.OUTPUTS_DIR, self.keys.private(job.id), job.id)
+        staging.rename(dest)
+        return rel
+
+    # -- queries and commands -------------------------------------------------------------------------------
+
+    def get(self, job_id: Any) -> Job:
+        if not isinstance(job_id, str) or not contract.JOB_ID_RE.match(job_id):
+            raise NotFound(f"no such job: {job_id!r}")
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFound(f"no such job: {job_id}")
+        return job
+
+    def list(self, offset: int, limit: int) -> tuple[list[Job], int]:
+        return self.store.list(offset, limit)
+
+    async def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.terminal:
+            raise Conflict(f"job {job_id} has already ended ({job.state})")
+        if job.backend_ref:
+            await self.backend.cancel(job)
+        task = self._watchers.pop(job_id, None)
+        if task:
+            task.cancel()
+        return self._update(self.get(job_id), state="cancelled")
+
+    def _outputs_root(self, job: Job) -> Path:
+        if not job.outputs_path:
+            raise NotFound(f"job {job.id} has no outputs ({job.state})")
+        return self.root / job.outputs_path / contract.OUTPUTS_DIR
+
+    def outputs(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        job = self.get(job_id)
+        root = self._outputs_root(job)
+        manifest = self._receipt_manifest(job)
+        listed = {o["path"]: o for o in manifest.get("outputs", [])}
+        files = []
+        for path, entry in sorted(listed.items()):
+            p = root / path
+            if p.is_file() and not p.is_symlink():
+                files.append(
+                    {
+                        "path": path,
+                        "size": entry["size"],
+                        "sha256": entry["sha256"],
+                        "content_type": _content_type(path),
+                    }
+                )
+        return files
+
+    def output_file(self, job_id: str, rel: Any) -> tuple[Path, str]:
+        """The output's path (checked to lie inside the job's outputs, no links) and its content type."""
+        job = self.get(job_id)
+        root = self._outputs_root(job)
+        if not isinstance(rel, str) or not rel or "\x00" in rel:
+            raise APIError("output path is malformed")
+        pure = PurePosixPath(rel)
+        if pure.is_absolute() or ".." in pure.parts or "." in pure.parts:
+            raise APIError(f"output path {rel!r} must be relative, without '..'")
+        p = root.joinpath(*pure.parts)
+        cur = root
+        for part in pure.parts:  # no component may be a link, or the path could leave the outputs
+            cur = cur / part
+            try:
+                st = cur.lstat()
+            except FileNotFoundError:
+                raise NotFound(f"job {job_id} has no output {rel!r}") from None
+            if stat.S_ISLNK(st.st_mode):
+                raise NotFound(f"job {job_id} has no output {rel!r}")
+        if not p.is_file():
+            raise NotFound(f"job {job_id} has no output {rel!r}")
+        return p, _content_type(rel)
+
+    def receipt(self, job_id: str) -> dict[str, Any]:
+        job = self.get(job_id)
+        result = self._job_dir(job.id) / "result"
+        if not job.receipt or not (result / contract.RECEIPT_FILE).is_file():
+            raise NotFound(f"job {job_id} has no receipt ({job.state})")
+        return {
+            "manifest": json.loads((result / contract.RECEIPT_FILE).read_bytes()),
+            "token": (result / contract.TOKEN_FILE).read_text().strip(),
+            "signer_jwks": json.loads((result / contract.SIGNER_JWKS_FILE).read_bytes()),
+        }
+
+    def receipt_dir(self, job_id: str) -> Path:
+        """The job's result as the enclave sent it (receipt files byte for byte)."""
+        return self._job_dir(self.get(job_id).id) / "result"
+
+    def _receipt_manifest(self, job: Job) -> dict[str, Any]:
+        path = self._job_dir(job.id) / "result" / contract.RECEIPT_FILE
+        try:
+            manifest: dict[str, Any] = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            raise NotFound(f"job {job.id} has no receipt") from None
+        return manifest
+
+    # -- helpers --------------------------------------------------------------------------------------------
+
+    def _job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / contract.check_job_id(job_id)
+
+    def _update(self, job: Job, **changes: Any) -> Job:
+        """Store the change, then tell subscribers."""
+        new = self.store.update(job.id, **changes)
+        if "state" in changes or "cell" in changes or "cells" in changes:
+            self.emit(new)
+        if "state" in changes:
+            self.log.info("DCR: job %s is %s", job.id, new.state)
+        return new
+
+
+def _parse_datasets(value: Any) -> list[tuple[str, str]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_DATASETS:
+        raise APIError(f'"datasets" must be a list of at most {MAX_DATASETS} "provider/dataset" names')
+    out = []
+    for item in value:
+        if not isinstance(item, str) or item.count("/") != 1:
+            raise APIError(f'each dataset must be "provider/dataset", not {item!r}')
+        provider, dataset = item.split("/")
+        out.append((contract.check_name(provider, "provider"), contract.check_name(dataset, "dataset")))
+    return sorted(set(out))
+
+
+def _grant_claims(grant: str) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(grant, options={"verify_signature": False})
+    return claims
+
+
+def _granted_datasets(grant: str) -> list[dict[str, Any]]:
+    # The grant's signature is the enclave's business; here it only tells the user what was granted.
+    return list(_grant_claims(grant).get("datasets", []))
+
+
+def _grant_id(grant: str) -> str | None:
+    value = _grant_claims(grant).get("jti")
+    return str(value) if value else None
+
+
+def _failure(reason: str) -> dict[str, Any]:
+    return {"reason": reason[:500], "cell": None, "ename": None}
+
+
+def _read_failure(result: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((result / contract.FAILURE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {
+        "reason": str(data.get("reason", "failed"))[:500],
+        "cell": data["cell"] if isinstance(data.get("cell"), int) else None,
+        "ename": data["ename"] if isinstance(data.get("ename"), str) else None,
+    }
+
+
+def _content_type(path: str) -> str:
+    if path.endswith(".ipynb"):
+        return "application/x-ipynb+json"
+    guess, _ = mimetypes.guess_type(path)
+    return guess or "application/octet-stream"
