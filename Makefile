@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-DEBS   := bubblewrap iproute2
+DEBS   := bubblewrap iproute2 util-linux postgresql
 
 .PHONY: demo test lint system-deps venv clean
 

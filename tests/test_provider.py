@@ -590,5 +590,5 @@ def test_condition_model_round_trips_and_refuses_unsafe_platforms() -> None:
         PlatformCondition("confidential_space", ("GCP_AMD_SEV",), ("CONFIDENTIAL_SPACE",), ("enabled",))
     with pytest.raises(DCRError, match="at least one"):
         KeyReleaseCondition("acme", "insurance", (digest,), cs, (), (digest,))
-    with pytest.raises(DCRError, match="invalid key-release condition"):
+    with pytest.raises(DCRError, match="key-release condition is invalid"):
         KeyReleaseCondition.from_json({**doc, "extra": True})

@@ -42,16 +42,15 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache, cached_property
-from importlib import resources
+from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Protocol, cast
 
-import jsonschema
 import nbformat
 
 from .digests import DIGEST_RE, canonical_json, check_digest, sha256_bytes, sha256_json
 from .errors import DCRError, IntegrityError, LimitError
+from .jsonschemas import validate
 
 #: The manifest's ``schema`` value; a different layout gets a new one.
 BUNDLE_SCHEMA: Final = "dcr/bundle/v1"
@@ -143,14 +142,13 @@ class BundleManifest:
     @classmethod
     def from_json(cls, doc: Any) -> BundleManifest:
         """Parse a manifest document, refusing anything the schema or the invariants do not allow."""
-        errors = list(_schema_validator().iter_errors(doc))
-        if errors:
-            err = jsonschema.exceptions.best_match(errors)
-            where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-            raise IntegrityError(
-                f"bundle manifest is invalid at {where}: {_clip(err.message)}",
-                hint="bundles are made by dcr_enclave.bundle; build it again",
-            )
+        validate(
+            doc,
+            "bundle.schema.json",
+            "bundle manifest",
+            error=IntegrityError,
+            hint="bundles are made by dcr_enclave.bundle; build it again",
+        )
         files = tuple(
             BundleFile(path=f["path"], size=f["size"], sha256=f["sha256"], executable=f["executable"])
             for f in doc["files"]
@@ -968,14 +966,6 @@ def extract_bundle(
 # ---------------------------------------------------------------------------------------------------------
 # Manifest invariants
 # ---------------------------------------------------------------------------------------------------------
-
-
-@cache
-def _schema_validator() -> jsonschema.protocols.Validator:
-    text = resources.files("dcr_enclave").joinpath("schemas/bundle.schema.json").read_text("utf-8")
-    schema = json.loads(text)
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
 
 
 def _check_manifest(notebook: str, files: tuple[BundleFile, ...]) -> None:

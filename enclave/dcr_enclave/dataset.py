@@ -18,17 +18,14 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from pathlib import PurePosixPath
 from typing import Any, Final
-
-import jsonschema
 
 from . import streamcrypt
 from .contract import check_file_name, check_name
 from .digests import check_digest, sha256_json
 from .errors import DCRError, IntegrityError
+from .jsonschemas import validate
 
 SCHEMA_ID: Final = "dcr/dataset-version/v1"
 SCHEMA_FILE: Final = "dataset-version.schema.json"
@@ -38,20 +35,9 @@ MAX_MANIFEST_BYTES: Final = 1 << 20
 PROTECTION_KINDS: Final = ("provider-file", "dp", "random")
 
 
-@cache
-def _validator(schema_file: str) -> jsonschema.protocols.Validator:
-    schema = json.loads(resources.files(__package__).joinpath("schemas", schema_file).read_text())
-    cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema)
-
-
 def validate_schema(doc: Any, schema_file: str, what: str) -> None:
     """Validate ``doc`` against a schema shipped in ``dcr_enclave/schemas``; refuse naming the first error."""
-    error = jsonschema.exceptions.best_match(_validator(schema_file).iter_errors(doc))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise DCRError(f"invalid {what} at {where}: {error.message}")
+    validate(doc, schema_file, what)
 
 
 def parse_json_document(doc: Mapping[str, Any] | str | bytes, what: str) -> dict[str, Any]:

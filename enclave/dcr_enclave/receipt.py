@@ -23,16 +23,14 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache, cached_property
-from importlib import resources
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
-
-import jsonschema
 
 from . import attestation, contract
 from .digests import canonical_json, check_digest, sha256_bytes, sha256_stream
 from .errors import DCRError, IntegrityError
+from .jsonschemas import validate
 from .jwk import MAX_JWKS_BYTES, parse_jwks, public_key_from_jwk, thumbprint
 
 RECEIPT_SCHEMA: Final = "dcr/receipt/v1"
@@ -161,21 +159,8 @@ class ReceiptManifest:
         return manifest
 
 
-@cache
-def _schema_validator() -> jsonschema.protocols.Validator:
-    text = resources.files("dcr_enclave").joinpath("schemas/receipt.schema.json").read_text("utf-8")
-    schema = json.loads(text)
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
-
-
 def _validate(doc: Any) -> None:
-    errors = list(_schema_validator().iter_errors(doc))
-    if errors:
-        err = jsonschema.exceptions.best_match(errors)
-        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-        msg = err.message if len(err.message) <= 300 else err.message[:300] + "..."
-        raise IntegrityError(f"receipt manifest is invalid at {where}: {msg}")
+    validate(doc, "receipt.schema.json", "receipt manifest", error=IntegrityError)
     _check_invariants(doc)
 
 

@@ -121,13 +121,6 @@ def _exchange(sk: X25519PrivateKey, pk: X25519PublicKey) -> bytes:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _open_input(path: Path) -> io.FileIO:
-    try:
-        return io.FileIO(path, "r")
-    except OSError as e:
-        raise DCRError(f"cannot read {path}: {e.strerror}") from None
-
-
 def _staging_dir(dest: Path) -> Path:
     try:
         return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
@@ -209,7 +202,7 @@ def _open_stream(
 
 def seal_file(src: Path, dest: Path, recipient_public: bytes, *, job_id: str) -> None:
     """Seal the file ``src`` to ``recipient_public`` for ``job_id``, writing ``dest`` atomically."""
-    with _open_input(Path(src)) as fin:
+    with streamcrypt.open_source(Path(src)) as fin:
         st = os.fstat(fin.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise DCRError(f"{src} is not a regular file")
@@ -221,7 +214,7 @@ def open_file(src: Path, dest: Path, recipient_private: bytes, *, job_id: str) -
     src, dest = Path(src), Path(dest)
     fd, tmp = _temp_file(dest)
     try:
-        with _open_input(src) as fin, os.fdopen(fd, "wb", buffering=0) as fout:
+        with streamcrypt.open_source(src) as fin, os.fdopen(fd, "wb", buffering=0) as fout:
             _open_stream(fin, fout, recipient_private, job_id, KIND_FILE, str(src))
             os.fsync(fout.fileno())
         os.replace(tmp, dest)
@@ -385,7 +378,7 @@ def open_dir(
     staging = _staging_dir(dest_dir)
     try:
         payload = staging / "payload.tar"
-        with _open_input(sealed_file) as fin, open(payload, "xb", buffering=0) as fout:
+        with streamcrypt.open_source(sealed_file) as fin, open(payload, "xb", buffering=0) as fout:
             _open_stream(fin, fout, recipient_private, job_id, KIND_TAR, str(sealed_file))
         tree = staging / "tree"
         tree.mkdir(mode=0o700)

@@ -275,7 +275,7 @@ def _temp_beside(dest: Path) -> tuple[int, str]:
         raise DCRError(f"cannot write beside {dest}: {e.strerror}") from None
 
 
-def _open_source(src: Path) -> io.FileIO:
+def open_source(src: Path) -> io.FileIO:
     try:
         return open(src, "rb", buffering=0)
     except OSError as e:
@@ -299,7 +299,7 @@ def encrypt_file(
     src, dest = Path(src), Path(dest)
     fd, tmp = _temp_beside(dest)
     try:
-        with _open_source(src) as fin, os.fdopen(fd, "wb", buffering=0) as fout:
+        with open_source(src) as fin, os.fdopen(fd, "wb", buffering=0) as fout:
             size = os.fstat(fin.fileno()).st_size
             plain, cipher, written = encrypt_stream(fin, fout, data_key, ctx, size, chunk_size)
             if expected_sha256 is not None and plain != expected_sha256:
@@ -389,7 +389,7 @@ def decrypt_file(
     src, dest = Path(src), Path(dest)
     fd, tmp = _temp_beside(dest)
     try:
-        with _open_source(src) as fin, os.fdopen(fd, "wb", buffering=0) as fout:
+        with open_source(src) as fin, os.fdopen(fd, "wb", buffering=0) as fout:
             size = os.fstat(fin.fileno()).st_size
             result = decrypt_stream(fin, fout, data_key, ctx, ciphertext_size=size, digest=digest)
             os.fchmod(fout.fileno(), mode)
