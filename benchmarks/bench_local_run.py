@@ -3,28 +3,35 @@
 For each data set (the public insurance file, read in place, and a bigger file resampled from it with a
 fixed seed into a temporary directory) the script:
 
-1. registers the data set with ``dcr provider add`` into a temporary store and starts an
-   :class:`~dcr_enclave.enclave_host.EnclaveHost` in this process (its own state directory and socket);
-2. runs a notebook that does CPU-bound pandas/numpy work on the data, with a repeat count calibrated so
-   that the plain run takes about ``--target`` seconds, alternately
+1. starts an :class:`~dcr_enclave.enclave_host.EnclaveHost` in this process (its own state directory and
+   socket, like the tests' ``host`` fixture) and registers the data set with ``dcr provider add`` into a
+   temporary store, pinning the host's image;
+2. runs a notebook that does CPU-bound pandas/numpy work on the data (repeated groupbys, quantiles and a
+   small matrix product), its repeat count calibrated with one plain run so that the plain run takes about
+   ``--target`` seconds, alternately
 
    * **plain**: nbclient in this process, a local ``python3`` kernel, the plaintext CSV;
    * **enclave**: bundle + grant, then ``launch`` on the host, the watch stream to the terminal state,
-     fetching the result and opening the sealed outputs (the timed span starts at ``launch``);
+     fetching the result and opening the sealed outputs (the timed span starts at ``launch``).
 
    The notebook text is the same in both; only the data path differs (the enclave reads
-   ``/data/<provider>/<dataset>/<file>``). The same notebook with no work (repeat 0) is run too: its
-   times are the fixed cost of each path;
-3. timestamps every event of the watch stream as it arrives (plus the key release from the host's audit
-   log) and reports the time from ``launch`` returning to ``running`` (the kernel is about to start on
-   decrypted data) and the phases between events.
+   ``/data/<provider>/<dataset>/<file>``). The notebook times its own work cell, so the kernels' speeds
+   can be compared apart from the fixed costs; the same notebook with no work (repeat 0) gives those fixed
+   costs. The outputs of the two paths are compared;
+3. timestamps the watch stream's events as they arrive and the supervisor's requests to the host
+   (challenge, token, key release, progress) as the host answers them, and reports the time from
+   ``launch`` returning to ``running`` (the kernel is about to start on decrypted data) and the phases.
 
-Finally it times, in this process, the pieces that the event stream cannot separate: decrypting a copy of
-each data set with :func:`~dcr_enclave.streamcrypt.decrypt_file`, measuring the enclave image, starting the
-supervisor's interpreter from the image, the sandbox probe (:func:`~dcr_enclave.sandbox.check_sandbox`) and
-a plain kernel start. Times are medians over ``--repeat`` runs with the minimum and maximum beside them (the
-maximum of three stands in for a p95). Targets: enclave/plain at most 1.10; launch to running under 1 s
-plus decryption. Everything temporary is deleted. Run as root from the repository root::
+Finally it times, in this process, the pieces that the timeline cannot separate: decrypting a copy of each
+data set with :func:`~dcr_enclave.streamcrypt.decrypt_file` (into /dev/shm, like the enclave's tmpfs),
+measuring the image, the supervisor's imports from the image and from a byte-compiled copy of it, the
+sandbox probe (:func:`~dcr_enclave.sandbox.check_sandbox`) and what it imports, and a plain kernel start.
+
+Times are medians over ``--repeat`` runs with the minimum and maximum beside them (the maximum of three
+stands in for a p95). Targets: enclave/plain at most 1.10; launch to running under 1 s plus decryption.
+On a shared two-core machine the work cell alone varies by 10-20 % from run to run, so the fixed overhead
+(no-work notebook) is the steadier figure. Everything temporary is deleted (the ``dcr-sandbox`` system
+account the host creates stays). Run as root from the repository root::
 
     .venv/bin/python benchmarks/bench_local_run.py [--repeat 3] [--rows 200000] [--target 5]
 """
@@ -158,7 +165,8 @@ def run_plain(nb: nbformat.NotebookNode, ws: Path) -> tuple[float, float]:
     client = NotebookClient(
         nb, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(ws)}}
     )
-    client.execute()
+    # The kernel's stderr only carries its warning about unencrypted loopback TCP; keep the report clean.
+    client.execute(stderr=subprocess.DEVNULL)
     nbformat.write(nb, ws / "analysis.ipynb")
     total = time.perf_counter() - start
     return total, float((ws / "work_seconds.txt").read_text())
@@ -360,8 +368,12 @@ def python_start(code: str, *, unshare: bool = False) -> Callable[[], object]:
     return lambda: subprocess.run(cmd, env=env, check=True, capture_output=True)
 
 
-def top_imports(image: Path, n: int = 6) -> list[tuple[str, float]]:
-    """The slowest top-level imports of the supervisor started from the image (``-X importtime``)."""
+def top_imports(image: Path, n: int = 6) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The supervisor's slowest imports from the image (``-X importtime``, one run).
+
+    Returns its own direct imports by cumulative time, and the single modules by their own time (which
+    names a third-party module that does heavy work when imported).
+    """
     code = f"import sys; sys.path.insert(0, {str(image)!r}); import dcr_enclave.supervisor"
     r = subprocess.run(
         [sys.executable, "-I", "-B", "-X", "importtime", "-c", code],
@@ -370,22 +382,24 @@ def top_imports(image: Path, n: int = 6) -> list[tuple[str, float]]:
         check=True,
     )
     tops: dict[str, float] = {}
+    leaves: dict[str, float] = {}
     for line in r.stderr.splitlines():
         parts = line.split("|")
         if len(parts) != 3 or not parts[1].strip().isdigit():
             continue
-        name = parts[2].rstrip()
-        depth = (len(name) - len(name.lstrip())) // 2
-        # Depth 1 are the supervisor's own imports (dcr_enclave modules and what they pull in).
-        if depth <= 1:
+        self_us, name = int(parts[0].split(":")[1]), parts[2].rstrip()
+        # The name is indented by two spaces per level; level 1 are the supervisor's direct imports.
+        if (len(name) - len(name.lstrip())) // 2 <= 1:
             tops[name.strip()] = int(parts[1]) / 1e6
-    return sorted(tops.items(), key=lambda kv: -kv[1])[:n]
+        leaves[name.strip()] = self_us / 1e6
+    by_time = lambda d: sorted(d.items(), key=lambda kv: -kv[1])[:n]  # noqa: E731
+    return by_time(tops), by_time(leaves)
 
 
 def plain_kernel_start() -> None:
     from jupyter_client.manager import start_new_kernel
 
-    km, kc = start_new_kernel(kernel_name="python3")
+    km, kc = start_new_kernel(kernel_name="python3", stderr=subprocess.DEVNULL)
     kc.stop_channels()
     km.shutdown_kernel(now=True)
 
@@ -413,6 +427,9 @@ def probes(enc: Enclave, repeat: int) -> dict[str, list[float]]:
             ),
             repeat,
         )
+    out["jsonschema import (bundle.py and nbformat import it)"] = timed_runs(
+        python_start("import jsonschema"), repeat
+    )
     out["ipykernel.kernelapp + zmq imports (what the probe imports)"] = timed_runs(
         python_start("import ipykernel.kernelapp, zmq"), repeat
     )
@@ -495,6 +512,12 @@ def report(rows: list[Row], probe: dict[str, list[float]], repeat: int) -> None:
         print(f"   work cell sandboxed/plain         {e_work / median(row.plain_work):7.3f}")
         print(f"   no-work notebook, plain           {spread(row.plain0)}")
         print(f"   no-work notebook, enclave         {spread([r.total for r in row.enclave0])}")
+        fixed = median([r.total for r in row.enclave0]) - median(row.plain0)
+        print(f"   fixed overhead (no-work notebook) {fixed:7.3f} s")
+        print(
+            f"   ratio if both kernels ran the work equally fast: {(plain + fixed) / plain:.3f}"
+            "  ((plain + fixed overhead) / plain)"
+        )
         print(f"   launch returned -> running        {spread(l2r)}  (all {len(l2r)} enclave runs)")
         print(f"   decrypt_file (in-process)         {spread(row.decrypt)}")
         print(
@@ -551,8 +574,12 @@ def main() -> None:
         finally:
             enc.stop()
     report(rows, probe, args.repeat)
+    tops, leaves = imports
     print("   slowest imports of the supervisor from the image (cumulative, one run):")
-    for name, secs in imports:
+    for name, secs in tops:
+        print(f"     {name:<60} {secs:7.3f} s")
+    print("   slowest single modules in that import (own time, one run):")
+    for name, secs in leaves:
         print(f"     {name:<60} {secs:7.3f} s")
 
 

@@ -2,8 +2,8 @@
 
 In the cloud the measurement is the container image digest. Locally the enclave host runs the supervisor
 from a root-owned, read-only install and its measurement is this digest over that install's files, so a
-change to any byte of the code changes it. Byte-compiled caches are left out: they are derived and the
-host runs Python with bytecode writing disabled.
+change to any byte of the code changes it. Byte-compiled caches are left out: the host compiles them with
+checked hashes, so Python uses a cache only while it matches the (measured) source it was compiled from.
 """
 
 from __future__ import annotations

@@ -555,7 +555,12 @@ except OSError:
 with open(".probe", "w") as f:
     f.write("ok")
 os.unlink(".probe")
-import ipykernel.kernelapp, zmq
+import importlib.util
+# Found, not imported: importing ipykernel here would double the probe's cost; the kernel start that
+# follows imports it for real and fails clearly if it is broken.
+missing = [m for m in ("ipykernel", "zmq") if importlib.util.find_spec(m) is None]
+if missing:
+    raise SystemExit("missing: " + ", ".join(missing))
 print(json.dumps({
     "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups(),
     "caps": [status[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")],
