@@ -280,7 +280,10 @@ class JobManager:
                 self._update(job, state="failed", failure=failure)
                 return
             outputs_path = await asyncio.to_thread(self._open_result, job, result, st.state)
-            self._update(job, state=st.state, outputs_path=outputs_path, receipt=True)
+            enclave = dict(job.enclave or st.enclave or {})
+            # The receipt names the measured enclave whatever the progress stream managed to report.
+            enclave["image_digest"] = self._receipt_manifest(job)["enclave"]["image_digest"]
+            self._update(job, state=st.state, outputs_path=outputs_path, receipt=True, enclave=enclave)
             with contextlib.suppress(DCRError):
                 await self.backend.cleanup(job)
         except Unavailable as e:

@@ -15,7 +15,6 @@ from typing import Any
 
 from traitlets import Float, Unicode, validate
 
-from dcr_enclave.contract import TERMINAL_STATES
 from dcr_enclave.errors import DCRError
 from dcr_enclave.hostclient import DEFAULT_SOCKET, HostClient
 
@@ -108,9 +107,8 @@ class LocalBackend(Backend):
                 return
             if isinstance(item, BaseException):
                 raise item
+            # The host ends the stream after the terminal state with a full snapshot of the job: read to the end.
             yield item
-            if item.state in TERMINAL_STATES:
-                return
 
     async def cancel(self, job: Job) -> None:
         await self._call(self.client.cancel, job.id)

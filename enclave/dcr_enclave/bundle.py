@@ -263,6 +263,14 @@ class _Pattern:
         return self.full(states)
 
 
+def check_patterns(patterns: Iterable[str], what: str) -> list[str]:
+    """The patterns as a list if every one is acceptable, else :class:`DCRError` naming the first bad one.
+
+    For configuration checks done before any bundle is built (the server extension's traits).
+    """
+    return [p.text for p in _parse_patterns(patterns, what)]
+
+
 def _parse_patterns(patterns: Iterable[str], what: str) -> tuple[_Pattern, ...]:
     if isinstance(patterns, str | bytes):
         raise DCRError(f"{what} patterns must be a list of patterns, not the single string {patterns!r}")

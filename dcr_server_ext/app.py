@@ -1,0 +1,390 @@
+"""The ``dcr_server_ext`` extension application: configuration, wiring, start and stop.
+
+``DCRExtension`` reads its traits (``c.DCRExtension.*``), builds the job store, the enclave backend, the
+grant source and the :class:`~dcr_server_ext.manager.JobManager`, registers the job event schema on the
+server's event bus and adds the REST handlers. The manager's reconciler starts once the server's event
+loop runs and stops with the server; jobs go on in their enclaves meanwhile and are picked up again on the
+next start.
+
+Security-relevant limits (datasets, output limits, time limits) are not configured here: they arrive
+inside the hub's grant, which this server cannot widen. Bad configuration fails when the server starts,
+with a message naming the trait.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.extension.application import ExtensionApp
+from jupyter_server.serverapp import ServerApp
+from traitlets import Float, Int, List, TraitError, Unicode, default, validate
+from traitlets.utils.importstring import import_item
+
+from dcr_enclave.bundle import DEFAULT_EXCLUDE, BundleLimits, check_patterns
+from dcr_enclave.errors import DCRError
+
+from .backends.base import Backend
+from .events import EVENT_SCHEMA_ID, EVENT_SCHEMA_PATH, job_event
+from .grants import GrantSource
+from .handlers import default_handlers
+from .jobstore import JobStore
+from .manager import JobManager
+from .model import Job
+
+DB_FILE = "jobs.sqlite"
+
+
+def _configurable_class(value: Any, trait: str, base: type) -> str:
+    """Check that ``value`` names an importable subclass of ``base``; returns the dotted path."""
+    if not isinstance(value, str) or not value.strip():
+        raise TraitError(f"DCRExtension.{trait} must be a dotted class path, not {value!r}")
+    try:
+        cls = import_item(value)
+    except Exception as e:
+        raise TraitError(
+            f"DCRExtension.{trait} = {value!r} cannot be imported ({type(e).__name__}: {e}); "
+            "give a dotted path like 'package.module.ClassName' of an installed module"
+        ) from None
+    if not isinstance(cls, type) or not issubclass(cls, base):
+        raise TraitError(
+            f"DCRExtension.{trait} = {value!r} is not a subclass of {base.__module__}.{base.__qualname__}"
+        )
+    return value
+
+
+def _check_patterns(value: Any, trait: str) -> list[str]:
+    if not isinstance(value, list | tuple):
+        raise TraitError(f"DCRExtension.{trait} must be a list of patterns, not {value!r}")
+    try:
+        return check_patterns(value, f"DCRExtension.{trait}:")
+    except DCRError as e:
+        raise TraitError(str(e)) from None
+
+
+class DCRExtension(ExtensionApp):
+    """Submit notebooks from this server to the enclave, follow them, fetch outputs and receipts."""
+
+    name = "dcr_server_ext"
+
+    backend_class = Unicode(
+        "dcr_server_ext.backends.local.LocalBackend",
+        help="""Dotted path of the enclave backend class: where granted jobs run.
+
+        ``dcr_server_ext.backends.local.LocalBackend`` talks to the machine's enclave host
+        (``dcr enclave-host``), a simulated TEE. Backends take their own settings from their own traits.
+
+        Example::
+
+            c.DCRExtension.backend_class = "dcr_server_ext.backends.local.LocalBackend"
+            c.LocalBackend.socket_path = "/run/dcr/enclave-host.sock"
+
+        Security: the backend decides which enclave receives the job's bundle and grant. The grant is bound
+        to one job and the enclave verifies it, so a wrong backend cannot obtain data keys; it can however
+        see your notebook and workspace files. Use only backend classes you installed and trust.
+        """,
+    ).tag(config=True)
+
+    grant_source_class = Unicode(
+        "dcr_server_ext.grants.DevGrantSource",
+        help="""Dotted path of the class that obtains each job's grant (a JWT signed by the hub).
+
+        In production this is the hub's grant service (it alone holds the hub key and the policy).
+        ``dcr_server_ext.grants.DevGrantSource`` signs grants with a local development key, for tests,
+        demos and single-machine trials.
+
+        Example::
+
+            c.DCRExtension.grant_source_class = "dcr_server_ext.grants.DevGrantSource"
+            c.DevGrantSource.key_file = "/srv/dcr/store/.keys/local-hub-key.pem"
+
+        Security: the enclave and the key release accept only grants from a hub key they trust. Never
+        configure a development key that a production enclave host or provider condition trusts.
+        """,
+    ).tag(config=True)
+
+    data_dir = Unicode(
+        help="""Absolute path of this extension's private state: the job store (SQLite by default), each
+        job's X25519 output key, bundles and enclave results as they arrived.
+
+        Default: ``<jupyter data dir>/dcr`` (on the home volume, so it survives pod replacement).
+
+        Example::
+
+            c.DCRExtension.data_dir = "/home/jovyan/.local/share/jupyter/dcr"
+
+        Security: the directory holds the private keys that open your jobs' outputs. It is created with
+        mode 0700; keep it on storage only you can read, never on a shared or world-readable volume.
+        """,
+    ).tag(config=True)
+
+    db_url = Unicode(
+        help="""SQLAlchemy URL of the job store.
+
+        Default: a SQLite file ``jobs.sqlite`` in ``data_dir``. Any SQLAlchemy URL works (PostgreSQL
+        included); the schema is migrated to the current version on start.
+
+        Example::
+
+            c.DCRExtension.db_url = "postgresql+psycopg://dcr@db.internal/dcr_alice"
+
+        Security: the store is a convenience (nothing security-relevant depends on it), but it lists your
+        jobs and notebook names. A password in this URL ends up in config files and process listings:
+        prefer a passwordless local socket or the driver's password file.
+        """,
+    ).tag(config=True)
+
+    outputs_dir = Unicode(
+        "dcr-jobs",
+        help="""Folder, relative to the server's root directory, where each job's result is opened:
+        ``<root>/<outputs_dir>/<job id>/`` holds ``receipt.json``, ``attestation.jwt``,
+        ``signer-jwks.json`` and ``outputs/`` (the decrypted output files), as ``dcr verify`` expects.
+
+        Example::
+
+            c.DCRExtension.outputs_dir = "enclave-results"
+
+        Security: outputs are decrypted here, in the clear; whoever can read your server's root directory
+        can read them. It must be a relative path without '..' or hidden components.
+        """,
+    ).tag(config=True)
+
+    bundle_include = List(
+        Unicode(),
+        default_value=["**"],
+        help="""Glob patterns (relative to the notebook's directory) of the workspace files that travel with
+        the notebook into the enclave. ``*`` matches within one path component, ``**`` any number of them; a
+        pattern without '/' matches at any depth.
+
+        Example::
+
+            c.DCRExtension.bundle_include = ["*.ipynb", "**/*.py", "lookup/*.csv"]
+
+        Security: everything bundled is visible to your code in the enclave and is named (by digest) in the
+        receipt. Bundle only what the notebook needs.
+        """,
+    ).tag(config=True)
+
+    bundle_exclude = List(
+        Unicode(),
+        default_value=list(DEFAULT_EXCLUDE),
+        help="""Glob patterns of workspace files never bundled (same syntax as ``bundle_include``; an
+        excluded directory is not entered).
+
+        Default: hidden files and directories, ``.ipynb_checkpoints``, ``__pycache__`` and ``*.pyc``.
+
+        Example::
+
+            c.DCRExtension.bundle_exclude = [".*", "__pycache__", "*.pyc", "scratch"]
+
+        Security: keep hidden files (``.env``, ``.ssh``, credentials) excluded: anything bundled reaches the
+        enclave, where your notebook could write it into an output.
+        """,
+    ).tag(config=True)
+
+    max_bundle_files = Int(
+        2000,
+        help="""Most files a bundle may hold (notebook included); a bigger workspace is refused at submit
+        time with 413 before any file is read.
+
+        Example::
+
+            c.DCRExtension.max_bundle_files = 500
+
+        Security: a guard against bundling a whole home directory by mistake. The enclave applies its own
+        limits regardless of this value.
+        """,
+    ).tag(config=True)
+
+    max_bundle_bytes = Int(
+        256 * 2**20,
+        help="""Most bytes (all files together) a bundle may hold; a bigger workspace is refused at submit
+        time with 413.
+
+        Example::
+
+            c.DCRExtension.max_bundle_bytes = 64 * 2**20
+
+        Security: a guard against shipping large files by mistake. The enclave applies its own limits
+        regardless of this value.
+        """,
+    ).tag(config=True)
+
+    reconcile_interval = Float(
+        30.0,
+        help="""Seconds between reconciler passes, which bring every unfinished job to its backend's truth
+        (resuming lost progress streams, completing jobs that finished unobserved, failing vanished ones).
+        A pass always runs when the server starts; progress is otherwise pushed, not polled.
+
+        Example::
+
+            c.DCRExtension.reconcile_interval = 10.0
+
+        Security: no security decision depends on it; a short interval only costs backend requests.
+        """,
+    ).tag(config=True)
+
+    # -- defaults and validation ----------------------------------------------------------------------------
+
+    @default("data_dir")
+    def _default_data_dir(self) -> str:
+        return os.path.join(jupyter_data_dir(), "dcr")
+
+    @default("db_url")
+    def _default_db_url(self) -> str:
+        return f"sqlite:///{os.path.join(self.data_dir, DB_FILE)}"
+
+    @validate("backend_class")
+    def _valid_backend(self, proposal: Any) -> str:
+        return _configurable_class(proposal["value"], "backend_class", Backend)
+
+    @validate("grant_source_class")
+    def _valid_grant_source(self, proposal: Any) -> str:
+        return _configurable_class(proposal["value"], "grant_source_class", GrantSource)
+
+    @validate("data_dir")
+    def _valid_data_dir(self, proposal: Any) -> str:
+        value = proposal["value"]
+        if not value or not os.path.isabs(value):
+            raise TraitError(f"DCRExtension.data_dir must be an absolute path, not {value!r}")
+        return os.path.normpath(value)
+
+    @validate("db_url")
+    def _valid_db_url(self, proposal: Any) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        value = proposal["value"]
+        try:
+            make_url(value)
+        except (ArgumentError, ValueError, TypeError) as e:
+            # The message of make_url may repeat the URL; leave it out in case it carries a password.
+            raise TraitError(
+                f"DCRExtension.db_url is not an SQLAlchemy URL ({type(e).__name__}); "
+                "write it like 'sqlite:////abs/path/jobs.sqlite' or 'postgresql+psycopg://user@host/db'"
+            ) from None
+        return str(value)
+
+    @validate("outputs_dir")
+    def _valid_outputs_dir(self, proposal: Any) -> str:
+        value = proposal["value"]
+        pure = PurePosixPath(value) if isinstance(value, str) else None
+        if (
+            pure is None
+            or not value
+            or pure.is_absolute()
+            or "\\" in value
+            or any(p in ("..", ".") or p.startswith(".") for p in value.split("/"))
+        ):
+            raise TraitError(
+                f"DCRExtension.outputs_dir must be a relative folder inside the server root, without '..' "
+                f"or hidden components (like 'dcr-jobs'), not {value!r}"
+            )
+        return pure.as_posix()
+
+    @validate("bundle_include", "bundle_exclude")
+    def _valid_patterns(self, proposal: Any) -> list[str]:
+        return _check_patterns(proposal["value"], proposal["trait"].name)
+
+    @validate("max_bundle_files", "max_bundle_bytes")
+    def _valid_limit(self, proposal: Any) -> int:
+        value = proposal["value"]
+        if value < 1:
+            raise TraitError(f"DCRExtension.{proposal['trait'].name} must be a positive integer, not {value}")
+        return int(value)
+
+    @validate("reconcile_interval")
+    def _valid_interval(self, proposal: Any) -> float:
+        value = proposal["value"]
+        if not value > 0:
+            raise TraitError(
+                f"DCRExtension.reconcile_interval must be a positive number of seconds, not {value}"
+            )
+        return float(value)
+
+    # -- wiring ---------------------------------------------------------------------------------------------
+
+    def _link_jupyter_server_extension(self, serverapp: Any) -> None:
+        # Config is applied (and validated) here. jupyter_server would log a refused value and carry on
+        # with the default (unless reraise_server_extension_failures): a DCR setting silently ignored.
+        # Stop the server instead, as it does for bad configuration of its own.
+        try:
+            super()._link_jupyter_server_extension(serverapp)
+        except TraitError as e:
+            self.log.critical("Bad DCR configuration, the server stops: %s", e)
+            raise SystemExit(1) from None
+
+    def initialize_settings(self) -> None:
+        data_dir = Path(self.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(data_dir, 0o700)  # mkdir leaves an existing directory's mode alone
+        try:
+            backend = import_item(self.backend_class)(parent=self)
+            grants = import_item(self.grant_source_class)(parent=self)
+        except (TraitError, ValueError) as e:  # their own traits (c.LocalBackend.socket_path, ...)
+            self.log.critical("Bad DCR configuration, the server stops: %s", e)
+            raise SystemExit(1) from None
+        # A store that cannot be opened (database unreachable, or written by a newer version) is not a
+        # configuration error: the extension is not loaded, the log says why, the server itself goes on.
+        self.job_store = JobStore(self.db_url)
+        serverapp = self._server()
+        event_logger = serverapp.event_logger
+        assert event_logger is not None  # jupyter_server always makes one
+        if EVENT_SCHEMA_ID not in event_logger.schemas.schema_ids:
+            event_logger.register_event_schema(EVENT_SCHEMA_PATH)
+        self.manager = JobManager(
+            root_dir=Path(serverapp.root_dir),
+            data_dir=data_dir,
+            store=self.job_store,
+            backend=backend,
+            grants=grants,
+            emit=self._emit,
+            log=self.log,
+            include=tuple(self.bundle_include),
+            exclude=tuple(self.bundle_exclude),
+            limits=BundleLimits(max_files=self.max_bundle_files, max_bytes=self.max_bundle_bytes),
+            outputs_dir=self.outputs_dir,
+            reconcile_interval=self.reconcile_interval,
+        )
+        self.settings["dcr_manager"] = self.manager
+        self.log.info(
+            "DCR: backend %s, grant source %s, job store in %s",
+            self.backend_class,
+            self.grant_source_class,
+            "the data directory" if self.db_url == self._default_db_url() else "the configured database",
+        )
+
+    def _server(self) -> ServerApp:
+        if self.serverapp is None:
+            raise RuntimeError("the DCR extension runs inside a Jupyter server")
+        return self.serverapp
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(default_handlers)
+
+    def _emit(self, job: Job) -> None:
+        """Put a job's state and progress on the event bus: never data, and never fatal."""
+        try:
+            event_logger = self._server().event_logger
+            if event_logger is not None:
+                event_logger.emit(schema_id=EVENT_SCHEMA_ID, data=job_event(job))
+        except Exception:  # the store has the change already; a subscriber can reload the job
+            self.log.exception("DCR: could not emit the event of job %s", job.id)
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        # Runs once the server's event loop is running: the reconciler's tasks live on it.
+        try:
+            await self.manager.start()
+        except DCRError as e:
+            self.log.error("DCR: the job manager could not start: %s", e)
+            raise
+
+    async def stop_extension(self) -> None:
+        manager: JobManager | None = getattr(self, "manager", None)
+        if manager is not None:
+            await manager.stop()
+        store: JobStore | None = getattr(self, "job_store", None)
+        if store is not None:
+            store.close()

@@ -1,0 +1,634 @@
+"""The server extension's REST API, end to end: a real Jupyter server (pytest-jupyter) with
+``dcr_server_ext`` enabled, a real enclave host, real kernels on the real insurance data.
+
+Every response is checked against ``dcr_server_ext/openapi.yaml``; every refusal must be a 4xx with a JSON
+``{"error": ...}`` that says what is wrong and must leave the job store (and the extension's data
+directory) exactly as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pandas as pd
+import psutil
+import pytest
+from jupyter_server.auth import Authorizer
+from openapi_core import OpenAPI
+from openapi_core.testing import MockRequest, MockResponse
+from tornado.httputil import HTTPHeaders
+from traitlets import TraitError
+from traitlets.config import Config
+
+import dcr_server_ext
+from dcr_enclave.contract import TERMINAL_STATES
+from dcr_enclave.digests import canonical_json, sha256_bytes
+from dcr_server_ext import _jupyter_server_extension_points
+from dcr_server_ext.app import DCRExtension
+from dcr_server_ext.events import EVENT_SCHEMA_ID
+from dcr_server_ext.handlers import CHUNK_BYTES, MAX_BODY_BYTES
+
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
+pytestmark = [pytest.mark.root]
+
+PACKAGE = Path(dcr_server_ext.__file__).resolve().parent
+SPEC = OpenAPI.from_file_path(str(PACKAGE / "openapi.yaml"))
+#: A row of the real file that the synthetic file does not contain: seeing it anywhere means a leak.
+REAL_ROW = "28,male,33,3,no,southeast,4449.462"
+#: The shared config keeps bundles small so "oversized workspace" needs only a handful of files.
+MAX_BUNDLE_FILES = 4
+EVENT_FIELDS = {"job_id", "state", "cell", "cells", "reason"}
+
+SUCCESS_CELLS = [
+    "import pandas as pd\ndf = pd.read_csv('/data/acme/insurance/real.csv')",
+    "import os\nos.makedirs('sub', exist_ok=True)\n"
+    "with open('sub/x.txt', 'w') as f:\n    f.write(f'rows={len(df)}\\n')\n"
+    "df.groupby('smoker')['charges'].mean().to_csv('summary.csv')\n"
+    "with open('blob.bin', 'wb') as f:\n    f.write(os.urandom(700_000))",
+    "len(df)",
+]
+SLOW_CELLS = [
+    "import pandas as pd\ndf = pd.read_csv('/data/acme/insurance/real.csv')",
+    "import time\ntime.sleep(600)",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def extra_config() -> dict[str, Any]:
+    """Per-test additions to the server config (tests parametrize this name directly)."""
+    return {}
+
+
+@pytest.fixture
+def dcr_data(tmp_path: Path) -> Path:
+    return tmp_path / "dcr-data"
+
+
+@pytest.fixture
+def jp_server_config(store, host, tmp_path: Path, dcr_data: Path, extra_config: dict[str, Any]) -> Config:
+    config = Config(
+        {
+            "ServerApp": {
+                "jpserver_extensions": {"dcr_server_ext": True},
+                "allow_root": True,
+                "reraise_server_extension_failures": True,
+            },
+            "DCRExtension": {
+                "data_dir": str(dcr_data),
+                "db_url": f"sqlite:///{tmp_path / 'db' / 'jobs.sqlite'}",
+                "max_bundle_files": MAX_BUNDLE_FILES,
+            },
+            "LocalBackend": {"socket_path": str(host.socket)},
+            "DevGrantSource": {"key_file": str(store.hub_key_path), "store": str(store.root)},
+        }
+    )
+    config.merge(Config(extra_config))
+    return config
+
+
+@pytest.fixture
+def dcr_server(jp_serverapp, jp_asyncio_loop):
+    """The server with the extension started (pytest-jupyter does not run the post-start hooks)."""
+    jp_asyncio_loop.run_until_complete(jp_serverapp.extension_manager.start_all_extensions())
+    return jp_serverapp
+
+
+@dataclass
+class Reply:
+    code: int
+    headers: HTTPHeaders
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> str:
+        assert self.headers["Content-Type"].startswith("application/json"), self.headers
+        doc = self.json
+        assert set(doc) == {"error"} and isinstance(doc["error"], str) and doc["error"], doc
+        return str(doc["error"])
+
+
+Api = Callable[..., Awaitable[Reply]]
+
+
+def _check_openapi(method: str, path: str, params: dict[str, str] | None, reply: Reply) -> None:
+    content_type = reply.headers.get("Content-Type", "").split(";")[0]
+    request = MockRequest("http://localhost", method, path, args=params or {})
+    response = MockResponse(
+        reply.body, status_code=reply.code, headers=dict(reply.headers), content_type=content_type
+    )
+    SPEC.validate_response(request, response)
+
+
+@pytest.fixture
+def api(dcr_server, jp_fetch) -> Api:
+    """Call ``/dcr/api/...``; every answer is checked against openapi.yaml unless ``validate=False``."""
+
+    async def call(
+        method: str,
+        *parts: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        validate: bool = True,
+    ) -> Reply:
+        kwargs: dict[str, Any] = {"method": method, "raise_error": False}
+        if isinstance(body, bytes | str):
+            kwargs["body"] = body
+        elif body is not None:
+            kwargs["body"] = json.dumps(body)
+        elif method == "POST":
+            kwargs["body"] = b""
+        r = await jp_fetch("dcr", "api", *parts, params=params, headers=dict(headers or {}), **kwargs)
+        reply = Reply(r.code, r.headers, r.body or b"")
+        if validate:
+            # Each part is one path parameter for the spec: a nested output path is one {path} value.
+            spec_path = "/dcr/api/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
+            _check_openapi(method, spec_path, params, reply)
+        return reply
+
+    return call
+
+
+async def _snapshot(api: Api, dcr_data: Path, root: Path) -> tuple[Any, ...]:
+    """Everything a refused request must leave as it was: the store (through the API), the extension's
+    job directories and keys, and the outputs folder in the server root."""
+    listing = (await api("GET", "jobs", params={"limit": "500"})).json
+    jobs = sorted(p.name for p in (dcr_data / "jobs").iterdir())
+    keys = sorted(p.name for p in (dcr_data / "keys").iterdir())
+    outputs = (
+        sorted(str(p.relative_to(root)) for p in (root / "dcr-jobs").rglob("*"))
+        if (root / "dcr-jobs").exists()
+        else []
+    )
+    return listing, jobs, keys, outputs
+
+
+def _notebook(root: Path, rel: str, cells: list[str]) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+async def _wait_job(
+    api: Api, job_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 180
+) -> dict:
+    """Poll the job until ``done(job)``; the timeout only guards against a hang."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        job = (await api("GET", "jobs", job_id)).json
+        if done(job):
+            return job
+        if loop.time() > deadline:
+            raise AssertionError(f"job never got there: {job}")
+        await asyncio.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_extension_point_and_auto_enable_config():
+    """The package names DCRExtension as its server extension point, and the config file installed into
+    jupyter_server_config.d enables it."""
+    assert _jupyter_server_extension_points() == [{"module": "dcr_server_ext", "app": DCRExtension}]
+    doc = json.loads(
+        (PACKAGE.parent / "jupyter-config/jupyter_server_config.d/dcr_server_ext.json").read_text()
+    )
+    assert doc == {"ServerApp": {"jpserver_extensions": {"dcr_server_ext": True}}}
+
+
+def test_every_trait_has_help_an_example_and_a_security_note():
+    """Each configurable trait of DCRExtension explains itself, shows a c.DCRExtension.<name> example and
+    says what it means for security."""
+    own = set(DCRExtension.class_own_traits(config=True))
+    expected = {
+        "backend_class", "grant_source_class", "db_url", "data_dir", "outputs_dir", "bundle_include",
+        "bundle_exclude", "max_bundle_files", "max_bundle_bytes", "reconcile_interval",
+    }  # fmt: skip
+    assert expected <= own
+    for name in expected:
+        text = DCRExtension.class_traits()[name].help
+        assert f"c.DCRExtension.{name} = " in text, name
+        assert "Example" in text and "Security" in text, name
+
+
+@pytest.mark.parametrize(
+    ("trait", "value"),
+    [
+        ("backend_class", "no_such_module.Backend"),
+        ("backend_class", "dcr_server_ext.model.Job"),
+        ("grant_source_class", "dcr_server_ext.grants.NoSuchSource"),
+        ("grant_source_class", "dcr_server_ext.backends.local.LocalBackend"),
+        ("data_dir", "relative/dcr"),
+        ("db_url", "not a database url"),
+        ("outputs_dir", "../outside"),
+        ("outputs_dir", "/abs/outputs"),
+        ("outputs_dir", ".hidden"),
+        ("bundle_include", ["../up"]),
+        ("bundle_exclude", ["/etc"]),
+        ("max_bundle_files", -1),
+        ("max_bundle_files", 0),
+        ("max_bundle_bytes", -5),
+        ("reconcile_interval", 0),
+    ],
+)
+def test_bad_config_is_refused_naming_the_trait(trait: str, value: Any):
+    """A bad value for a trait (unimportable or wrong class, relative data_dir, a URL that is no URL,
+    outputs outside the root, escaping patterns, non-positive limits) is refused with its name."""
+    with pytest.raises(TraitError, match=rf"DCRExtension\.{trait}"):
+        DCRExtension(config=Config({"DCRExtension": {trait: value}}))
+
+
+@pytest.mark.parametrize(
+    ("section", "trait", "value", "message"),
+    [
+        ("DCRExtension", "max_bundle_bytes", -1, "DCRExtension.max_bundle_bytes must be a positive integer"),
+        ("LocalBackend", "socket_path", "relative.sock", "LocalBackend.socket_path must be an absolute path"),
+    ],
+)
+def test_bad_config_fails_when_the_server_starts(
+    jp_configurable_serverapp, jp_server_config, caplog, capfd, section, trait, value, message
+):
+    """Starting a server with a bad extension or backend setting stops the server (even where
+    jupyter_server would only log a failing extension and go on), and the logged error names the trait."""
+    jp_server_config.ServerApp.reraise_server_extension_failures = False
+    jp_server_config[section][trait] = value
+    with pytest.raises(SystemExit):
+        jp_configurable_serverapp(config=jp_server_config)
+    logged = caplog.text + capfd.readouterr().err  # the extension's logger writes to stderr
+    assert message in logged
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------------------------
+
+
+async def test_submit_refusals_are_json_4xx_and_change_nothing(
+    api, jp_root_dir: Path, dcr_data: Path, tmp_path
+):
+    """Malformed JSON, wrong types, unknown or duplicate fields, an oversized body, bad, absolute, hidden,
+    escaping and missing notebook paths, files that are not notebooks, an oversized workspace and a link
+    escaping the workspace are each refused with a 4xx and a JSON message, and leave the store as it was."""
+    root = jp_root_dir
+    _notebook(root, "work/ok.ipynb", ["1"])
+    # One directory per case: a notebook's workspace is its directory.
+    (root / "notes").mkdir()
+    (root / "notes" / "notes.txt").write_text("not a notebook")
+    (root / "broken").mkdir()
+    (root / "broken" / "broken.ipynb").write_text("{ this is not json")
+    (root / "folder" / "folder.ipynb").mkdir(parents=True)
+    _notebook(root, ".hidden/a.ipynb", ["1"])
+    outside = tmp_path / "outside"
+    _notebook(outside, "secret.ipynb", ["1"])
+    (outside / "secret.txt").write_text("outside the workspace")
+    (root / "escape").mkdir()
+    (root / "escape" / "escape.ipynb").symlink_to(outside / "secret.ipynb")
+    (root / "via").mkdir()
+    (root / "via" / "linkdir").symlink_to(outside)
+    _notebook(root, "linked/analysis.ipynb", ["1"])
+    (root / "linked" / "secret.txt").symlink_to(outside / "secret.txt")
+    _notebook(root, "big/analysis.ipynb", ["1"])
+    for i in range(MAX_BUNDLE_FILES + 2):
+        (root / "big" / f"f{i}.csv").write_text(f"{i}\n")
+
+    before = await _snapshot(api, dcr_data, root)
+    assert before[0]["total"] == 0
+    cases: list[tuple[Any, int, str]] = [
+        (b'{"path": "work/ok.ipynb"', 400, "malformed JSON"),
+        (b"", 400, "JSON object"),
+        (b"\xff\xfe", 400, "UTF-8"),
+        (b'["work/ok.ipynb"]', 400, "JSON object"),
+        (b'{"path": NaN}', 400, "NaN"),
+        ({"path": "work/ok.ipynb", "priority": 1}, 400, "priority"),
+        (b'{"path": "work/ok.ipynb", "path": "x.ipynb"}', 400, "twice"),
+        ({"datasets": ["acme/insurance"]}, 400, '"path"'),
+        ({"path": 123}, 400, "string"),
+        ({"path": ""}, 400, "empty"),
+        ({"path": "work/ok.ipynb", "datasets": "acme/insurance"}, 400, "list"),
+        ({"path": "work/ok.ipynb", "datasets": ["ACME/Insurance"]}, 400, "provider/dataset"),
+        ({"path": "work/ok.ipynb", "datasets": [7]}, 400, "provider/dataset"),
+        ({"path": "x" * (MAX_BODY_BYTES + 1)}, 413, str(MAX_BODY_BYTES)),
+        ({"path": "../x.ipynb"}, 400, ".."),
+        ({"path": "work/../../x.ipynb"}, 400, ".."),
+        ({"path": "/etc/passwd"}, 400, "absolute"),
+        ({"path": ".hidden/a.ipynb"}, 400, "hidden"),
+        ({"path": "work/.ipynb_checkpoints/ok.ipynb"}, 400, "hidden"),
+        ({"path": "work//ok.ipynb"}, 400, "empty"),
+        ({"path": "missing.ipynb"}, 404, "missing.ipynb"),
+        ({"path": "notes/notes.txt"}, 400, "not a notebook"),
+        ({"path": "broken/broken.ipynb"}, 400, "broken.ipynb"),
+        ({"path": "folder/folder.ipynb"}, 400, "folder.ipynb"),
+        ({"path": "escape/escape.ipynb"}, 400, "outside the server root"),
+        ({"path": "via/linkdir/secret.ipynb"}, 400, "outside the server root"),
+        ({"path": "linked/analysis.ipynb"}, 400, "secret.txt"),
+        ({"path": "big/analysis.ipynb"}, 413, str(MAX_BUNDLE_FILES)),
+    ]
+    for body, code, words in cases:
+        reply = await api("POST", "jobs", body=body)
+        assert reply.code == code, (body, reply.code, reply.body)
+        assert words in reply.error, (body, reply.error)
+        assert await _snapshot(api, dcr_data, root) == before, body
+
+
+async def test_job_id_and_query_refusals(api, jp_root_dir: Path, dcr_data: Path):
+    """Unknown and malformed job ids are 404 on every job endpoint, bad paging parameters and a cancel body
+    with fields are 400, an unknown endpoint is a JSON 404; nothing changes."""
+    before = await _snapshot(api, dcr_data, jp_root_dir)
+    unknown = "job-" + "0" * 24
+    for job_id in (unknown, "job-XYZ", "nope"):
+        for method, parts in (
+            ("GET", ("jobs", job_id)),
+            ("POST", ("jobs", job_id, "cancel")),
+            ("GET", ("jobs", job_id, "outputs")),
+            ("GET", ("jobs", job_id, "outputs", "summary.csv")),
+            ("GET", ("jobs", job_id, "receipt")),
+        ):
+            reply = await api(method, *parts)
+            assert reply.code == 404, (method, parts, reply.body)
+            assert "no such job" in reply.error
+    for params in ({"offset": "-1"}, {"limit": "0"}, {"limit": "501"}, {"limit": "ten"}, {"offset": "1e3"}):
+        reply = await api("GET", "jobs", params=params)
+        assert reply.code == 400, params
+        assert next(iter(params)) in reply.error
+    reply = await api("POST", "jobs", unknown, "cancel", body={"force": True})
+    assert reply.code == 400 and "force" in reply.error
+    reply = await api("GET", "nothing-here", validate=False)
+    assert reply.code == 404 and "no such DCR API endpoint" in reply.error
+    reply = await api("DELETE", "jobs", validate=False)
+    assert reply.code == 405 and reply.error
+    assert await _snapshot(api, dcr_data, jp_root_dir) == before
+
+
+async def test_requests_need_authentication_and_xsrf(api, dcr_server, http_server_client, jp_base_url):
+    """Without a token the API answers 403 JSON; a browser session (login cookie) may GET, but its POSTs
+    are refused without the X-XSRFToken header and accepted past the XSRF check with it."""
+    reply = await api("GET", "jobs", headers={"Authorization": ""})
+    assert reply.code == 403 and reply.error
+    reply = await api("POST", "jobs", body={"path": "x.ipynb"}, headers={"Authorization": ""})
+    assert reply.code == 403 and reply.error
+
+    # Log in as a browser does: the login form with the server's token as password.
+    login_url = jp_base_url + "login"
+    page = await http_server_client.fetch(login_url, raise_error=False)
+    xsrf = _cookies(page.headers)["_xsrf"]
+    form = urllib.parse.urlencode({"_xsrf": xsrf, "password": dcr_server.identity_provider.token})
+    done = await http_server_client.fetch(
+        login_url,
+        method="POST",
+        body=form,
+        headers={"Cookie": f"_xsrf={xsrf}"},
+        follow_redirects=False,
+        raise_error=False,
+    )
+    assert done.code == 302, done.code
+    cookies = {**_cookies(done.headers), "_xsrf": xsrf}
+    cookie = "; ".join(f"{k}={v}" for k, v in cookies.items())
+    browser = {"Authorization": "", "Cookie": cookie}
+    assert (await api("GET", "jobs", headers=browser)).code == 200
+    reply = await api("POST", "jobs", body={"path": "x.ipynb"}, headers=browser)
+    assert reply.code == 403 and "_xsrf" in reply.error
+    reply = await api("POST", "jobs", body={"path": "x.ipynb"}, headers={**browser, "X-XSRFToken": xsrf})
+    assert reply.code == 404 and "x.ipynb" in reply.error  # past the XSRF check: the notebook is missing
+
+
+def _cookies(headers: HTTPHeaders) -> dict[str, str]:
+    out = {}
+    for line in headers.get_list("Set-Cookie"):
+        name, _, rest = line.partition("=")
+        out[name.strip()] = rest.split(";", 1)[0].strip('"')
+    return out
+
+
+class DenyDCR(Authorizer):
+    """Allows everything except the DCR API."""
+
+    def is_authorized(self, handler: Any, user: Any, action: str, resource: str) -> bool:
+        return resource != "dcr"
+
+
+@pytest.mark.parametrize("extra_config", [{"ServerApp": {"authorizer_class": DenyDCR}}], ids=["deny-dcr"])
+async def test_server_authorizer_decides_on_the_dcr_resource(api, jp_root_dir: Path):
+    """The server's authorizer is asked about the "dcr" resource: denying it refuses reads and writes
+    with 403 JSON."""
+    _notebook(jp_root_dir, "ok.ipynb", ["1"])
+    for method, parts, body in (
+        ("GET", ("jobs",), None),
+        ("POST", ("jobs",), {"path": "ok.ipynb"}),
+        ("GET", ("jobs", "job-" + "0" * 24, "receipt"), None),
+    ):
+        reply = await api(method, *parts, body=body)
+        assert reply.code == 403 and "dcr" in reply.error
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Jobs that run
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_notebook_runs_to_success_with_outputs_receipt_and_events(
+    api,
+    dcr_server,
+    jp_ws_fetch,
+    http_server_client,
+    jp_base_url,
+    jp_auth_header,
+    jp_root_dir: Path,
+    dcr_data: Path,
+    host,
+    tmp_path,
+    run_cli,
+    insurance_real,
+):
+    """A notebook reading /data/acme/insurance/real.csv, submitted through the API, reaches succeeded; the
+    event subscriber sees its states and cells and never data; the job lists; outputs list and download
+    with their content types (nested paths included); the receipt downloads and `dcr verify` passes on
+    it with the host's JWKS pinned; refusals on the finished job (cancel, '..' output paths) change
+    nothing."""
+    root = jp_root_dir
+    _notebook(root, "work/analysis.ipynb", SUCCESS_CELLS)
+    ws = await jp_ws_fetch("api", "events", "subscribe")
+
+    reply = await api("POST", "jobs", body={"path": "work/analysis.ipynb"})
+    assert reply.code == 201, reply.body
+    job = reply.json
+    job_id = job["id"]
+    assert reply.headers["Location"].endswith(f"/dcr/api/jobs/{job_id}")
+    assert job["notebook"] == "work/analysis.ipynb"
+    assert [(d["provider"], d["dataset"]) for d in job["datasets"]] == [("acme", "insurance")]
+
+    job = await _wait_job(api, job_id, lambda j: j["state"] in TERMINAL_STATES)
+    assert job["state"] == "succeeded", job
+    assert job["receipt"] is True and job["outputs_path"] == f"dcr-jobs/{job_id}"
+    assert job["progress"] == {"cell": len(SUCCESS_CELLS) - 1, "cells": len(SUCCESS_CELLS)}
+    assert job["enclave"]["kind"] == "local" and job["enclave"]["simulated"] is True
+    assert job["datasets"][0]["version"].startswith("sha256:")
+
+    # Events: the job's states in lifecycle order and every cell, nothing else.
+    events = []
+    while not events or events[-1]["state"] != "succeeded":
+        raw = await asyncio.wait_for(ws.read_message(), timeout=30)
+        assert raw is not None, "the event socket closed"
+        assert REAL_ROW not in raw
+        msg = json.loads(raw)
+        if msg.get("schema_id") == EVENT_SCHEMA_ID and msg.get("job_id") == job_id:
+            assert set(msg) == EVENT_FIELDS | {"schema_id"}, msg
+            events.append(msg)
+    ws.close()
+    states = [e["state"] for e in events]
+    for state in ("submitted", "granted", "launching", "running", "succeeded"):
+        assert state in states, states
+    assert states.index("running") < states.index("succeeded")
+    cells = sorted({e["cell"] for e in events if e["cells"] is not None and e["cell"] is not None})
+    assert cells == list(range(len(SUCCESS_CELLS)))
+    assert all(e["reason"] is None for e in events)
+
+    listing = (await api("GET", "jobs")).json
+    assert listing["total"] == 1 and [j["id"] for j in listing["jobs"]] == [job_id]
+    assert listing["offset"] == 0 and listing["limit"] == 50
+    assert (await api("GET", "jobs", params={"offset": "1", "limit": "5"})).json["jobs"] == []
+
+    # Outputs: listed with digests and types, downloaded byte for byte.
+    files = {f["path"]: f for f in (await api("GET", "jobs", job_id, "outputs")).json["files"]}
+    assert set(files) == {"analysis.ipynb", "summary.csv", "sub/x.txt", "blob.bin"}
+    expected_types = {
+        "analysis.ipynb": "application/x-ipynb+json",
+        "summary.csv": "text/csv",
+        "sub/x.txt": "text/plain",
+        "blob.bin": "application/octet-stream",  # several chunks: streamed, not buffered
+    }
+    assert files["blob.bin"]["size"] > 2 * CHUNK_BYTES
+    verify_dir = tmp_path / "verify"
+    for path, entry in files.items():
+        assert entry["content_type"] == expected_types[path]
+        got = await api("GET", "jobs", job_id, "outputs", path)
+        assert got.code == 200
+        assert got.headers["Content-Type"].split(";")[0] == expected_types[path]
+        assert got.headers["Content-Disposition"].startswith("attachment; ")
+        assert path.rsplit("/", 1)[-1] in got.headers["Content-Disposition"]
+        assert sha256_bytes(got.body) == entry["sha256"] and len(got.body) == entry["size"]
+        (verify_dir / "outputs" / path).parent.mkdir(parents=True, exist_ok=True)
+        (verify_dir / "outputs" / path).write_bytes(got.body)
+    # A client that follows the OpenAPI path template sends the nested path's '/' as %2F.
+    encoded = await http_server_client.fetch(
+        f"{jp_base_url}dcr/api/jobs/{job_id}/outputs/sub%2Fx.txt", headers=jp_auth_header
+    )
+    assert encoded.body == (verify_dir / "outputs" / "sub" / "x.txt").read_bytes()
+    real_rows = len(pd.read_csv(insurance_real))
+    assert (verify_dir / "outputs" / "sub" / "x.txt").read_text() == f"rows={real_rows}\n"
+    executed = nbformat.reads((verify_dir / "outputs" / "analysis.ipynb").read_text(), as_version=4)
+    assert executed.cells[2].outputs[0]["data"]["text/plain"] == str(real_rows)
+
+    # The receipt: the API's manifest is the enclave's receipt.json once written canonically.
+    receipt = (await api("GET", "jobs", job_id, "receipt")).json
+    manager = dcr_server.web_app.settings["dcr_manager"]
+    on_disk = manager.receipt_dir(job_id) / "receipt.json"
+    assert canonical_json(receipt["manifest"]) == on_disk.read_bytes()
+    assert receipt["manifest"]["job_id"] == job_id
+    # The job's image digest is the attested one (the manager takes it from the receipt).
+    assert job["enclave"]["image_digest"] == receipt["manifest"]["enclave"]["image_digest"]
+    (verify_dir / "receipt.json").write_bytes(canonical_json(receipt["manifest"]))
+    (verify_dir / "attestation.jwt").write_text(receipt["token"] + "\n")
+    (verify_dir / "signer-jwks.json").write_text(json.dumps(receipt["signer_jwks"]))
+    code, text, err = run_cli("verify", verify_dir, "--trust", host.jwks_path)
+    assert code == 0, text + err
+    assert "SIMULATED" in text
+
+    # Refusals on the finished job change nothing.
+    before = await _snapshot(api, dcr_data, root)
+    reply = await api("POST", "jobs", job_id, "cancel")
+    assert reply.code == 409 and "succeeded" in reply.error
+    for bad, code in (
+        ("../receipt.json", 400),
+        ("sub/../summary.csv", 400),
+        ("./summary.csv", 400),
+        ("../../../../etc/passwd", 400),
+        ("nope.txt", 404),
+        ("sub", 404),
+    ):
+        reply = await api("GET", "jobs", job_id, "outputs", bad)
+        assert reply.code == code, (bad, reply.body)
+        assert reply.error
+    assert await _snapshot(api, dcr_data, root) == before
+    assert _files_containing([root, dcr_data], REAL_ROW) == []
+
+
+def _files_containing(roots: list[Path], marker: str) -> list[Path]:
+    needle = marker.encode()
+    hits = []
+    for top in roots:
+        for dirpath, _dirs, names in os.walk(top):
+            for name in names:
+                p = Path(dirpath, name)
+                if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
+                    hits.append(p)
+    return hits
+
+
+def _alive(procs: list[tuple[int, float]]) -> list[int]:
+    """Pids (identified with their start times) that still run (zombies hold nothing and count as gone)."""
+    alive = []
+    for pid, started in procs:
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.slow
+async def test_cancel_stops_the_enclave_process_tree(api, jp_root_dir: Path, dcr_data: Path, host):
+    """A long-running job cancelled through the API is `cancelled`, and its enclave's whole process tree
+    (supervisor, sandbox, kernel) is gone within a second; a second cancel is a 409."""
+    _notebook(jp_root_dir, "slow/analysis.ipynb", SLOW_CELLS)
+    reply = await api("POST", "jobs", body={"path": "slow/analysis.ipynb", "datasets": ["acme/insurance"]})
+    assert reply.code == 201, reply.body
+    job_id = reply.json["id"]
+    job = await _wait_job(
+        api, job_id, lambda j: j["state"] in TERMINAL_STATES or (j["progress"] or {}).get("cell") == 1
+    )
+    assert job["state"] == "running", job
+
+    supervisor = psutil.Process(host.host.jobs[job_id].proc.pid)
+    tree = [supervisor, *supervisor.children(recursive=True)]
+    procs = [(p.pid, p.create_time()) for p in tree]
+    assert len(procs) > 2  # supervisor, sandbox and kernel at least
+
+    reply = await api("POST", "jobs", job_id, "cancel")
+    assert reply.code == 200, reply.body
+    assert reply.json["state"] == "cancelled"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1.0
+    while _alive(procs) and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    assert _alive(procs) == []
+    assert (await api("GET", "jobs", job_id)).json["state"] == "cancelled"
+    reply = await api("POST", "jobs", job_id, "cancel")
+    assert reply.code == 409 and "cancelled" in reply.error
+    assert _files_containing([jp_root_dir, dcr_data, host.state], REAL_ROW) == []
