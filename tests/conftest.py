@@ -11,6 +11,9 @@ Fixtures:
   its own state directory, trusting the store's local development hub key; yields a :class:`HostInfo`.
 - ``make_notebook``: writes a notebook from a list of code-cell sources into a fresh workspace directory.
 
+- pytest-jupyter's server fixtures (``jp_fetch``, ``jp_ws_fetch``, ``jp_serverapp``, ``jp_root_dir``, ...),
+  loaded here for the whole suite.
+
 Markers: ``root`` (needs root: namespaces, accounts), ``slow`` (more than a few seconds).
 """
 
@@ -33,9 +36,10 @@ from dcr_enclave.hostclient import HostClient
 from dcr_enclave.jwk import load_or_create_key, public_jwk
 from dcr_enclave.store import DEV_HUB_KEY_FILE
 
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
+
+#: The project's public test data, in ``shared/`` beside the checkout (never copied into it).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED_DATA.is_dir():  # CI lays shared/ beside the clone
-    SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")

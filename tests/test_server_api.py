@@ -36,7 +36,6 @@ from dcr_server_ext.app import DCRExtension
 from dcr_server_ext.events import EVENT_SCHEMA_ID
 from dcr_server_ext.handlers import CHUNK_BYTES, MAX_BODY_BYTES
 
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
 pytestmark = [pytest.mark.root]
 
 PACKAGE = Path(dcr_server_ext.__file__).resolve().parent
