@@ -53,10 +53,14 @@ log = logging.getLogger("dcr.enclave_host")
 #: Bundles larger than this are refused at launch.
 MAX_BUNDLE_BYTES = 2 * 2**30
 #: The supervisor is started from the measured image with nothing from the caller's environment.
-#: ``rfc3987_syntax``, when installed, builds a grammar each time jsonschema is imported (about 1 s); the
-#: enclave validates no URI formats, so it is kept out.
+#: jsonschema's optional format checkers: the enclave validates no formats, and importing them costs up to
+#: a second per launch (``rfc3987_syntax`` builds a grammar on import). Marked absent in the supervisor.
+_UNUSED_MODULES = (
+    "rfc3987_syntax", "isoduration", "arrow", "fqdn", "rfc3339_validator", "rfc3986_validator",
+    "uri_template", "webcolors",
+)  # fmt: skip
 _BOOT = (
-    "import sys; sys.modules['rfc3987_syntax'] = None; sys.path.insert(0, sys.argv[1]); "
+    f"import sys; sys.modules.update(dict.fromkeys({_UNUSED_MODULES!r})); sys.path.insert(0, sys.argv[1]); "
     "import dcr_enclave.supervisor as s; sys.exit(s.main())"
 )
 
