@@ -80,6 +80,8 @@ class JobManager:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._finishing: set[str] = set()
+        #: Jobs whose submission (grant request, launch) is still in progress in this process.
+        self._submitting: set[str] = set()
 
     # -- lifecycle of the manager ---------------------------------------------------------------------------
 
@@ -108,7 +110,7 @@ class JobManager:
     async def reconcile(self) -> None:
         """Bring every unfinished job to its backend's truth."""
         for job in self.store.unfinished():
-            if job.id in self._watchers or job.id in self._finishing:
+            if job.id in self._watchers or job.id in self._finishing or job.id in self._submitting:
                 continue
             try:
                 await self._reconcile_one(job)
@@ -168,11 +170,20 @@ class JobManager:
             datasets=[{"provider": p, "dataset": d, "version": None, "release": None} for p, d in wanted],
             backend=self.backend_name,
         )
+        self._submitting.add(job_id)
+        try:
+            return await self._grant_and_launch(job, public)
+        finally:
+            self._submitting.discard(job_id)
+
+    async def _grant_and_launch(self, job: Job, public: bytes) -> Job:
+        job_id, job_dir = job.id, self._job_dir(job.id)
+        wanted = [(d["provider"], d["dataset"]) for d in job.datasets]
         self.store.create(job)
         self.emit(job)
         try:
             grant = await self.grants.request(
-                job_id=job_id, bundle_digest=manifest.digest, datasets=wanted, output_public_key=public
+                job_id=job_id, bundle_digest=job.bundle_digest, datasets=wanted, output_public_key=public
             )
         except APIError as e:
             self._update(job, state="failed", failure=_failure(str(e)))
