@@ -7,7 +7,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEBS   := bubblewrap iproute2 util-linux postgresql
 
+CHP    := .npm/node_modules/.bin/configurable-http-proxy
+
 .PHONY: demo test lint system-deps venv clean
+
+# JupyterHub's proxy, from the npm registry, pinned by .npm/package-lock.json.
+$(CHP): .npm/package.json .npm/package-lock.json
+	npm ci --prefix .npm --no-audit --no-fund --loglevel=error
+	touch $@
 
 venv: $(STAMP)
 
@@ -20,6 +27,7 @@ $(STAMP): setup.cfg pyproject.toml enclave/pyproject.toml
 # Debian packages the local enclave needs; installed only when missing (apt-get needs root).
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (install them as root: apt-get install$$missing)" >&2; exit 1; fi; \
@@ -28,7 +36,7 @@ system-deps:
 # The secure stage on demo data: generate a dataset, register it as a provider would, run the sample
 # notebook on the real rows in the local (simulated) enclave, and verify the receipt.
 DEMO := .demo
-demo: system-deps $(STAMP)
+demo: system-deps $(STAMP) $(CHP)
 	rm -rf $(DEMO)
 	$(BIN)/python demo/make_demo_data.py $(DEMO)/data
 	$(BIN)/dcr provider add --store $(DEMO)/store --provider demo --dataset patients \
@@ -38,7 +46,7 @@ demo: system-deps $(STAMP)
 	$(BIN)/dcr verify $(DEMO)/run --trust $(DEMO)/enclave-host/public/jwks.json
 	@echo "outputs: $(DEMO)/run/outputs  (the executed notebook, summary.csv, charges.png)"
 
-test: system-deps $(STAMP)
+test: system-deps $(STAMP) $(CHP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -46,4 +54,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache test-artifacts
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache test-artifacts .npm/node_modules

@@ -150,3 +150,102 @@ class DevGrantSource(GrantSource):
             )
         except DCRError as e:
             raise GrantRefused(f"grant refused: {e.message}", hint=e.hint) from None
+
+
+class HubGrantSource(GrantSource):
+    """Asks the hub's grant service (``POST {JUPYTERHUB_API_URL}/dcr/grants``) with this server's hub token.
+
+    The production source: the hub checks who this server belongs to, the entitlement, quotas and rate
+    limits, records the job and signs the grant with its key. Refusals (4xx) become :class:`GrantRefused`
+    with the hub's status and message; an unreachable hub or a 5xx becomes ``Unavailable`` (503), so the
+    job can be submitted again.
+    """
+
+    api_url = Unicode(
+        help="""The hub's API URL; default: ``$JUPYTERHUB_API_URL``, which JupyterHub gives every server.
+
+        Example::
+
+            c.HubGrantSource.api_url = "http://hub.internal:8081/hub/api"
+
+        Security: grant requests carry this server's hub API token; send them to your hub only.
+        """,
+    ).tag(config=True)
+
+    request_timeout = Int(
+        30,
+        help="""Seconds to wait for the hub's answer before the submission is reported unavailable.
+
+        Example::
+
+            c.HubGrantSource.request_timeout = 10
+        """,
+    ).tag(config=True)
+
+    def _env_api_url(self) -> str:
+        import os
+
+        return os.environ.get("JUPYTERHUB_API_URL", "")
+
+    async def request(
+        self,
+        *,
+        job_id: str,
+        bundle_digest: str,
+        datasets: list[tuple[str, str]],
+        output_public_key: bytes,
+    ) -> str:
+        import base64
+        import json
+        import os
+
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+        from .errors import Unavailable
+
+        api_url = (self.api_url or self._env_api_url()).rstrip("/")
+        # The token comes from the environment only: it is this server's credential, never configuration.
+        token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        if not api_url or not token:
+            raise Unavailable(
+                "this server has no hub API URL or token (JUPYTERHUB_API_URL, JUPYTERHUB_API_TOKEN)",
+                hint="HubGrantSource works in servers started by JupyterHub",
+            )
+        body = {
+            "job_id": job_id,
+            "bundle_digest": bundle_digest,
+            "datasets": [f"{p}/{d}" for p, d in datasets],
+            "output_public_key": base64.urlsafe_b64encode(output_public_key).rstrip(b"=").decode(),
+        }
+        # JupyterHub's internal SSL, when enabled, gives each server a client certificate for the hub.
+        req = HTTPRequest(
+            api_url + "/dcr/grants",
+            method="POST",
+            headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+            body=json.dumps(body),
+            request_timeout=self.request_timeout,
+            client_key=os.environ.get("JUPYTERHUB_SSL_KEYFILE") or None,
+            client_cert=os.environ.get("JUPYTERHUB_SSL_CERTFILE") or None,
+            ca_certs=os.environ.get("JUPYTERHUB_SSL_CLIENT_CA") or None,
+        )
+        try:
+            resp = await AsyncHTTPClient().fetch(req, raise_error=False)
+        except (TimeoutError, OSError, HTTPClientError) as e:
+            raise Unavailable(f"the hub's grant service cannot be reached ({type(e).__name__})") from None
+        try:
+            doc = json.loads(resp.body or b"{}")
+        except ValueError:
+            doc = {}
+        message = str(doc.get("error", "")) if isinstance(doc, dict) else ""
+        if 400 <= resp.code < 500:
+            refused = GrantRefused(message or f"the hub refused the grant (HTTP {resp.code})")
+            # 403 not entitled, 429 over quota, ...: the hub's answer is passed on, except that a token the
+            # hub rejects (401) is not the browser's credential failing: it reaches the browser as 403.
+            refused.status = 403 if resp.code == 401 else resp.code
+            raise refused
+        if resp.code != 201 or not isinstance(doc, dict) or not isinstance(doc.get("grant"), str):
+            raise Unavailable(
+                f"the hub's grant service failed (HTTP {resp.code}{': ' + message if message else ''})"
+            )
+        self.log.info("DCR: grant %s from the hub for %s", doc.get("grant_id"), job_id)
+        return str(doc["grant"])

@@ -1,0 +1,522 @@
+"""The hub's grant service: per-job grants for the user's server, in the hub process.
+
+Enabled by one line in ``jupyterhub_config.py``::
+
+    import dcr_spawner
+    dcr_spawner.enable(c)
+
+which adds three routes under the hub's API prefix (through ``JupyterHub.extra_handlers``):
+
+- ``POST /hub/api/dcr/grants`` -- the user's server asks, with its hub API token, for a grant for one job:
+  ``{"job_id", "bundle_digest", "datasets": ["provider/dataset", ...] (empty: every entitled dataset),
+  "output_public_key": "<base64url X25519>"}`` -> ``201 {"grant", "grant_id", "job_id", "expires_at",
+  "datasets", "hub_key_thumbprint"}``. Refusals are ``400/401/403/409/429 {"error": "..."}`` and every one
+  is written to the audit log.
+- ``GET /hub/api/dcr/jwks`` -- public: the hub key's JWKS and thumbprint, for enclaves and providers.
+- ``GET /hub/api/dcr/datasets`` -- the caller's entitled datasets (provider, version, protection, ε, files).
+
+and a start hook: after JupyterHub has loaded its users and groups and before it serves, the policy is
+validated against the stores and the hub's groups, the keys are loaded (or generated) and the records
+database is opened. Any problem stops the hub with a message naming provider, dataset and trait.
+
+Caller authentication is JupyterHub's own: the request's API token resolves to a hub user (never a
+service), and the token must carry ``users:activity`` for that user, which every single-user server's token
+and every full user token have. Entitlement uses the user's groups as they are in the hub's database at
+that moment, so removing someone from a group takes the dataset out of their next grant.
+
+Note: ``JupyterHub.extra_handlers`` logs a deprecation warning since JupyterHub 3.1 (the maintainers point
+to services). It is still the only way to answer inside the hub process, where the hub's own token checks
+and group membership are at hand without a second copy of either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Final
+
+from jupyterhub import orm
+from jupyterhub.apihandlers.base import APIHandler
+from jupyterhub.user import User
+from traitlets import TraitError
+from traitlets.config import Config
+
+from dcr_enclave import contract
+from dcr_enclave.digests import DIGEST_RE
+from dcr_enclave.errors import DCRError
+from dcr_enclave.grant import GrantedDataset, issue_grant
+
+from .hubdb import GrantedJob, HubDB, Usage
+from .hubkey import AirlockKey, HubKey, load_or_create_airlock_key, load_or_create_hub_key
+from .policy import DCRPolicy, PolicyError, set_active_policy
+
+#: The key in the hub's tornado settings under which the running service is found.
+SETTINGS_KEY: Final = "dcr_grant_service"
+API_PREFIX: Final = "/api/dcr"
+MAX_BODY_BYTES: Final = 64 * 1024
+MAX_DATASETS_PER_JOB: Final = 100
+#: Grants outlive the job's time limit by this much (set by ``dcr_enclave.grant.issue_grant``).
+GRANT_GRACE_SECONDS: Final = 600
+
+
+class Refusal(Exception):
+    """A grant request the service turns down: an HTTP status and a message for the researcher."""
+
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass
+class GrantRequest:
+    job_id: str
+    bundle_digest: str
+    datasets: list[str]
+    output_public_key: bytes
+
+
+def _b64url_decode(value: str) -> bytes:
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+def parse_request(body: bytes) -> GrantRequest:
+    """Parse and check a grant request body; :class:`Refusal` (400) saying what is wrong."""
+    if len(body) > MAX_BODY_BYTES:
+        raise Refusal(400, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        doc = json.loads(body or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise Refusal(400, "the request body is not JSON") from None
+    if not isinstance(doc, dict):
+        raise Refusal(400, "the request body must be a JSON object")
+    unknown = set(doc) - {"job_id", "bundle_digest", "datasets", "output_public_key"}
+    if unknown:
+        raise Refusal(400, f"unknown field(s) {sorted(unknown)}")
+    job_id = doc.get("job_id")
+    if not isinstance(job_id, str) or not contract.JOB_ID_RE.match(job_id):
+        raise Refusal(400, '"job_id" must look like job-<24 hex digits>')
+    digest = doc.get("bundle_digest")
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        raise Refusal(400, '"bundle_digest" must be sha256:<64 hex digits>')
+    datasets = doc.get("datasets", [])
+    if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+        raise Refusal(400, '"datasets" must be a list of "provider/dataset" names')
+    if len(datasets) > MAX_DATASETS_PER_JOB:
+        raise Refusal(400, f"a job may name at most {MAX_DATASETS_PER_JOB} datasets")
+    key = doc.get("output_public_key")
+    try:
+        raw = _b64url_decode(key) if isinstance(key, str) and len(key) <= 64 else b""
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise Refusal(400, '"output_public_key" must be a base64url 32-byte X25519 public key')
+    return GrantRequest(job_id, digest, list(dict.fromkeys(datasets)), raw)
+
+
+def _iso(ts: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@dataclass
+class GrantService:
+    """Policy, keys and records: everything a grant needs, independent of the web layer."""
+
+    policy: DCRPolicy
+    db: HubDB
+    hub_key: HubKey
+    airlock_key: AirlockKey
+    clock: Callable[[], float] = field(default=time.time)
+    #: One worker thread runs every database step: the hub's event loop never waits on a commit, and
+    #: grants are serialised, so checking the quotas and recording the grant happen as one step.
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcr-grants")
+    )
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a (database) step of this service on its worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args, **kwargs))
+
+    @classmethod
+    def start(cls, policy: DCRPolicy, hub_groups: set[str], base_dir: Path | None = None) -> GrantService:
+        """Validate the policy against the hub, load or create the keys, open the records database.
+
+        Raises :class:`PolicyError` (or :class:`DCRError`) naming what is wrong.
+        """
+        policy.validate_against_hub(hub_groups)
+        hub_key = _with_trait(
+            "hub_key_file", lambda: load_or_create_hub_key(policy.resolve_path(policy.hub_key_file, base_dir))
+        )
+        airlock = _with_trait(
+            "airlock_key_file",
+            lambda: load_or_create_airlock_key(policy.resolve_path(policy.airlock_key_file, base_dir)),
+        )
+        db = _with_trait("db_url", lambda: _open_db(policy.db_url))
+        policy.log.info(
+            "DCR: grant service ready; hub key %s (thumbprint %s), records in %s, %d dataset(s)",
+            hub_key.path,
+            hub_key.thumbprint,
+            db.url,
+            len(policy.datasets),
+        )
+        return cls(policy, db, hub_key, airlock)
+
+    # Grants -------------------------------------------------------------------------------------------
+
+    def issue(self, user: str, groups: set[str], body: bytes, *, remote: str = "") -> dict[str, Any]:
+        """Check and grant one job for ``user``; :class:`Refusal` on any refusal (already audited).
+
+        One read transaction for every count, one write transaction for the grant: the rate limit comes
+        first (malformed requests count too), then the request's shape, the entitlement, the quotas.
+        """
+        now = int(self.clock())
+        req: GrantRequest | None = None
+        try:
+            first: Refusal | None = None
+            granted: list[GrantedDataset] = []
+            try:
+                req = parse_request(body)
+                granted = self._entitled_datasets(user, groups, req.datasets)
+            except Refusal as r:
+                first = r
+            usage = self.db.usage(user, [d.key for d in granted], now)
+            per_minute = self.policy.quota("grant_requests_per_minute")
+            if usage.requests_last_minute >= per_minute:
+                raise Refusal(
+                    429,
+                    f"too many grant requests: at most {per_minute} a minute",
+                    headers={"Retry-After": "60"},
+                )
+            if first is not None:
+                raise first
+            assert req is not None
+            self._check_quotas(usage)
+            return self._grant(user, req, granted, now, remote)
+        except Refusal as r:
+            self.refuse(
+                r,
+                user=user,
+                job_id=req.job_id if req else None,
+                datasets=req.datasets if req else [],
+                remote=remote,
+            )
+            raise
+
+    def refuse(
+        self,
+        refusal: Refusal,
+        *,
+        user: str | None,
+        job_id: str | None = None,
+        datasets: list[str] | None = None,
+        remote: str = "",
+        service: str | None = None,
+    ) -> None:
+        """Write a refusal to the audit log (a service that asked is named in the detail, not as a user)."""
+        detail: dict[str, Any] = {"datasets": datasets or [], "remote": remote}
+        if service is not None:
+            detail["service"] = service
+        self.db.audit(
+            "grant.refused",
+            status=refusal.status,
+            user=user,
+            job_id=job_id,
+            reason=refusal.message,
+            detail=detail,
+            at=int(self.clock()),
+        )
+
+    def _entitled_datasets(self, user: str, groups: set[str], wanted: list[str]) -> list[GrantedDataset]:
+        entitled = self.policy.entitled_refs(user, groups)
+        if not entitled:
+            raise Refusal(403, "you are not entitled to any dataset")
+        if wanted:
+            # Unknown and not-entitled datasets get the same answer: the reply does not reveal what exists.
+            outside = [ref for ref in wanted if ref not in entitled]
+            if outside:
+                raise Refusal(403, f"you are not entitled to {', '.join(outside)}")
+        refs = wanted or entitled
+        out = []
+        for ref in refs:
+            spec = self.policy.spec(ref)
+            assert spec is not None
+            out.append(GrantedDataset(spec.provider, spec.dataset, spec.version, spec.release))
+        return out
+
+    def _check_quotas(self, usage: Usage) -> None:
+        concurrent = self.policy.quota("concurrent_jobs_per_user")
+        if usage.running_jobs >= concurrent:
+            raise Refusal(
+                429,
+                f"you have {concurrent} job(s) within their time limit, the most allowed at once; "
+                "try again when one has ended",
+            )
+        per_day = self.policy.quota("jobs_per_day_per_user")
+        if usage.jobs_last_day >= per_day:
+            raise Refusal(429, f"you have had {per_day} job(s) in the last 24 hours, the most allowed")
+        per_dataset = self.policy.quota("jobs_per_day_per_dataset")
+        for ref, n in usage.dataset_jobs_last_day.items():
+            if n >= per_dataset:
+                raise Refusal(
+                    429, f"{ref} has had {per_dataset} job(s) in the last 24 hours, the most allowed"
+                )
+
+    def _grant(
+        self, user: str, req: GrantRequest, datasets: list[GrantedDataset], now: int, remote: str
+    ) -> dict[str, Any]:
+        policy = self.policy
+        grant_id = contract.new_grant_id()
+        review = any(d.release == "review" for d in datasets)
+        try:
+            token = issue_grant(
+                self.hub_key.private,
+                user=user,
+                job_id=req.job_id,
+                bundle_digest=req.bundle_digest,
+                datasets=datasets,
+                output_public_key=req.output_public_key,
+                output_limits=policy.limits(),
+                time_limit=policy.time_limit,
+                memory_bytes=policy.memory_limit,
+                airlock_public_key=self.airlock_key.public if review else None,
+                grant_id=grant_id,
+                now=now,
+            )
+        except DCRError as e:
+            raise Refusal(400, f"grant refused: {e}") from None
+        expires_at = now + policy.time_limit + GRANT_GRACE_SECONDS
+        job = GrantedJob(
+            grant_id=grant_id,
+            job_id=req.job_id,
+            user=user,
+            bundle_digest=req.bundle_digest,
+            output_public_key=base64.urlsafe_b64encode(req.output_public_key).rstrip(b"=").decode(),
+            issued_at=now,
+            ends_at=now + policy.time_limit,
+            expires_at=expires_at,
+            datasets=tuple((d.key, d.version, d.release) for d in datasets),
+        )
+        try:
+            self.db.record_grant(job, {"remote": remote, "bundle_digest": req.bundle_digest})
+        except DCRError:
+            raise Refusal(409, f"job {req.job_id} already has a grant") from None
+        return {
+            "grant": token,
+            "grant_id": grant_id,
+            "job_id": req.job_id,
+            "expires_at": _iso(expires_at),
+            "datasets": [d.to_json() for d in datasets],
+            "hub_key_thumbprint": self.hub_key.thumbprint,
+        }
+
+    # Read-only views ----------------------------------------------------------------------------------
+
+    def datasets_for(self, user: str, groups: set[str]) -> list[dict[str, Any]]:
+        out = []
+        for e in self.policy.entitled(user, groups):
+            manifest = self.policy.manifest(e.ref)
+            p = e.protection
+            out.append(
+                {
+                    "provider": e.provider,
+                    "dataset": e.dataset,
+                    "version": e.version,
+                    "release": e.release,
+                    "protection": p.kind,
+                    "mechanism": p.mechanism,
+                    "epsilon": p.epsilon,
+                    "delta": p.delta,
+                    "description": str(self.policy.datasets[e.ref].get("description", "")),
+                    "files": [
+                        {
+                            "name": f.name,
+                            "path": contract.data_path(e.provider, e.dataset, f.name),
+                            "synthetic_size": f.synthetic_size,
+                        }
+                        for f in manifest.files
+                    ],
+                }
+            )
+        return out
+
+
+def _with_trait(trait: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except PolicyError:
+        raise
+    except DCRError as e:
+        raise PolicyError(e.message, trait=trait, hint=e.hint) from None
+
+
+def _open_db(url: str) -> HubDB:
+    db = HubDB(url)
+    db.setup()
+    return db
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Web layer
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _DCRHandler(APIHandler):
+    """JSON in, JSON out, errors as ``{"error": "..."}``."""
+
+    @property
+    def grant_service(self) -> GrantService | None:
+        return self.settings.get(SETTINGS_KEY)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message = getattr(exc, "log_message", None) or self._reason
+        self._json(status_code, {"error": message})
+
+    def _json(self, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        for k, v in (headers or {}).items():
+            self.set_header(k, v)
+        self.finish(json.dumps(doc))
+
+    def _unavailable(self) -> None:
+        self._json(503, {"error": "the DCR grant service is not running on this hub (see the hub's log)"})
+
+    def _caller(self, *, token_only: bool) -> tuple[User, set[str]] | Refusal:
+        """The hub user making this request and their groups, or why the request is refused."""
+        user = self.current_user
+        if user is None:
+            return Refusal(
+                401,
+                "no valid hub API token: send your server's token as 'Authorization: token <JUPYTERHUB_API_TOKEN>'",
+            )
+        if not isinstance(user, User):
+            return Refusal(403, "grants are for hub users; a service token cannot request one")
+        if token_only and self.get_token() is None:
+            return Refusal(401, "grant requests must carry a hub API token, not a browser cookie")
+        if not self.has_scope(f"users:activity!user={user.name}"):
+            return Refusal(403, f"this token may not act for {user.name} (it lacks users:activity)")
+        return user, {g.name for g in user.orm_user.groups}
+
+
+class GrantsHandler(_DCRHandler):
+    async def post(self) -> None:
+        service = self.grant_service
+        if service is None:
+            return self._unavailable()
+        remote = self.request.remote_ip or ""
+        caller = self._caller(token_only=True)
+        if isinstance(caller, Refusal):
+            current = self.current_user
+            if isinstance(current, User) or current is None:
+                await service.run(service.refuse, caller, user=getattr(current, "name", None), remote=remote)
+            else:
+                await service.run(service.refuse, caller, user=None, remote=remote, service=str(current.name))
+            return self._json(caller.status, {"error": caller.message})
+        user, groups = caller  # read from the hub's database here, on the hub's own thread
+        try:
+            doc = await service.run(service.issue, user.name, groups, self.request.body, remote=remote)
+        except Refusal as r:
+            self.log.info("DCR: grant refused to %s (%d): %s", user.name, r.status, r.message)
+            return self._json(r.status, {"error": r.message}, r.headers)
+        self.log.info("DCR: grant %s issued to %s for %s", doc["grant_id"], user.name, doc["job_id"])
+        self._json(201, doc)
+
+
+class JWKSHandler(_DCRHandler):
+    def check_xsrf_cookie(self) -> None:
+        return None  # public, read-only, no credentials needed
+
+    async def get(self) -> None:
+        service = self.grant_service
+        if service is None:
+            return self._unavailable()
+        self.set_header("Cache-Control", "public, max-age=300")
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(service.hub_key.jwks()))
+
+
+class DatasetsHandler(_DCRHandler):
+    async def get(self) -> None:
+        service = self.grant_service
+        if service is None:
+            return self._unavailable()
+        caller = self._caller(token_only=False)
+        if isinstance(caller, Refusal):
+            return self._json(caller.status, {"error": caller.message})
+        user, groups = caller
+        self._json(200, {"user": user.name, "datasets": service.datasets_for(user.name, groups)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Enabling in jupyterhub_config.py
+# ---------------------------------------------------------------------------------------------------------
+
+
+def grant_handlers() -> list[tuple[str, type, dict[str, Any]]]:
+    """The grant service's routes for ``c.JupyterHub.extra_handlers``; also arms the start hook."""
+    _arm_start_hook()
+    return [
+        (API_PREFIX + "/grants", GrantsHandler, {}),
+        (API_PREFIX + "/jwks", JWKSHandler, {}),
+        (API_PREFIX + "/datasets", DatasetsHandler, {}),
+    ]
+
+
+def enable(c: Config) -> None:
+    """The one line in ``jupyterhub_config.py``: ``dcr_spawner.enable(c)``.
+
+    Adds the grant service's routes to ``c.JupyterHub.extra_handlers`` (keeping any already there) and
+    arranges for the policy to be validated while the hub starts, before it serves.
+    """
+    existing = list(c.JupyterHub.extra_handlers) if "extra_handlers" in c.JupyterHub else []
+    ours = grant_handlers()
+    paths = {h[0] for h in ours}
+    c.JupyterHub.extra_handlers = [h for h in existing if h[0] not in paths] + ours
+
+
+def _arm_start_hook() -> None:
+    # The config file runs inside JupyterHub.initialize(), so the hub application already exists. Its
+    # `handlers` trait is assigned once, in init_handlers(): after the database, users, groups, roles and
+    # tokens are loaded, before the tornado application is built and long before the hub listens.
+    from jupyterhub.app import JupyterHub
+
+    if not JupyterHub.initialized():
+        return
+    app = JupyterHub.instance()
+    if getattr(app, "_dcr_start_hook_armed", False):
+        return
+    app._dcr_start_hook_armed = True
+    app.observe(_on_hub_handlers, names="handlers")
+
+
+def _on_hub_handlers(change: Any) -> None:
+    app = change["owner"]
+    if SETTINGS_KEY in app.tornado_settings:
+        return
+    try:
+        policy = DCRPolicy(parent=app)
+        groups = {g.name for g in app.db.query(orm.Group)}
+        service = GrantService.start(policy, groups)
+        check = getattr(app.spawner_class, "dcr_check_at_start", None)
+        if callable(check):
+            check(app, policy)  # the spawner's own config, checked now rather than at the first spawn
+    except (DCRError, TraitError) as e:
+        # Printed as well as logged: this is the line an admin looks for when the hub will not start.
+        app.log.critical("%s", e)
+        print(f"DCR: the hub cannot start: {e}", file=sys.stderr, flush=True)
+        app.exit(1)
+    app.tornado_settings[SETTINGS_KEY] = service
+    app.tornado_settings["dcr_policy"] = policy
+    set_active_policy(policy)

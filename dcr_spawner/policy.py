@@ -1,0 +1,613 @@
+"""The DCR policy: what the hub admin declares in ``jupyterhub_config.py``, and what follows from it.
+
+:class:`DCRPolicy` holds the datasets the hub offers (each a ``provider/dataset`` at one content-addressed
+version in a dataset store), who is entitled to each (hub users and JupyterHub groups), the release mode,
+the output limits, quotas, time and memory limits, where the hub's keys are and where its records go. The
+trait help texts are the reference documentation (``docs/hub.md`` has a complete example).
+
+The policy is validated twice: the shape of each trait when it is set (``@validate``), and everything that
+needs the outside world -- the store, the dataset versions and their synthetic files, the hub's groups --
+by :meth:`DCRPolicy.validate_against_hub`, which :func:`dcr_spawner.enable` runs while the hub starts,
+before it serves. Every refusal names the provider, the dataset and the trait.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from jupyterhub.traitlets import ByteSpecification
+from traitlets import Dict, Integer, TraitError, Unicode, validate
+from traitlets.config import LoggingConfigurable
+
+from dcr_enclave import contract
+from dcr_enclave.dataset import DatasetVersion, Protection
+from dcr_enclave.digests import DIGEST_RE
+from dcr_enclave.errors import DCRError
+from dcr_enclave.grant import RELEASE_MODES, OutputLimits
+from dcr_enclave.store import Store
+
+_DATASET_KEYS: Final = frozenset({"version", "store", "release", "entitled", "synthetic", "description"})
+_ENTITLED_KEYS: Final = frozenset({"users", "groups"})
+DEFAULT_QUOTAS: Final = {
+    "concurrent_jobs_per_user": 2,
+    "jobs_per_day_per_user": 20,
+    "jobs_per_day_per_dataset": 200,
+    "grant_requests_per_minute": 30,
+}
+_OUTPUT_LIMIT_KEYS: Final = frozenset({"max_files", "max_bytes", "allowed_suffixes"})
+MIN_TIME_LIMIT: Final = 60
+MAX_TIME_LIMIT: Final = 7 * 86400
+MIN_MEMORY: Final = 64 * 2**20
+
+
+class PolicyError(DCRError, TraitError):
+    """A policy the hub must not run with; says which provider, dataset and trait."""
+
+    def __init__(self, message: str, *, trait: str, ref: str | None = None, hint: str | None = None) -> None:
+        where = f"c.DCRPolicy.{trait}"
+        if ref is not None:
+            provider, _, dataset = ref.partition("/")
+            where = f"provider {provider!r}, dataset {dataset!r}, {where}"
+        super().__init__(f"DCR policy: {message} [{where}]", hint=hint)
+        self.trait = trait
+        self.ref = ref
+
+
+@dataclass(frozen=True)
+class Entitlement:
+    """One dataset a user may see (synthetic) and run on (real, in the enclave)."""
+
+    provider: str
+    dataset: str
+    version: str
+    release: str
+    #: File name -> absolute path of the synthetic file, shown read-only at /data/<provider>/<dataset>/<name>.
+    synthetic: Mapping[str, Path]
+    protection: Protection = field(default_factory=lambda: Protection("provider-file"))
+    store: Path = Path("/")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.provider}/{self.dataset}"
+
+    def data_paths(self) -> dict[str, Path]:
+        """Sandbox path (``/data/<provider>/<dataset>/<name>``) -> synthetic file on the hub machine."""
+        return {
+            contract.data_path(self.provider, self.dataset, name): path
+            for name, path in self.synthetic.items()
+        }
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One entry of ``c.DCRPolicy.datasets``, shape-checked."""
+
+    ref: str
+    provider: str
+    dataset: str
+    version: str
+    store: Path
+    release: str
+    users: frozenset[str]
+    groups: frozenset[str]
+    #: The provider snippet's ``{file name: sha256}``, checked against the manifest when given.
+    synthetic: Mapping[str, str] | None = None
+
+
+def _trait(ref: str, *keys: str) -> str:
+    return f"datasets[{ref!r}]" + "".join(f"[{k!r}]" for k in keys)
+
+
+def _name_list(value: Any, ref: str, key: str) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
+        raise PolicyError(
+            f"must be a list of names, not {type(value).__name__}",
+            trait=_trait(ref, "entitled", key),
+            ref=ref,
+        )
+    names = set()
+    for v in value:
+        if not isinstance(v, str) or not v.strip():
+            raise PolicyError(f"{v!r} is not a name", trait=_trait(ref, "entitled", key), ref=ref)
+        names.add(v)
+    return frozenset(names)
+
+
+def parse_dataset(ref: Any, spec: Any) -> DatasetSpec:
+    """Check one ``datasets`` entry's shape (no file system access)."""
+    if not isinstance(ref, str) or ref.count("/") != 1:
+        raise PolicyError(
+            f"the key {ref!r} is not '<provider>/<dataset>'",
+            trait=f"datasets[{ref!r}]",
+            hint="e.g. 'acme/claims'",
+        )
+    provider, dataset = ref.split("/")
+    for value, what in ((provider, "provider"), (dataset, "dataset")):
+        try:
+            contract.check_name(value, what)
+        except DCRError as e:
+            raise PolicyError(e.message, trait=f"datasets[{ref!r}]", ref=ref, hint=e.hint) from None
+    if not isinstance(spec, Mapping):
+        raise PolicyError("must be a dict with 'version' and 'store'", trait=_trait(ref), ref=ref)
+    unknown = set(spec) - _DATASET_KEYS
+    if unknown:
+        raise PolicyError(
+            f"unknown key(s) {sorted(unknown)}",
+            trait=_trait(ref),
+            ref=ref,
+            hint=f"allowed keys: {', '.join(sorted(_DATASET_KEYS))}",
+        )
+    version = spec.get("version")
+    if not isinstance(version, str) or not DIGEST_RE.match(version):
+        raise PolicyError(
+            f"{version!r} is not a dataset version (sha256:<64 hex>)",
+            trait=_trait(ref, "version"),
+            ref=ref,
+            hint="copy it from the snippet `dcr provider add` printed, or from `dcr provider list`",
+        )
+    store = spec.get("store")
+    if not isinstance(store, str | os.PathLike) or not Path(store).is_absolute():
+        raise PolicyError(f"{store!r} is not an absolute path", trait=_trait(ref, "store"), ref=ref)
+    release = spec.get("release", "review")
+    if release not in RELEASE_MODES:
+        raise PolicyError(
+            f"{release!r} is not a release mode",
+            trait=_trait(ref, "release"),
+            ref=ref,
+            hint="use 'review' or 'auto'",
+        )
+    entitled = spec.get("entitled", {})
+    if not isinstance(entitled, Mapping) or set(entitled) - _ENTITLED_KEYS:
+        raise PolicyError(
+            "must be a dict with 'users' and/or 'groups' lists", trait=_trait(ref, "entitled"), ref=ref
+        )
+    synthetic = spec.get("synthetic")
+    if synthetic is not None:
+        if not isinstance(synthetic, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) and DIGEST_RE.match(v) for k, v in synthetic.items()
+        ):
+            raise PolicyError(
+                "must map each file name to its sha256 digest", trait=_trait(ref, "synthetic"), ref=ref
+            )
+        synthetic = dict(synthetic)
+    return DatasetSpec(
+        ref=ref,
+        provider=provider,
+        dataset=dataset,
+        version=version,
+        store=Path(store),
+        release=release,
+        users=_name_list(entitled.get("users"), ref, "users"),
+        groups=_name_list(entitled.get("groups"), ref, "groups"),
+        synthetic=synthetic,
+    )
+
+
+def _positive_int(value: Any, trait: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PolicyError(f"must be a positive integer, not {value!r}", trait=trait)
+    return value
+
+
+class DCRPolicy(LoggingConfigurable):
+    """The hub's DCR policy: datasets, entitlements, release modes, limits, quotas, keys and records."""
+
+    datasets = Dict(
+        help="""Datasets the hub offers, by ``"<provider>/<dataset>"``.
+
+        Each entry pins one **version** (the content digest ``dcr provider add`` printed) in a dataset
+        **store** (the directory given to ``dcr provider add --store``), the **release** mode of job
+        outputs (``"review"``: every output waits for the provider's approval, the default; ``"auto"``:
+        outputs go straight to the researcher), and who is **entitled**: hub user names and JupyterHub
+        group names. An entitled user sees the version's synthetic files read-only at
+        ``/data/<provider>/<dataset>/<file>`` and may run notebooks on the real files in the enclave.
+        ``"synthetic"`` (``{file name: sha256}``, as printed by ``dcr provider add``) is optional; when
+        given it must match the version's manifest. ``"description"`` is free text for the datasets view.
+
+        Example::
+
+            c.DCRPolicy.datasets = {
+                "acme/insurance": {
+                    "version": "sha256:4f0c...e1",
+                    "store": "/srv/dcr/store",
+                    "release": "review",
+                    "entitled": {"users": ["alice"], "groups": ["actuaries"]},
+                },
+            }
+
+        The hub refuses to start when a version is not in its store, a synthetic file is missing or
+        differs in size, or a group does not exist in the hub (declare groups with
+        ``c.JupyterHub.load_groups``).
+
+        Security: removing a user from a group removes the dataset from their next grant and next
+        sandbox; grants already issued stay valid until they expire (the job's time limit plus ten
+        minutes). Without review, the researcher's own notebook decides what leaves the enclave within
+        the output limits: keep ``"review"`` for real personal data.
+        """,
+    ).tag(config=True)
+
+    output_limits = Dict(
+        help="""What one job may bring out of the enclave: ``max_files`` (default 100), ``max_bytes``
+        (total, default 50 MiB) and ``allowed_suffixes`` (lower-case file name endings with the dot;
+        empty allows any). Written into every grant; the enclave releases nothing from a job that
+        exceeds them.
+
+        Example::
+
+            c.DCRPolicy.output_limits = {
+                "max_files": 20,
+                "max_bytes": 10 * 2**20,
+                "allowed_suffixes": [".ipynb", ".csv", ".png"],
+            }
+
+        Security: limits bound how much can leave, not what it says. Small limits and an allow-list of
+        types make a reviewer's work possible; they do not replace review.
+        """,
+    ).tag(config=True)
+
+    quotas = Dict(
+        help="""Per-user and per-dataset limits on grants, enforced by the hub's grant service.
+
+        Keys (defaults): ``concurrent_jobs_per_user`` (2), ``jobs_per_day_per_user`` (20),
+        ``jobs_per_day_per_dataset`` (200; counted over all users) and ``grant_requests_per_minute``
+        (30; every request of a user counts, granted or refused). Days are rolling 24-hour windows. A job
+        counts as running until its time limit has passed: the hub does not take the user's server's word
+        for when a job ended. Requests over a quota are refused with HTTP 429 and recorded in the audit
+        log.
+
+        Example::
+
+            c.DCRPolicy.quotas = {
+                "concurrent_jobs_per_user": 1,
+                "jobs_per_day_per_user": 10,
+                "jobs_per_day_per_dataset": 50,
+                "grant_requests_per_minute": 10,
+            }
+
+        Security: quotas limit how often one researcher can query the real data; they are the only
+        bound on repeated queries in ``"auto"`` release mode.
+        """,
+    ).tag(config=True)
+
+    time_limit = Integer(
+        3600,
+        help=f"""Seconds a job may run in the enclave; the grant expires ten minutes after it.
+        Between {MIN_TIME_LIMIT} and {MAX_TIME_LIMIT}.
+
+        Example::
+
+            c.DCRPolicy.time_limit = 1800
+
+        Security: a grant is usable until it expires; short limits shorten the window in which a
+        leaked grant could launch a job (it is still bound to one job id and bundle).
+        """,
+    ).tag(config=True)
+
+    memory_limit = ByteSpecification(
+        4 * 2**30,
+        allow_none=False,
+        help="""Memory for a job's kernel in the enclave, in bytes or with a K/M/G/T suffix.
+
+        Example::
+
+            c.DCRPolicy.memory_limit = "8G"
+        """,
+    ).tag(config=True)
+
+    hub_key_file = Unicode(
+        "dcr-hub-key.pem",
+        help="""The hub's grant signing key (PEM, ES256 by default), relative to the hub's working
+        directory unless absolute. Generated, owner-only (0600), on the first start if absent; the hub
+        refuses to start if it exists but is unreadable, not a key, a link or readable by others.
+        Its public JWKS and thumbprint are served at ``/hub/api/dcr/jwks``; providers pin the
+        thumbprint in their key-release conditions (``dcr provider add --hub-key``).
+
+        Example::
+
+            c.DCRPolicy.hub_key_file = "/srv/jupyterhub/dcr-hub-key.pem"
+
+        Security: whoever reads this file can authorise jobs on every dataset whose provider trusts this
+        hub. Keep it on the hub's own disk, readable by the hub's account only, and back it up:
+        a new key means every provider must pin the new thumbprint.
+        """,
+    ).tag(config=True)
+
+    airlock_key_file = Unicode(
+        "dcr-airlock.key",
+        help="""The airlock's X25519 private key (32 raw bytes), relative to the hub's working
+        directory unless absolute; generated (0600) on the first start if absent. Outputs of jobs on
+        ``"review"`` datasets are sealed to its public half (carried in the grant) and wait for review.
+
+        Example::
+
+            c.DCRPolicy.airlock_key_file = "/srv/jupyterhub/dcr-airlock.key"
+
+        Security: whoever reads this file can open every held output; treat it like the hub key.
+        """,
+    ).tag(config=True)
+
+    db_url = Unicode(
+        "sqlite:///dcr-hub.sqlite",
+        help="""Database for the hub's DCR records (jobs granted, audit log), as a SQLAlchemy URL:
+        SQLite (default, a file in the hub's working directory) or PostgreSQL.
+
+        Example::
+
+            c.DCRPolicy.db_url = "postgresql+psycopg://dcr@db.internal/dcr"
+
+        Security: the audit log is evidence; give the hub's database account the only write access,
+        and keep the password out of this file (use a ~/.pgpass or PGPASSWORD in the hub's environment).
+        """,
+    ).tag(config=True)
+
+    @validate("datasets")
+    def _check_datasets(self, proposal: Any) -> dict[str, Any]:
+        value = proposal["value"]
+        for ref, spec in value.items():
+            parse_dataset(ref, spec)
+        return dict(value)
+
+    @validate("output_limits")
+    def _check_output_limits(self, proposal: Any) -> dict[str, Any]:
+        value = dict(proposal["value"])
+        unknown = set(value) - _OUTPUT_LIMIT_KEYS
+        if unknown:
+            raise PolicyError(
+                f"unknown key(s) {sorted(unknown)}",
+                trait="output_limits",
+                hint=f"allowed keys: {', '.join(sorted(_OUTPUT_LIMIT_KEYS))}",
+            )
+        for key in ("max_files", "max_bytes"):
+            if key in value:
+                _positive_int(value[key], f"output_limits[{key!r}]")
+        suffixes = value.get("allowed_suffixes", [])
+        if isinstance(suffixes, str) or not all(
+            isinstance(s, str) and s.startswith(".") and len(s) > 1 for s in suffixes
+        ):
+            raise PolicyError(
+                "must be a list of file name endings such as '.csv'",
+                trait="output_limits['allowed_suffixes']",
+            )
+        return value
+
+    @validate("quotas")
+    def _check_quotas(self, proposal: Any) -> dict[str, Any]:
+        value = dict(proposal["value"])
+        unknown = set(value) - set(DEFAULT_QUOTAS)
+        if unknown:
+            raise PolicyError(
+                f"unknown quota(s) {sorted(unknown)}",
+                trait="quotas",
+                hint=f"known quotas: {', '.join(DEFAULT_QUOTAS)}",
+            )
+        for key, v in value.items():
+            _positive_int(v, f"quotas[{key!r}]")
+        return value
+
+    @validate("time_limit")
+    def _check_time_limit(self, proposal: Any) -> int:
+        v = proposal["value"]
+        if not MIN_TIME_LIMIT <= v <= MAX_TIME_LIMIT:
+            raise PolicyError(
+                f"{v} seconds is outside {MIN_TIME_LIMIT}..{MAX_TIME_LIMIT}", trait="time_limit"
+            )
+        return int(v)
+
+    @validate("memory_limit")
+    def _check_memory_limit(self, proposal: Any) -> int:
+        v = proposal["value"]
+        if v is None or v < MIN_MEMORY:
+            raise PolicyError(f"{v!r} bytes is below the minimum of {MIN_MEMORY}", trait="memory_limit")
+        return int(v)
+
+    @validate("hub_key_file", "airlock_key_file", "db_url")
+    def _check_non_empty(self, proposal: Any) -> str:
+        if not str(proposal["value"]).strip():
+            raise PolicyError("must not be empty", trait=proposal["trait"].name)
+        return str(proposal["value"])
+
+    # ------------------------------------------------------------------------------------------------
+    # Derived values
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._manifests: dict[str, DatasetVersion] = {}
+
+    def specs(self) -> list[DatasetSpec]:
+        """Every dataset entry, sorted by ``provider/dataset``."""
+        return [parse_dataset(ref, self.datasets[ref]) for ref in sorted(self.datasets)]
+
+    def spec(self, ref: str) -> DatasetSpec | None:
+        return parse_dataset(ref, self.datasets[ref]) if ref in self.datasets else None
+
+    def limits(self) -> OutputLimits:
+        d = OutputLimits()
+        ol = self.output_limits
+        return OutputLimits(
+            max_files=ol.get("max_files", d.max_files),
+            max_bytes=ol.get("max_bytes", d.max_bytes),
+            allowed_suffixes=tuple(s.lower() for s in ol.get("allowed_suffixes", d.allowed_suffixes)),
+        )
+
+    def quota(self, name: str) -> int:
+        return int(self.quotas.get(name, DEFAULT_QUOTAS[name]))
+
+    def resolve_path(self, value: str, base: Path | None = None) -> Path:
+        """A key file path: relative ones are relative to ``base`` (default: the hub's working directory)."""
+        p = Path(value)
+        return p if p.is_absolute() else (base or Path.cwd()) / p
+
+    # ------------------------------------------------------------------------------------------------
+    # Validation against the world
+
+    def validate_against_hub(self, hub_groups: Iterable[str]) -> None:
+        """Check every dataset against its store and every entitlement group against the hub's groups.
+
+        Raises :class:`PolicyError` naming provider, dataset and trait. Loads (and keeps) each version's
+        manifest, so later :meth:`entitled` calls need no store access besides the synthetic paths.
+        """
+        groups = set(hub_groups)
+        manifests: dict[str, DatasetVersion] = {}
+        for spec in self.specs():
+            missing = sorted(spec.groups - groups)
+            if missing:
+                raise PolicyError(
+                    f"group(s) {', '.join(map(repr, missing))} do not exist in the hub",
+                    trait=_trait(spec.ref, "entitled", "groups"),
+                    ref=spec.ref,
+                    hint="declare them in c.JupyterHub.load_groups or create them in the hub first",
+                )
+            manifest = self._load_manifest(spec)
+            self._check_synthetic(spec, manifest)
+            if not spec.users and not spec.groups:
+                self.log.warning("DCR: nobody is entitled to %s (c.DCRPolicy.datasets)", spec.ref)
+            manifests[spec.ref] = manifest
+        self._manifests = manifests
+
+    def _load_manifest(self, spec: DatasetSpec) -> DatasetVersion:
+        store = Store(spec.store)
+        if not store.root.is_dir():
+            raise PolicyError(
+                f"the store {store.root} does not exist or is not a directory",
+                trait=_trait(spec.ref, "store"),
+                ref=spec.ref,
+            )
+        if not store.exists(spec.provider, spec.dataset, spec.version):
+            known = [m.version for m in _versions(store, spec)]
+            if not known:
+                raise PolicyError(
+                    f"the store {store.root} has no dataset {spec.ref}",
+                    trait=_trait(spec.ref),
+                    ref=spec.ref,
+                    hint="register it with `dcr provider add --store` or fix the name or the store",
+                )
+            raise PolicyError(
+                f"version {spec.version} is not in the store {store.root}",
+                trait=_trait(spec.ref, "version"),
+                ref=spec.ref,
+                hint=f"versions in the store: {', '.join(known)}",
+            )
+        try:
+            manifest = store.load(spec.provider, spec.dataset, spec.version)
+        except DCRError as e:
+            raise PolicyError(
+                f"the manifest of {spec.version} is unusable: {e.message}",
+                trait=_trait(spec.ref, "version"),
+                ref=spec.ref,
+            ) from None
+        if manifest.retired:
+            raise PolicyError(
+                f"version {spec.version} is retired by its provider",
+                trait=_trait(spec.ref, "version"),
+                ref=spec.ref,
+                hint="pin a current version (dcr provider list)",
+            )
+        return manifest
+
+    def _check_synthetic(self, spec: DatasetSpec, manifest: DatasetVersion) -> None:
+        if spec.synthetic is not None:
+            names = {f.name for f in manifest.files}
+            if set(spec.synthetic) != names:
+                raise PolicyError(
+                    f"lists files {sorted(spec.synthetic)}, the version has {sorted(names)}",
+                    trait=_trait(spec.ref, "synthetic"),
+                    ref=spec.ref,
+                )
+            for f in manifest.files:
+                if spec.synthetic[f.name] != f.synthetic_sha256:
+                    raise PolicyError(
+                        f"the digest of {f.name} differs from the version's manifest",
+                        trait=_trait(spec.ref, "synthetic"),
+                        ref=spec.ref,
+                    )
+        store = Store(spec.store)
+        for f in manifest.files:
+            try:
+                path = store.synthetic_path(manifest, f.name)
+                st = path.lstat()
+            except FileNotFoundError:
+                raise PolicyError(
+                    f"the synthetic file {f.name} is missing from the store ({f.synthetic})",
+                    trait=_trait(spec.ref, "version"),
+                    ref=spec.ref,
+                ) from None
+            except (OSError, DCRError) as e:
+                raise PolicyError(
+                    f"the synthetic file {f.name} is unusable: {e}",
+                    trait=_trait(spec.ref, "version"),
+                    ref=spec.ref,
+                ) from None
+            if not stat.S_ISREG(st.st_mode) or st.st_size != f.synthetic_size:
+                raise PolicyError(
+                    f"the synthetic file {path} is not the regular file of {f.synthetic_size} bytes the manifest names",
+                    trait=_trait(spec.ref, "version"),
+                    ref=spec.ref,
+                )
+
+    def manifest(self, ref: str) -> DatasetVersion:
+        """The manifest of the version ``ref`` is pinned to (loaded and checked once; versions are immutable)."""
+        if ref not in self._manifests:
+            spec = self.spec(ref)
+            if spec is None:
+                raise PolicyError(f"{ref!r} is not in the policy", trait="datasets")
+            manifest = self._load_manifest(spec)
+            self._check_synthetic(spec, manifest)
+            self._manifests[ref] = manifest
+        return self._manifests[ref]
+
+    # ------------------------------------------------------------------------------------------------
+    # Entitlements
+
+    def entitled_refs(self, user_name: str, groups: Iterable[str]) -> list[str]:
+        """``provider/dataset`` of every dataset ``user_name`` (member of ``groups``) is entitled to."""
+        member_of = set(groups)
+        return [s.ref for s in self.specs() if user_name in s.users or s.groups & member_of]
+
+    def entitled(self, user_name: str, groups: set[str]) -> list[Entitlement]:
+        """The datasets ``user_name`` (member of ``groups``) is entitled to, with their synthetic files."""
+        out = []
+        for ref in self.entitled_refs(user_name, groups):
+            spec = self.spec(ref)
+            assert spec is not None
+            manifest = self.manifest(ref)
+            store = Store(spec.store)
+            out.append(
+                Entitlement(
+                    provider=spec.provider,
+                    dataset=spec.dataset,
+                    version=spec.version,
+                    release=spec.release,
+                    synthetic={f.name: store.synthetic_path(manifest, f.name) for f in manifest.files},
+                    protection=manifest.protection,
+                    store=store.root,
+                )
+            )
+        return out
+
+
+def _versions(store: Store, spec: DatasetSpec) -> list[DatasetVersion]:
+    try:
+        return store.versions(spec.provider, spec.dataset)
+    except DCRError:
+        return []
+
+
+_active: DCRPolicy | None = None
+
+
+def set_active_policy(policy: DCRPolicy | None) -> None:
+    """Record the policy the hub validated at start (called by :func:`dcr_spawner.enable`'s start hook)."""
+    global _active
+    _active = policy
+
+
+def active_policy() -> DCRPolicy | None:
+    """The policy validated when this hub process started, or ``None`` if DCR was not enabled."""
+    return _active

@@ -1,0 +1,711 @@
+"""The hub's grant service: grants, refusals, quotas and records, on SQLite and a real PostgreSQL, in the
+service itself and in a real JupyterHub (real proxy, real single-user server, the server extension's
+``HubGrantSource``)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import stat
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+import requests
+from hub_harness import (
+    INSURANCE_REAL,
+    INSURANCE_SYNTHETIC,
+    Hub,
+    PostgresServer,
+    dataset_entry,
+    free_port,
+    make_csv,
+    policy_config,
+    register_dataset,
+)
+from sqlalchemy import update
+
+from dcr_enclave import contract, sealing
+from dcr_enclave.dataset import DatasetVersion
+from dcr_enclave.errors import DCRError
+from dcr_enclave.grant import Grant, verify_grant
+from dcr_server_ext.errors import Unavailable
+from dcr_server_ext.grants import GrantRefused, HubGrantSource
+from dcr_spawner import DCRPolicy, GrantService
+from dcr_spawner.grant_service import Refusal
+from dcr_spawner.hubdb import GrantedJob, HubDB, Meta
+from dcr_spawner.hubkey import load_or_create_hub_key
+
+#: The service clock starts now: grants issued at T0 verify against the real clock.
+T0 = int(time.time())
+BUNDLE = "sha256:" + "ab" * 32
+GENEROUS = {
+    "concurrent_jobs_per_user": 100,
+    "jobs_per_day_per_user": 1000,
+    "jobs_per_day_per_dataset": 10_000,
+    "grant_requests_per_minute": 1000,
+}
+
+
+@dataclass
+class Stores:
+    root: Path
+    insurance: DatasetVersion
+    visits: DatasetVersion
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
+    base = tmp_path_factory.mktemp("grant-stores")
+    root = base / "store"
+    insurance = register_dataset(root, "acme", "insurance", [(INSURANCE_REAL, INSURANCE_SYNTHETIC)])
+    real = make_csv(base / "src" / "real" / "visits.csv", 300, seed=11)
+    synthetic = make_csv(base / "src" / "synthetic" / "visits.csv", 300, seed=12)
+    visits = register_dataset(
+        root,
+        "globex",
+        "visits",
+        [(real, synthetic)],
+        "--protection",
+        "dp",
+        "--epsilon",
+        "1.5",
+        "--mechanism",
+        "mst",
+    )
+    return Stores(root, insurance, visits)
+
+
+def _datasets(s: Stores) -> dict[str, Any]:
+    return {
+        "acme/insurance": dataset_entry(s.insurance, s.root, users=["alice"], groups=["analysts"]),
+        "globex/visits": dataset_entry(s.visits, s.root, groups=["researchers"], release="auto"),
+    }
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'dcr-hub.sqlite'}"
+    server: PostgresServer = request.getfixturevalue("pg")
+    return server.create_database("dcr_" + uuid.uuid4().hex[:12])
+
+
+def _key() -> tuple[bytes, str]:
+    _, public = sealing.generate_keypair()
+    return public, base64.urlsafe_b64encode(public).rstrip(b"=").decode()
+
+
+def _body(datasets: list[str] | None = None, job_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "job_id": job_id or contract.new_job_id(),
+        "bundle_digest": BUNDLE,
+        "datasets": datasets or [],
+        "output_public_key": _key()[1],
+    }
+    doc.update(extra)
+    return doc
+
+
+def _raw(doc: Any) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def _verify(token: str, jwks: dict[str, Any], **kw: Any) -> Grant:
+    return verify_grant(token, jwks["keys"], hub_key_thumbprint=jwks["thumbprint"], **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The service on its own (SQLite and PostgreSQL), with a controlled clock
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Clocked:
+    service: GrantService
+    now: list[int]
+
+    def issue(self, user: str, groups: set[str], doc: Any) -> dict[str, Any]:
+        return self.service.issue(
+            user, groups, _raw(doc) if not isinstance(doc, bytes) else doc, remote="127.0.0.1"
+        )
+
+    def refused(self, user: str, groups: set[str], doc: Any) -> Refusal:
+        with pytest.raises(Refusal) as info:
+            self.issue(user, groups, doc)
+        return info.value
+
+
+@pytest.fixture
+def make_service(stores: Stores, tmp_path: Path, db_url: str) -> Iterator[Callable[..., Clocked]]:
+    made: list[GrantService] = []
+
+    def make(**traits: Any) -> Clocked:
+        # Generous quotas unless a test sets its own: each test exercises one limit at a time.
+        traits["quotas"] = {**GENEROUS, **traits.get("quotas", {})}
+        policy = DCRPolicy(datasets=_datasets(stores), db_url=db_url, time_limit=600, **traits)
+        service = GrantService.start(policy, {"analysts", "researchers"}, base_dir=tmp_path)
+        now = [T0]
+        service.clock = lambda: now[0]
+        made.append(service)
+        return Clocked(service, now)
+
+    yield make
+    for s in made:
+        s.db.dispose()
+
+
+def test_grant_binds_user_job_datasets_and_limits(make_service: Callable[..., Clocked]) -> None:
+    """A grant names the caller, the job, the bundle, each dataset at its pinned version and release mode,
+    the policy's limits and the job's output key; review datasets add the airlock key; the expiry is the
+    time limit plus ten minutes; the job and an audit event are recorded."""
+    c = make_service(output_limits={"max_files": 7, "allowed_suffixes": [".csv"]}, memory_limit="2G")
+    public, b64 = _key()
+    doc = {**_body(), "output_public_key": b64}
+    out = c.issue("alice", {"researchers"}, doc)
+    jwks = c.service.hub_key.jwks()
+    g = _verify(out["grant"], jwks, job_id=doc["job_id"], bundle_digest=BUNDLE, now=T0)
+    assert (g.user, g.job_id, g.grant_id) == ("alice", doc["job_id"], out["grant_id"])
+    policy = c.service.policy
+    assert {(d.key, d.version, d.release) for d in g.datasets} == {
+        ("acme/insurance", policy.spec("acme/insurance").version, "review"),  # type: ignore[union-attr]
+        ("globex/visits", policy.spec("globex/visits").version, "auto"),  # type: ignore[union-attr]
+    }
+    assert base64.urlsafe_b64decode(g.output_public_key + "=") == public
+    assert (
+        g.airlock_public_key == base64.urlsafe_b64encode(c.service.airlock_key.public).rstrip(b"=").decode()
+    )
+    assert (g.output_limits.max_files, g.output_limits.allowed_suffixes) == (7, (".csv",))
+    assert (g.time_limit, g.memory_bytes) == (600, 2 * 2**30)
+    assert (g.issued_at, g.expires_at) == (T0, T0 + 600 + 600)
+    assert out["expires_at"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(g.expires_at))
+    assert out["hub_key_thumbprint"] == jwks["thumbprint"]
+
+    job = c.service.db.job(doc["job_id"])
+    assert job is not None and (job.grant_id, job.user, job.ends_at) == (out["grant_id"], "alice", T0 + 600)
+    assert [d[0] for d in job.datasets] == ["acme/insurance", "globex/visits"]
+    (event,) = c.service.db.events(user="alice")
+    assert (event.event, event.status, event.grant_id) == ("grant.issued", 201, out["grant_id"])
+
+
+def test_auto_only_grant_has_no_airlock_key(make_service: Callable[..., Clocked]) -> None:
+    """A grant over ``auto`` datasets only carries no airlock key: outputs go to the researcher's key."""
+    c = make_service()
+    out = c.issue("bob", {"researchers"}, _body(["globex/visits"]))
+    g = _verify(out["grant"], c.service.hub_key.jwks(), now=T0)
+    assert g.release_mode == "auto" and g.airlock_public_key is None
+
+
+def test_grant_ids_are_unique(make_service: Callable[..., Clocked]) -> None:
+    """Every grant has its own id, even for the same user, bundle and datasets."""
+    c = make_service()
+    ids = {c.issue("alice", set(), _body())["grant_id"] for _ in range(5)}
+    assert len(ids) == 5 and all(contract.GRANT_ID_RE.match(i) for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "not JSON"),
+        (_raw([1, 2]), "JSON object"),
+        (_raw(_body(user="alice")), "unknown field(s) ['user']"),
+        (_raw(_body(job_id="job-1")), '"job_id"'),
+        (_raw({**_body(), "bundle_digest": "md5:00"}), '"bundle_digest"'),
+        (_raw({**_body(), "datasets": "acme/insurance"}), '"datasets"'),
+        (_raw({**_body(), "output_public_key": "AAAA"}), "32-byte X25519"),
+        (_raw({**_body(), "output_public_key": "!!not base64!!"}), "32-byte X25519"),
+        (b"x" * 70_000, "larger than"),
+    ],
+)
+def test_malformed_requests_are_refused_and_recorded(
+    make_service: Callable[..., Clocked], body: bytes, message: str
+) -> None:
+    """A malformed grant request is refused with 400 and a message saying what is wrong, and recorded."""
+    c = make_service()
+    r = c.refused("carol", set(), body)
+    assert r.status == 400 and message in r.message
+    (event,) = c.service.db.events(user="carol")
+    assert (event.event, event.status, event.reason) == ("grant.refused", 400, r.message)
+
+
+def test_entitlement_refusals_do_not_reveal_datasets(make_service: Callable[..., Clocked]) -> None:
+    """Without entitlement the answer is 403; a dataset that does not exist and one that exists but is not
+    entitled get the same kind of answer; each refusal is recorded with the datasets asked for."""
+    c = make_service()
+    assert c.refused("carol", set(), _body()).message == "you are not entitled to any dataset"
+    other = c.refused("bob", {"analysts"}, _body(["globex/visits"]))
+    missing = c.refused("bob", {"analysts"}, _body(["acme/none"]))
+    assert (other.status, missing.status) == (403, 403)
+    assert other.message == "you are not entitled to globex/visits"
+    assert missing.message == "you are not entitled to acme/none"
+    events = c.service.db.events(user="bob")
+    assert [e.detail["datasets"] for e in events] == [["globex/visits"], ["acme/none"]]
+    assert c.service.db.job_exists("job-" + "0" * 24) is False
+
+
+def test_job_ids_are_granted_once(make_service: Callable[..., Clocked]) -> None:
+    """A job id already granted is refused (409), also to another user: no one takes over a job."""
+    c = make_service()
+    doc = _body()
+    c.issue("alice", set(), doc)
+    assert c.refused("alice", set(), doc).status == 409
+    r = c.refused("bob", {"analysts"}, {**_body(), "job_id": doc["job_id"]})
+    assert r.status == 409 and "already has a grant" in r.message
+
+
+def test_quotas(make_service: Callable[..., Clocked]) -> None:
+    """Concurrent jobs (until their time limit passes), jobs per user per day and jobs per dataset per
+    day are enforced with 429, each refusal recorded."""
+    c = make_service(
+        quotas={"concurrent_jobs_per_user": 2, "jobs_per_day_per_user": 3, "jobs_per_day_per_dataset": 4}
+    )
+    ins = ["acme/insurance"]
+    c.issue("alice", set(), _body(ins))
+    c.issue("alice", set(), _body(ins))
+    r = c.refused("alice", set(), _body(ins))
+    assert r.status == 429 and "at once" in r.message
+    c.now[0] = T0 + 601  # the first two jobs' time limit has passed
+    c.issue("alice", set(), _body(ins))
+    r = c.refused("alice", set(), _body(ins))
+    assert r.status == 429 and "last 24 hours" in r.message and "you have had 3" in r.message
+    c.now[0] = T0 + 86_400 + 1  # the first two fell out of the 24-hour window
+    c.issue("alice", set(), _body(ins))
+
+    # Per dataset, over all users: 4 grants on globex/visits, then the fifth is refused whoever asks.
+    for user in ("bob", "bob", "carol", "carol"):
+        c.issue(user, {"researchers"}, _body(["globex/visits"]))
+    r = c.refused("dave", {"researchers"}, _body(["globex/visits"]))
+    assert r.status == 429 and "globex/visits has had 4" in r.message
+    refused = c.service.db.events(event="grant.refused")
+    assert [(e.user, e.status) for e in refused] == [("alice", 429), ("alice", 429), ("dave", 429)]
+
+
+def test_request_rate_limit(make_service: Callable[..., Clocked]) -> None:
+    """Every request of a user counts toward the per-minute limit, refused ones included; past it the
+    answer is 429 with Retry-After, and a minute later requests are served again."""
+    c = make_service(quotas={"grant_requests_per_minute": 3})
+    for _ in range(3):
+        assert c.refused("alice", set(), b"junk").status == 400
+    r = c.refused("alice", set(), _body())
+    assert r.status == 429 and r.headers == {"Retry-After": "60"}
+    assert c.refused("bob", {"analysts"}, b"junk").status == 400  # other users are not affected
+    c.now[0] = T0 + 61
+    assert c.issue("alice", set(), _body())["grant_id"]
+
+
+def test_records_database_checks(db_url: str, tmp_path: Path) -> None:
+    """The records database is created on first use, keeps its data across reopening, counts a job as
+    running until its time limit ends, refuses a job id twice, and refuses a database written by a newer
+    DCR."""
+    db = HubDB(db_url)
+    db.setup()
+    job = GrantedJob(
+        "grant-" + "1" * 32,
+        "job-" + "1" * 24,
+        "alice",
+        BUNDLE,
+        "k",
+        T0,
+        T0 + 60,
+        T0 + 660,
+        (("a/b", BUNDLE, "auto"),),
+    )
+    db.record_grant(job)
+    with pytest.raises(DCRError, match="already has a grant"):
+        db.record_grant(job)
+    db.dispose()
+    again = HubDB(db_url)
+    again.setup()
+    assert again.job(job.job_id) == job
+    usage = again.usage("alice", ["a/b", "c/d"], T0 + 1)
+    assert (usage.running_jobs, usage.jobs_last_day, usage.dataset_jobs_last_day) == (
+        1,
+        1,
+        {"a/b": 1, "c/d": 0},
+    )
+    assert again.usage("alice", [], T0 + 61).running_jobs == 0  # its time limit has ended
+    with again.session() as s:
+        s.execute(update(Meta).where(Meta.key == "schema_version").values(value="99"))
+    with pytest.raises(DCRError, match="schema version 99"):
+        again.setup()
+    again.dispose()
+
+
+def test_records_database_url_is_checked(tmp_path: Path) -> None:
+    """Only SQLite files and PostgreSQL are accepted for the hub's records (an in-memory database would lose
+    them), and the refusal names the trait."""
+    with pytest.raises(DCRError, match=r"c\.DCRPolicy\.db_url"):
+        HubDB("mysql://localhost/dcr")
+    with pytest.raises(DCRError, match=r"c\.DCRPolicy\.db_url"):
+        HubDB("not a url")
+    with pytest.raises(DCRError, match="in-memory"):
+        HubDB("sqlite://")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real JupyterHub (SQLite records), a real single-user server
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RealHub:
+    hub: Hub
+    stores: Stores
+
+    @property
+    def db(self) -> HubDB:
+        return HubDB(f"sqlite:///{self.hub.workdir / 'dcr-hub.sqlite'}")
+
+    def jwks(self) -> dict[str, Any]:
+        r = self.hub.api("GET", "/dcr/jwks", token="")
+        assert r.status_code == 200
+        return dict(r.json())
+
+    def grant(self, token: str, doc: Any, **kw: Any) -> requests.Response:
+        data = doc if isinstance(doc, bytes) else _raw(doc)
+        return self.hub.api("POST", "/dcr/grants", token=token, data=data, **kw)
+
+
+@pytest.fixture(scope="module")
+def real_hub(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealHub]:
+    work = tmp_path_factory.mktemp("grant-hub")
+    # The single-user servers load the DCR server extension with the hub's grant source; the enclave
+    # backend points at no enclave host, so a granted job stays "granted".
+    server_config = work / "server-config"
+    server_config.mkdir()
+    (server_config / "jupyter_server_config.json").write_text(
+        json.dumps(
+            {
+                "ServerApp": {"jpserver_extensions": {"dcr_server_ext": True}},
+                "DCRExtension": {"grant_source_class": "dcr_server_ext.grants.HubGrantSource"},
+                "LocalBackend": {"socket_path": str(work / "no-enclave-host.sock")},
+            }
+        )
+    )
+    config = policy_config(
+        _datasets(stores),
+        time_limit=900,
+        quotas={
+            "concurrent_jobs_per_user": 50,
+            "jobs_per_day_per_user": 500,
+            "jobs_per_day_per_dataset": 5000,
+            "grant_requests_per_minute": 500,
+        },
+    ) + textwrap.dedent(
+        f"""
+        c.Spawner.environment = {{"JUPYTER_CONFIG_DIR": {str(server_config)!r}}}
+        """
+    )
+    hub = Hub(work / "hub", config=config, groups={"analysts": ["bob"], "researchers": ["alice"]})
+    with hub:
+        yield RealHub(hub, stores)
+
+
+def test_real_hub_grants_entitled_datasets(real_hub: RealHub) -> None:
+    """Through the real hub and proxy, a user's token gets a grant for every entitled dataset, which
+    verifies against the JWKS the hub publishes (whose thumbprint is the hub key file's, a 0600 file the
+    hub generated); the job and the grant event are in the hub's records."""
+    hub = real_hub.hub
+    key_file = hub.workdir / "dcr-hub-key.pem"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    jwks = real_hub.jwks()
+    assert jwks["thumbprint"] == load_or_create_hub_key(key_file).thumbprint
+
+    doc = _body()
+    r = real_hub.grant(hub.new_token("alice"), doc)
+    assert r.status_code == 201, r.text
+    out = r.json()
+    g = _verify(out["grant"], jwks, job_id=doc["job_id"], bundle_digest=BUNDLE)
+    assert g.user == "alice" and g.grant_id == out["grant_id"]
+    s = real_hub.stores
+    assert [(d.key, d.version, d.release) for d in g.datasets] == [
+        ("acme/insurance", s.insurance.version, "review"),
+        ("globex/visits", s.visits.version, "auto"),
+    ]
+    assert g.expires_at == g.issued_at + 900 + 600 and g.airlock_public_key
+    db = real_hub.db
+    job = db.job(doc["job_id"])
+    assert job is not None and (job.user, job.grant_id) == ("alice", out["grant_id"])
+    assert any(e.grant_id == out["grant_id"] and e.event == "grant.issued" for e in db.events(user="alice"))
+    db.dispose()
+
+
+def _refusal_cases() -> list[tuple[str, Callable[[RealHub], tuple[requests.Response, str | None]], int, str]]:
+    def no_token(h: RealHub) -> tuple[requests.Response, str | None]:
+        return h.grant("", _body()), None
+
+    def bad_token(h: RealHub) -> tuple[requests.Response, str | None]:
+        return h.grant("0" * 32, _body()), None
+
+    def not_entitled(h: RealHub) -> tuple[requests.Response, str | None]:
+        return h.grant(h.hub.new_token("carol"), _body(["acme/insurance"])), "carol"
+
+    def outside_entitlement(h: RealHub) -> tuple[requests.Response, str | None]:
+        return h.grant(h.hub.new_token("bob"), _body(["globex/visits"])), "bob"
+
+    def service_token(h: RealHub) -> tuple[requests.Response, str | None]:
+        return h.grant(h.hub.admin_token, _body()), None
+
+    def narrowed_token(h: RealHub) -> tuple[requests.Response, str | None]:
+        return h.grant(h.hub.new_token("alice", scopes=["read:users:name!user"]), _body()), "alice"
+
+    def another_users_job(h: RealHub) -> tuple[requests.Response, str | None]:
+        doc = _body(["acme/insurance"])
+        assert h.grant(h.hub.new_token("alice"), doc).status_code == 201
+        return h.grant(h.hub.new_token("bob"), {**_body(), "job_id": doc["job_id"]}), "bob"
+
+    def another_user_named(h: RealHub) -> tuple[requests.Response, str | None]:
+        return h.grant(h.hub.new_token("carol"), _body(user="alice")), "carol"
+
+    def browser_cookie(h: RealHub) -> tuple[requests.Response, str | None]:
+        session = h.hub.login("alice")
+        r = session.post(
+            f"{h.hub.api_url}/dcr/grants",
+            data=_raw(_body()),
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
+        return r, "alice"
+
+    return [
+        ("no token", no_token, 401, "no valid hub API token"),
+        ("invalid token", bad_token, 401, "no valid hub API token"),
+        ("not entitled", not_entitled, 403, "not entitled to any dataset"),
+        ("outside the entitlement", outside_entitlement, 403, "not entitled to globex/visits"),
+        ("service token", service_token, 403, "a service token cannot"),
+        ("token without users:activity", narrowed_token, 403, "lacks users:activity"),
+        ("another user's job", another_users_job, 409, "already has a grant"),
+        ("another user named in the body", another_user_named, 400, "unknown field(s) ['user']"),
+        ("browser cookie", browser_cookie, 401, "must carry a hub API token"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("case", "call", "status", "message"), _refusal_cases(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_real_hub_refusals_are_json_and_recorded(
+    real_hub: RealHub, case: str, call: Callable[[RealHub], Any], status: int, message: str
+) -> None:
+    """Each refused grant request gets its 4xx status and a JSON ``{"error": ...}`` saying why, and the
+    refusal is in the hub's audit log with the user the token belongs to (none without a valid token)."""
+    db = real_hub.db
+    before = {e.id for e in db.events(event="grant.refused", limit=100_000)}
+    r, user = call(real_hub)
+    assert r.status_code == status, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
+    assert message in r.json()["error"]
+    new = [e for e in db.events(event="grant.refused", limit=100_000) if e.id not in before]
+    assert [(e.status, e.user) for e in new] == [(status, user)]
+    assert message in new[0].reason
+    db.dispose()
+
+
+def test_real_hub_group_removal_takes_dataset_from_next_grant(real_hub: RealHub) -> None:
+    """A user in an entitled group gets the dataset; once removed from the group through the hub's REST
+    API, the next grant request for it is refused and it is gone from their datasets."""
+    hub = real_hub.hub
+    hub.add_to_group("analysts", ["erin"])
+    token = hub.new_token("erin")
+    r = real_hub.grant(token, _body(["acme/insurance"]))
+    assert r.status_code == 201, r.text
+    listed = hub.api("GET", "/dcr/datasets", token=token).json()["datasets"]
+    assert [(d["provider"], d["dataset"]) for d in listed] == [("acme", "insurance")]
+
+    hub.remove_from_group("analysts", ["erin"])
+    r = real_hub.grant(token, _body(["acme/insurance"]))
+    assert r.status_code == 403 and "not entitled" in r.json()["error"]
+    assert hub.api("GET", "/dcr/datasets", token=token).json()["datasets"] == []
+
+
+def test_real_hub_lists_datasets_and_publishes_jwks(real_hub: RealHub) -> None:
+    """``/hub/api/dcr/datasets`` lists the caller's entitled datasets with version, release mode,
+    protection and ε and their /data paths; the JWKS is public and holds only public key material."""
+    hub = real_hub.hub
+    doc = hub.api("GET", "/dcr/datasets", token=hub.new_token("alice")).json()
+    by_ref = {f"{d['provider']}/{d['dataset']}": d for d in doc["datasets"]}
+    assert set(by_ref) == {"acme/insurance", "globex/visits"}
+    visits = by_ref["globex/visits"]
+    assert (visits["protection"], visits["epsilon"], visits["mechanism"], visits["release"]) == (
+        "dp",
+        1.5,
+        "mst",
+        "auto",
+    )
+    assert visits["version"] == real_hub.stores.visits.version
+    assert visits["files"][0]["path"] == "/data/globex/visits/visits.csv"
+    assert hub.api("GET", "/dcr/datasets", token=hub.new_token("carol")).json()["datasets"] == []
+    assert hub.api("GET", "/dcr/datasets", token="").status_code == 401
+
+    jwks = real_hub.jwks()
+    assert all("d" not in k for k in jwks["keys"]) and jwks["keys"][0]["kid"] == jwks["thumbprint"]
+
+
+@pytest.fixture(scope="module")
+def alice_server(real_hub: RealHub) -> dict[str, str]:
+    real_hub.hub.spawn("alice")
+    return real_hub.hub.server_env("alice")
+
+
+def test_server_token_gets_grant(real_hub: RealHub, alice_server: dict[str, str]) -> None:
+    """The hub API token of alice's running single-user server (what a real server sends) gets a grant for
+    alice at the server's JUPYTERHUB_API_URL, both from outside and from a kernel in that server."""
+    token, api_url = alice_server["JUPYTERHUB_API_TOKEN"], alice_server["JUPYTERHUB_API_URL"]
+    me = requests.get(f"{api_url}/user", headers={"Authorization": f"token {token}"}, timeout=30).json()
+    assert me["name"] == "alice" and "access:servers!server=alice/" in me["scopes"]
+    r = requests.post(
+        f"{api_url}/dcr/grants", headers={"Authorization": f"token {token}"}, data=_raw(_body()), timeout=30
+    )
+    assert r.status_code == 201, r.text
+    assert _verify(r.json()["grant"], real_hub.jwks()).user == "alice"
+
+    code = textwrap.dedent(
+        f"""
+        import json, os, urllib.request
+        req = urllib.request.Request(
+            os.environ["JUPYTERHUB_API_URL"] + "/dcr/grants",
+            data=json.dumps({json.dumps(_body(["globex/visits"]))}).encode(),
+            headers={{"Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"]}},
+            method="POST",
+        )
+        with urllib.request.urlopen(req) as resp:
+            print(resp.status, json.loads(resp.read())["grant"])
+        """
+    )
+    user_token = real_hub.hub.new_token("alice")
+    result = real_hub.hub.run_code("alice", code, token=user_token)
+    assert result.error is None, result
+    status, grant = result.stdout.split()
+    assert status == "201"
+    g = _verify(grant, real_hub.jwks())
+    assert g.user == "alice" and [d.key for d in g.datasets] == ["globex/visits"]
+
+
+def test_server_extension_gets_grants_from_the_hub(real_hub: RealHub, alice_server: dict[str, str]) -> None:
+    """Alice's real server, with the DCR server extension using ``HubGrantSource``, submits a job through
+    its own REST API and gets the hub's grant (the job is "granted", with the hub's versions and release
+    modes, and recorded by the hub, bound to the server's bundle); a refusal by the hub reaches the caller with the hub's status and
+    message."""
+    hub = real_hub.hub
+    token = hub.new_token("alice")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("import pandas as pd\ndf = pd.read_csv('/data/acme/insurance/real.csv')")
+    ]
+    r = hub.server_api(
+        "alice",
+        "PUT",
+        "api/contents/analysis.ipynb",
+        token=token,
+        json_body={"type": "notebook", "content": nb},
+    )
+    assert r.status_code in (200, 201), r.text
+
+    r = hub.server_api(
+        "alice",
+        "POST",
+        "dcr/api/jobs",
+        token=token,
+        json_body={"path": "analysis.ipynb", "datasets": ["acme/insurance"]},
+    )
+    assert r.status_code == 201, r.text
+    job = r.json()
+    # Granted; the server then tries the enclave backend (none here), so the job may be "launching".
+    assert job["state"] in ("granted", "launching")
+    assert job["datasets"] == [
+        {
+            "provider": "acme",
+            "dataset": "insurance",
+            "version": real_hub.stores.insurance.version,
+            "release": "review",
+        }
+    ]
+    db = real_hub.db
+    record = db.job(job["id"])
+    assert record is not None and record.user == "alice" and record.bundle_digest == job["bundle"]["digest"]
+
+    r = hub.server_api(
+        "alice",
+        "POST",
+        "dcr/api/jobs",
+        token=token,
+        json_body={"path": "analysis.ipynb", "datasets": ["acme/secret"]},
+    )
+    assert r.status_code == 403 and "not entitled to acme/secret" in r.json()["error"]
+    assert db.events(user="alice", event="grant.refused")[-1].detail["datasets"] == ["acme/secret"]
+    db.dispose()
+
+
+def test_hub_grant_source_maps_answers(real_hub: RealHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HubGrantSource`` returns the hub's grant for the server's user, turns the hub's refusals into
+    ``GrantRefused`` with the hub's status (a rejected token as 403), and an unreachable hub into
+    ``Unavailable``."""
+    hub = real_hub.hub
+    monkeypatch.setenv("JUPYTERHUB_API_URL", f"http://127.0.0.1:{hub.hub_port}/hub/api")
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub.new_token("bob"))
+    public, _ = _key()
+    source = HubGrantSource()
+
+    def request(job_id: str, datasets: list[tuple[str, str]]) -> str:
+        return asyncio.run(
+            source.request(job_id=job_id, bundle_digest=BUNDLE, datasets=datasets, output_public_key=public)
+        )
+
+    job_id = contract.new_job_id()
+    g = _verify(request(job_id, [("acme", "insurance")]), real_hub.jwks(), job_id=job_id)
+    assert g.user == "bob" and [d.key for d in g.datasets] == ["acme/insurance"]
+
+    with pytest.raises(GrantRefused) as refused:
+        request(contract.new_job_id(), [("globex", "visits")])
+    assert refused.value.status == 403 and "not entitled to globex/visits" in str(refused.value)
+    with pytest.raises(GrantRefused) as conflict:
+        request(job_id, [])
+    assert conflict.value.status == 409
+
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "0" * 32)
+    with pytest.raises(GrantRefused) as bad_token:
+        request(contract.new_job_id(), [])
+    assert bad_token.value.status == 403
+
+    monkeypatch.setenv("JUPYTERHUB_API_URL", f"http://127.0.0.1:{free_port()}/hub/api")
+    with pytest.raises(Unavailable):
+        request(contract.new_job_id(), [])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real JupyterHub keeping its records in a real PostgreSQL server
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_hub_records_in_postgresql(stores: Stores, pg: PostgresServer, tmp_path: Path) -> None:
+    """With ``c.DCRPolicy.db_url`` pointing at PostgreSQL, a real hub records its grants and refusals
+    there and enforces its per-day quota from those records."""
+    url = pg.create_database("dcr_hub_" + uuid.uuid4().hex[:8])
+    config = policy_config(_datasets(stores), db_url=url, quotas={"jobs_per_day_per_user": 2})
+    with Hub(tmp_path / "hub", config=config, groups={"analysts": ["bob"], "researchers": ["alice"]}) as hub:
+        token = hub.new_token("alice")
+        jobs = [_body() for _ in range(3)]
+        codes = [hub.api("POST", "/dcr/grants", token=token, data=_raw(j)).status_code for j in jobs]
+        assert codes == [201, 201, 429]
+        assert not (hub.workdir / "dcr-hub.sqlite").exists()
+    db = HubDB(url)
+    assert [db.job(j["job_id"]) is not None for j in jobs] == [True, True, False]
+    assert [(e.event, e.status) for e in db.events(user="alice")] == [
+        ("grant.issued", 201),
+        ("grant.issued", 201),
+        ("grant.refused", 429),
+    ]
+    db.dispose()

@@ -1,0 +1,387 @@
+"""The hub's DCR policy: trait validation, validation against stores and hub groups, entitlements, keys,
+and a real JupyterHub refusing to start (before it serves) on each kind of bad policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hub_harness import (
+    INSURANCE_REAL,
+    INSURANCE_SYNTHETIC,
+    Hub,
+    dataset_entry,
+    make_csv,
+    policy_config,
+    register_dataset,
+)
+from traitlets.config import Config
+
+from dcr_enclave import jwk
+from dcr_enclave.dataset import DatasetVersion
+from dcr_enclave.errors import DCRError
+from dcr_enclave.grant import OutputLimits
+from dcr_spawner import DCRPolicy, PolicyError, enable
+from dcr_spawner.grant_service import GrantsHandler
+from dcr_spawner.hubkey import load_or_create_airlock_key, load_or_create_hub_key
+
+NO_SUCH_VERSION = "sha256:" + "0" * 64
+
+
+@dataclass
+class Stores:
+    root: Path
+    insurance: DatasetVersion
+    visits: DatasetVersion
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
+    base = tmp_path_factory.mktemp("policy-stores")
+    root = base / "store"
+    insurance = register_dataset(root, "acme", "insurance", [(INSURANCE_REAL, INSURANCE_SYNTHETIC)])
+    real = make_csv(base / "src" / "real" / "visits.csv", 200, seed=1)
+    synthetic = make_csv(base / "src" / "synthetic" / "visits.csv", 200, seed=2)
+    visits = register_dataset(root, "globex", "visits", [(real, synthetic)], "--release", "auto")
+    return Stores(root, insurance, visits)
+
+
+def _datasets(s: Stores, **overrides: Any) -> dict[str, Any]:
+    d = {
+        "acme/insurance": dataset_entry(s.insurance, s.root, users=["alice"], groups=["analysts"]),
+        "globex/visits": dataset_entry(s.visits, s.root, groups=["researchers"], release="auto"),
+    }
+    d.update(overrides)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entitlements
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_entitlements_follow_users_and_groups(stores: Stores) -> None:
+    """Users named in a dataset's entitlement or members of its groups get it, with the version's synthetic
+    files as absolute paths in the store; everyone else gets nothing."""
+    policy = DCRPolicy(datasets=_datasets(stores))
+    policy.validate_against_hub({"analysts", "researchers", "unrelated"})
+
+    alice = policy.entitled("alice", set())
+    assert [e.ref for e in alice] == ["acme/insurance"]
+    (e,) = alice
+    assert (e.provider, e.dataset, e.version, e.release) == (
+        "acme",
+        "insurance",
+        stores.insurance.version,
+        "review",
+    )
+    assert set(e.synthetic) == {"real.csv"}
+    path = e.synthetic["real.csv"]
+    assert path.is_absolute() and path.read_bytes() == INSURANCE_SYNTHETIC.read_bytes()
+    assert e.data_paths() == {"/data/acme/insurance/real.csv": path}
+
+    both = policy.entitled("bob", {"analysts", "researchers"})
+    assert [x.ref for x in both] == ["acme/insurance", "globex/visits"]
+    assert both[1].release == "auto"
+    assert both[1].synthetic["visits.csv"].read_text().startswith("patient,age")
+    assert policy.entitled("carol", {"unrelated"}) == []
+
+
+def test_policy_loads_from_hub_config(stores: Stores) -> None:
+    """The policy is read from ``c.DCRPolicy.*`` as written in jupyterhub_config.py, with defaults for
+    what is not set."""
+    c = Config()
+    c.DCRPolicy.datasets = _datasets(stores)
+    c.DCRPolicy.output_limits = {"max_files": 5, "allowed_suffixes": [".CSV", ".png"]}
+    c.DCRPolicy.quotas = {"jobs_per_day_per_user": 7}
+    c.DCRPolicy.memory_limit = "2G"
+    c.DCRPolicy.time_limit = 900
+    policy = DCRPolicy(config=c)
+    assert policy.limits() == OutputLimits(
+        max_files=5, max_bytes=OutputLimits().max_bytes, allowed_suffixes=(".csv", ".png")
+    )
+    assert policy.quota("jobs_per_day_per_user") == 7
+    assert policy.quota("concurrent_jobs_per_user") == 2
+    assert (policy.memory_limit, policy.time_limit) == (2 * 2**30, 900)
+
+
+def test_release_defaults_to_review(stores: Stores) -> None:
+    """A dataset whose entry does not say how outputs are released is under review (the safe default)."""
+    entry = dataset_entry(stores.insurance, stores.root, users=["alice"])
+    del entry["release"]
+    policy = DCRPolicy(datasets={"acme/insurance": entry})
+    policy.validate_against_hub(set())
+    assert policy.entitled("alice", set())[0].release == "review"
+
+
+def test_provider_snippet_is_accepted_and_checked(stores: Stores) -> None:
+    """The snippet ``dcr provider add`` prints (with its ``synthetic`` digests) works once entitlements are
+    added, and a digest that does not match the version's manifest is refused."""
+    f = stores.insurance.files[0]
+    entry = dataset_entry(stores.insurance, stores.root, users=["alice"])
+    entry["synthetic"] = {f.name: f.synthetic_sha256}
+    DCRPolicy(datasets={"acme/insurance": entry}).validate_against_hub(set())
+
+    entry["synthetic"] = {f.name: "sha256:" + "1" * 64}
+    with pytest.raises(PolicyError, match=r"digest of real\.csv differs.*\['synthetic'\]"):
+        DCRPolicy(datasets={"acme/insurance": entry}).validate_against_hub(set())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shape errors name provider, dataset and trait
+# ---------------------------------------------------------------------------------------------------------
+
+BAD_ENTRIES = [
+    ("acme", {}, "datasets['acme']", "not '<provider>/<dataset>'"),
+    ("Acme/insurance", {}, "datasets['Acme/insurance']", "invalid provider name"),
+    ("acme/insurance", {"version": "latest"}, "['version']", "is not a dataset version"),
+    ("acme/insurance", {"store": "relative/store"}, "['store']", "not an absolute path"),
+    ("acme/insurance", {"release": "sometimes"}, "['release']", "'sometimes' is not a release mode"),
+    ("acme/insurance", {"entitled": {"users": "alice"}}, "['entitled']['users']", "list of names"),
+    ("acme/insurance", {"entitled": {"roles": ["x"]}}, "['entitled']", "'users' and/or 'groups'"),
+    ("acme/insurance", {"colour": "red"}, "datasets['acme/insurance']", "unknown key(s) ['colour']"),
+]
+
+
+@pytest.mark.parametrize(("ref", "change", "trait", "message"), BAD_ENTRIES)
+def test_malformed_dataset_entries_are_refused(
+    stores: Stores, ref: str, change: dict[str, Any], trait: str, message: str
+) -> None:
+    """Each malformed ``c.DCRPolicy.datasets`` entry is refused when set, naming the trait path and
+    (where the key parses) the provider and dataset."""
+    entry = {**dataset_entry(stores.insurance, stores.root, users=["alice"]), **change}
+    with pytest.raises(PolicyError) as info:
+        DCRPolicy(datasets={ref: entry})
+    text = str(info.value)
+    assert trait in text and message in text
+    assert "c.DCRPolicy." in text
+    if ref == "acme/insurance":
+        assert "provider 'acme'" in text and "dataset 'insurance'" in text
+
+
+@pytest.mark.parametrize(
+    ("trait", "value", "message"),
+    [
+        ("quotas", {"jobs_per_week": 3}, "unknown quota(s) ['jobs_per_week']"),
+        ("quotas", {"jobs_per_day_per_user": 0}, "quotas['jobs_per_day_per_user']"),
+        ("output_limits", {"max_bytes": -1}, "output_limits['max_bytes']"),
+        ("output_limits", {"allowed_suffixes": ["csv"]}, "output_limits['allowed_suffixes']"),
+        ("output_limits", {"max_size": 1}, "unknown key(s) ['max_size']"),
+        ("time_limit", 5, "c.DCRPolicy.time_limit"),
+        ("memory_limit", "1M", "c.DCRPolicy.memory_limit"),
+        ("hub_key_file", " ", "c.DCRPolicy.hub_key_file"),
+    ],
+)
+def test_malformed_limits_are_refused(trait: str, value: Any, message: str) -> None:
+    """Limits, quotas and key locations are checked when set; the refusal names the trait."""
+    with pytest.raises(PolicyError) as info:
+        DCRPolicy(**{trait: value})
+    assert message in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation against the stores and the hub
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store_copy(stores: Stores, tmp_path: Path) -> Path:
+    dest = tmp_path / "store"
+    shutil.copytree(stores.root, dest, symlinks=True)
+    return dest
+
+
+def test_unknown_dataset_is_refused(stores: Stores) -> None:
+    """A dataset the store has never heard of stops validation, naming it."""
+    entry = dataset_entry(stores.insurance, stores.root, users=["alice"])
+    with pytest.raises(PolicyError, match=r"has no dataset acme/claims.*provider 'acme', dataset 'claims'"):
+        DCRPolicy(datasets={"acme/claims": entry}).validate_against_hub(set())
+
+
+def test_unknown_version_is_refused(stores: Stores) -> None:
+    """A version that is not in the store stops validation and lists the versions that are."""
+    entry = {**dataset_entry(stores.insurance, stores.root, users=["alice"]), "version": NO_SUCH_VERSION}
+    with pytest.raises(PolicyError) as info:
+        DCRPolicy(datasets={"acme/insurance": entry}).validate_against_hub(set())
+    assert "is not in the store" in str(info.value) and "['version']" in str(info.value)
+    assert stores.insurance.version in str(info.value)
+
+
+def test_missing_group_is_refused(stores: Stores) -> None:
+    """An entitlement naming a group the hub does not have stops validation, naming the group."""
+    policy = DCRPolicy(datasets=_datasets(stores))
+    with pytest.raises(PolicyError, match=r"'researchers' do not exist.*dataset 'visits'.*\['groups'\]"):
+        policy.validate_against_hub({"analysts"})
+
+
+def test_missing_synthetic_file_is_refused(stores: Stores, store_copy: Path) -> None:
+    """A version whose synthetic file is gone from the store stops validation."""
+    m = stores.insurance
+    (store_copy / "acme" / "insurance" / m.version_hex / m.files[0].synthetic).unlink()
+    entry = dataset_entry(m, store_copy, users=["alice"])
+    with pytest.raises(PolicyError, match=r"synthetic file real\.csv is missing"):
+        DCRPolicy(datasets={"acme/insurance": entry}).validate_against_hub(set())
+
+
+def test_changed_synthetic_file_is_refused(stores: Stores, store_copy: Path) -> None:
+    """A synthetic file whose size no longer matches the manifest stops validation."""
+    m = stores.insurance
+    with open(store_copy / "acme" / "insurance" / m.version_hex / m.files[0].synthetic, "ab") as f:
+        f.write(b"extra,row\n")
+    entry = dataset_entry(m, store_copy, users=["alice"])
+    with pytest.raises(PolicyError, match="is not the regular file of"):
+        DCRPolicy(datasets={"acme/insurance": entry}).validate_against_hub(set())
+
+
+def test_retired_version_is_refused(stores: Stores, store_copy: Path) -> None:
+    """A version its provider retired is not offered: validation stops and says so."""
+    m = stores.insurance
+    path = store_copy / "acme" / "insurance" / m.version_hex / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["retired"] = True
+    path.write_text(json.dumps(doc))
+    entry = dataset_entry(m, store_copy, users=["alice"])
+    with pytest.raises(PolicyError, match="retired"):
+        DCRPolicy(datasets={"acme/insurance": entry}).validate_against_hub(set())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_hub_key_is_generated_owner_only_and_kept(tmp_path: Path) -> None:
+    """The hub key is created 0600 on first use and the same key (same thumbprint) is loaded afterwards."""
+    path = tmp_path / "keys" / "hub.pem"
+    first = load_or_create_hub_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = load_or_create_hub_key(path)
+    assert again.thumbprint == first.thumbprint == jwk.thumbprint(first.public_jwk)
+    assert again.jwks() == {"keys": [first.public_jwk], "thumbprint": first.thumbprint}
+    airlock = load_or_create_airlock_key(tmp_path / "keys" / "airlock.key")
+    assert len(airlock.public) == 32
+    assert load_or_create_airlock_key(airlock.path).public == airlock.public
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "message"),
+    [
+        (b"not a key\n", 0o600, "not an unencrypted PEM private key"),
+        (None, 0o644, "readable by others"),
+    ],
+)
+def test_unusable_hub_key_is_refused(tmp_path: Path, content: bytes | None, mode: int, message: str) -> None:
+    """An existing hub key that is not a key or that others can read is refused, never replaced."""
+    path = tmp_path / "hub.pem"
+    if content is None:
+        load_or_create_hub_key(path)
+    else:
+        path.write_bytes(content)
+    os.chmod(path, mode)
+    before = path.read_bytes()
+    with pytest.raises(DCRError, match=message):
+        load_or_create_hub_key(path)
+    assert path.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Enabling
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_enable_adds_the_routes_once_and_keeps_others() -> None:
+    """``dcr_spawner.enable(c)`` adds the grant service's routes to the hub's extra handlers, keeps the
+    admin's own, and does not add them twice."""
+    c = Config()
+    mine = ("/my/page", GrantsHandler, {})
+    c.JupyterHub.extra_handlers = [mine]
+    enable(c)
+    enable(c)
+    paths = [h[0] for h in c.JupyterHub.extra_handlers]
+    assert paths == ["/my/page", "/api/dcr/grants", "/api/dcr/jwks", "/api/dcr/datasets"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real hub refuses to start
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _bad_unknown_dataset(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+    d = {"acme/claims": dataset_entry(s.insurance, s.root, users=["alice"])}
+    return policy_config(d), ["provider 'acme'", "dataset 'claims'", "has no dataset acme/claims"]
+
+
+def _bad_unknown_version(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+    d = _datasets(s)
+    d["acme/insurance"] = {**d["acme/insurance"], "version": NO_SUCH_VERSION}
+    return policy_config(d), [
+        "dataset 'insurance'",
+        "['version']",
+        f"version {NO_SUCH_VERSION} is not in the store",
+    ]
+
+
+def _bad_missing_group(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+    d = _datasets(s)
+    d["globex/visits"] = dataset_entry(s.visits, s.root, groups=["nurses"], release="auto")
+    return policy_config(d), ["provider 'globex'", "dataset 'visits'", "['entitled']['groups']", "'nurses'"]
+
+
+def _bad_missing_synthetic(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+    store = tmp / "store"
+    shutil.copytree(s.root, store, symlinks=True)
+    m = s.visits
+    (store / "globex" / "visits" / m.version_hex / m.files[0].synthetic).unlink()
+    d = {"globex/visits": dataset_entry(m, store, groups=["researchers"])}
+    return policy_config(d), ["dataset 'visits'", "synthetic file visits.csv is missing"]
+
+
+def _bad_hub_key(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+    key = tmp / "hub-key.pem"
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+    os.chmod(key, 0o600)
+    return policy_config(_datasets(s), hub_key_file=str(key)), [
+        "c.DCRPolicy.hub_key_file",
+        "not an unencrypted PEM",
+    ]
+
+
+def _bad_release(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+    d = _datasets(s)
+    d["acme/insurance"] = {**d["acme/insurance"], "release": "whenever"}
+    return policy_config(d), ["dataset 'insurance'", "['release']", "'whenever' is not a release mode"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    [
+        _bad_unknown_dataset,
+        _bad_unknown_version,
+        _bad_missing_group,
+        _bad_missing_synthetic,
+        _bad_hub_key,
+        _bad_release,
+    ],
+    ids=lambda f: f.__name__.removeprefix("_bad_"),
+)
+def test_hub_refuses_to_start_on_bad_policy(stores: Stores, tmp_path: Path, case: Any) -> None:
+    """A real JupyterHub with a bad DCR policy exits with a non-zero status before it serves, and its
+    output names the provider, dataset and trait at fault."""
+    config, expected = case(stores, tmp_path)
+    hub = Hub(tmp_path / "hub", config=config, groups={"analysts": ["bob"], "researchers": ["alice"]})
+    result = hub.run_to_exit()
+    assert result.returncode != 0
+    assert not result.served, "the hub served before refusing its policy"
+    line = next(x for x in result.log.splitlines() if x.startswith("DCR: the hub cannot start:"))
+    for text in expected:
+        assert text in line, f"{text!r} not in {line!r}"
+    # Nothing was generated for a policy that was refused before its keys were reached.
+    if case is not _bad_hub_key:
+        assert not (hub.workdir / "dcr-hub-key.pem").exists()
