@@ -1,0 +1,531 @@
+"""The per-user file system view of a local sandbox: ``/data`` with exactly the entitled synthetic files.
+
+Two halves live here:
+
+- :func:`build_plan` runs in the hub. From the user's entitlements and the spawner's settings it computes a
+  :class:`MountPlan`: which synthetic file appears where under ``/data``, which host paths are covered by an
+  empty file system (data stores, key files, other homes, the hub admin's home), which paths are shown again
+  on top of a cover (the user's own home, the Python installation the server runs from) and which account
+  the server runs as.
+- :func:`main` runs as the first process of the sandbox (``python -I -S sandbox_mounts.py PLAN -- CMD...``,
+  started by :class:`dcr_spawner.local.DCRLocalSpawner`). It enters a new mount namespace, builds the view
+  from the plan, drops to the account and ``exec``\\ s the single-user server, so the server keeps this
+  process's pid: JupyterHub's signals and polling reach the server itself.
+
+As root (``mode="root"``) the namespace is a plain mount namespace of the host's user namespace and the
+process switches to the user's own uid/gid before the server starts. Not as root (``mode="userns"``) it is
+an unprivileged user namespace whose only mapping is the hub's own uid, so ``/data`` is still private to
+the server, but every user runs as the same account: there is no isolation between users in that mode.
+
+Everything done in the namespace is private (``MS_PRIVATE`` on ``/``): nothing propagates back to the host.
+The script half imports the standard library only: it runs as root before anything else in the sandbox, and
+``-I`` keeps the environment (``PYTHONPATH`` and friends) from changing what it imports.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import stat
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Final, Literal
+
+#: Where the datasets appear (the launch contract's DATA_ROOT; repeated here so the script half needs no
+#: import from the package: tests pin that the two agree).
+DATA_ROOT: Final = "/data"
+#: Replaced by a private tmpfs per server (the host's are shared by every account).
+PRIVATE_TMP_DIRS: Final = ("/tmp", "/dev/shm")  # noqa: S108
+PLAN_VERSION: Final = 1
+Mode = Literal["root", "userns"]
+
+# <linux/mount.h>, <sched.h>, <linux/prctl.h>
+MS_RDONLY: Final = 0x1
+MS_NOSUID: Final = 0x2
+MS_NODEV: Final = 0x4
+MS_NOEXEC: Final = 0x8
+MS_REMOUNT: Final = 0x20
+MS_BIND: Final = 0x1000
+MS_REC: Final = 0x4000
+MS_PRIVATE: Final = 0x40000
+CLONE_NEWNS: Final = 0x00020000
+CLONE_NEWUSER: Final = 0x10000000
+PR_SET_NO_NEW_PRIVS: Final = 38
+PR_CAPBSET_DROP: Final = 24
+
+_SAFE = MS_NOSUID | MS_NODEV
+
+
+class PlanError(Exception):
+    """The hub cannot build a sandbox from these settings; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One synthetic file shown read-only at ``/data/<provider>/<dataset>/<name>``."""
+
+    provider: str
+    dataset: str
+    name: str
+    source: str
+
+    @property
+    def target(self) -> str:
+        return f"{DATA_ROOT}/{self.provider}/{self.dataset}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Cover:
+    """An empty tmpfs mounted over a host directory (or an empty file bound over a host file)."""
+
+    path: str
+    mode: int
+    read_only: bool = True
+    size: str = "64k"
+    #: Hidden paths may not exist on every machine; a missing one is skipped rather than an error.
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """A host directory shown again at its own path on top of a cover."""
+
+    path: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class MountPlan:
+    """Everything the sandbox's first process needs; serialised to one JSON argument."""
+
+    mode: Mode
+    account: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+    data: tuple[DataFile, ...] = ()
+    covers: tuple[Cover, ...] = ()
+    exposures: tuple[Exposure, ...] = ()
+    hidden_files: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "v": PLAN_VERSION,
+                "mode": self.mode,
+                "account": self.account,
+                "uid": self.uid,
+                "gid": self.gid,
+                "groups": list(self.groups),
+                "home": self.home,
+                "data": [[f.provider, f.dataset, f.name, f.source] for f in self.data],
+                "covers": [[c.path, c.mode, c.read_only, c.size, c.optional] for c in self.covers],
+                "exposures": [[e.path, e.writable] for e in self.exposures],
+                "hidden_files": list(self.hidden_files),
+                "notes": list(self.notes),
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> MountPlan:
+        d = json.loads(text)
+        if d.get("v") != PLAN_VERSION:
+            raise PlanError(f"sandbox plan version {d.get('v')!r} is not {PLAN_VERSION}")
+        return cls(
+            mode=d["mode"],
+            account=d["account"],
+            uid=int(d["uid"]),
+            gid=int(d["gid"]),
+            groups=tuple(int(g) for g in d["groups"]),
+            home=d["home"],
+            data=tuple(DataFile(*f) for f in d["data"]),
+            covers=tuple(Cover(p, int(m), bool(r), s, bool(o)) for p, m, r, s, o in d["covers"]),
+            exposures=tuple(Exposure(p, bool(w)) for p, w in d["exposures"]),
+            hidden_files=tuple(d["hidden_files"]),
+            notes=tuple(d["notes"]),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hub side: computing the plan
+# ---------------------------------------------------------------------------------------------------------
+
+
+def within(path: str, root: str) -> bool:
+    """True when ``path`` is ``root`` or below it (both absolute and normalised)."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def python_roots() -> list[str]:
+    """Host directories of the Python installation the hub (and so every server) runs from."""
+    found = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
+    found |= {os.path.realpath(p) for p in list(found)}
+    found.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
+    return _minimal(os.path.normpath(p) for p in found)
+
+
+def package_roots(modules: Iterable[str]) -> list[str]:
+    """Directories that hold the given importable packages (editable installs live outside site-packages)."""
+    import importlib.util
+
+    found = []
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            for loc in spec.submodule_search_locations:
+                found.append(os.path.dirname(os.path.realpath(loc)))
+    return _minimal(found)
+
+
+def _minimal(paths: Iterable[str]) -> list[str]:
+    """Drop paths that lie below another path of the set."""
+    out: list[str] = []
+    for p in sorted(set(paths), key=len):
+        if not any(within(p, q) for q in out):
+            out.append(p)
+    return out
+
+
+def closed_ancestor(path: str) -> str | None:
+    """The outermost ancestor of ``path`` that other accounts cannot traverse (no ``o+x``), if any."""
+    parts = PurePosixPath(path).parts
+    for i in range(2, len(parts)):  # "/" itself is never covered
+        ancestor = str(PurePosixPath(*parts[:i]))
+        try:
+            mode = os.stat(ancestor).st_mode
+        except OSError:
+            return None
+        if not mode & stat.S_IXOTH:
+            return ancestor
+    return None
+
+
+def build_plan(
+    *,
+    mode: Mode,
+    account: str,
+    uid: int,
+    gid: int,
+    groups: Sequence[int],
+    home: str,
+    home_base: str,
+    files: Sequence[DataFile],
+    hidden: Sequence[str],
+    needed: Sequence[str],
+    private_tmp_size: str,
+) -> MountPlan:
+    """The mount plan for one server.
+
+    ``hidden`` are host paths covered in the sandbox (stores, key files, extra admin paths); ``needed`` are
+    host directories the server must be able to read (the Python installation, the packages it imports).
+    Any needed directory that lies under a cover, or under a directory the account cannot traverse (a
+    Python installation under ``/root``), is bound again read-only at its own path on top of the cover.
+    """
+    _check_files(files)
+    covers: dict[str, Cover] = {}
+    hidden_files: list[str] = []
+    for raw in hidden:
+        p = os.path.realpath(raw)
+        if p == "/" or within(DATA_ROOT, p):
+            raise PlanError(f"cannot hide {raw}: it contains {DATA_ROOT}")
+        if any(within(n, p) for n in needed) or within(home, p):
+            raise PlanError(
+                f"cannot hide {raw}: the server needs what is below it (the Python installation, the "
+                "packages it imports or the user's home)"
+            )
+        if os.path.isdir(p):
+            covers[p] = Cover(p, 0o000, optional=True)
+        elif os.path.exists(p):
+            hidden_files.append(p)
+    # Other homes vanish: the base becomes an empty directory holding only this user's home.
+    covers[home_base] = Cover(home_base, 0o755)
+    if private_tmp_size:
+        for p in PRIVATE_TMP_DIRS:
+            covers[p] = Cover(p, 0o1777, read_only=False, size=private_tmp_size)
+    exposures = [Exposure(home, writable=True)]
+    if mode == "root":
+        # The account must be able to walk to what it needs, and to its home: a closed ancestor (/root
+        # holding a pyenv, a 0700 temporary directory) becomes an open, read-only, otherwise empty one.
+        for n in [*needed, home_base]:
+            closed = closed_ancestor(n)
+            if closed and closed not in covers:
+                covers[closed] = Cover(closed, 0o755)
+    for n in needed:
+        if any(within(n, c) for c in covers):
+            exposures.append(Exposure(n))
+    ordered = tuple(sorted(covers.values(), key=lambda c: (c.path.count("/"), c.path)))
+    return MountPlan(
+        mode=mode,
+        account=account,
+        uid=uid,
+        gid=gid,
+        groups=tuple(groups),
+        home=home,
+        data=tuple(sorted(files, key=lambda f: f.target)),
+        covers=ordered,
+        exposures=tuple(sorted(exposures, key=lambda e: e.path)),
+        hidden_files=tuple(sorted(hidden_files)),
+    )
+
+
+def _check_files(files: Sequence[DataFile]) -> None:
+    seen: set[str] = set()
+    for f in files:
+        for part in (f.provider, f.dataset, f.name):
+            if not part or "/" in part or part in (".", "..") or part.startswith("."):
+                raise PlanError(f"{f.target!r} is not a plain /data/<provider>/<dataset>/<file> path")
+        if not os.path.isabs(f.source):
+            raise PlanError(
+                f"synthetic file {f.source!r} of {f.provider}/{f.dataset} is not an absolute path"
+            )
+        if f.target in seen:
+            raise PlanError(f"two synthetic files would appear at {f.target}")
+        seen.add(f.target)
+
+
+def helper_argv(plan: MountPlan, cmd: Sequence[str]) -> list[str]:
+    """The command line that builds the sandbox from ``plan`` and then runs ``cmd`` in it."""
+    # -I: no environment variable or user site changes what this root process imports; -S: no site
+    # packages at all (the script needs the standard library only, and starts ~30 ms faster).
+    return [sys.executable, "-I", "-S", os.path.abspath(__file__), plan.to_json(), "--", *cmd]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sandbox side: building the view (runs as the sandbox's first process)
+# ---------------------------------------------------------------------------------------------------------
+
+_libc: Any = None
+
+
+def _sys(name: str, *args: Any) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(_libc, name)(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(
+            err, f"{name}{tuple(a.decode() if isinstance(a, bytes) else a for a in args)}: {os.strerror(err)}"
+        )
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _sys(
+        "mount",
+        source.encode() if source is not None else None,
+        target.encode(),
+        fstype.encode() if fstype is not None else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data is not None else None,
+    )
+
+
+def _tmpfs(target: str, mode: int, size: str, flags: int = 0) -> None:
+    _mount("dcr-sandbox", target, "tmpfs", _SAFE | flags, f"mode={mode:04o},size={size}")
+
+
+def _bind(fd: int, target: str, read_only: bool, extra: int = 0) -> None:
+    # Binding the already-open source through /proc/self/fd means a path swapped after the open is never
+    # followed; the remount applies read-only (a bind ignores MS_RDONLY on its first call).
+    _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | extra)
+    _mount(None, target, None, MS_REMOUNT | MS_BIND | _SAFE | (MS_RDONLY if read_only else 0))
+
+
+def _open_path(path: str, directory: bool) -> int:
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_DIRECTORY if directory else 0))
+    st = os.fstat(fd)
+    if not directory and not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
+
+
+def _makedirs(path: str, below: str) -> None:
+    """Create ``path`` (and parents) inside the freshly mounted ``below``, world-traversable."""
+    rel = PurePosixPath(path).relative_to(below)
+    current = below
+    for part in rel.parts:
+        current = f"{current}/{part}"
+        if not os.path.isdir(current):
+            os.mkdir(current, 0o755)
+            os.chmod(current, 0o755)
+
+
+def _write_id_maps(uid: int, gid: int) -> None:
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{uid} {uid} 1\n")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{gid} {gid} 1\n")
+
+
+def apply(plan: MountPlan) -> None:
+    """Enter a new mount namespace and build the plan's view of the file system in it."""
+    uid, gid = os.getuid(), os.getgid()
+    if plan.mode == "root":
+        if os.geteuid() != 0:
+            raise OSError("mode 'root' needs root")
+        _sys("unshare", CLONE_NEWNS)
+    else:
+        _sys("unshare", CLONE_NEWUSER | CLONE_NEWNS)
+        _write_id_maps(uid, gid)
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+    # Open every source before anything is covered: the fds keep the host objects reachable.
+    data_fds = [(_open_path(f.source, False), f) for f in plan.data]
+    expose_fds = [(_open_path(e.path, True), e) for e in plan.exposures]
+
+    if not os.path.isdir(DATA_ROOT) or os.path.islink(DATA_ROOT):
+        raise OSError(f"{DATA_ROOT} is not a directory on the host")
+    _tmpfs(DATA_ROOT, 0o755, "1m", MS_NOEXEC)
+    for fd, f in data_fds:
+        _makedirs(os.path.dirname(f.target), DATA_ROOT)
+        os.close(os.open(f.target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o444))
+        _bind(fd, f.target, read_only=True)
+        os.close(fd)
+    if plan.hidden_files:
+        # /dev/null on a nodev mount: the hidden file's path exists, but opening it fails.
+        null_fd = os.open("/dev/null", os.O_PATH | os.O_CLOEXEC)
+        for path in plan.hidden_files:
+            if os.path.isfile(path):
+                _bind(null_fd, path, read_only=True)
+        os.close(null_fd)
+    _mount(None, DATA_ROOT, None, MS_REMOUNT | _SAFE | MS_NOEXEC | MS_RDONLY)
+
+    mounted: list[Cover] = []
+    for c in plan.covers:
+        outer = [m.path for m in mounted if within(c.path, m.path)]
+        if outer and not c.optional:
+            # A required cover below an earlier one (a home base under the private /tmp): recreate its
+            # mount point inside the earlier cover.
+            _makedirs(c.path, max(outer, key=len))
+        if not os.path.isdir(c.path) or os.path.islink(c.path):
+            if c.optional:
+                continue  # already gone from view (under an earlier cover) or absent on this machine
+            raise OSError(f"{c.path} is not a directory")
+        _tmpfs(c.path, c.mode, c.size)
+        mounted.append(c)
+    for fd, e in expose_fds:
+        under = [c.path for c in mounted if within(e.path, c.path)]
+        if under:
+            _makedirs(e.path, max(under, key=len))
+            _bind(fd, e.path, read_only=not e.writable, extra=MS_REC)
+        os.close(fd)
+    for c in mounted:
+        if c.read_only:
+            _mount(None, c.path, None, MS_REMOUNT | _SAFE | MS_RDONLY)
+    if plan.mode == "userns" and (uid, gid) != (plan.uid, plan.gid):
+        raise OSError("mode 'userns' runs the server as the hub's own account")
+
+
+def drop_privileges(plan: MountPlan) -> None:
+    """Become the plan's account for good: groups, gid, uid (real, effective, saved), no new privileges."""
+    if plan.mode == "root":
+        if plan.uid == 0 or plan.gid == 0:
+            raise OSError("refusing to run a sandbox as uid or gid 0")
+        os.setgroups(list(plan.groups))
+        # Empty the bounding set while still root, so nothing exec'd later can regain a capability.
+        cap = 0
+        while True:
+            try:
+                _sys(
+                    "prctl",
+                    PR_CAPBSET_DROP,
+                    ctypes.c_ulong(cap),
+                    ctypes.c_ulong(0),
+                    ctypes.c_ulong(0),
+                    ctypes.c_ulong(0),
+                )
+            except OSError:
+                break  # EINVAL: past the last capability this kernel knows
+            cap += 1
+        os.setresgid(plan.gid, plan.gid, plan.gid)
+        os.setresuid(plan.uid, plan.uid, plan.uid)
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise OSError("privileges were not dropped")
+    _sys(
+        "prctl",
+        PR_SET_NO_NEW_PRIVS,
+        ctypes.c_ulong(1),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+    )
+    # In userns mode the exec below clears every capability: the mapped uid is not 0 inside.
+    if os.getresuid() != (plan.uid,) * 3 or os.getresgid() != (plan.gid,) * 3:
+        raise OSError("the process does not run as the planned account")
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"[dcr-sandbox] {msg}\n")
+    sys.stderr.flush()
+
+
+def summary(plan: MountPlan) -> str:
+    datasets = sorted({f"{f.provider}/{f.dataset}" for f in plan.data})
+    return (
+        f"{plan.account} (uid {plan.uid}): {DATA_ROOT} holds {len(plan.data)} synthetic files of "
+        f"{len(datasets)} datasets ({', '.join(datasets) or 'none'})"
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) < 4 or argv[2] != "--":
+        _log("usage: sandbox_mounts.py PLAN_JSON -- COMMAND [ARGS...]")
+        return 2
+    try:
+        plan = MountPlan.from_json(argv[1])
+    except (ValueError, KeyError, TypeError, PlanError) as e:
+        _log(f"invalid sandbox plan: {e}")
+        return 2
+    cmd = list(argv[3:])
+    try:
+        apply(plan)
+    except OSError as e:
+        if plan.mode == "root":
+            # Fail closed: without its namespace the server would see the host's /data and more.
+            _log(f"cannot build the sandbox for {plan.account}, not starting the server: {e}")
+            return 1
+        _log(
+            f"WARNING: cannot build a private {DATA_ROOT} without root ({e}); the server starts WITHOUT "
+            f"{DATA_ROOT} and users are NOT isolated from each other"
+        )
+    try:
+        drop_privileges(plan)
+        os.chdir(plan.home)
+    except OSError as e:
+        _log(f"cannot switch to {plan.account}, not starting the server: {e}")
+        return 1
+    for note in plan.notes:
+        _log(note)
+    _log(summary(plan))
+    try:
+        os.execvpe(cmd[0], cmd, os.environ)  # noqa: S606 -- the server replaces this process
+    except OSError as e:
+        _log(f"cannot run {cmd[0]!r} as {plan.account}: {e.strerror}")
+        return 127
+    return 0  # not reached: exec replaced this process
+
+
+def data_files(entitlements: Iterable[Any]) -> list[DataFile]:
+    """The ``/data`` files of policy entitlements (objects with provider, dataset and a synthetic mapping)."""
+    out = []
+    for e in entitlements:
+        synthetic: Mapping[str, Any] = e.synthetic
+        for name, source in synthetic.items():
+            out.append(DataFile(e.provider, e.dataset, name, str(source)))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
