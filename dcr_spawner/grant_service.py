@@ -54,6 +54,7 @@ from dcr_enclave import contract
 from dcr_enclave.digests import DIGEST_RE
 from dcr_enclave.errors import DCRError
 from dcr_enclave.grant import GrantedDataset, issue_grant
+from dcr_enclave.store import Store
 
 from .hubdb import GrantedJob, HubDB, Usage
 from .hubkey import AirlockKey, HubKey, load_or_create_airlock_key, load_or_create_hub_key
@@ -250,6 +251,10 @@ class GrantService:
         for ref in refs:
             spec = self.policy.spec(ref)
             assert spec is not None
+            try:  # read afresh: a provider may retire the pinned version while the hub runs
+                Store(spec.store).grantable(spec.provider, spec.dataset, spec.version)
+            except DCRError as e:
+                raise Refusal(403, f"{ref}: {e.message}") from None
             out.append(GrantedDataset(spec.provider, spec.dataset, spec.version, spec.release))
         return out
 

@@ -36,6 +36,7 @@ from dcr_enclave import contract, sealing
 from dcr_enclave.dataset import DatasetVersion
 from dcr_enclave.errors import DCRError
 from dcr_enclave.grant import Grant, verify_grant
+from dcr_enclave.store import Store
 from dcr_server_ext.errors import Unavailable
 from dcr_server_ext.grants import GrantRefused, HubGrantSource
 from dcr_spawner import DCRPolicy, GrantService
@@ -264,6 +265,32 @@ def test_job_ids_are_granted_once(make_service: Callable[..., Clocked]) -> None:
     assert c.refused("alice", set(), doc).status == 409
     r = c.refused("bob", {"analysts"}, {**_body(), "job_id": doc["job_id"]})
     assert r.status == 409 and "already has a grant" in r.message
+
+
+def test_version_retired_while_the_hub_runs_gets_no_new_grant(tmp_path: Path) -> None:
+    """A provider retiring the pinned version while the hub runs stops new grants for it at once (403,
+    recorded), without a hub restart; grants already issued are untouched."""
+    root = tmp_path / "retire-store"
+    real = make_csv(tmp_path / "src" / "real" / "t.csv", 50, seed=3)
+    synthetic = make_csv(tmp_path / "src" / "synthetic" / "t.csv", 50, seed=4)
+    version = register_dataset(root, "initech", "tps", [(real, synthetic)])
+    policy = DCRPolicy(
+        datasets={"initech/tps": dataset_entry(version, root, users=["alice"], release="auto")},
+        db_url=f"sqlite:///{tmp_path / 'hub.sqlite'}",
+        time_limit=600,
+        quotas=GENEROUS,
+    )
+    service = GrantService.start(policy, set(), base_dir=tmp_path)
+    try:
+        first = service.issue("alice", set(), _raw(_body()), remote="127.0.0.1")
+        Store(root).retire("initech", "tps", version.version)
+        with pytest.raises(Refusal) as info:
+            service.issue("alice", set(), _raw(_body()), remote="127.0.0.1")
+        assert info.value.status == 403 and "retired" in info.value.message
+        assert first["grant"]
+        assert any(e.reason and "retired" in e.reason for e in service.db.events())
+    finally:
+        service.db.dispose()
 
 
 def test_quotas(make_service: Callable[..., Clocked]) -> None:

@@ -31,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name in BUILTIN_COMMANDS:
         importlib.import_module(f"{__package__}.commands.{name}").register(sub)
     for ep in entry_points(group="dcr.commands"):
-        ep.load()(sub)
+        try:
+            register = ep.load()
+        except ImportError as e:  # a half-installed plug-in must not take the whole command down
+            print(f"dcr: warning: commands from {ep.value} are unavailable: {e}", file=sys.stderr)
+            continue
+        register(sub)
     return parser
 
 

@@ -7,14 +7,16 @@ Layout::
                                             /synthetic/<name>        synthetic file, same name as the real one
     STORE/.keys/                             default keys directory (owner-only; see dcr_enclave.keys)
 
-A version directory is immutable once it exists: adding builds it under a temporary name in the dataset's
-directory and renames it into place as the last step, so an interrupted or failed add leaves nothing
-half-written. Ciphertext and manifests are not secret; the synthetic files are meant for entitled users:
+A version directory is immutable once it exists (except the manifest's ``retired`` flag, which is not part
+of the version digest and is replaced atomically by :meth:`Store.retire`): adding builds it under a temporary
+name in the dataset's directory and renames it into place as the last step, so an interrupted or failed add
+leaves nothing half-written. Ciphertext and manifests are not secret; the synthetic files are meant for entitled users:
 restrict the store root's own permissions if others on the machine must not read them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -22,7 +24,8 @@ import re
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -242,6 +245,53 @@ class Store:
     def synthetic_path(self, manifest: DatasetVersion, file_name: str) -> Path:
         return self._member(manifest, manifest.file(file_name).synthetic)
 
+    def grantable(self, provider: str, dataset: str, version: str | None = None) -> DatasetVersion:
+        """The version a new grant may name: ``version`` itself unless retired, else the newest unretired one.
+
+        Retiring stops new grants only: a grant issued earlier still names its version, and the provider's
+        condition keeps every version, so such a job still gets its data key.
+        """
+        if version is not None:
+            manifest = self.load(provider, dataset, version)
+            if manifest.retired:
+                raise DCRError(
+                    f"version {version} of {provider}/{dataset} is retired: it gets no new grants",
+                    hint="grant a current version (see `dcr provider list`)",
+                )
+            return manifest
+        current = [m for m in self.versions(provider, dataset) if not m.retired]
+        if not current:
+            raise DCRError(
+                f"the store {self.root} has no unretired version of {provider}/{dataset}",
+                hint="add one with `dcr provider add`",
+            )
+        return current[-1]
+
+    def retire(self, provider: str, dataset: str, version: str) -> tuple[DatasetVersion, bool]:
+        """Mark a version retired (no new grants); returns the manifest and whether it changed.
+
+        Only the manifest's ``retired`` flag changes (it is not part of the version digest); the new
+        manifest replaces the old one atomically. Files and keys stay, so pinned grants still decrypt.
+        """
+        manifest = self.load(provider, dataset, version)
+        if manifest.retired:
+            return manifest, False
+        retired = DatasetVersion.from_json({**manifest.to_json(), "retired": True})
+        path = self.version_dir(provider, dataset, version) / MANIFEST_FILE
+        tmp = path.parent / f".{MANIFEST_FILE}.{secrets.token_hex(6)}"
+        try:
+            with open(tmp, "xb") as f:
+                f.write(retired.dumps())
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, _FILE_MODE)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise DCRError(f"cannot retire {provider}/{dataset} version {version}: {e}") from None
+        return retired, True
+
     # Adding ------------------------------------------------------------------------------------------
 
     def prepare(
@@ -285,10 +335,39 @@ class Store:
         return PreparedVersion(provider, dataset, version, protection, ordered)
 
     def commit(
-        self, prepared: PreparedVersion, keys: KeyDirectory, chunk_size: int = streamcrypt.DEFAULT_CHUNK_SIZE
+        self,
+        prepared: PreparedVersion,
+        keys: KeyDirectory,
+        chunk_size: int = streamcrypt.DEFAULT_CHUNK_SIZE,
+        progress: Callable[[int, int], None] | None = None,
     ) -> AddResult:
-        """Encrypt and copy a prepared version into the store; a no-op when the version is already there."""
+        """Encrypt and copy a prepared version into the store; a no-op when the version is already there.
+
+        ``progress(done, total)`` is called from a watcher thread a few times a second with the bytes
+        written so far (ciphertext and synthetic copies) and the total expected.
+        """
         streamcrypt.check_chunk_size(chunk_size)
+        if progress is None:
+            return self._commit(prepared, keys, chunk_size)
+        total = sum(streamcrypt.ciphertext_size(r.size, chunk_size) + s.size for _, r, s in prepared.files)
+        final = self.version_dir(prepared.provider, prepared.dataset, prepared.version)
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(0.25):
+                progress(min(total, _bytes_under(final.parent, f".tmp-{final.name[:16]}-")), total)
+
+        watcher = threading.Thread(target=watch, name="dcr-store-progress", daemon=True)
+        watcher.start()
+        try:
+            result = self._commit(prepared, keys, chunk_size)
+        finally:
+            stop.set()
+            watcher.join()
+        progress(total, total)
+        return result
+
+    def _commit(self, prepared: PreparedVersion, keys: KeyDirectory, chunk_size: int) -> AddResult:
         p = prepared
         final = self.version_dir(p.provider, p.dataset, p.version)
         if self.exists(p.provider, p.dataset, p.version):
@@ -387,6 +466,20 @@ class Store:
             os.fsync(f.fileno())
         os.chmod(tmp / MANIFEST_FILE, _FILE_MODE)
         return manifest
+
+
+def _bytes_under(parent: Path, prefix: str) -> int:
+    """Bytes in the files under ``parent``'s entries named ``prefix...`` (a version being built)."""
+    total = 0
+    try:
+        for entry in parent.iterdir():
+            if entry.name.startswith(prefix):
+                for f in entry.rglob("*"):
+                    with contextlib.suppress(OSError):
+                        total += f.lstat().st_size if f.is_file() else 0
+    except OSError:
+        pass
+    return total
 
 
 def _discard(tmp: Path, created_dirs: list[Path]) -> None:

@@ -1,31 +1,57 @@
-"""``dcr provider add`` and ``dcr provider list``: how a data provider registers datasets.
+"""``dcr provider add``, ``list`` and ``retire``: how a data provider registers datasets.
 
 ``add`` validates the real and synthetic files, computes the content-addressed version, encrypts the real
 files into the store under a fresh data key (wrapped under the provider's KEK), copies the synthetic files
 under the real files' names, writes the manifest and the provider's key-release condition, and prints the
 two things people copy elsewhere: the hub-side snippet for ``jupyterhub_config.py`` and the condition.
 Adding content that is already in the store changes nothing.
+
+The synthetic version is either the provider's own file (``--synthetic``; a CSV or Parquet file must have the
+real file's column names and types) or made here (``--synthesize NAME``). Synthesizers are replaceable
+parts found by name in the entry-point group :data:`SYNTHESIZER_GROUP`; the main distribution registers
+``mst``, ``aim`` and ``random`` (``pip install 'jupyterhub-dcr[synthesis]'``), so this trusted distribution
+never imports a synthesis library. A synthesizer is a class whose instances have ``kind`` (``dp`` or
+``random``) and ``synthesize(real=, out_dir=, epsilon=, delta=, schema=, seed=, max_bytes=, report=,
+report_epsilon=, progress=)`` returning an object with ``path``, ``kind``, ``mechanism``, ``epsilon``,
+``delta`` and ``reports`` (see ``dcr_provider.synthesizers``).
+
+``retire`` stops new grants for a version; its files, key and place in the condition stay, so grants that
+already pin it still decrypt it.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TextIO
 
 from .. import jwk
 from ..condition import KeyReleaseCondition, PlatformCondition
+from ..contract import check_name
 from ..dataset import PROTECTION_KINDS, DatasetVersion, Protection
 from ..digests import check_digest
 from ..errors import DCRError
 from ..keys import KeyDirectory, ensure_private_dir
 from ..measure import current_measurement
-from ..store import DEFAULT_MAX_BYTES, DEV_HUB_KEY_FILE, Store
+from ..store import DEFAULT_MAX_BYTES, DEV_HUB_KEY_FILE, Store, inspect_input
 from ..streamcrypt import DEFAULT_CHUNK_SIZE, check_chunk_size
 
 _PLATFORMS = {"local": "local", "confidential-space": "confidential_space"}
 _RULE = "# " + "-" * 100
+#: Entry-point group of synthesizers (``name = module:Class``).
+SYNTHESIZER_GROUP: Final = "dcr.synthesizers"
+#: Entry-point group of the schema check for a provider's own synthetic file (``tables = module:function``).
+SCHEMA_CHECK_GROUP: Final = "dcr.schema_checks"
+_INSTALL_HINT = "install jupyterhub-dcr[synthesis] (see docs/synthesis.md)"
+_TABULAR = (".csv", ".parquet", ".pq")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +74,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--dataset", required=True, metavar="NAME", help="dataset name, e.g. insurance")
     add.add_argument("--real", type=Path, action="append", required=True, metavar="FILE", help="a real file")
     add.add_argument(
-        "--synthetic", type=Path, action="append", required=True, metavar="FILE", help="its synthetic version"
+        "--synthetic",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="its synthetic version, made by the provider (CSV/Parquet: same column names and types)",
+    )
+    add.add_argument(
+        "--synthesize",
+        metavar="NAME",
+        help="make the synthetic versions with this synthesizer instead (mst, aim: differentially private, "
+        "needs --epsilon; random: from --schema alone)",
+    )
+    add.add_argument(
+        "--schema", type=Path, metavar="FILE", help="declared schema (YAML or JSON) of the real file(s)"
+    )
+    add.add_argument(
+        "--seed", type=int, metavar="N", help="seed for the synthesizer's selection and sampling"
+    )
+    add.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="write the fidelity report(s) into DIR (provider-only: computed from the real data)",
+    )
+    add.add_argument(
+        "--report-epsilon",
+        type=float,
+        metavar="E",
+        help="also write a researcher-facing fidelity report from DP statistics, spending E of --epsilon",
     )
     add.add_argument("--keys", type=Path, metavar="DIR", help="keys directory (default: STORE/.keys)")
     add.add_argument(
@@ -104,13 +159,146 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     lst = sub.add_parser("list", help="list the datasets in a store", description="List a store's datasets.")
     lst.add_argument("--store", type=Path, required=True, metavar="DIR", help="the dataset store directory")
+
+    retire = sub.add_parser(
+        "retire",
+        help="stop new grants for a dataset version",
+        description="Mark a dataset version retired: no new grant names it. Grants that already pin it still "
+        "decrypt it (its files, key and condition stay).",
+    )
+    retire.add_argument(
+        "--store", type=Path, required=True, metavar="DIR", help="the dataset store directory"
+    )
+    retire.add_argument("--provider", required=True, metavar="NAME", help="provider name")
+    retire.add_argument("--dataset", required=True, metavar="NAME", help="dataset name")
+    retire.add_argument("--version", required=True, metavar="sha256:HEX", help="the version to retire")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.provider_command == "add":
         return run_add(args)
+    if args.provider_command == "retire":
+        return run_retire(args)
     return run_list(args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# progress on a terminal
+# ---------------------------------------------------------------------------------------------------------
+
+
+class TerminalProgress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal (never in logs or pipes)."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.width = width
+        self._last = 0.0
+        self._shown = False
+
+    def show(self, label: str, fraction: float, detail: str = "", *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        f = min(1.0, max(0.0, fraction))
+        bar = "#" * int(f * self.width)
+        self.stream.write(
+            f"\r{label[:28]:<28} [{bar:<{self.width}}] {f * 100:5.1f}% {detail}".ljust(100)[:100]
+        )
+        self.stream.flush()
+        self._shown = True
+
+    def done(self) -> None:
+        if self.enabled and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._shown = False
+
+    def stage(self, prefix: str) -> Callable[[str, float], None]:
+        """A ``progress(stage, fraction)`` callback for a synthesizer."""
+        return lambda stage, fraction: self.show(f"{prefix} {stage}", fraction, force=fraction >= 1.0)
+
+    def bytes(self, label: str) -> Callable[[int, int], None]:
+        """A ``progress(done, total)`` callback for the store's encryption."""
+        start = time.monotonic()
+
+        def cb(done: int, total: int) -> None:
+            rate = done / max(1e-6, time.monotonic() - start) / 1e6
+            self.show(
+                label, done / total if total else 1.0, f"{done >> 20}/{total >> 20} MiB {rate:.0f} MB/s"
+            )
+
+        return cb
+
+
+# ---------------------------------------------------------------------------------------------------------
+# synthesizers and schema checks (entry points)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _entry_points(group: str) -> list[EntryPoint]:
+    return sorted(entry_points(group=group), key=lambda ep: ep.name)
+
+
+def load_synthesizer(name: str) -> Any:
+    """An instance of the synthesizer registered as ``name`` in :data:`SYNTHESIZER_GROUP`."""
+    found = _entry_points(SYNTHESIZER_GROUP)
+    if not found:
+        raise DCRError(
+            f"no synthesizer is installed, so --synthesize {name} is unavailable", hint=_INSTALL_HINT
+        )
+    match = [ep for ep in found if ep.name == name]
+    if not match:
+        names = ", ".join(ep.name for ep in found)
+        raise DCRError(f"unknown synthesizer {name!r}", hint=f"installed synthesizers: {names}")
+    try:
+        return match[0].load()()
+    except ImportError as e:
+        raise DCRError(f"the synthesizer {name!r} cannot be loaded: {e}", hint=_INSTALL_HINT) from None
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DCRError(f"cannot read the header of {path}: {e}") from None
+
+
+def check_synthetic_schema(real: Path, synthetic: Path, max_bytes: int) -> None:
+    """Refuse a provider's synthetic CSV/Parquet file whose schema differs from the real file's.
+
+    With ``jupyterhub-dcr[synthesis]`` installed the check (format, names, types) comes from
+    :data:`SCHEMA_CHECK_GROUP`; without it only CSV column names are compared here, with the standard library.
+    """
+    if real.suffix.lower() not in _TABULAR and synthetic.suffix.lower() not in _TABULAR:
+        return  # not a table: nothing to compare
+    checks = [ep for ep in _entry_points(SCHEMA_CHECK_GROUP) if ep.name == "tables"]
+    if checks:
+        try:
+            check = checks[0].load()
+        except ImportError:
+            check = None
+        if check is not None:
+            check(real, synthetic, max_bytes)
+            return
+    if real.suffix.lower() == synthetic.suffix.lower() == ".csv":
+        r, s = _csv_header(real), _csv_header(synthetic)
+        if r != s:
+            raise DCRError(
+                f"the synthetic file {synthetic} has columns {s}, the real file {real} has {r}",
+                hint="the synthetic version must have the real data's column names, in order",
+            )
+        return
+    raise DCRError(
+        f"cannot compare the schemas of {real} and {synthetic} without the synthesis tools",
+        hint=_INSTALL_HINT,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,21 +317,127 @@ def hub_key_thumbprints(path: Path) -> list[str]:
     return [jwk.thumbprint(k) for k in jwk.load_jwks_file(path, "hub key file")]
 
 
+def _check_synthesis_args(args: argparse.Namespace) -> None:
+    if args.synthesize is None:
+        if len(args.real) != len(args.synthetic):
+            raise DCRError(
+                f"{len(args.real)} --real but {len(args.synthetic)} --synthetic files",
+                hint="pass one --synthetic after each --real, or --synthesize NAME",
+            )
+        for option in ("schema", "seed", "report", "report_epsilon"):
+            if getattr(args, option) is not None:
+                raise DCRError(f"--{option.replace('_', '-')} applies to --synthesize only")
+        return
+    if args.synthetic:
+        raise DCRError("pass either --synthetic files or --synthesize, not both")
+    if args.protection != "provider-file" or args.mechanism is not None:
+        raise DCRError("--protection and --mechanism are set by --synthesize; leave them out")
+    if args.report_epsilon is not None and args.report is None:
+        raise DCRError("--report-epsilon needs --report DIR (where the researcher-facing report goes)")
+    if args.report is not None and args.report.exists() and not args.report.is_dir():
+        raise DCRError(f"--report {args.report} exists and is not a directory")
+
+
+def synthesize_files(
+    args: argparse.Namespace, work: Path, progress: TerminalProgress
+) -> tuple[list[Path], Protection, list[Path]]:
+    """Run the chosen synthesizer on every --real file into ``work``; the budget is split evenly over files.
+
+    Returns the synthetic files (in --real order), the protection for the manifest and the report files.
+    """
+    synthesizer = load_synthesizer(args.synthesize)
+    k = len(args.real)
+    outputs, reports, results = [], [], []
+    for i, real in enumerate(args.real):
+        out_dir = work / str(i)
+        out_dir.mkdir()
+        try:
+            result = _call_synthesizer(synthesizer, args, real, out_dir, k, progress)
+        finally:
+            progress.done()
+        outputs.append(Path(result.path))
+        reports += [Path(r) for r in result.reports]
+        results.append(result)
+    return _protection(results, outputs, reports)
+
+
+def _call_synthesizer(
+    synthesizer: Any, args: argparse.Namespace, real: Path, out_dir: Path, k: int, progress: TerminalProgress
+) -> Any:
+    try:
+        return synthesizer.synthesize(
+            real=real,
+            out_dir=out_dir,
+            epsilon=None if args.epsilon is None else args.epsilon / k,
+            delta=None if args.delta is None else args.delta / k,
+            schema=args.schema,
+            seed=args.seed,
+            max_bytes=args.max_bytes,
+            report=args.report is not None,
+            report_epsilon=None if args.report_epsilon is None else args.report_epsilon / k,
+            progress=progress.stage(f"{real.name}:"),
+        )
+    except DCRError:
+        raise
+    except Exception as e:  # a library's own error: still a clear refusal, and nothing is written
+        raise DCRError(
+            f"the synthesizer {args.synthesize!r} failed on {real}: {type(e).__name__}: {e}",
+            hint="check the file and --schema (declared domains need no DP estimate, which can fail at small ε)",
+        ) from None
+
+
+def _protection(
+    results: list[Any], outputs: list[Path], reports: list[Path]
+) -> tuple[list[Path], Protection, list[Path]]:
+    kinds = {r.kind for r in results}
+    if len(kinds) != 1:  # pragma: no cover - one synthesizer has one kind
+        raise DCRError("the synthesizer returned mixed protection kinds")
+    kind = kinds.pop()
+    if kind == "dp":
+        epsilon = sum(float(r.epsilon) for r in results)
+        delta = sum(float(r.delta or 0.0) for r in results)
+        protection = Protection("dp", results[0].mechanism, epsilon, delta)
+    else:
+        protection = Protection(kind, results[0].mechanism)
+    return outputs, protection, reports
+
+
+def _deliver_reports(reports: list[Path], dest: Path) -> list[Path]:
+    """Move report files into ``dest`` (created if missing), each replacing any older file atomically."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for r in reports:
+        tmp = dest / f".{r.name}.tmp"
+        shutil.copyfile(r, tmp)
+        target = dest / r.name
+        tmp.replace(target)
+        out.append(target)
+    return out
+
+
 def run_add(args: argparse.Namespace) -> int:
     # Everything is validated before anything is written: a refusal leaves store and keys untouched.
+    _check_synthesis_args(args)
+    with tempfile.TemporaryDirectory(prefix="dcr-synthesis-") as work:
+        return _run_add(args, Path(work))
+
+
+def _run_add(args: argparse.Namespace, work: Path) -> int:
     store = Store(args.store)
     keys = KeyDirectory(args.keys if args.keys else store.default_keys_dir)
-    if len(args.real) != len(args.synthetic):
-        raise DCRError(
-            f"{len(args.real)} --real but {len(args.synthetic)} --synthetic files",
-            hint="pass one --synthetic after each --real",
-        )
     if keys.path.exists():
         ensure_private_dir(keys.path)  # refuses a keys directory others can read, before any work
     check_chunk_size(args.chunk_size)
     if args.max_bytes <= 0:
         raise DCRError("--max-bytes must be positive")
-    protection = Protection(args.protection, args.mechanism, args.epsilon, args.delta)
+    progress = TerminalProgress()
+    reports: list[Path] = []
+    if args.synthesize is None:
+        protection = Protection(args.protection, args.mechanism, args.epsilon, args.delta)
+        synthetic = list(args.synthetic)
+    else:
+        for real in args.real:
+            inspect_input(real, "real file", args.max_bytes)  # links, emptiness, size: before any synthesis
     platform = PlatformCondition.defaults(
         _PLATFORMS[args.platform], project_id=args.project_id, service_accounts=args.service_account
     )
@@ -154,13 +448,20 @@ def run_add(args: argparse.Namespace) -> int:
     if args.hub_key is None and dev_key.exists():
         thumbprints = hub_key_thumbprints(dev_key)
 
+    if args.synthesize is not None:
+        check_name(args.provider, "provider")
+        check_name(args.dataset, "dataset")
+        synthetic, protection, reports = synthesize_files(args, work, progress)
     prepared = store.prepare(
         args.provider,
         args.dataset,
-        list(zip(args.real, args.synthetic, strict=True)),
+        list(zip(args.real, synthetic, strict=True)),
         protection,
         args.max_bytes,
     )
+    if args.synthesize is None:
+        for real, syn in zip(args.real, synthetic, strict=True):
+            check_synthetic_schema(real, syn, args.max_bytes)
     if store.exists(prepared.provider, prepared.dataset, prepared.version):
         existing = store.load(prepared.provider, prepared.dataset, prepared.version)
         print(
@@ -173,7 +474,8 @@ def run_add(args: argparse.Namespace) -> int:
     if thumbprints is None:  # the local development hub key, created on first use
         ensure_private_dir(keys.path)
         thumbprints = [jwk.thumbprint(jwk.public_jwk(jwk.load_or_create_key(dev_key)))]
-    result = store.commit(prepared, keys, args.chunk_size)
+    result = store.commit(prepared, keys, args.chunk_size, progress=progress.bytes("encrypting"))
+    progress.done()
     manifest = result.manifest
     if not result.created:  # a concurrent add of the same content got there first
         print(
@@ -183,9 +485,8 @@ def run_add(args: argparse.Namespace) -> int:
     condition = KeyReleaseCondition(
         provider=manifest.provider,
         dataset=manifest.dataset,
-        versions=tuple(
-            m.version for m in store.versions(manifest.provider, manifest.dataset) if not m.retired
-        ),
+        # Retired versions stay: retiring stops new grants, not the jobs whose grants already pin a version.
+        versions=tuple(m.version for m in store.versions(manifest.provider, manifest.dataset)),
         platform=platform,
         enclave_digests=tuple(enclave_digests or [current_measurement()]),
         hub_key_thumbprints=tuple(thumbprints),
@@ -195,6 +496,16 @@ def run_add(args: argparse.Namespace) -> int:
     files = ", ".join(f"{f.name} ({f.size} bytes)" for f in manifest.files)
     print(f"Added {manifest.ref} version {manifest.version}: {files}")
     print(f"  manifest: {result.path / 'manifest.json'}")
+    p = manifest.protection
+    if p.kind == "dp":
+        delta = "" if p.delta is None else f", δ = {p.delta:g}"
+        print(f"  synthetic: {p.mechanism or 'dp'}, ε = {p.epsilon:g}{delta} (differentially private)")
+    elif args.synthesize is not None:
+        print(f"  synthetic: {p.mechanism} (drawn from the declared schema alone)")
+    if reports:
+        for r in _deliver_reports(reports, args.report):
+            audience = "provider only" if "provider-only" in r.name else "for researchers (DP statistics)"
+            print(f"  fidelity report ({audience}): {r}")
     print()
     print(hub_snippet(store, manifest, args.release))
     print()
@@ -257,6 +568,18 @@ def condition_text(condition: KeyReleaseCondition, path: Path, hub_key_file: Pat
 # ---------------------------------------------------------------------------------------------------------
 # list
 # ---------------------------------------------------------------------------------------------------------
+
+
+def run_retire(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    version = check_digest(args.version, "--version")
+    manifest, changed = store.retire(args.provider, args.dataset, version)
+    if changed:
+        print(f"Retired {manifest.ref} version {manifest.version}: it gets no new grants.")
+        print("  Grants issued before keep decrypting it; its files, key and condition are unchanged.")
+    else:
+        print(f"{manifest.ref} version {manifest.version} was already retired; nothing changed.")
+    return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
