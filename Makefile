@@ -9,7 +9,7 @@ DEBS   := bubblewrap iproute2 util-linux postgresql
 
 CHP    := .npm/node_modules/.bin/configurable-http-proxy
 
-.PHONY: demo test lint system-deps venv clean
+.PHONY: demo test lint system-deps venv jupyter clean
 
 # JupyterHub's proxy, from the npm registry, pinned by .npm/package-lock.json.
 $(CHP): .npm/package.json .npm/package-lock.json
@@ -18,10 +18,32 @@ $(CHP): .npm/package.json .npm/package-lock.json
 
 venv: $(STAMP)
 
+# The JupyterLab extension, built from source (npm registry only), its jest tests run, and made visible to
+# the venv's JupyterLab; the server extension's enable-on-install file likewise (editable installs skip
+# data_files).
+LABEXT     := dcr_labextension/labextension/package.json
+LABEXT_SRC := $(wildcard dcr_labextension/src/* dcr_labextension/style/* dcr_labextension/schema/* dcr_labextension/test/*)
+LABEXT_DIR := $(VENV)/share/jupyter/labextensions/@jupyterhub-dcr
+SERVER_CFG := $(VENV)/etc/jupyter/jupyter_server_config.d/dcr_server_ext.json
+
+$(LABEXT): $(STAMP) dcr_labextension/package.json dcr_labextension/package-lock.json $(LABEXT_SRC)
+	cd dcr_labextension && npm ci --no-audit --no-fund --loglevel=error
+	cd dcr_labextension && npm test -- --silent
+	cd dcr_labextension && PATH="$(CURDIR)/$(BIN):$$PATH" npm run build
+	mkdir -p $(LABEXT_DIR)
+	ln -sfn $(CURDIR)/dcr_labextension/labextension $(LABEXT_DIR)/labextension
+	touch $@
+
+$(SERVER_CFG): jupyter-config/jupyter_server_config.d/dcr_server_ext.json $(STAMP)
+	mkdir -p $(dir $@)
+	cp $< $@
+
+jupyter: $(LABEXT) $(SERVER_CFG)
+
 $(STAMP): setup.cfg pyproject.toml enclave/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -e './enclave[runtime]' -e '.[test,synthesis]'
+	$(BIN)/python -m pip install --quiet -e './enclave[runtime]' -e '.[test,synthesis,kubernetes]'
 	# SmartNoise's MST and AIM without its declared torch/opacus pins (docs/synthesis.md).
 	$(BIN)/python -m pip install --quiet --no-deps smartnoise-synth==1.0.8 smartnoise-sql==1.0.10
 	touch $@
@@ -35,25 +57,21 @@ system-deps:
 	  else echo "missing Debian packages:$$missing (install them as root: apt-get install$$missing)" >&2; exit 1; fi; \
 	fi
 
-# The secure stage on demo data: generate a dataset, register it as a provider would, run the sample
-# notebook on the real rows in the local (simulated) enclave, and verify the receipt.
+# The demo: JupyterHub on 127.0.0.1 (DCR's spawner, grant service, JupyterLab) with two researchers and one
+# provider, demo datasets (made on the first run, reused by later runs) and the local SIMULATED enclave host.
+# Prints the URL and the logins; Ctrl-C stops everything. `make demo DEMO_ARGS="--port 8001"` for options.
 DEMO := .demo
-demo: system-deps $(STAMP) $(CHP)
-	rm -rf $(DEMO)
-	$(BIN)/python demo/make_demo_data.py $(DEMO)/data
-	$(BIN)/dcr provider add --store $(DEMO)/store --provider demo --dataset patients \
-	  --real $(DEMO)/data/real/patients.csv --synthetic $(DEMO)/data/synthetic/patients.csv
-	$(BIN)/dcr local-run demo/analysis.ipynb --store $(DEMO)/store --out $(DEMO)/run \
-	  --host-state $(DEMO)/enclave-host
-	$(BIN)/dcr verify $(DEMO)/run --trust $(DEMO)/enclave-host/public/jwks.json
-	@echo "outputs: $(DEMO)/run/outputs  (the executed notebook, summary.csv, charges.png)"
+demo: system-deps $(STAMP) $(CHP) jupyter
+	$(BIN)/python -c 'import jupyterlab' 2>/dev/null || $(BIN)/python -m pip install --quiet "jupyterlab>=4.2,<5"
+	$(BIN)/dcr demo --dir $(DEMO) $(DEMO_ARGS)
 
-test: system-deps $(STAMP) $(CHP)
+test: system-deps $(STAMP) $(CHP) jupyter
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP) $(LABEXT)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	cd dcr_labextension && npm run --silent lint
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache test-artifacts .npm/node_modules
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache test-artifacts .npm/node_modules dcr_labextension/node_modules dcr_labextension/lib dcr_labextension/labextension

@@ -31,7 +31,7 @@ from .events import EVENT_SCHEMA_ID, EVENT_SCHEMA_PATH, job_event
 from .grants import GrantSource
 from .handlers import default_handlers
 from .jobstore import JobStore
-from .manager import JobManager
+from .manager import JobManager, TrustAnchors, load_trust_anchors
 from .model import Job
 
 DB_FILE = "jobs.sqlite"
@@ -226,6 +226,28 @@ class DCRExtension(ExtensionApp):
         """,
     ).tag(config=True)
 
+    trust_jwks = List(
+        Unicode(),
+        default_value=[],
+        help="""Trust anchors that job receipts are verified against (``GET /dcr/api/jobs/<id>/verify``, the
+        receipt viewer in JupyterLab): absolute paths of JWKS, JWK or PEM public key files of the enclave
+        signer, PEM files of root certificates (for certificate-chained tokens), or ``sha256:<thumbprint>``
+        RFC 7638 key thumbprints (the key is then read from the receipt's ``signer-jwks.json``, and only a
+        key with a pinned thumbprint is used). Read once when the server starts; a file that cannot be
+        read or parsed stops the server. Empty (the default): receipts are not verified by the server
+        (the endpoint answers 503), ``dcr verify`` still checks them offline.
+
+        Example::
+
+            c.DCRExtension.trust_jwks = ["/srv/dcr/enclave-host/public/jwks.json"]
+
+        Security: these files decide which signatures make a receipt "verified" in the user's browser.
+        Point them at keys the deployment's administrator pinned (the local enclave host's published JWKS,
+        or your platform's attestation roots), on storage users cannot write; never at a key taken from a
+        receipt. The local enclave host's key signs *simulated* attestations: the viewer says so.
+        """,
+    ).tag(config=True)
+
     # -- defaults and validation ----------------------------------------------------------------------------
 
     @default("data_dir")
@@ -295,6 +317,15 @@ class DCRExtension(ExtensionApp):
             raise TraitError(f"DCRExtension.{proposal['trait'].name} must be a positive integer, not {value}")
         return int(value)
 
+    @validate("trust_jwks")
+    def _valid_trust(self, proposal: Any) -> list[str]:
+        value = proposal["value"]
+        try:
+            load_trust_anchors(value)  # parsed again at start: keys are files, and files may change
+        except DCRError as e:
+            raise TraitError(f"DCRExtension.trust_jwks: {e}") from None
+        return list(value)
+
     @validate("reconcile_interval")
     def _valid_interval(self, proposal: Any) -> float:
         value = proposal["value"]
@@ -328,6 +359,11 @@ class DCRExtension(ExtensionApp):
             raise SystemExit(1) from None
         # A store that cannot be opened (database unreachable, or written by a newer version) is not a
         # configuration error: the extension is not loaded, the log says why, the server itself goes on.
+        try:
+            trust: TrustAnchors = load_trust_anchors(self.trust_jwks)
+        except DCRError as e:  # a file removed or replaced since the configuration was read
+            self.log.critical("Bad DCR configuration, the server stops: DCRExtension.trust_jwks: %s", e)
+            raise SystemExit(1) from None
         self.job_store = JobStore(self.db_url)
         serverapp = self._server()
         event_logger = serverapp.event_logger
@@ -347,6 +383,7 @@ class DCRExtension(ExtensionApp):
             limits=BundleLimits(max_files=self.max_bundle_files, max_bytes=self.max_bundle_bytes),
             outputs_dir=self.outputs_dir,
             reconcile_interval=self.reconcile_interval,
+            trust=trust,
         )
         self.settings["dcr_manager"] = self.manager
         self.log.info(

@@ -3,12 +3,19 @@
 In production the hub's grant service issues grants (it alone holds the hub key and the policy). The
 development source below signs grants itself with a local key that the enclave host is told to trust;
 it exists for tests, demos and a provider trying DCR on one machine, and says so in the log.
+
+Each source also lists the datasets the user may submit with (:meth:`GrantSource.datasets`, shown by the
+JupyterLab extension): the hub's view of the user's entitlements, or every dataset of the local store.
+Every entry has the shape of :func:`dataset_entry`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import getpass
+import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +23,125 @@ from traitlets import Enum, Int, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from dcr_enclave import contract
+from dcr_enclave.dataset import PROTECTION_KINDS, DatasetVersion
 from dcr_enclave.errors import DCRError
 from dcr_enclave.grant import GrantedDataset, OutputLimits, issue_grant
 from dcr_enclave.jwk import read_private_key
 from dcr_enclave.store import Store
 
-from .errors import APIError
+from .errors import APIError, Unavailable
 
 
 class GrantRefused(APIError):
     status = 403
+
+
+class NotSupported(APIError):
+    status = 501
+
+
+#: Links the UI may show for a fidelity report: web pages or paths on the hub, never script URLs.
+_REPORT_URL_RE = re.compile(r"^(https?://|/)[^\s<>\"']{1,2000}$")
+_PROTECTIONS = PROTECTION_KINDS
+
+
+def dataset_entry(
+    *,
+    provider: str,
+    dataset: str,
+    version: str | None,
+    release: str | None,
+    protection: str | None,
+    mechanism: str | None = None,
+    epsilon: float | None = None,
+    delta: float | None = None,
+    description: str = "",
+    files: list[dict[str, Any]] | None = None,
+    fidelity_report: str | None = None,
+) -> dict[str, Any]:
+    """One dataset as ``GET /dcr/api/datasets`` lists it (``Dataset`` in openapi.yaml)."""
+    return {
+        "provider": provider,
+        "dataset": dataset,
+        "version": version,
+        "release": release,
+        "protection": protection,
+        "mechanism": mechanism,
+        "epsilon": epsilon,
+        "delta": delta,
+        "description": description,
+        "files": files or [],
+        "fidelity_report": fidelity_report,
+    }
+
+
+def _from_manifest(manifest: DatasetVersion, release: str) -> dict[str, Any]:
+    p = manifest.protection
+    return dataset_entry(
+        provider=manifest.provider,
+        dataset=manifest.dataset,
+        version=manifest.version,
+        release=release,
+        protection=p.kind,
+        mechanism=p.mechanism,
+        epsilon=p.epsilon,
+        delta=p.delta,
+        files=[
+            {
+                "name": f.name,
+                "path": contract.data_path(manifest.provider, manifest.dataset, f.name),
+                "synthetic_size": f.synthetic_size,
+            }
+            for f in manifest.files
+        ],
+    )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _text(value: Any, limit: int = 2000) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
+def _from_hub(doc: Any) -> dict[str, Any] | None:
+    """A dataset entry of the hub's ``/dcr/datasets`` answer, keeping only well-formed fields (the hub is
+    trusted, but what reaches the browser is still checked: names, numbers, links)."""
+    if not isinstance(doc, dict):
+        return None
+    provider, dataset = doc.get("provider"), doc.get("dataset")
+    if not (isinstance(provider, str) and contract.NAME_RE.match(provider)):
+        return None
+    if not (isinstance(dataset, str) and contract.NAME_RE.match(dataset)):
+        return None
+    files = []
+    for f in doc.get("files") or []:
+        if isinstance(f, dict) and isinstance(f.get("name"), str):
+            size = f.get("synthetic_size")
+            files.append(
+                {
+                    "name": f["name"][:200],
+                    "path": _text(f.get("path"), 400)
+                    or f"{contract.DATA_ROOT}/{provider}/{dataset}/{f['name']}",
+                    "synthetic_size": size if isinstance(size, int) and not isinstance(size, bool) else None,
+                }
+            )
+    report = doc.get("fidelity_report")
+    version = doc.get("version")
+    return dataset_entry(
+        provider=provider,
+        dataset=dataset,
+        version=version if isinstance(version, str) and version.startswith("sha256:") else None,
+        release=doc.get("release") if doc.get("release") in ("auto", "review") else None,
+        protection=doc.get("protection") if doc.get("protection") in _PROTECTIONS else None,
+        mechanism=_text(doc.get("mechanism"), 200),
+        epsilon=_number(doc.get("epsilon")),
+        delta=_number(doc.get("delta")),
+        description=_text(doc.get("description")) or "",
+        files=files,
+        fidelity_report=report if isinstance(report, str) and _REPORT_URL_RE.match(report) else None,
+    )
 
 
 class GrantSource(LoggingConfigurable):
@@ -42,6 +158,11 @@ class GrantSource(LoggingConfigurable):
         """A grant (JWT) for ``job_id``; ``datasets`` are the ``(provider, dataset)`` pairs wanted, or empty
         for "every dataset this user is entitled to". Refusals raise :class:`GrantRefused`."""
         raise NotImplementedError
+
+    async def datasets(self) -> list[dict[str, Any]]:
+        """The datasets this user may ask grants for, each shaped by :func:`dataset_entry`, sorted by
+        provider and dataset. Sources that cannot tell raise :class:`NotSupported` (501)."""
+        raise NotSupported(f"{type(self).__name__} cannot list datasets")
 
 
 class DevGrantSource(GrantSource):
@@ -119,6 +240,24 @@ class DevGrantSource(GrantSource):
         output_public_key: bytes,
     ) -> str:
         return await asyncio.to_thread(self._issue, job_id, bundle_digest, datasets, output_public_key)
+
+    async def datasets(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._list_datasets)
+
+    def _list_datasets(self) -> list[dict[str, Any]]:
+        if not self.store:
+            raise GrantRefused(
+                "the development grant source is not configured", hint="set c.DevGrantSource.store"
+            )
+        store = Store(Path(self.store))
+        out = []
+        for provider in store.providers():
+            for dataset in store.datasets(provider):
+                # The version a development grant would name: the newest one not retired.
+                versions = [v for v in store.versions(provider, dataset) if not v.retired]
+                if versions:
+                    out.append(_from_manifest(versions[-1], self.release))
+        return out
 
     def _issue(self, job_id: str, bundle_digest: str, wanted: list[tuple[str, str]], public: bytes) -> str:
         if not self.key_file or not self.store:
@@ -249,3 +388,43 @@ class HubGrantSource(GrantSource):
             )
         self.log.info("DCR: grant %s from the hub for %s", doc.get("grant_id"), job_id)
         return str(doc["grant"])
+
+    async def datasets(self) -> list[dict[str, Any]]:
+        """``GET {api_url}/dcr/datasets``: the hub's list of the datasets this server's user is entitled to."""
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+        api_url = (self.api_url or self._env_api_url()).rstrip("/")
+        token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        if not api_url or not token:
+            raise Unavailable(
+                "this server has no hub API URL or token (JUPYTERHUB_API_URL, JUPYTERHUB_API_TOKEN)",
+                hint="HubGrantSource works in servers started by JupyterHub",
+            )
+        req = HTTPRequest(
+            api_url + "/dcr/datasets",
+            method="GET",
+            headers={"Authorization": f"token {token}"},
+            request_timeout=self.request_timeout,
+            client_key=os.environ.get("JUPYTERHUB_SSL_KEYFILE") or None,
+            client_cert=os.environ.get("JUPYTERHUB_SSL_CERTFILE") or None,
+            ca_certs=os.environ.get("JUPYTERHUB_SSL_CLIENT_CA") or None,
+        )
+        try:
+            resp = await AsyncHTTPClient().fetch(req, raise_error=False)
+        except (TimeoutError, OSError, HTTPClientError) as e:
+            raise Unavailable(f"the hub's dataset list cannot be reached ({type(e).__name__})") from None
+        try:
+            doc = json.loads(resp.body or b"{}")
+        except ValueError:
+            doc = {}
+        message = str(doc.get("error", "")) if isinstance(doc, dict) else ""
+        if 400 <= resp.code < 500:
+            refused = GrantRefused(message or f"the hub refused the dataset list (HTTP {resp.code})")
+            refused.status = 403 if resp.code == 401 else resp.code
+            raise refused
+        if resp.code != 200 or not isinstance(doc, dict) or not isinstance(doc.get("datasets"), list):
+            raise Unavailable(
+                f"the hub's dataset list failed (HTTP {resp.code}{': ' + message if message else ''})"
+            )
+        entries = [e for e in (_from_hub(d) for d in doc["datasets"]) if e is not None]
+        return sorted(entries, key=lambda e: (e["provider"], e["dataset"]))

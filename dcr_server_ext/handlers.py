@@ -185,6 +185,15 @@ def _query_int(handler: DCRHandler, name: str, default: int, low: int, high: int
     return int(raw)
 
 
+def _query_flag(handler: DCRHandler, name: str) -> bool:
+    raw = handler.get_query_argument(name, None)
+    if raw is None or raw in ("0", "false"):
+        return False
+    if raw in ("1", "true"):
+        return True
+    raise APIError(f"query parameter {name!r} must be 1, 0, true or false, not {raw[:40]!r}")
+
+
 class JobsHandler(DCRHandler):
     """``/dcr/api/jobs``: list (GET) and submit (POST)."""
 
@@ -203,11 +212,16 @@ class JobsHandler(DCRHandler):
     @authorized
     @_refusals
     async def post(self) -> None:
+        dry_run = _query_flag(self, "dry_run")
         doc = self.read_json_object(_SUBMIT_FIELDS)
         if "path" not in doc:
             raise APIError('the request body needs "path": the notebook\'s path relative to the server root')
         path = _check_notebook_path(doc["path"])
         datasets = _check_datasets(doc.get("datasets"))
+        if dry_run:
+            # What would be submitted (files, sizes, digest, datasets); nothing is stored or granted.
+            self.finish(json.dumps(await self.manager.preview(path, datasets)))
+            return
         job = await self.manager.submit(path, datasets)
         self.set_status(201)
         self.set_header("Location", self.request.path.rstrip("/") + "/" + job.id)
@@ -312,6 +326,26 @@ class ReceiptHandler(DCRHandler):
         self.finish(json.dumps(self.manager.receipt(self.check_job_id(job_id))))
 
 
+class VerifyHandler(DCRHandler):
+    """``/dcr/api/jobs/<id>/verify``: the checks of ``dcr verify`` against the deployment's trust anchors."""
+
+    @web.authenticated
+    @authorized
+    @_refusals
+    async def get(self, job_id: str) -> None:
+        self.finish(json.dumps(await self.manager.verify(self.check_job_id(job_id))))
+
+
+class DatasetsHandler(DCRHandler):
+    """``/dcr/api/datasets``: the datasets this user may submit with (provider, version, protection)."""
+
+    @web.authenticated
+    @authorized
+    @_refusals
+    async def get(self) -> None:
+        self.finish(json.dumps({"datasets": await self.manager.datasets()}))
+
+
 class NotFoundHandler(DCRHandler):
     """Anything else under ``/dcr/api``: a JSON 404 instead of the server's HTML page."""
 
@@ -336,5 +370,7 @@ default_handlers: list[tuple[str, type[DCRHandler]]] = [
     (rf"/dcr/api/jobs/{_JOB}/outputs/?", OutputsHandler),
     (rf"/dcr/api/jobs/{_JOB}/outputs/(?P<rel>.+)", OutputFileHandler),
     (rf"/dcr/api/jobs/{_JOB}/receipt/?", ReceiptHandler),
+    (rf"/dcr/api/jobs/{_JOB}/verify/?", VerifyHandler),
+    (r"/dcr/api/datasets/?", DatasetsHandler),
     (r"/dcr/api(?:/.*)?", NotFoundHandler),
 ]

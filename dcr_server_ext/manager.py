@@ -9,27 +9,39 @@ that stops at any point finds each job where it left it and the reconciler carri
 * a running job is watched again.
 
 Events (``EVENT_SCHEMA_ID``) carry the state and cell *i* of *n* only, never data.
+
+The manager also answers the JupyterLab extension's questions that are not about one submission: what a
+submission would bundle (:meth:`JobManager.preview`), which datasets the user may use
+(:meth:`JobManager.datasets`) and whether a job's receipt verifies against the deployment's trust anchors
+(:meth:`JobManager.verify`, the checks of ``dcr verify``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import contextlib
 import json
 import mimetypes
 import shutil
 import stat
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jwt
 
-from dcr_enclave import contract
-from dcr_enclave.bundle import BundleLimits, build_bundle, data_references
+from dcr_enclave import attestation, contract
+from dcr_enclave.bundle import BundleLimits, build_bundle, data_references, plan_bundle
+from dcr_enclave.digests import check_digest
 from dcr_enclave.errors import DCRError, LimitError
+from dcr_enclave.jwk import load_jwks_file, thumbprint
+from dcr_enclave.receipt import check_receipt_dir
 from dcr_enclave.sealing import open_dir
 
 from .backends.base import Backend, BackendStatus
@@ -42,6 +54,66 @@ from .model import Job
 MAX_DATASETS = 50
 #: Result files the backend hands over and what the user's job directory keeps in the clear.
 RECEIPT_FILES = (contract.RECEIPT_FILE, contract.TOKEN_FILE, contract.SIGNER_JWKS_FILE)
+#: Largest trust anchor file read (JWKS, PEM key or certificates).
+MAX_ANCHOR_BYTES = 256 * 1024
+
+
+class NoTrustAnchors(Unavailable):
+    """Receipts cannot be verified here: the deployment pinned no trust anchor."""
+
+
+@dataclass(frozen=True)
+class TrustAnchors:
+    """What receipts are verified against: pinned signer keys, key thumbprints and root certificates.
+
+    Built from ``c.DCRExtension.trust_jwks`` by :func:`load_trust_anchors`; never from a receipt.
+    """
+
+    keys: tuple[dict[str, Any], ...] = ()
+    thumbprints: tuple[str, ...] = ()
+    roots_pem: bytes | None = None
+    #: ``{"kind": "key"|"thumbprint"|"root", "source", "id"}`` for the API (which anchors were used).
+    described: tuple[dict[str, str], ...] = field(default=())
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.thumbprints or self.roots_pem)
+
+
+def load_trust_anchors(entries: Iterable[str]) -> TrustAnchors:
+    """Parse trust anchor entries: ``sha256:<RFC 7638 thumbprint>``, or the absolute path of a JWKS, JWK or
+    PEM public key file, or of a PEM file of root certificates. Refusals raise :class:`DCRError` naming
+    the entry."""
+    keys: list[dict[str, Any]] = []
+    thumbprints: list[str] = []
+    roots: list[bytes] = []
+    described: list[dict[str, str]] = []
+    for entry in entries:
+        if not isinstance(entry, str) or not entry.strip():
+            raise DCRError(f"trust anchor {entry!r} is neither a file path nor a sha256: thumbprint")
+        if entry.startswith("sha256:"):
+            thumbprints.append(check_digest(entry, f"trust anchor {entry!r}"))
+            described.append({"kind": "thumbprint", "source": entry, "id": entry})
+            continue
+        path = Path(entry)
+        if not path.is_absolute():
+            raise DCRError(f"trust anchor file {entry!r} must be an absolute path")
+        try:
+            if path.stat().st_size > MAX_ANCHOR_BYTES:
+                raise DCRError(f"trust anchor file {entry} is larger than {MAX_ANCHOR_BYTES} bytes")
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DCRError(f"cannot read the trust anchor file {entry}: {e.strerror}") from None
+        if raw.lstrip().startswith(b"-----BEGIN CERTIFICATE"):
+            for cert in attestation.load_trust_roots(raw):
+                described.append({"kind": "root", "source": entry, "id": cert.subject.rfc4514_string()})
+            roots.append(raw)
+            continue
+        for key in load_jwks_file(path, "trust anchor file"):
+            keys.append(key)
+            described.append({"kind": "key", "source": entry, "id": thumbprint(key)})
+    return TrustAnchors(
+        tuple(keys), tuple(thumbprints), b"\n".join(roots) if roots else None, tuple(described)
+    )
 
 
 class JobManager:
@@ -60,6 +132,7 @@ class JobManager:
         limits: BundleLimits | None = None,
         outputs_dir: str = "dcr-jobs",
         reconcile_interval: float = 30.0,
+        trust: TrustAnchors | None = None,
     ) -> None:
         self.root = Path(root_dir).resolve()
         self.data_dir = Path(data_dir)
@@ -77,6 +150,7 @@ class JobManager:
         self.limits = limits or BundleLimits()
         self.outputs_dir = outputs_dir
         self.reconcile_interval = reconcile_interval
+        self.trust = trust or TrustAnchors()
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._finishing: set[str] = set()
@@ -202,6 +276,39 @@ class JobManager:
             # Stored as "granted": the reconciler launches it once the backend answers again.
             self.log.warning("DCR: job %s waits for the backend: %s", job_id, e)
         return self.get(job_id)
+
+    async def preview(self, path: Any, datasets: Any = None) -> dict[str, Any]:
+        """What :meth:`submit` would bundle and ask the grant for, without storing or granting anything.
+
+        The workspace is walked and hashed exactly as for a submission (same patterns, same limits, same
+        refusals), so the digest shown is the one the job will carry if the files do not change.
+        """
+        notebook, rel = self._notebook_path(path)
+        wanted = _parse_datasets(datasets)
+        options: dict[str, Any] = {"include": self.include, "limits": self.limits}
+        if self.exclude is not None:
+            options["exclude"] = self.exclude
+        try:
+            manifest = await asyncio.to_thread(partial(plan_bundle, notebook, **options))
+        except LimitError as e:
+            raise TooLarge(e.message, hint=e.hint) from None
+        except DCRError as e:
+            raise APIError(e.message, hint=e.hint) from None
+        source = "request"
+        if not wanted:
+            wanted = await asyncio.to_thread(data_references, manifest, notebook.parent)
+            source = "references" if wanted else "entitled"
+        return {
+            "notebook": rel,
+            "bundle": {
+                "digest": manifest.digest,
+                "files": len(manifest.files),
+                "bytes": manifest.total_bytes,
+            },
+            "files": [{"path": f.path, "size": f.size} for f in manifest.files],
+            "datasets": [f"{p}/{d}" for p, d in wanted],
+            "datasets_from": source,
+        }
 
     def _notebook_path(self, path: Any) -> tuple[Path, str]:
         if not isinstance(path, str) or not path.strip():
@@ -408,6 +515,78 @@ class JobManager:
         """The job's result as the enclave sent it (receipt files byte for byte)."""
         return self._job_dir(self.get(job_id).id) / "result"
 
+    async def datasets(self) -> builtins.list[dict[str, Any]]:
+        """The datasets this user may submit with, as the grant source knows them."""
+        try:
+            return await self.grants.datasets()
+        except DCRError:
+            raise
+        except Exception as e:  # a broken grant source must not look like a bad request
+            self.log.exception("DCR: the grant source could not list datasets")
+            raise Unavailable(f"the dataset list is unavailable ({type(e).__name__}); try again") from None
+
+    async def verify(self, job_id: str) -> dict[str, Any]:
+        """The checks of ``dcr verify`` on the job's result, against the configured trust anchors.
+
+        The result is verified as the enclave sent it: the receipt files byte for byte and the outputs
+        freshly decrypted from the sealed file with the job's key, in a private scratch directory. The
+        copy in the server root is the user's to open and edit (JupyterLab adds checkpoints beside an
+        opened notebook), so it is not what is checked; ``dcr verify`` on that folder checks the copy.
+        """
+        job = self.get(job_id)
+        result = self._job_dir(job.id) / "result"
+        if not job.receipt or not (result / contract.RECEIPT_FILE).is_file():
+            raise NotFound(f"job {job_id} has no receipt ({job.state})")
+        if not self.trust:
+            raise NoTrustAnchors(
+                "this server has no trust anchors to verify receipts with",
+                hint="the administrator sets c.DCRExtension.trust_jwks (the enclave signer's JWKS); "
+                "`dcr verify` checks a receipt offline",
+            )
+        manifest = self._receipt_manifest(job)
+        held = job.state == "held" or manifest.get("release", {}).get("decision") == "held"
+        checks = await asyncio.to_thread(self._check_result, job, result, not held)
+        kind = str(manifest.get("enclave", {}).get("kind", ""))
+        simulated = kind == "local" or _token_is_simulated(result / contract.TOKEN_FILE)
+        return {
+            "job_id": job.id,
+            "verified": all(c["passed"] for c in checks),
+            "checks": checks,
+            "simulated": simulated,
+            "enclave": {"kind": kind, "image_digest": manifest.get("enclave", {}).get("image_digest")},
+            "anchors": [dict(a) for a in self.trust.described],
+            "note": (
+                "the outputs are held for the provider's review: the output checks pass once they are released"
+                if held
+                else None
+            ),
+            "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def _check_result(self, job: Job, result: Path, with_outputs: bool) -> builtins.list[dict[str, Any]]:
+        with tempfile.TemporaryDirectory(dir=self._job_dir(job.id), prefix=".verify-") as scratch:
+            d = Path(scratch) / "receipt"
+            d.mkdir()
+            for name in RECEIPT_FILES:
+                if (result / name).is_file():
+                    shutil.copyfile(result / name, d / name)
+            sealed = result / contract.SEALED_OUTPUTS_FILE
+            if with_outputs and sealed.is_file():
+                try:
+                    open_dir(sealed, d / contract.OUTPUTS_DIR, self.keys.private(job.id), job.id)
+                except DCRError as e:
+                    # Reported through the output checks (nothing opened means every output is missing).
+                    self.log.warning("DCR: the outputs of %s could not be opened to verify: %s", job.id, e)
+            checks = check_receipt_dir(
+                d,
+                trusted_keys=self.trust.keys,
+                trusted_thumbprints=self.trust.thumbprints,
+                trust_root_pem=self.trust.roots_pem,
+                issuers={contract.GOOGLE_ISSUER, contract.LOCAL_ISSUER},
+                audience=contract.RECEIPT_AUDIENCE,
+            )
+        return [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]
+
     def _receipt_manifest(self, job: Job) -> dict[str, Any]:
         path = self._job_dir(job.id) / "result" / contract.RECEIPT_FILE
         try:
@@ -476,6 +655,19 @@ def _read_failure(result: Path) -> dict[str, Any] | None:
         "cell": data["cell"] if isinstance(data.get("cell"), int) else None,
         "ename": data["ename"] if isinstance(data.get("ename"), str) else None,
     }
+
+
+def _token_is_simulated(path: Path) -> bool:
+    """Whether the token claims to come from the local simulation (read unverified: this only ever
+    *adds* the simulation banner; the signature and platform checks are what vouch for a token)."""
+    try:
+        payload = path.read_text().strip().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (OSError, IndexError, ValueError):
+        return False
+    if not isinstance(claims, dict):
+        return False
+    return claims.get("iss") == contract.LOCAL_ISSUER or claims.get("hwmodel") == contract.LOCAL_HWMODEL
 
 
 def _content_type(path: str) -> str:

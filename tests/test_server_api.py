@@ -631,3 +631,306 @@ async def test_cancel_stops_the_enclave_process_tree(api, jp_root_dir: Path, dcr
     reply = await api("POST", "jobs", job_id, "cancel")
     assert reply.code == 409 and "cancelled" in reply.error
     assert _files_containing([jp_root_dir, dcr_data, host.state], REAL_ROW) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the JupyterLab extension needs: submit preview (dry run), datasets, receipt verification
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trusted_host(jp_server_config: Config, host) -> Any:
+    """Pins the test enclave host's published JWKS as the server's trust anchor (c.DCRExtension.trust_jwks).
+
+    Request it before ``api``/``dcr_server`` so the server starts with it."""
+    jp_server_config["DCRExtension"]["trust_jwks"] = [str(host.jwks_path)]
+    return host
+
+
+def test_trust_jwks_trait_explains_itself_and_refuses_bad_anchors(tmp_path: Path, host):
+    """c.DCRExtension.trust_jwks has help text with an example and a security note; it accepts JWKS files,
+    PEM certificates and sha256 thumbprints, and refuses relative paths, missing files, files that hold no
+    public key and malformed thumbprints, naming the trait."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from dcr_enclave.jwk import load_jwks_file, thumbprint
+    from dcr_server_ext.manager import load_trust_anchors
+
+    text = DCRExtension.class_traits()["trust_jwks"].help
+    assert "c.DCRExtension.trust_jwks = " in text and "Example" in text and "Security" in text
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "DCR test root")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    root = tmp_path / "root.pem"
+    root.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    host_key = load_jwks_file(host.jwks_path)[0]
+    pin = thumbprint(host_key)
+
+    app = DCRExtension(config=Config({"DCRExtension": {"trust_jwks": [str(host.jwks_path), str(root), pin]}}))
+    anchors = load_trust_anchors(app.trust_jwks)
+    assert [a["kind"] for a in anchors.described] == ["key", "root", "thumbprint"]
+    assert anchors.described[0]["id"] == pin and "DCR test root" in anchors.described[1]["id"]
+    assert anchors.keys == (host_key,) and anchors.thumbprints == (pin,) and anchors.roots_pem
+
+    not_a_key = tmp_path / "notes.txt"
+    not_a_key.write_text("hello")
+    for value in (
+        ["relative/jwks.json"],
+        [str(tmp_path / "missing.json")],
+        [str(not_a_key)],
+        ["sha256:1234"],
+        [""],
+    ):
+        with pytest.raises(TraitError, match=r"DCRExtension\.trust_jwks"):
+            DCRExtension(config=Config({"DCRExtension": {"trust_jwks": value}}))
+
+
+async def test_grant_source_without_a_dataset_list_is_501():
+    """A grant source that does not implement datasets() refuses with 501 and says which class it is."""
+    from dcr_server_ext.grants import GrantSource, NotSupported
+
+    with pytest.raises(NotSupported) as info:
+        await GrantSource().datasets()
+    assert info.value.status == 501 and "GrantSource" in str(info.value)
+
+
+async def test_datasets_lists_the_dev_store(api, store):
+    """GET /dcr/api/datasets with the development grant source lists the store's newest version of each
+    dataset with its protection, release mode and files as they appear under /data."""
+    from dcr_enclave.store import Store
+
+    manifest = Store(store.root).versions(store.provider, store.dataset)[-1]
+    reply = await api("GET", "datasets")
+    assert reply.code == 200, reply.body
+    (entry,) = reply.json["datasets"]
+    assert (entry["provider"], entry["dataset"], entry["version"]) == (
+        store.provider,
+        store.dataset,
+        manifest.version,
+    )
+    assert entry["release"] == "auto"  # DevGrantSource.release's default
+    assert entry["protection"] == manifest.protection.kind
+    assert entry["epsilon"] == manifest.protection.epsilon
+    assert entry["files"] == [
+        {
+            "name": f.name,
+            "path": f"/data/{store.provider}/{store.dataset}/{f.name}",
+            "synthetic_size": f.synthetic_size,
+        }
+        for f in manifest.files
+    ]
+    assert entry["fidelity_report"] is None
+
+
+@pytest.mark.slow
+def test_datasets_come_from_the_real_hub(store, tmp_path: Path, monkeypatch):
+    """HubGrantSource.datasets() asks the real hub (GET {JUPYTERHUB_API_URL}/dcr/datasets with the
+    server's token) and lists exactly the caller's entitled datasets, with the hub's versions, release
+    modes, protection and ε; a token the hub rejects is a 403 refusal, an unreachable hub a 503."""
+    from hub_harness import Hub, dataset_entry, make_csv, policy_config, register_dataset
+
+    from dcr_enclave.store import Store
+    from dcr_server_ext.errors import Unavailable
+    from dcr_server_ext.grants import GrantRefused, HubGrantSource
+
+    insurance = Store(store.root).versions(store.provider, store.dataset)[-1]
+    real = make_csv(tmp_path / "src" / "real" / "visits.csv", 200, seed=3)
+    synthetic = make_csv(tmp_path / "src" / "synthetic" / "visits.csv", 200, seed=4)
+    visits = register_dataset(
+        store.root, "globex", "visits", [(real, synthetic)], "--protection", "dp", "--epsilon", "2.5"
+    )
+    config = policy_config(
+        {
+            "acme/insurance": dataset_entry(insurance, store.root, users=["alice"]),
+            "globex/visits": dataset_entry(visits, store.root, users=["alice", "bob"], release="auto"),
+        }
+    )
+    with Hub(tmp_path / "hub", config=config) as hub:
+        monkeypatch.setenv("JUPYTERHUB_API_URL", hub.api_url)
+        for user, expected in (("alice", [insurance, visits]), ("bob", [visits])):
+            monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub.new_token(user))
+            listed = asyncio.run(HubGrantSource().datasets())
+            assert [(d["provider"], d["dataset"], d["version"]) for d in listed] == [
+                (m.provider, m.dataset, m.version) for m in expected
+            ]
+            by_name = {d["dataset"]: d for d in listed}
+            assert by_name["visits"]["release"] == "auto" and by_name["visits"]["protection"] == "dp"
+            assert by_name["visits"]["epsilon"] == visits.protection.epsilon
+            assert by_name["visits"]["files"][0]["path"] == "/data/globex/visits/visits.csv"
+            if "insurance" in by_name:
+                assert by_name["insurance"]["release"] == "review"
+        monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "not-a-token")
+        with pytest.raises(GrantRefused) as refused:
+            asyncio.run(HubGrantSource().datasets())
+        assert refused.value.status == 403
+    with pytest.raises(Unavailable):  # the hub has stopped
+        asyncio.run(HubGrantSource().datasets())
+
+
+async def test_dry_run_shows_what_would_be_submitted_and_changes_nothing(
+    api, jp_root_dir: Path, dcr_data: Path
+):
+    """POST /dcr/api/jobs?dry_run=1 walks and hashes the workspace as a submission would (same digest as
+    the bundle planner, same files and sizes, the /data datasets the notebook mentions) and stores,
+    grants and launches nothing; a bad flag, an oversized workspace and named datasets are handled as for
+    a submission."""
+    from dcr_enclave.bundle import plan_bundle
+
+    root = jp_root_dir
+    nb = _notebook(
+        root, "work/analysis.ipynb", ["import pandas as pd\npd.read_csv('/data/acme/insurance/real.csv')"]
+    )
+    (root / "work" / "helper.py").write_text("X = 1\n")
+    (root / "work" / ".env").write_text("SECRET=1\n")  # hidden: never bundled
+    before = await _snapshot(api, dcr_data, root)
+
+    reply = await api("POST", "jobs", params={"dry_run": "1"}, body={"path": "work/analysis.ipynb"})
+    assert reply.code == 200, reply.body
+    preview = reply.json
+    planned = plan_bundle(nb)
+    assert preview["notebook"] == "work/analysis.ipynb"
+    assert preview["bundle"] == {
+        "digest": planned.digest,
+        "files": len(planned.files),
+        "bytes": planned.total_bytes,
+    }
+    assert {f["path"]: f["size"] for f in preview["files"]} == {
+        "analysis.ipynb": nb.stat().st_size,
+        "helper.py": (root / "work" / "helper.py").stat().st_size,
+    }
+    assert preview["datasets"] == ["acme/insurance"] and preview["datasets_from"] == "references"
+
+    named = await api(
+        "POST",
+        "jobs",
+        params={"dry_run": "true"},
+        body={"path": "work/analysis.ipynb", "datasets": ["acme/other"]},
+    )
+    assert named.code == 200 and named.json["datasets"] == ["acme/other"]
+    assert named.json["datasets_from"] == "request"
+
+    _notebook(root, "plain/plain.ipynb", ["1 + 1"])
+    plain = await api("POST", "jobs", params={"dry_run": "1"}, body={"path": "plain/plain.ipynb"})
+    assert plain.json["datasets"] == [] and plain.json["datasets_from"] == "entitled"
+
+    _notebook(root, "big/analysis.ipynb", ["1"])
+    for i in range(MAX_BUNDLE_FILES + 2):
+        (root / "big" / f"f{i}.csv").write_text(f"{i}\n")
+    too_big = await api("POST", "jobs", params={"dry_run": "1"}, body={"path": "big/analysis.ipynb"})
+    assert too_big.code == 413 and str(MAX_BUNDLE_FILES) in too_big.error
+    bad_flag = await api("POST", "jobs", params={"dry_run": "yes"}, body={"path": "work/analysis.ipynb"})
+    assert bad_flag.code == 400 and "dry_run" in bad_flag.error
+    missing = await api("POST", "jobs", params={"dry_run": "1"}, body={"path": "nope.ipynb"})
+    assert missing.code == 404 and "nope.ipynb" in missing.error
+    after = await _snapshot(api, dcr_data, root)
+    assert after == before
+
+
+async def test_verify_refuses_unknown_and_unfinished_jobs(api, dcr_server, jp_root_dir: Path, dcr_data: Path):
+    """GET /dcr/api/jobs/<id>/verify is a JSON 404 for unknown or malformed ids and for a job that has no
+    receipt yet; nothing changes."""
+    before = await _snapshot(api, dcr_data, jp_root_dir)
+    for job_id in ("job-" + "0" * 24, "job-XYZ"):
+        reply = await api("GET", "jobs", job_id, "verify")
+        assert reply.code == 404 and "no such job" in reply.error
+    assert await _snapshot(api, dcr_data, jp_root_dir) == before
+    manager = dcr_server.web_app.settings["dcr_manager"]
+    from dcr_server_ext.model import Job
+
+    job = Job(id="job-" + "a" * 24, notebook="x.ipynb", state="running")
+    manager.store.create(job)
+    reply = await api("GET", "jobs", job.id, "verify")
+    assert reply.code == 404 and "no receipt" in reply.error and "running" in reply.error
+
+
+@pytest.mark.slow
+async def test_verify_reports_every_check_against_the_pinned_host_key(
+    trusted_host, api, dcr_server, jp_root_dir: Path, dcr_data: Path, tmp_path: Path, run_cli
+):
+    """A finished job's receipt verifies through GET /dcr/api/jobs/<id>/verify against the host's pinned
+    JWKS: the same checks `dcr verify` runs, all passing, the simulation flagged, the anchor named. The
+    server checks the result as the enclave sent it, so a checkpoint JupyterLab writes beside the opened
+    notebook and an edited output in the user's copy do not change the answer (while `dcr verify` on the
+    copy notices). A key that did not sign the receipt fails the signature check (200, verified false), a
+    tampered manifest fails the nonce check, and a server without anchors answers 503."""
+    from dcr_enclave.jwk import generate_key, jwks, load_jwks_file, thumbprint
+    from dcr_server_ext.manager import TrustAnchors, load_trust_anchors
+
+    _notebook(
+        jp_root_dir, "work/analysis.ipynb", [*SUCCESS_CELLS[:1], "open('out.txt', 'w').write(str(len(df)))"]
+    )
+    reply = await api("POST", "jobs", body={"path": "work/analysis.ipynb"})
+    assert reply.code == 201, reply.body
+    job_id = reply.json["id"]
+    job = await _wait_job(api, job_id, lambda j: j["state"] in TERMINAL_STATES)
+    assert job["state"] == "succeeded", job
+
+    reply = await api("GET", "jobs", job_id, "verify")
+    assert reply.code == 200, reply.body
+    result = reply.json
+    user_copy = jp_root_dir / job["outputs_path"]
+    code, text, err = run_cli("verify", user_copy, "--trust", trusted_host.jwks_path)
+    assert code == 0, text + err
+    cli_checks = [
+        line.split(":", 1)[0].split(" ", 1)[1] for line in text.splitlines() if line.startswith("PASS")
+    ]
+    assert [c["name"] for c in result["checks"]] == cli_checks
+    assert all(c["passed"] for c in result["checks"]) and result["verified"] is True
+    assert result["simulated"] is True and result["enclave"]["kind"] == "local"
+    assert result["enclave"]["image_digest"] == job["enclave"]["image_digest"]
+    pin = thumbprint(load_jwks_file(trusted_host.jwks_path)[0])
+    assert result["anchors"] == [{"kind": "key", "source": str(trusted_host.jwks_path), "id": pin}]
+    assert result["note"] is None and result["job_id"] == job_id
+
+    # The user's copy changes (JupyterLab's checkpoint, an edited output): the server's answer does not.
+    checkpoints = user_copy / "outputs" / ".ipynb_checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "analysis-checkpoint.ipynb").write_text("{}")
+    (user_copy / "outputs" / "out.txt").write_text("edited")
+    again = (await api("GET", "jobs", job_id, "verify")).json
+    assert again["verified"] is True
+    code, text, _ = run_cli("verify", user_copy, "--trust", trusted_host.jwks_path)
+    assert code == 1 and "FAIL no output added" in text and "FAIL output digests" in text
+
+    manager = dcr_server.web_app.settings["dcr_manager"]
+    other = tmp_path / "other-jwks.json"
+    other.write_text(json.dumps(jwks(generate_key())))
+    manager.trust = load_trust_anchors([str(other)])
+    wrong = (await api("GET", "jobs", job_id, "verify")).json
+    assert wrong["verified"] is False
+    assert {c["name"]: c["passed"] for c in wrong["checks"]}["signature"] is False
+
+    manager.trust = load_trust_anchors([str(trusted_host.jwks_path)])
+    receipt_file = manager.receipt_dir(job_id) / "receipt.json"
+    original = receipt_file.read_bytes()
+    doc = json.loads(original)
+    doc["notebook"] = "someone-else.ipynb"
+    receipt_file.write_bytes(canonical_json(doc))
+    tampered = (await api("GET", "jobs", job_id, "verify")).json
+    checks = {c["name"]: c for c in tampered["checks"]}
+    assert tampered["verified"] is False and checks["nonce"]["passed"] is False
+    assert checks["signature"]["passed"] is True
+    receipt_file.write_bytes(original)
+
+    manager.trust = TrustAnchors()
+    reply = await api("GET", "jobs", job_id, "verify")
+    assert reply.code == 503 and "trust_jwks" in reply.error
+    # Scratch directories are gone after every check.
+    assert not list((dcr_data / "jobs" / job_id).glob(".verify-*"))

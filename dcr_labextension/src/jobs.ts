@@ -1,0 +1,164 @@
+/**
+ * The live jobs model: the pure reducer of `model.ts` fed by the REST API and by the server's event bus.
+ *
+ * Progress is pushed: job events arrive on JupyterLab's event stream (`serviceManager.events.stream`,
+ * the server's `/api/events/subscribe` websocket) and are applied at once. The REST API is asked only
+ * for the first listing, when the panel is shown again (events may have been missed while the socket was
+ * down), and for a single job whose events got ahead of its record (an unknown job, or one that ended:
+ * its outputs and receipt are in the record). There is no timer polling.
+ */
+
+import { Event } from '@jupyterlab/services';
+import { IDisposable } from '@lumino/disposable';
+import { ISignal, Signal } from '@lumino/signaling';
+
+import { DCRClient, errorMessage } from './api';
+import { EMPTY, IJobView, IJobsState, JobsAction, endedBy, parseJobEvent, reduce } from './model';
+import { IJob } from './types';
+
+/** The `$id` of the job event schema (dcr_server_ext/events/job.json). */
+export const JOB_EVENT_SCHEMA_ID = 'https://jupyterhub-dcr.invalid/events/job/v1';
+
+/** How many jobs the panel lists (newest first). */
+export const LIST_LIMIT = 200;
+
+export class JobsModel implements IDisposable {
+  constructor(
+    readonly client: DCRClient,
+    private readonly _events: Event.IManager | null
+  ) {
+    this._events?.stream.connect(this._onEmission, this);
+  }
+
+  get state(): IJobsState {
+    return this._state;
+  }
+
+  /** The state changed (the argument is the new state). */
+  get changed(): ISignal<this, IJobsState> {
+    return this._changed;
+  }
+
+  /** A job ended or went to review; emitted once per job, after its record was fetched if possible. */
+  get ended(): ISignal<this, IJobView> {
+    return this._ended;
+  }
+
+  get isDisposed(): boolean {
+    return this._disposed;
+  }
+
+  dispose(): void {
+    if (this._disposed) {
+      return;
+    }
+    this._disposed = true;
+    this._events?.stream.disconnect(this._onEmission, this);
+    Signal.clearData(this);
+  }
+
+  /** Apply one action; returns the views that ended through it. */
+  dispatch(action: JobsAction): IJobView[] {
+    const before = this._state;
+    const after = reduce(before, action);
+    if (after !== before) {
+      this._state = after;
+      this._changed.emit(after);
+    }
+    return endedBy(before, action, after);
+  }
+
+  /** Reload the newest jobs (merged: nothing moves backwards). */
+  async refresh(): Promise<void> {
+    try {
+      const list = await this.client.listJobs(0, LIST_LIMIT);
+      this.dispatch({ type: 'loaded', jobs: list.jobs, total: list.total });
+    } catch (error) {
+      this.dispatch({ type: 'error', message: errorMessage(error) });
+    }
+  }
+
+  /** A record from elsewhere (a submission, a cancel). */
+  upsert(job: IJob): void {
+    this.dispatch({ type: 'job', job });
+  }
+
+  /** Cancel a job; the answer (the cancelled job) is applied. Errors are thrown with the server's message. */
+  async cancel(id: string): Promise<void> {
+    // The server emits "cancelled" before it answers: the user asked for it, so no notification.
+    this._cancelledHere.add(id);
+    try {
+      this.upsert(await this.client.cancel(id));
+    } catch (error) {
+      this._cancelledHere.delete(id);
+      throw error;
+    }
+  }
+
+  private _onEmission(_: unknown, emission: Event.Emission): void {
+    if (emission.schema_id !== JOB_EVENT_SCHEMA_ID) {
+      return;
+    }
+    const event = parseJobEvent(emission);
+    if (event === null) {
+      return;
+    }
+    const ended = this.dispatch({ type: 'event', event }).filter(
+      v => !(v.state === 'cancelled' && this._cancelledHere.has(v.id))
+    );
+    const view = this._state.byId[event.job_id];
+    if (view?.stale) {
+      void this._refreshJob(event.job_id).then(() => {
+        for (const e of ended) {
+          this._ended.emit(this._state.byId[e.id] ?? e);
+        }
+      });
+    } else {
+      for (const e of ended) {
+        this._ended.emit(e);
+      }
+    }
+  }
+
+  /** Bring a stale job's record up to date with the events seen so far. */
+  private async _refreshJob(id: string): Promise<void> {
+    // A request in flight may have been answered before this event's change was stored (the server
+    // stores, then emits): wait for it, and ask again if the record is still behind.
+    const pending = this._inFlight.get(id);
+    if (pending) {
+      await pending;
+    }
+    if (this._state.byId[id]?.stale) {
+      await this._fetch(id);
+    }
+  }
+
+  /** Fetch one job's record; concurrent requests for one job are merged into one. */
+  private _fetch(id: string): Promise<void> {
+    const pending = this._inFlight.get(id);
+    if (pending) {
+      return pending;
+    }
+    const request = this.client
+      .getJob(id)
+      .then(job => {
+        this.upsert(job);
+      })
+      .catch(error => {
+        // The panel still shows the state from the events; the next listing brings the record.
+        console.warn(`DCR: could not fetch ${id}: ${errorMessage(error)}`);
+      })
+      .finally(() => {
+        this._inFlight.delete(id);
+      });
+    this._inFlight.set(id, request);
+    return request;
+  }
+
+  private _state: IJobsState = EMPTY;
+  private _disposed = false;
+  private _inFlight = new Map<string, Promise<void>>();
+  private _cancelledHere = new Set<string>();
+  private _changed = new Signal<this, IJobsState>(this);
+  private _ended = new Signal<this, IJobView>(this);
+}

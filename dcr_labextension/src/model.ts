@@ -1,0 +1,354 @@
+/**
+ * The jobs panel's state, as a pure reducer: job records from the REST API and job events from the
+ * server's event bus go in, one consistent view per job comes out.
+ *
+ * Records and events race: a listing fetched before an event can arrive after it, and an event names
+ * only the state and cell i of n. So a job's view never moves backwards: states only advance in
+ * lifecycle order, terminal states are final, and within one state the cell only grows. A view whose
+ * record lags behind its events (an unknown job, or one that just ended) is marked `stale`, so the panel
+ * fetches the record once (the server stores every change before it emits it).
+ *
+ * Nothing here touches the DOM, the network or JupyterLab: jest tests it under Node.
+ */
+
+import { IJob, IJobEvent, JobState } from './types';
+
+/** Every lifecycle state, in lifecycle order. */
+export const JOB_STATES: readonly JobState[] = [
+  'submitted',
+  'granted',
+  'launching',
+  'running',
+  'checking',
+  'succeeded',
+  'held',
+  'released',
+  'rejected',
+  'failed',
+  'cancelled'
+];
+
+/** States after which nothing changes any more. */
+export const TERMINAL_STATES: ReadonlySet<JobState> = new Set<JobState>([
+  'succeeded',
+  'released',
+  'rejected',
+  'failed',
+  'cancelled'
+]);
+
+/** How far along the lifecycle a state is; a job never goes to a lower rank. */
+const RANK: Readonly<Record<JobState, number>> = {
+  submitted: 0,
+  granted: 1,
+  launching: 2,
+  running: 3,
+  checking: 4,
+  held: 5,
+  succeeded: 6,
+  released: 6,
+  rejected: 6,
+  failed: 6,
+  cancelled: 6
+};
+
+const JOB_ID_RE = /^job-[0-9a-f]{24}$/;
+
+/** What the panel shows for one job. */
+export interface IJobView {
+  readonly id: string;
+  /** The latest record from the REST API; null for a job known only from its events so far. */
+  readonly job: IJob | null;
+  readonly state: JobState;
+  /** Cell i (0-based) the enclave started last, of `cells`; null before the enclave knows. */
+  readonly cell: number | null;
+  readonly cells: number | null;
+  /** A failed job's reason, from its event or record. */
+  readonly reason: string | null;
+  /** The record lags behind the events in a way the panel cares about: fetch it. */
+  readonly stale: boolean;
+}
+
+export interface IJobsState {
+  readonly byId: Readonly<Record<string, IJobView>>;
+  /** The first listing has arrived. */
+  readonly loaded: boolean;
+  /** The last listing's error, as the server wrote it; null once a listing succeeds. */
+  readonly error: string | null;
+  /** Jobs the server has in all (the listing is one page). */
+  readonly total: number;
+}
+
+export type JobsAction =
+  /** A page of `GET /dcr/api/jobs`; jobs not on it are kept (they may be on another page). */
+  | { type: 'loaded'; jobs: IJob[]; total: number }
+  /** One record: an answer to GET, POST (submit) or cancel. */
+  | { type: 'job'; job: IJob }
+  /** One job event from the event bus. */
+  | { type: 'event'; event: IJobEvent }
+  /** The listing failed. */
+  | { type: 'error'; message: string };
+
+export const EMPTY: IJobsState = { byId: {}, loaded: false, error: null, total: 0 };
+
+export function isTerminal(state: JobState): boolean {
+  return TERMINAL_STATES.has(state);
+}
+
+/** Ended, or waiting for review: the states a notification is sent for. */
+export function hasEnded(state: JobState): boolean {
+  return isTerminal(state) || state === 'held';
+}
+
+function isState(value: unknown): value is JobState {
+  return typeof value === 'string' && Object.prototype.hasOwnProperty.call(RANK, value);
+}
+
+function isCount(value: unknown): value is number {
+  return typeof value === 'number' && Number.isInteger(value) && value >= 0;
+}
+
+/** A job event checked field by field; null for anything that is not one (other schemas, bad data). */
+export function parseJobEvent(data: unknown): IJobEvent | null {
+  if (typeof data !== 'object' || data === null) {
+    return null;
+  }
+  const d = data as { [key: string]: unknown };
+  if (typeof d.job_id !== 'string' || !JOB_ID_RE.test(d.job_id) || !isState(d.state)) {
+    return null;
+  }
+  const cell = d.cell === null || d.cell === undefined ? null : d.cell;
+  const cells = d.cells === null || d.cells === undefined ? null : d.cells;
+  if ((cell !== null && !isCount(cell)) || (cells !== null && !isCount(cells))) {
+    return null;
+  }
+  const reason = typeof d.reason === 'string' ? d.reason : null;
+  return { job_id: d.job_id, state: d.state, cell, cells, reason };
+}
+
+interface IUpdate {
+  state: JobState;
+  cell: number | null;
+  cells: number | null;
+  reason: string | null;
+}
+
+/**
+ * Whether `next` may replace `current`'s state: it is further along the lifecycle, or the same state.
+ * A terminal state is final (a second, different terminal state is a late duplicate and is ignored).
+ */
+function accepts(current: JobState, next: JobState): boolean {
+  if (isTerminal(current)) {
+    return next === current;
+  }
+  return RANK[next] >= RANK[current];
+}
+
+/** Merge an update into a view (or create one); returns the same object when nothing changes. */
+function merge(view: IJobView | undefined, id: string, update: IUpdate, job: IJob | null): IJobView {
+  if (view === undefined) {
+    return withStale({ id, job, ...update, stale: false });
+  }
+  let { state, cell, cells, reason } = view;
+  if (accepts(view.state, update.state)) {
+    if (update.state !== view.state) {
+      state = update.state;
+      cell = update.cell ?? cell;
+      cells = update.cells ?? cells;
+    } else if (update.cells !== null) {
+      if (cells !== update.cells) {
+        cell = update.cell;
+        cells = update.cells;
+      } else if (update.cell !== null && (cell === null || update.cell > cell)) {
+        // Same state: the cell only grows (a late listing must not pull the bar back).
+        cell = update.cell;
+      }
+    }
+    reason = update.reason ?? reason;
+  }
+  const record = job === null ? view.job : newerRecord(view.job, job);
+  if (
+    state === view.state &&
+    cell === view.cell &&
+    cells === view.cells &&
+    reason === view.reason &&
+    record === view.job
+  ) {
+    return view;
+  }
+  return withStale({ id, job: record, state, cell, cells, reason, stale: false });
+}
+
+/** Keep the record that is further along (ties: the later `updated`, then the new one). */
+function newerRecord(current: IJob | null, next: IJob): IJob {
+  if (current === null) {
+    return next;
+  }
+  if (!accepts(current.state, next.state)) {
+    return current;
+  }
+  if (next.state === current.state && Date.parse(next.updated) < Date.parse(current.updated)) {
+    return current;
+  }
+  return next;
+}
+
+function withStale(view: IJobView): IJobView {
+  // Events say "ended" but the record has no outputs, receipt or failure yet; or no record at all.
+  const stale = view.job === null || (view.job.state !== view.state && hasEnded(view.state));
+  return stale === view.stale ? view : { ...view, stale };
+}
+
+function fromRecord(job: IJob): IUpdate {
+  return {
+    state: job.state,
+    cell: job.progress ? job.progress.cell : null,
+    cells: job.progress ? job.progress.cells : null,
+    reason: job.failure ? job.failure.reason : null
+  };
+}
+
+function put(state: IJobsState, view: IJobView): IJobsState {
+  if (state.byId[view.id] === view) {
+    return state;
+  }
+  return { ...state, byId: { ...state.byId, [view.id]: view } };
+}
+
+/** The reducer. Pure: returns `state` itself when the action changes nothing. */
+export function reduce(state: IJobsState, action: JobsAction): IJobsState {
+  switch (action.type) {
+    case 'loaded': {
+      let next: IJobsState = state;
+      for (const job of action.jobs) {
+        next = put(next, merge(next.byId[job.id], job.id, fromRecord(job), job));
+      }
+      if (next.loaded && next.error === null && next.total === action.total) {
+        return next;
+      }
+      return { ...next, loaded: true, error: null, total: action.total };
+    }
+    case 'job':
+      return put(state, merge(state.byId[action.job.id], action.job.id, fromRecord(action.job), action.job));
+    case 'event': {
+      const e = action.event;
+      const update: IUpdate = { state: e.state, cell: e.cell, cells: e.cells, reason: e.reason };
+      return put(state, merge(state.byId[e.job_id], e.job_id, update, null));
+    }
+    case 'error':
+      return state.error === action.message ? state : { ...state, error: action.message };
+  }
+}
+
+function createdMs(view: IJobView): number {
+  return view.job ? Date.parse(view.job.created) : Number.POSITIVE_INFINITY;
+}
+
+/** Newest first; jobs known only from events (just submitted elsewhere) on top; ties by id. */
+export function orderedJobs(state: IJobsState): IJobView[] {
+  return Object.values(state.byId).sort((a, b) => {
+    const d = createdMs(b) - createdMs(a);
+    if (d !== 0 && !Number.isNaN(d)) {
+      return d;
+    }
+    return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
+  });
+}
+
+/** The jobs that ended (or went to review) through this event: what the panel notifies about. */
+export function endedBy(before: IJobsState, action: JobsAction, after: IJobsState): IJobView[] {
+  if (action.type !== 'event') {
+    return [];
+  }
+  const view = after.byId[action.event.job_id];
+  const previous = before.byId[action.event.job_id];
+  if (
+    view === undefined ||
+    !hasEnded(view.state) ||
+    (previous !== undefined && previous.state === view.state)
+  ) {
+    return [];
+  }
+  return [view];
+}
+
+export interface IProgress {
+  /** Cells executed (finished) so far. */
+  readonly done: number;
+  readonly total: number;
+  /** done / total, 0..1. */
+  readonly fraction: number;
+  /** "cell 3 of 7" while running, "7 of 7 cells" once executed. */
+  readonly label: string;
+}
+
+/**
+ * Executed cells: while cell i runs, i cells are done; once the job is past running (checking, or
+ * ended successfully) all are. A failed or cancelled job keeps the count it reached. Null before the
+ * enclave knows how many cells there are.
+ */
+export function progressOf(view: IJobView): IProgress | null {
+  const total = view.cells;
+  if (total === null || total <= 0) {
+    return null;
+  }
+  const current = view.cell === null ? null : Math.min(view.cell, total - 1);
+  const finished =
+    view.state === 'checking' ||
+    view.state === 'succeeded' ||
+    view.state === 'held' ||
+    view.state === 'released' ||
+    view.state === 'rejected';
+  const done = finished ? total : current === null ? 0 : current;
+  const label =
+    !finished && view.state === 'running' && current !== null
+      ? `cell ${current + 1} of ${total}`
+      : `${done} of ${total} cells`;
+  return { done, total, fraction: done / total, label };
+}
+
+/**
+ * Milliseconds the job has taken: from its creation to now while it runs, to its last update once it
+ * has ended. Null without a record (no creation time yet).
+ */
+export function elapsedMs(view: IJobView, now: number): number | null {
+  if (view.job === null) {
+    return null;
+  }
+  const start = Date.parse(view.job.created);
+  if (Number.isNaN(start)) {
+    return null;
+  }
+  const ended = hasEnded(view.state);
+  const end = ended && view.job.state === view.state ? Date.parse(view.job.updated) : now;
+  return Math.max(0, (Number.isNaN(end) ? now : end) - start);
+}
+
+/** "0:07", "12:03", "1:02:03". */
+export function formatElapsed(ms: number | null): string {
+  if (ms === null) {
+    return '–';
+  }
+  const s = Math.floor(ms / 1000);
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const sec = String(s % 60).padStart(2, '0');
+  return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${sec}` : `${m}:${sec}`;
+}
+
+/** Whether the job may still be cancelled. */
+export function canCancel(view: IJobView): boolean {
+  return !hasEnded(view.state);
+}
+
+/**
+ * Where the executed notebook is in the server root once the outputs are there:
+ * `<outputs_path>/outputs/<notebook's name>` (the enclave runs the notebook in its own directory).
+ */
+export function executedNotebookPath(job: IJob): string | null {
+  if (!job.outputs_path) {
+    return null;
+  }
+  const name = job.notebook.split('/').pop() as string;
+  return `${job.outputs_path}/outputs/${name}`;
+}

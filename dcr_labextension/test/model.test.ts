@@ -1,0 +1,329 @@
+/**
+ * The jobs panel's state handling (src/model.ts): records and events merged into one view per job,
+ * ordering, progress, terminal states, unknown ids and out-of-order arrivals.
+ */
+
+import {
+  EMPTY,
+  IJobsState,
+  JOB_STATES,
+  JobsAction,
+  TERMINAL_STATES,
+  canCancel,
+  elapsedMs,
+  endedBy,
+  executedNotebookPath,
+  formatElapsed,
+  orderedJobs,
+  parseJobEvent,
+  progressOf,
+  reduce
+} from '../src/model';
+import { IJob, IJobEvent, JobState } from '../src/types';
+
+let counter = 0;
+
+/** A job id that differs per call (job-<24 hex>). */
+function newId(): string {
+  counter += 1;
+  return 'job-' + counter.toString(16).padStart(24, '0');
+}
+
+function record(id: string, overrides: Partial<IJob> = {}): IJob {
+  return {
+    id,
+    notebook: 'work/analysis.ipynb',
+    state: 'submitted',
+    created: '2026-11-25T10:00:00.000Z',
+    updated: '2026-11-25T10:00:00.000Z',
+    bundle: { digest: 'sha256:' + 'a'.repeat(64), files: 2, bytes: 1234 },
+    datasets: [{ provider: 'acme', dataset: 'insurance', version: null, release: null }],
+    progress: null,
+    failure: null,
+    outputs_path: null,
+    receipt: false,
+    enclave: null,
+    backend: 'LocalBackend',
+    ...overrides
+  };
+}
+
+function event(
+  job_id: string,
+  state: JobState,
+  cell: number | null = null,
+  cells: number | null = null
+): IJobEvent {
+  return { job_id, state, cell, cells, reason: null };
+}
+
+function run(actions: JobsAction[], start: IJobsState = EMPTY): IJobsState {
+  return actions.reduce(reduce, start);
+}
+
+describe('records', () => {
+  it('a listing creates one view per job, marks the state loaded and keeps the total', () => {
+    const a = newId();
+    const b = newId();
+    const s = run([{ type: 'loaded', jobs: [record(a), record(b, { state: 'running' })], total: 7 }]);
+    expect(s.loaded).toBe(true);
+    expect(s.total).toBe(7);
+    expect(Object.keys(s.byId).sort()).toEqual([a, b].sort());
+    expect(s.byId[b].state).toBe('running');
+    expect(s.byId[a].stale).toBe(false);
+  });
+
+  it('a failed listing keeps the jobs and the error, and the next listing clears the error', () => {
+    const a = newId();
+    let s = run([
+      { type: 'loaded', jobs: [record(a)], total: 1 },
+      { type: 'error', message: 'no such DCR API endpoint' }
+    ]);
+    expect(s.error).toBe('no such DCR API endpoint');
+    expect(s.byId[a]).toBeDefined();
+    s = reduce(s, { type: 'loaded', jobs: [], total: 1 });
+    expect(s.error).toBeNull();
+    expect(s.byId[a]).toBeDefined();
+  });
+
+  it('an action that changes nothing returns the same state object', () => {
+    const a = newId();
+    const job = record(a, { state: 'running', progress: { cell: 1, cells: 3 } });
+    const s = run([{ type: 'loaded', jobs: [job], total: 1 }]);
+    expect(reduce(s, { type: 'job', job })).toBe(s);
+    expect(reduce(s, { type: 'loaded', jobs: [job], total: 1 })).toBe(s);
+    expect(reduce(s, { type: 'event', event: event(a, 'running', 1, 3) })).toBe(s);
+  });
+});
+
+describe('events', () => {
+  it('move a job through the lifecycle with its cells', () => {
+    const a = newId();
+    let s = run([{ type: 'job', job: record(a) }]);
+    const steps: [JobState, number | null, number | null][] = [
+      ['granted', null, null],
+      ['launching', null, null],
+      ['running', null, null],
+      ['running', 0, 3],
+      ['running', 1, 3],
+      ['running', 2, 3],
+      ['checking', 2, 3]
+    ];
+    for (const [state, cell, cells] of steps) {
+      s = reduce(s, { type: 'event', event: event(a, state, cell, cells) });
+      expect(s.byId[a].state).toBe(state);
+    }
+    expect(s.byId[a].cell).toBe(2);
+    expect(s.byId[a].cells).toBe(3);
+    expect(progressOf(s.byId[a])).toEqual({ done: 3, total: 3, fraction: 1, label: '3 of 3 cells' });
+  });
+
+  it('never move a job backwards: a late, older event or listing is ignored', () => {
+    const a = newId();
+    let s = run([
+      { type: 'job', job: record(a) },
+      { type: 'event', event: event(a, 'running', 2, 5) }
+    ]);
+    // A listing fetched before those events arrives after them.
+    s = reduce(s, { type: 'loaded', jobs: [record(a, { state: 'launching' })], total: 1 });
+    expect(s.byId[a].state).toBe('running');
+    expect(s.byId[a].cell).toBe(2);
+    // Same state, older cell: the bar does not go back.
+    s = reduce(s, { type: 'job', job: record(a, { state: 'running', progress: { cell: 1, cells: 5 } }) });
+    expect(s.byId[a].cell).toBe(2);
+    s = reduce(s, { type: 'event', event: event(a, 'granted') });
+    expect(s.byId[a].state).toBe('running');
+  });
+
+  it('treat terminal states as final', () => {
+    for (const terminal of TERMINAL_STATES) {
+      const a = newId();
+      let s = run([
+        { type: 'job', job: record(a) },
+        { type: 'event', event: event(a, terminal) }
+      ]);
+      expect(s.byId[a].state).toBe(terminal);
+      for (const later of JOB_STATES) {
+        s = reduce(s, { type: 'event', event: event(a, later, 4, 9) });
+        expect(s.byId[a].state).toBe(terminal);
+      }
+      expect(canCancel(s.byId[a])).toBe(false);
+    }
+  });
+
+  it('let a held job be released or rejected', () => {
+    const a = newId();
+    const b = newId();
+    let s = run([
+      { type: 'event', event: event(a, 'held') },
+      { type: 'event', event: event(b, 'held') }
+    ]);
+    expect(canCancel(s.byId[a])).toBe(false);
+    s = run(
+      [
+        { type: 'event', event: event(a, 'released') },
+        { type: 'event', event: event(b, 'rejected') }
+      ],
+      s
+    );
+    expect(s.byId[a].state).toBe('released');
+    expect(s.byId[b].state).toBe('rejected');
+  });
+
+  it('keep a failure reason from the event', () => {
+    const a = newId();
+    const s = run([
+      { type: 'job', job: record(a, { state: 'running', progress: { cell: 1, cells: 4 } }) },
+      { type: 'event', event: { ...event(a, 'failed', 1, 4), reason: 'cell 2 raised ZeroDivisionError' } }
+    ]);
+    expect(s.byId[a].reason).toBe('cell 2 raised ZeroDivisionError');
+    expect(progressOf(s.byId[a])).toMatchObject({ done: 1, total: 4, label: '1 of 4 cells' });
+  });
+});
+
+describe('unknown ids and stale records', () => {
+  it('an event for an unknown job creates a stale view that the fetched record completes', () => {
+    const a = newId();
+    let s = reduce(EMPTY, { type: 'event', event: event(a, 'running', 0, 2) });
+    expect(s.byId[a].job).toBeNull();
+    expect(s.byId[a].stale).toBe(true);
+    expect(elapsedMs(s.byId[a], Date.now())).toBeNull();
+    s = reduce(s, { type: 'job', job: record(a, { state: 'running', progress: { cell: 0, cells: 2 } }) });
+    expect(s.byId[a].stale).toBe(false);
+    expect(s.byId[a].job?.notebook).toBe('work/analysis.ipynb');
+  });
+
+  it('an ended job is stale until its record shows the end (outputs, receipt)', () => {
+    const a = newId();
+    let s = run([
+      { type: 'job', job: record(a, { state: 'running' }) },
+      { type: 'event', event: event(a, 'succeeded', 2, 3) }
+    ]);
+    expect(s.byId[a].stale).toBe(true);
+    const done = record(a, {
+      state: 'succeeded',
+      outputs_path: `dcr-jobs/${a}`,
+      receipt: true,
+      progress: { cell: 2, cells: 3 }
+    });
+    s = reduce(s, { type: 'job', job: done });
+    expect(s.byId[a].stale).toBe(false);
+    expect(s.byId[a].job).toBe(done);
+    expect(executedNotebookPath(done)).toBe(`dcr-jobs/${a}/outputs/analysis.ipynb`);
+  });
+
+  it('a job that is running is not stale even when its record is behind', () => {
+    const a = newId();
+    const s = run([
+      { type: 'job', job: record(a, { state: 'granted' }) },
+      { type: 'event', event: event(a, 'running', 0, 3) }
+    ]);
+    expect(s.byId[a].stale).toBe(false);
+  });
+
+  it('events that are not job events are refused by the parser', () => {
+    expect(
+      parseJobEvent({ job_id: 'job-' + 'a'.repeat(24), state: 'running', cell: 1, cells: 2, reason: null })
+    ).toEqual({
+      job_id: 'job-' + 'a'.repeat(24),
+      state: 'running',
+      cell: 1,
+      cells: 2,
+      reason: null
+    });
+    const bad = [
+      null,
+      'running',
+      { job_id: 'job-1', state: 'running' },
+      { job_id: 'job-' + 'a'.repeat(24), state: 'exploded' },
+      { job_id: 'job-' + 'a'.repeat(24), state: 'running', cell: -1, cells: 2 },
+      { job_id: 'job-' + 'a'.repeat(24), state: 'running', cell: 1.5, cells: 2 },
+      { job_id: 'job-' + 'a'.repeat(24), state: 'running', cell: 1, cells: '2' }
+    ];
+    for (const data of bad) {
+      expect(parseJobEvent(data)).toBeNull();
+    }
+  });
+});
+
+describe('ordering', () => {
+  it('lists newest first, with jobs known only from events on top', () => {
+    const old = newId();
+    const recent = newId();
+    const unknown = newId();
+    const s = run([
+      {
+        type: 'loaded',
+        jobs: [
+          record(old, { created: '2026-11-25T09:00:00.000Z' }),
+          record(recent, { created: '2026-11-25T11:00:00.000Z' })
+        ],
+        total: 2
+      },
+      { type: 'event', event: event(unknown, 'submitted') }
+    ]);
+    expect(orderedJobs(s).map(v => v.id)).toEqual([unknown, recent, old]);
+  });
+
+  it('breaks ties by id', () => {
+    const a = newId();
+    const b = newId();
+    const s = run([{ type: 'loaded', jobs: [record(b), record(a)], total: 2 }]);
+    expect(orderedJobs(s).map(v => v.id)).toEqual([a, b]);
+  });
+});
+
+describe('notifications', () => {
+  it('are due once, for the event that ends a job or sends it to review', () => {
+    const a = newId();
+    const b = newId();
+    let s = run([{ type: 'job', job: record(a, { state: 'running' }) }]);
+    const endA: JobsAction = { type: 'event', event: event(a, 'succeeded') };
+    const after = reduce(s, endA);
+    expect(endedBy(s, endA, after).map(v => v.id)).toEqual([a]);
+    s = after;
+    expect(endedBy(s, endA, reduce(s, endA))).toEqual([]);
+    const review: JobsAction = { type: 'event', event: event(b, 'held') };
+    expect(endedBy(s, review, reduce(s, review)).map(v => v.state)).toEqual(['held']);
+    const running: JobsAction = { type: 'event', event: event(b, 'running', 0, 1) };
+    expect(endedBy(s, running, reduce(s, running))).toEqual([]);
+  });
+
+  it('are not due for jobs that arrive ended in a listing', () => {
+    const a = newId();
+    const action: JobsAction = { type: 'loaded', jobs: [record(a, { state: 'failed' })], total: 1 };
+    expect(endedBy(EMPTY, action, reduce(EMPTY, action))).toEqual([]);
+  });
+});
+
+describe('progress and time', () => {
+  it('counts executed cells while running', () => {
+    const a = newId();
+    let s = reduce(EMPTY, { type: 'event', event: event(a, 'running') });
+    expect(progressOf(s.byId[a])).toBeNull();
+    s = reduce(s, { type: 'event', event: event(a, 'running', 0, 4) });
+    expect(progressOf(s.byId[a])).toEqual({ done: 0, total: 4, fraction: 0, label: 'cell 1 of 4' });
+    s = reduce(s, { type: 'event', event: event(a, 'running', 3, 4) });
+    expect(progressOf(s.byId[a])).toEqual({ done: 3, total: 4, fraction: 0.75, label: 'cell 4 of 4' });
+  });
+
+  it('measures elapsed time to now while running and to the last update once ended', () => {
+    const a = newId();
+    const created = Date.parse('2026-11-25T10:00:00.000Z');
+    let s = reduce(EMPTY, { type: 'job', job: record(a, { state: 'running' }) });
+    expect(elapsedMs(s.byId[a], created + 65_000)).toBe(65_000);
+    s = reduce(s, {
+      type: 'job',
+      job: record(a, { state: 'succeeded', updated: '2026-11-25T10:00:42.500Z' })
+    });
+    expect(elapsedMs(s.byId[a], created + 999_000)).toBe(42_500);
+    expect(elapsedMs(s.byId[a], created - 10_000)).toBe(42_500);
+  });
+
+  it('formats durations', () => {
+    expect(formatElapsed(null)).toBe('–');
+    expect(formatElapsed(7_900)).toBe('0:07');
+    expect(formatElapsed(12 * 60_000 + 3_000)).toBe('12:03');
+    expect(formatElapsed(3_723_000)).toBe('1:02:03');
+  });
+});
