@@ -62,8 +62,17 @@ RunStatus = Literal["ok", "error", "timeout", "killed"]
 
 # Host directories that may be symlinks (merged /usr) or real directories; reproduced as found.
 _ROOT_LINKS: Final = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-# Host /etc files the dynamic loader and alternatives need; nothing with accounts, hosts or secrets.
-_HOST_ETC: Final = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "timezone")
+# Host /etc files the kernel needs (the loader, alternatives, time zone, fonts for plots), read-only;
+# nothing with accounts, hosts or secrets.
+_HOST_ETC: Final = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "localtime",
+    "timezone",
+    "fonts",
+)
 # ZMQ ipc socket paths must fit in sockaddr_un.sun_path (108 bytes with the terminating NUL).
 _MAX_IPC_PATH: Final = 100
 _KERNEL_PORTS: Final = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
