@@ -12,6 +12,7 @@ Every entry has the shape of :func:`dataset_entry`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import getpass
 import json
 import os
@@ -19,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Enum, Int, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
@@ -322,8 +324,6 @@ class HubGrantSource(GrantSource):
     ).tag(config=True)
 
     def _env_api_url(self) -> str:
-        import os
-
         return os.environ.get("JUPYTERHUB_API_URL", "")
 
     async def request(
@@ -334,14 +334,28 @@ class HubGrantSource(GrantSource):
         datasets: list[tuple[str, str]],
         output_public_key: bytes,
     ) -> str:
-        import base64
-        import json
-        import os
+        body = {
+            "job_id": job_id,
+            "bundle_digest": bundle_digest,
+            "datasets": [f"{p}/{d}" for p, d in datasets],
+            "output_public_key": base64.urlsafe_b64encode(output_public_key).rstrip(b"=").decode(),
+        }
+        doc = await self._call("POST", "/dcr/grants", body, expect=201, field="grant", what="the grant")
+        self.log.info("DCR: grant %s from the hub for %s", doc.get("grant_id"), job_id)
+        return str(doc["grant"])
 
-        from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+    async def datasets(self) -> list[dict[str, Any]]:
+        """``GET {api_url}/dcr/datasets``: the hub's list of the datasets this server's user is entitled to."""
+        doc = await self._call(
+            "GET", "/dcr/datasets", None, expect=200, field="datasets", what="the dataset list"
+        )
+        entries = [e for e in (_from_hub(d) for d in doc["datasets"]) if e is not None]
+        return sorted(entries, key=lambda e: (e["provider"], e["dataset"]))
 
-        from .errors import Unavailable
-
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None, *, expect: int, field: str, what: str
+    ) -> dict[str, Any]:
+        """One request to the hub's DCR API with this server's token; the hub's refusals pass through."""
         api_url = (self.api_url or self._env_api_url()).rstrip("/")
         # The token comes from the environment only: it is this server's credential, never configuration.
         token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
@@ -350,18 +364,15 @@ class HubGrantSource(GrantSource):
                 "this server has no hub API URL or token (JUPYTERHUB_API_URL, JUPYTERHUB_API_TOKEN)",
                 hint="HubGrantSource works in servers started by JupyterHub",
             )
-        body = {
-            "job_id": job_id,
-            "bundle_digest": bundle_digest,
-            "datasets": [f"{p}/{d}" for p, d in datasets],
-            "output_public_key": base64.urlsafe_b64encode(output_public_key).rstrip(b"=").decode(),
-        }
+        headers = {"Authorization": f"token {token}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         # JupyterHub's internal SSL, when enabled, gives each server a client certificate for the hub.
         req = HTTPRequest(
-            api_url + "/dcr/grants",
-            method="POST",
-            headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
-            body=json.dumps(body),
+            api_url + path,
+            method=method,
+            headers=headers,
+            body=json.dumps(body) if body is not None else None,
             request_timeout=self.request_timeout,
             client_key=os.environ.get("JUPYTERHUB_SSL_KEYFILE") or None,
             client_cert=os.environ.get("JUPYTERHUB_SSL_CERTFILE") or None,
@@ -370,61 +381,20 @@ class HubGrantSource(GrantSource):
         try:
             resp = await AsyncHTTPClient().fetch(req, raise_error=False)
         except (TimeoutError, OSError, HTTPClientError) as e:
-            raise Unavailable(f"the hub's grant service cannot be reached ({type(e).__name__})") from None
+            raise Unavailable(f"{what} from the hub cannot be reached ({type(e).__name__})") from None
         try:
             doc = json.loads(resp.body or b"{}")
         except ValueError:
             doc = {}
         message = str(doc.get("error", "")) if isinstance(doc, dict) else ""
         if 400 <= resp.code < 500:
-            refused = GrantRefused(message or f"the hub refused the grant (HTTP {resp.code})")
+            refused = GrantRefused(message or f"the hub refused {what} (HTTP {resp.code})")
             # 403 not entitled, 429 over quota, ...: the hub's answer is passed on, except that a token the
             # hub rejects (401) is not the browser's credential failing: it reaches the browser as 403.
             refused.status = 403 if resp.code == 401 else resp.code
             raise refused
-        if resp.code != 201 or not isinstance(doc, dict) or not isinstance(doc.get("grant"), str):
+        if resp.code != expect or not isinstance(doc, dict) or field not in doc:
             raise Unavailable(
-                f"the hub's grant service failed (HTTP {resp.code}{': ' + message if message else ''})"
+                f"{what} from the hub failed (HTTP {resp.code}{': ' + message if message else ''})"
             )
-        self.log.info("DCR: grant %s from the hub for %s", doc.get("grant_id"), job_id)
-        return str(doc["grant"])
-
-    async def datasets(self) -> list[dict[str, Any]]:
-        """``GET {api_url}/dcr/datasets``: the hub's list of the datasets this server's user is entitled to."""
-        from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-
-        api_url = (self.api_url or self._env_api_url()).rstrip("/")
-        token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
-        if not api_url or not token:
-            raise Unavailable(
-                "this server has no hub API URL or token (JUPYTERHUB_API_URL, JUPYTERHUB_API_TOKEN)",
-                hint="HubGrantSource works in servers started by JupyterHub",
-            )
-        req = HTTPRequest(
-            api_url + "/dcr/datasets",
-            method="GET",
-            headers={"Authorization": f"token {token}"},
-            request_timeout=self.request_timeout,
-            client_key=os.environ.get("JUPYTERHUB_SSL_KEYFILE") or None,
-            client_cert=os.environ.get("JUPYTERHUB_SSL_CERTFILE") or None,
-            ca_certs=os.environ.get("JUPYTERHUB_SSL_CLIENT_CA") or None,
-        )
-        try:
-            resp = await AsyncHTTPClient().fetch(req, raise_error=False)
-        except (TimeoutError, OSError, HTTPClientError) as e:
-            raise Unavailable(f"the hub's dataset list cannot be reached ({type(e).__name__})") from None
-        try:
-            doc = json.loads(resp.body or b"{}")
-        except ValueError:
-            doc = {}
-        message = str(doc.get("error", "")) if isinstance(doc, dict) else ""
-        if 400 <= resp.code < 500:
-            refused = GrantRefused(message or f"the hub refused the dataset list (HTTP {resp.code})")
-            refused.status = 403 if resp.code == 401 else resp.code
-            raise refused
-        if resp.code != 200 or not isinstance(doc, dict) or not isinstance(doc.get("datasets"), list):
-            raise Unavailable(
-                f"the hub's dataset list failed (HTTP {resp.code}{': ' + message if message else ''})"
-            )
-        entries = [e for e in (_from_hub(d) for d in doc["datasets"]) if e is not None]
-        return sorted(entries, key=lambda e: (e["provider"], e["dataset"]))
+        return doc

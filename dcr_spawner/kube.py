@@ -36,7 +36,7 @@ from traitlets import Dict, TraitError, Unicode, default, validate
 from dcr_enclave.contract import DATA_ROOT
 from dcr_enclave.errors import DCRError
 
-from .policy import DCRPolicy, Entitlement, active_policy
+from .policy import DCRPolicy, Entitlement, PolicySpawnerMixin
 
 #: The label the DCR chart's NetworkPolicy selects user sandboxes by.
 SANDBOX_LABEL: Final = "dcr.jupyter.org/sandbox"
@@ -140,7 +140,7 @@ def volume_name(entitlement: Entitlement) -> str:
     return "dcr-syn-" + entitlement.version.removeprefix("sha256:")[:20]
 
 
-class DCRKubeSpawner(KubeSpawner):
+class DCRKubeSpawner(PolicySpawnerMixin, KubeSpawner):
     """KubeSpawner whose pods hold only the user's entitled synthetic data, read-only, and run unprivileged."""
 
     synthetic_claim_template = Unicode(
@@ -243,21 +243,6 @@ class DCRKubeSpawner(KubeSpawner):
             entitlement.dataset,
             entitlement.version.removeprefix("sha256:"),
         )
-
-    def _policy(self) -> DCRPolicy:
-        policy = active_policy()
-        if policy is None:
-            self.log.warning(
-                "DCR: the policy was not validated at hub start; add `dcr_spawner.enable(c)` to "
-                "jupyterhub_config.py so a bad policy stops the hub instead of a spawn"
-            )
-            policy = DCRPolicy(parent=self)
-        return policy
-
-    def entitlements(self) -> list[Entitlement]:
-        """The user's entitled datasets now (group membership as it is in the hub's database)."""
-        groups = {g.name for g in self.user.groups}
-        return self._policy().entitled(self.user.name, groups)
 
     @classmethod
     def dcr_check_at_start(cls, app: Any, policy: DCRPolicy) -> None:

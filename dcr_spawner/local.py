@@ -46,7 +46,7 @@ from dcr_enclave.contract import DATA_ROOT
 from dcr_enclave.errors import DCRError
 
 from . import sandbox_mounts
-from .policy import DCRPolicy, Entitlement, active_policy
+from .policy import DCRPolicy, PolicySpawnerMixin
 
 #: System account names useradd accepts everywhere (Debian's default NAME_REGEX, 32 characters).
 ACCOUNT_RE: Final = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -195,7 +195,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class DCRLocalSpawner(LocalProcessSpawner):
+class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
     """Local single-user servers, each as its own system account with a private ``/data``."""
 
     account_prefix = Unicode(
@@ -380,21 +380,6 @@ class DCRLocalSpawner(LocalProcessSpawner):
 
     # ----------------------------------------------------------------------------------------------------
     # Policy and accounts
-
-    def _policy(self) -> DCRPolicy:
-        policy = active_policy()
-        if policy is None:
-            self.log.warning(
-                "DCR: the policy was not validated at hub start; add `dcr_spawner.enable(c)` to "
-                "jupyterhub_config.py so a bad policy stops the hub instead of a spawn"
-            )
-            policy = DCRPolicy(parent=self)
-        return policy
-
-    def entitlements(self) -> list[Entitlement]:
-        """The user's entitled datasets now (group membership as it is in the hub's database)."""
-        groups = {g.name for g in self.user.groups}
-        return self._policy().entitled(self.user.name, groups)
 
     def _check_private_files(self, policy: DCRPolicy) -> None:
         for spec in policy.specs():

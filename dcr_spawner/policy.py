@@ -611,3 +611,25 @@ def set_active_policy(policy: DCRPolicy | None) -> None:
 def active_policy() -> DCRPolicy | None:
     """The policy validated when this hub process started, or ``None`` if DCR was not enabled."""
     return _active
+
+
+class PolicySpawnerMixin:
+    """What every DCR spawner asks of the policy: the user's entitled datasets at spawn time."""
+
+    log: Any
+    user: Any
+
+    def _policy(self) -> DCRPolicy:
+        policy = active_policy()
+        if policy is None:
+            self.log.warning(
+                "DCR: the policy was not validated at hub start; add `dcr_spawner.enable(c)` to "
+                "jupyterhub_config.py so a bad policy stops the hub instead of a spawn"
+            )
+            policy = DCRPolicy(parent=self)  # the spawner it is mixed into is the parent
+        return policy
+
+    def entitlements(self) -> list[Entitlement]:
+        """The user's entitled datasets now (group membership as it is in the hub's database)."""
+        groups = {g.name for g in self.user.groups}
+        return self._policy().entitled(self.user.name, groups)

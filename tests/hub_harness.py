@@ -40,10 +40,13 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import requests
+
+if TYPE_CHECKING:
+    from dcr_enclave.dataset import DatasetVersion
 
 REPO = Path(__file__).resolve().parents[1]
 CHP = REPO / ".npm" / "node_modules" / ".bin" / "configurable-http-proxy"
@@ -560,6 +563,25 @@ def make_csv(path: Path, rows: int, seed: int) -> Path:
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@dataclass
+class Stores:
+    """A dataset store holding acme/insurance (the public insurance rows) and globex/visits (generated)."""
+
+    root: Path
+    insurance: DatasetVersion
+    visits: DatasetVersion
+
+
+def make_stores(base: Path, *visits_args: str, rows: int = 200, seeds: tuple[int, int] = (1, 2)) -> Stores:
+    """Register the two test datasets under ``base/store``; ``visits_args`` go to `dcr provider add`."""
+    root = base / "store"
+    insurance = register_dataset(root, "acme", "insurance", [(INSURANCE_REAL, INSURANCE_SYNTHETIC)])
+    real = make_csv(base / "src" / "real" / "visits.csv", rows, seed=seeds[0])
+    synthetic = make_csv(base / "src" / "synthetic" / "visits.csv", rows, seed=seeds[1])
+    visits = register_dataset(root, "globex", "visits", [(real, synthetic)], *visits_args)
+    return Stores(root, insurance, visits)
 
 
 def policy_config(datasets: Mapping[str, Mapping[str, Any]], *, enable: bool = True, **traits: Any) -> str:

@@ -20,20 +20,19 @@ import nbformat
 import pytest
 import requests
 from hub_harness import (
-    INSURANCE_REAL,
-    INSURANCE_SYNTHETIC,
     Hub,
     PostgresServer,
+    Stores,
     dataset_entry,
     free_port,
     make_csv,
+    make_stores,
     policy_config,
     register_dataset,
 )
 from sqlalchemy import update
 
 from dcr_enclave import contract, sealing
-from dcr_enclave.dataset import DatasetVersion
 from dcr_enclave.errors import DCRError
 from dcr_enclave.grant import Grant, verify_grant
 from dcr_enclave.store import Store
@@ -55,33 +54,11 @@ GENEROUS = {
 }
 
 
-@dataclass
-class Stores:
-    root: Path
-    insurance: DatasetVersion
-    visits: DatasetVersion
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
     base = tmp_path_factory.mktemp("grant-stores")
-    root = base / "store"
-    insurance = register_dataset(root, "acme", "insurance", [(INSURANCE_REAL, INSURANCE_SYNTHETIC)])
-    real = make_csv(base / "src" / "real" / "visits.csv", 300, seed=11)
-    synthetic = make_csv(base / "src" / "synthetic" / "visits.csv", 300, seed=12)
-    visits = register_dataset(
-        root,
-        "globex",
-        "visits",
-        [(real, synthetic)],
-        "--protection",
-        "dp",
-        "--epsilon",
-        "1.5",
-        "--mechanism",
-        "mst",
-    )
-    return Stores(root, insurance, visits)
+    args = ("--protection", "dp", "--epsilon", "1.5", "--mechanism", "mst")
+    return make_stores(base, *args, rows=300, seeds=(11, 12))
 
 
 def _datasets(s: Stores) -> dict[str, Any]:

@@ -7,24 +7,21 @@ import json
 import os
 import shutil
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hub_harness import (
-    INSURANCE_REAL,
     INSURANCE_SYNTHETIC,
     Hub,
+    Stores,
     dataset_entry,
-    make_csv,
+    make_stores,
     policy_config,
-    register_dataset,
 )
 from traitlets.config import Config
 
 from dcr_enclave import jwk
-from dcr_enclave.dataset import DatasetVersion
 from dcr_enclave.errors import DCRError
 from dcr_enclave.grant import OutputLimits
 from dcr_spawner import DCRPolicy, PolicyError, enable
@@ -34,22 +31,9 @@ from dcr_spawner.hubkey import load_or_create_airlock_key, load_or_create_hub_ke
 NO_SUCH_VERSION = "sha256:" + "0" * 64
 
 
-@dataclass
-class Stores:
-    root: Path
-    insurance: DatasetVersion
-    visits: DatasetVersion
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
-    base = tmp_path_factory.mktemp("policy-stores")
-    root = base / "store"
-    insurance = register_dataset(root, "acme", "insurance", [(INSURANCE_REAL, INSURANCE_SYNTHETIC)])
-    real = make_csv(base / "src" / "real" / "visits.csv", 200, seed=1)
-    synthetic = make_csv(base / "src" / "synthetic" / "visits.csv", 200, seed=2)
-    visits = register_dataset(root, "globex", "visits", [(real, synthetic)], "--release", "auto")
-    return Stores(root, insurance, visits)
+    return make_stores(tmp_path_factory.mktemp("policy-stores"), "--release", "auto")
 
 
 def _datasets(s: Stores, **overrides: Any) -> dict[str, Any]:
