@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-DEBS   := bubblewrap iproute2 util-linux postgresql
+DEBS   := bubblewrap iproute2 util-linux postgresql chromium
 
 CHP    := .npm/node_modules/.bin/configurable-http-proxy
 

@@ -1,0 +1,1 @@
+"""Helpers of the browser tests and of the demo tests: ``dcr demo`` as a subprocess, Playwright set-up."""

@@ -1,0 +1,257 @@
+"""``dcr demo`` for real: a subprocess on free loopback ports in a temporary directory, as root.
+
+The module starts one demo (the first run generates the data and synthesizes it with ``dcr provider add``),
+logs in through the hub, checks the hub, the grant service's view of each user's datasets, the store and the
+enclave host, spawns a researcher's server (which finds the sample notebook in their home) and runs the
+sample notebook in the enclave through the server extension's REST API. It then stops the demo with SIGTERM
+and checks that no process it started is left, and starts it again in the same directory to check the data
+is reused. Bad ``--dir`` and ``--port`` values are refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+from browser.demo_process import BIN, READY_LINE, DemoError, DemoProcess, free_port
+
+from dcr_demo import data
+from dcr_demo import prepare as prepare_module
+from dcr_demo.hub import HomeSeeder, seed_home
+from dcr_demo.prepare import ENTITLED, GROUPS, entitled_datasets
+from dcr_enclave.errors import DCRError
+from dcr_enclave.hostclient import HostClient
+from dcr_enclave.store import Store
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("demo") / "demo"
+
+
+@pytest.fixture(scope="module")
+def demo(demo_dir: Path) -> Iterator[DemoProcess]:
+    d = DemoProcess(demo_dir)
+    try:
+        yield d.start()
+    finally:
+        d.stop()
+        d.kill_leftovers()
+        d.remove_accounts()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_demo_prints_url_and_logins_and_the_hub_answers(demo: DemoProcess) -> None:
+    """The demo prints its URL and the one password, the hub answers through the proxy on 127.0.0.1, each
+    demo account logs in with that password (the hub API then names the logged-in user) and a wrong
+    password is refused."""
+    assert f"{READY_LINE}: {demo.url}/" in demo.output
+    assert demo.password in demo.output
+    for user in ("alice", "bob", "carol"):
+        assert f"    {user} " in demo.output
+    session = demo.login("alice")
+    r = session.get(f"{demo.url}/hub/api/user", timeout=30)
+    assert r.status_code == 200 and r.json()["name"] == "alice"
+    assert {g for g, members in GROUPS.items() if "alice" in members} <= set(r.json()["groups"])
+    r = session.get(f"{demo.url}/hub/api/", timeout=30)
+    assert r.status_code == 200 and "version" in r.json()
+    with pytest.raises(DemoError, match="login of bob failed"):
+        demo.login("bob", password=demo.password + "-wrong")
+
+
+def test_datasets_are_registered_and_entitled_per_user(demo: DemoProcess) -> None:
+    """Both demo datasets are in the store at the versions the demo recorded, their synthetic files are
+    the protection the demo reports, and the hub's grant service lists for each user exactly the datasets
+    of their entitlement (alice two, bob one, the provider account none)."""
+    state = demo.state()
+    store = Store(demo.dir / "store")
+    for table in data.TABLES:
+        manifest = store.load(data.PROVIDER, table.dataset, state["versions"][table.ref])
+        assert [f.name for f in manifest.files] == [table.file_name]
+        assert manifest.protection.kind == ("dp" if state["synthesis"] == "mst" else "random")
+    assert (os.stat(demo.dir / "store").st_mode & 0o077) == 0  # the spawner requires a root-only store
+    listed = {}
+    for user in ("alice", "bob", "carol"):
+        r = demo.api("GET", "/dcr/datasets", demo.token(user))
+        assert r.status_code == 200, r.text
+        listed[user] = sorted(f"{d['provider']}/{d['dataset']}" for d in r.json()["datasets"])
+        for d in r.json()["datasets"]:
+            assert d["version"] == state["versions"][f"{d['provider']}/{d['dataset']}"]
+            assert d["release"] == "auto"
+    assert listed == {u: sorted(entitled_datasets(u)) for u in ("alice", "bob", "carol")}
+    assert len(listed["alice"]) == 2 and len(listed["bob"]) == 1 and listed["carol"] == []
+    assert set(ENTITLED) == {t.ref for t in data.TABLES}
+
+
+def test_enclave_host_answers_and_is_the_receipts_trust_anchor(demo: DemoProcess) -> None:
+    """The enclave host answers on the demo's socket, and the single-user servers' configuration pins its
+    published JWKS as the receipts' trust anchor and points the local backend at that socket."""
+    sock = demo.dir / "run" / "enclave-host.sock"
+    client = HostClient(sock, timeout=10)
+    assert client.ping()
+    config = json.loads((demo.dir / "server-config" / "jupyter_server_config.json").read_text())
+    assert config["LocalBackend"]["socket_path"] == str(sock)
+    assert config["DCRExtension"]["grant_source_class"] == "dcr_server_ext.grants.HubGrantSource"
+    jwks_file = Path(config["DCRExtension"]["trust_jwks"][0])
+    assert json.loads(jwks_file.read_text())["keys"] == client.jwks()["keys"]
+
+
+def test_researcher_finds_the_sample_notebook_and_it_runs_in_the_enclave(demo: DemoProcess) -> None:
+    """Alice's first spawn puts the sample notebook into her home (her server runs as her own account);
+    it reads her synthetic patients file in the sandbox, and submitted through the server extension it runs
+    in the enclave on the real rows: the job succeeds, the outputs hold the executed notebook with a plot,
+    and the server verifies the receipt against the enclave host's key with every check passing."""
+    token = demo.token("alice")
+    demo.spawn("alice", token)
+    r = demo.server("GET", "alice", "api/contents/analysis.ipynb", token)
+    assert r.status_code == 200, r.text
+    nb = nbformat.from_dict(r.json()["content"])
+    path = f"/data/{data.PROVIDER}/{data.PATIENTS.dataset}/{data.PATIENTS.file_name}"
+    assert any(path in c.source for c in nb.cells if c.cell_type == "code")
+    assert f"as {demo.account('alice')} " in demo.hub_log.read_text()
+
+    r = demo.server("POST", "alice", "dcr/api/jobs", token, json={"path": "analysis.ipynb"})
+    assert r.status_code == 201, r.text
+    job = demo.wait_job("alice", r.json()["id"], token)
+    assert job["state"] == "succeeded", job
+    assert [f"{d['provider']}/{d['dataset']}" for d in job["datasets"]] == [data.PATIENTS.ref]
+    outputs = demo.server("GET", "alice", f"dcr/api/jobs/{job['id']}/outputs", token).json()["files"]
+    assert {"analysis.ipynb", "charges.png", "summary.csv"} <= {Path(f["path"]).name for f in outputs}
+    executed = demo.server("GET", "alice", f"dcr/api/jobs/{job['id']}/outputs/analysis.ipynb", token)
+    outs = [o for c in nbformat.reads(executed.text, 4).cells if c.cell_type == "code" for o in c.outputs]
+    assert any("image/png" in o.get("data", {}) for o in outs)
+    verdict = demo.server("GET", "alice", f"dcr/api/jobs/{job['id']}/verify", token).json()
+    assert verdict["verified"] is True and verdict["checks"]
+    assert all(c["passed"] for c in verdict["checks"]), verdict
+
+
+def test_provider_account_gets_no_sample_notebook(demo: DemoProcess) -> None:
+    """The provider account has no datasets, so its home gets no sample notebook (it would not run)."""
+    token = demo.token("carol")
+    demo.spawn("carol", token)
+    r = demo.server("GET", "carol", "api/contents", token)
+    assert r.status_code == 200
+    assert "analysis.ipynb" not in {c["name"] for c in r.json()["content"]}
+
+
+def test_sigterm_stops_every_process_and_a_second_run_reuses_the_data(demo: DemoProcess) -> None:
+    """SIGTERM stops the demo with status 0 and nothing it started is left (hub, proxy, servers, kernels,
+    enclave host) nor listening; a second run in the same directory reuses the data: same real files, same
+    registered versions, same password, no new synthesis."""
+    procs = demo.remember()
+    assert len(procs) >= 4  # at least hub, proxy, enclave host and the spawned servers
+    assert demo.stop(signal.SIGTERM) == 0
+    assert demo.leftovers() == []
+    assert not _port_open(demo.port)
+    with pytest.raises(DCRError, match="cannot reach the enclave host"):
+        HostClient(demo.dir / "run" / "enclave-host.sock", timeout=5).ping()
+
+    state = demo.state()
+    real = {t.ref: _sha256(demo.dir / "data" / "real" / t.file_name) for t in data.TABLES}
+    again = DemoProcess(demo.dir, account_prefix=demo.account_prefix)
+    try:
+        again.start()
+        assert "reusing the registered datasets" in again.output
+        assert "making the DP synthetic version" not in again.output and "generated" not in again.output
+        assert again.state() == state
+        assert {t.ref: _sha256(demo.dir / "data" / "real" / t.file_name) for t in data.TABLES} == real
+        assert HostClient(demo.dir / "run" / "enclave-host.sock", timeout=10).ping()
+    finally:
+        assert again.stop() == 0
+    assert again.leftovers() == []
+
+
+def _run_demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "dcr"), "demo", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_refuses_a_directory_that_is_not_a_demo_directory(tmp_path: Path) -> None:
+    """A --dir that is a file, or a directory holding other things, is refused with a clear error, and
+    nothing in it changes (no mode change, no file written)."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = _run_demo("--dir", str(f), "--port", str(free_port()))
+    assert r.returncode != 0 and "exists and is not a directory" in r.stderr
+    assert f.read_text() == "x"
+
+    other = tmp_path / "other"
+    other.mkdir(mode=0o750)
+    (other / "notes.txt").write_text("keep")
+    before = sorted((p.name, p.stat().st_mode) for p in [other, *other.iterdir()])
+    r = _run_demo("--dir", str(other), "--port", str(free_port()))
+    assert r.returncode != 0 and "is not a DCR demo directory" in r.stderr and "notes.txt" in r.stderr
+    assert sorted((p.name, p.stat().st_mode) for p in [other, *other.iterdir()]) == before
+
+
+def test_refuses_a_port_in_use_and_a_bad_account_prefix(tmp_path: Path) -> None:
+    """A port already taken on 127.0.0.1 and an account prefix that is not a valid account name prefix are
+    refused before the demo directory is created."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        r = _run_demo("--dir", str(tmp_path / "d1"), "--port", str(taken))
+    assert r.returncode != 0 and f"port {taken} on 127.0.0.1 is in use" in r.stderr
+    assert not (tmp_path / "d1").exists()
+    r = _run_demo("--dir", str(tmp_path / "d2"), "--port", str(free_port()), "--account-prefix", "Root")
+    assert r.returncode != 0 and "--account-prefix 'Root' is not a valid" in r.stderr
+    assert not (tmp_path / "d2").exists()
+
+
+def test_home_seeder_gives_each_file_once_and_never_writes_through_a_link(tmp_path: Path) -> None:
+    """The seeder copies a file into the home once (owned by the account); a link planted under the
+    file's name is neither followed nor replaced, a file the user deleted is not brought back, and a home
+    owned by another account is refused."""
+    src = tmp_path / "src.ipynb"
+    src.write_bytes(b'{"cells": []}')
+    target = tmp_path / "target"
+    target.write_text("keep")
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    assert seed_home(str(home), os.getuid(), os.getgid(), {"analysis.ipynb": src}) == ["analysis.ipynb"]
+    assert (home / "analysis.ipynb").read_bytes() == src.read_bytes()
+    (home / "analysis.ipynb").unlink()
+    assert seed_home(str(home), os.getuid(), os.getgid(), {"analysis.ipynb": src}) == []
+    assert not (home / "analysis.ipynb").exists()
+
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o700)
+    (planted / "analysis.ipynb").symlink_to(target)
+    assert seed_home(str(planted), os.getuid(), os.getgid(), {"analysis.ipynb": src}) == []
+    assert (planted / "analysis.ipynb").is_symlink() and target.read_text() == "keep"
+
+    with pytest.raises(OSError, match="not owned by uid"):
+        seed_home(str(home), os.getuid() + 12345, os.getgid(), {"analysis.ipynb": src})
+    with pytest.raises(DCRError, match="plain file name"):
+        HomeSeeder({"../escape.ipynb": src})
+
+
+def test_refuses_to_run_without_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without root, ``dcr demo`` says it needs root and creates nothing (checked in-process: the project's
+    interpreter lives under /root, which an unprivileged account cannot even start)."""
+    monkeypatch.setattr(prepare_module.os, "geteuid", lambda: 1000)
+    target = tmp_path / "d"
+    with pytest.raises(DCRError, match="dcr demo must run as root"):
+        prepare_module.prepare(target, free_port(), None, "dcr-demo-", say=lambda _line: None)
+    assert not target.exists()
