@@ -551,6 +551,19 @@ def register_dataset(
     return versions[-1]
 
 
+def delete_account(name: str) -> subprocess.CompletedProcess[str] | None:
+    """Kill whatever still runs as the system account ``name`` and ``userdel`` it; None if there is none."""
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+    for p in psutil.process_iter(["uids"]):
+        if p.info["uids"] and p.info["uids"].real == uid:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    return subprocess.run(["userdel", name], check=False, capture_output=True, text=True)
+
+
 def make_csv(path: Path, rows: int, seed: int) -> Path:
     """A small CSV of made-up visits (deterministic for a seed)."""
     import random

@@ -50,9 +50,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoProcess]:
     try:
         yield d.start()
     finally:
-        d.stop()
-        d.kill_leftovers()
-        d.remove_accounts()
+        d.close()
 
 
 @pytest.fixture(scope="module")

@@ -49,9 +49,7 @@ def demo(demo_dir: Path) -> Iterator[DemoProcess]:
     try:
         yield d.start()
     finally:
-        d.stop()
-        d.kill_leftovers()
-        d.remove_accounts()
+        d.close()
 
 
 def _port_open(port: int) -> bool:

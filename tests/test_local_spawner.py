@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from hub_harness import HarnessError, Hub
+from hub_harness import HarnessError, Hub, delete_account
 from jupyterhub import orm
 from jupyterhub.objects import Hub as HubObject
 from jupyterhub.user import User
@@ -128,16 +127,9 @@ def _cli(*args: Any) -> tuple[int, str, str]:
 
 def _userdel(names: list[str]) -> None:
     for name in names:
-        try:
-            uid = pwd.getpwnam(name).pw_uid
-        except KeyError:
-            continue
-        # Whatever of this test's account outlived the hub (normally nothing), one pid at a time.
-        for p in psutil.process_iter(["uids"]):
-            if p.info["uids"] and p.info["uids"].real == uid:
-                p.kill()
-        r = subprocess.run(["userdel", name], check=False, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+        # Whatever of this test's account outlived the hub (normally nothing) is killed first.
+        r = delete_account(name)
+        assert r is None or r.returncode == 0, r.stderr
 
 
 @pytest.fixture(scope="module")

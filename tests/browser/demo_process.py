@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import secrets
 import signal
 import socket
@@ -26,6 +25,7 @@ from typing import Any
 
 import psutil
 import requests
+from hub_harness import delete_account
 
 BIN = Path(sys.executable).parent
 READY_LINE = "DCR demo is running"
@@ -155,16 +155,13 @@ class DemoProcess:
     def remove_accounts(self, users: Iterable[str] = USERS) -> None:
         """Delete the system accounts this run's spawns created (their processes must be gone)."""
         for user in users:
-            name = self.account(user)
-            try:
-                uid = pwd.getpwnam(name).pw_uid
-            except KeyError:
-                continue
-            for p in psutil.process_iter(["uids"]):
-                if p.info["uids"] and p.info["uids"].real == uid:
-                    with contextlib.suppress(psutil.Error):
-                        p.kill()
-            subprocess.run(["userdel", name], check=False, capture_output=True)
+            delete_account(self.account(user))
+
+    def close(self) -> None:
+        """Stop the demo and remove everything this run left: processes and the accounts its spawns made."""
+        self.stop()
+        self.kill_leftovers()
+        self.remove_accounts()
 
     # -- state written by the demo ---------------------------------------------------------------------------
 

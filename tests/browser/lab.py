@@ -24,6 +24,8 @@ from typing import Any, Final
 from playwright.sync_api import BrowserContext, Locator, Page, Playwright, expect
 from playwright.sync_api import Error as PlaywrightError
 
+from dcr_enclave.contract import JOB_STATES
+
 CHROMIUM: Final = "/usr/bin/chromium"
 CHROMIUM_ARGS: Final = (
     "--no-sandbox",
@@ -36,18 +38,8 @@ CHROMIUM_ARGS: Final = (
 )
 REPO: Final = Path(__file__).resolve().parents[2]
 ARTIFACTS: Final = REPO / "test-artifacts"
-#: Lifecycle order of job states (the panel never moves a job backwards).
-STATE_ORDER: Final = (
-    "submitted",
-    "granted",
-    "launching",
-    "running",
-    "checking",
-    "succeeded",
-    "held",
-    "failed",
-    "cancelled",
-)
+#: Lifecycle order of job states (the panel never moves a job backwards): the launch contract's order.
+STATE_ORDER: Final = JOB_STATES
 
 
 @contextmanager
