@@ -23,10 +23,17 @@ store (``dcr provider add`` of the public insurance file, pinning the host's ima
    connection for the first page (default limit 50), the biggest page (500) and the last page; and
    ``JobStore.list`` timed in this process for the same pages, to separate the database from HTTP.
 
-Targets: submit → running under 1 s; event under 100 ms; list p95 under 50 ms. Run as root from the
+4. **cancel → process tree gone**: ``--cancels`` jobs of a notebook whose second cell sleeps for ten
+   minutes, each cancelled (``POST /dcr/api/jobs/<id>/cancel``) once the enclave reports that cell. The
+   clock runs from sending the cancel to its answer; the host answers only when the supervisor, the
+   sandbox and the kernel (the tree read from ``/proc`` just before) have all ended, and the script checks
+   that none of them is left.
+
+Targets: submit → running under 1 s; event under 100 ms; list p95 under 50 ms; cancel under 1 s. Run as root from the
 repository root (the enclave's sandbox needs namespaces and a system account)::
 
-    .venv/bin/python benchmarks/bench_server.py [--jobs 20] [--list-jobs 10000] [--list-requests 200]
+    .venv/bin/python benchmarks/bench_server.py [--jobs 20] [--list-jobs 10000] [--list-requests 200] \
+        [--cancels 10]
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from test_researcher_cli import JupyterServer  # noqa: E402 (the tests' server h
 
 from dcr_enclave import contract  # noqa: E402
 from dcr_enclave.cli import main as cli_main  # noqa: E402
-from dcr_enclave.enclave_host import EnclaveHost, HostConfig  # noqa: E402
+from dcr_enclave.enclave_host import EnclaveHost, HostConfig, process_tree  # noqa: E402
 from dcr_enclave.hostclient import HostClient  # noqa: E402
 from dcr_enclave.jwk import load_or_create_key, public_jwk  # noqa: E402
 from dcr_enclave.store import DEV_HUB_KEY_FILE  # noqa: E402
@@ -80,6 +87,8 @@ CELLS = [
 SUBMIT_RUNNING_TARGET_S = 1.0
 EVENT_TARGET_S = 0.100
 LIST_TARGET_S = 0.050
+CANCEL_TARGET_S = 1.0
+SLOW_CELLS = ["print('started')", "import time\nfor _ in range(600):\n    time.sleep(1)"]
 
 
 def pct(values: list[float], p: float) -> float:
@@ -413,6 +422,41 @@ def time_list_store(db_url: str, offset: int, limit: int, requests: int) -> list
 # -- the report -----------------------------------------------------------------------------------------
 
 
+# -- 4. cancel -------------------------------------------------------------------------------------------
+
+
+def time_cancels(server: JupyterServer, host: Host, count: int) -> tuple[list[float], list[int], int]:
+    """(seconds from cancel sent to answered, processes in each job's tree, processes left after answers)."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src, id=f"s{i}") for i, src in enumerate(SLOW_CELLS)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, server.root / "slow.ipynb")
+    times, sizes, left = [], [], 0
+    for i in range(count):
+        job_id = post_job(server, "slow.ipynb")["id"]
+        deadline = time.monotonic() + 120
+        while True:
+            status, job = server.api("GET", f"dcr/api/jobs/{job_id}")
+            assert status == 200 and isinstance(job, dict), job
+            if (job.get("progress") or {}).get("cell") == 1:
+                break
+            if job["state"] in contract.TERMINAL_STATES or time.monotonic() > deadline:
+                raise SystemExit(f"slow job {job_id} never reached its second cell: {job}")
+            time.sleep(0.05)
+        proc = host.host.jobs[job_id].proc
+        assert proc is not None
+        tree = process_tree(proc.pid)
+        start = time.perf_counter()
+        status, answer = server.api("POST", f"dcr/api/jobs/{job_id}/cancel")
+        times.append(time.perf_counter() - start)
+        if status != 200:
+            raise SystemExit(f"cancel of {job_id} answered {status}: {answer}")
+        left += len(set(tree) & set(process_tree(1)))
+        sizes.append(len(tree))
+        print(f"  cancel {i + 1:2d}/{count}: {times[-1] * 1000:.0f} ms", file=sys.stderr, flush=True)
+    return times, sizes, left
+
+
 def verdict(value: float, target: float) -> str:
     return f"{'met' if value < target else 'MISSED'} (target < {target * 1000:.0f} ms)"
 
@@ -422,6 +466,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=20, help="jobs (and baseline runs) to time")
     parser.add_argument("--list-jobs", type=int, default=10_000, help="jobs in the store for the list test")
     parser.add_argument("--list-requests", type=int, default=200, help="GET requests per page shape")
+    parser.add_argument("--cancels", type=int, default=10, help="long-running jobs to cancel")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -463,6 +508,9 @@ def main() -> int:
             http_times, size = time_list_http(server, query, args.list_requests)
             store_times = time_list_store(db_url, offset, limit, args.list_requests)
             listing.append((label, http_times, size, store_times))
+
+        print(f"cancel: {args.cancels} long-running jobs ...", file=sys.stderr)
+        cancels, tree_sizes, left = time_cancels(server, host, args.cancels)
 
         # -- report -------------------------------------------------------------------------------------
         to_running = [r.running - r.submitted for r in runs if r.running]
@@ -544,7 +592,15 @@ def main() -> int:
                 f"   {label:<26s} HTTP     {fmt_ms(http_times)}   {size // 1024} KiB   {verdict(pct(http_times, 95), LIST_TARGET_S)}"
             )
             print(f"   {'':<26s} JobStore {fmt_ms(store_times)}")
-        return 0
+        print()
+        print(
+            f"4. cancel of a running job ({args.cancels} jobs, {min(tree_sizes)}-{max(tree_sizes)} processes each)"
+        )
+        print(
+            f"   cancel sent -> answered   {fmt_ms(cancels)}   {verdict(pct(cancels, 95), CANCEL_TARGET_S)}"
+        )
+        print(f"   processes of the cancelled trees still running after the answers: {left}")
+        return 0 if left == 0 else 1
     finally:
         if server is not None:
             server.stop()

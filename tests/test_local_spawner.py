@@ -49,7 +49,7 @@ from dcr_spawner.local import (
     account_name,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: system accounts and namespaces")
+pytestmark = pytest.mark.root  # needs root: system accounts and namespaces (run, never skipped)
 
 # ---------------------------------------------------------------------------------------------------------
 # Fixtures: a root-only store with three datasets, a hub, two (three) users

@@ -604,7 +604,7 @@ def _alive(procs: list[tuple[int, float]]) -> list[int]:
 @pytest.mark.slow
 async def test_cancel_stops_the_enclave_process_tree(api, jp_root_dir: Path, dcr_data: Path, host):
     """A long-running job cancelled through the API is `cancelled`, and its enclave's whole process tree
-    (supervisor, sandbox, kernel) is gone within a second; a second cancel is a 409."""
+    (supervisor, sandbox, kernel) is gone by the time the cancel is answered; a second cancel is a 409."""
     _notebook(jp_root_dir, "slow/analysis.ipynb", SLOW_CELLS)
     reply = await api("POST", "jobs", body={"path": "slow/analysis.ipynb", "datasets": ["acme/insurance"]})
     assert reply.code == 201, reply.body
@@ -622,10 +622,7 @@ async def test_cancel_stops_the_enclave_process_tree(api, jp_root_dir: Path, dcr
     reply = await api("POST", "jobs", job_id, "cancel")
     assert reply.code == 200, reply.body
     assert reply.json["state"] == "cancelled"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 1.0
-    while _alive(procs) and loop.time() < deadline:
-        await asyncio.sleep(0.02)
+    # The answer comes only once the tree is gone (benchmarks/bench_server.py measures how long that takes).
     assert _alive(procs) == []
     assert (await api("GET", "jobs", job_id)).json["state"] == "cancelled"
     reply = await api("POST", "jobs", job_id, "cancel")

@@ -509,11 +509,26 @@ class EnclaveHost:
         return job
 
     def _kill(self, job: Job) -> None:
-        """Kill the supervisor's whole session; its mount namespace, and the plaintext tmpfs, go with it."""
+        """Kill the supervisor's whole process tree and return once every process of it has ended.
+
+        The sandbox runs in its own session and PID namespace, so the supervisor's process group does not
+        reach it: the tree is read from ``/proc`` and each member is killed. The mount namespace, and the
+        plaintext tmpfs, go with the last process. Returning only when the tree is gone means a cancel
+        that has been answered has left nothing running."""
         if job.proc and job.proc.poll() is None:
+            tree = process_tree(job.proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.proc.pid, signal.SIGKILL)
+            for pid, started in tree:
+                if _start_time(pid) == started:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             job.proc.wait()
+            deadline = time.monotonic() + _KILL_WAIT
+            while (alive := [p for p, t in tree if _start_time(p) == t]) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if alive:
+                log.error("job %s: processes %s outlived SIGKILL for %ss", job.job_id, alive, _KILL_WAIT)
 
     def _watch(self, sock: socket.socket, uid: int, msg: dict[str, Any]) -> None:
         """Stream the job's state changes as they happen, ending with the terminal one."""
@@ -614,3 +629,47 @@ def ensure_account(name: str) -> tuple[int, int]:
     if pw.pw_uid == 0:
         raise DCRError(f"the sandbox account {name} must not be root")
     return pw.pw_uid, pw.pw_gid
+
+
+#: How long a cancel waits for a killed process tree to end (processes in uninterruptible I/O end late).
+_KILL_WAIT = 10.0
+
+
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name, or None if the process is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return raw[raw.rindex(b")") + 2 :].split()
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of a live process (it and its pid identify it); None once it is gone or a zombie."""
+    fields = _proc_stat(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def process_tree(root: int) -> list[tuple[int, int]]:
+    """``(pid, start time)`` of ``root`` and every live process below it, read from ``/proc`` (processes
+    in nested PID namespaces appear there under their host pids)."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _proc_stat(int(entry.name))
+        if fields is None or fields[0] in (b"Z", b"X"):
+            continue
+        pid = int(entry.name)
+        starts[pid] = int(fields[19])
+        children.setdefault(int(fields[1]), []).append(pid)
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in starts:
+            tree.append((pid, starts[pid]))
+        todo.extend(children.get(pid, ()))
+    return tree

@@ -130,9 +130,21 @@ def wait_for_lab(page: Page) -> None:
 
 
 def open_notebook(page: Page, base_url: str, user: str, path: str) -> Locator:
-    """Open ``path`` in JupyterLab (a fresh page load) and wait until its kernel is idle; returns the panel."""
-    page.goto(f"{base_url}/user/{user}/lab/tree/{path}")
+    """Open ``path`` in JupyterLab (a fresh page load) and wait until its kernel is idle; returns the panel.
+
+    The workspace is reset (``?reset``): the documents an earlier test left open are not restored, so the
+    notebook is the only document and its tab is the current one, whatever order the restorer works in."""
+    page.goto(f"{base_url}/user/{user}/lab/tree/{path}?reset")
     wait_for_lab(page)
+    page.wait_for_function(
+        """p => {
+          const tabs = [...document.querySelectorAll('#jp-main-dock-panel .lm-TabBar-tab')];
+          return tabs.length === 1 && tabs[0].classList.contains('lm-mod-current')
+            && (tabs[0].getAttribute('title') || '').includes(p);
+        }""",
+        arg=path,
+        timeout=120_000,
+    )
     panel = current_notebook(page)
     expect(panel).to_be_visible(timeout=60_000)
     wait_idle(page)
