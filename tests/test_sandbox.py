@@ -404,15 +404,19 @@ r['ns'] = os.readlink('/proc/self/ns/pid')
     ("raise_stmt", "ename"),
     [
         ("raise ValueError('charges of row 7: ' + SECRET)", "ValueError"),
+        ("raise KeyError(SECRET)", "KeyError"),
         ("raise type('leak ' + SECRET, (Exception,), {})()", "Exception"),
+        ("raise type('row7_' + SECRET, (ValueError,), {})()", "Exception"),
+        ("from json import JSONDecodeError\nraise JSONDecodeError(SECRET, SECRET, 0)", "Exception"),
     ],
-    ids=["builtin", "data-in-type-name"],
+    ids=["builtin", "builtin-key", "data-in-type-name", "identifier-type-name", "library-class"],
 )
 def test_failing_cell_reports_only_index_and_type(
     make_job: Callable[..., Job], raise_stmt: str, ename: str
 ) -> None:
     """A failing cell gives status error, its code-cell index and exception type name, nothing of the message;
-    a type name that is not a plain identifier is reported as Exception. Later cells do not run."""
+    only Python's built-in exception names are reported as they are, any other class (which the notebook can
+    name after the data, or a library's) as Exception. Later cells do not run."""
     secret = secrets.token_hex(8)
     job = make_job(
         [f"SECRET = {secret!r}", raise_stmt, "open('after.txt', 'w').write('ran')"], markdown_first=True
