@@ -20,7 +20,10 @@ fixed seed into a temporary directory) the script:
    costs. The outputs of the two paths are compared;
 3. timestamps the watch stream's events as they arrive and the supervisor's requests to the host
    (challenge, token, key release, progress) as the host answers them, and reports the time from
-   ``launch`` returning to ``running`` (the kernel is about to start on decrypted data) and the phases.
+   ``launch`` returning to ``running`` (the sandboxed kernel has started on decrypted data) and the phases.
+   The supervisor starts the kernel right after the sandbox probe, while keys are released and data
+   decrypted, so "released -> running" is whichever of decryption and the rest of the kernel start ends
+   last.
 
 Finally it times, in this process, the pieces that the timeline cannot separate: decrypting a copy of each
 data set with :func:`~dcr_enclave.streamcrypt.decrypt_file` (into /dev/shm, like the enclave's tmpfs),
@@ -304,8 +307,8 @@ class Enclave:
             "supervisor start (interpreter, imports, tmpfs, grant)": sup_ready - host_spawned,
             "unpack bundle + sandbox probe": challenge - sup_ready,
             "key release (challenge, token, broker)": released - challenge,
-            "decrypt + version check": running - released,
-            "kernel start in sandbox (running -> cell 1)": first_cell - running,
+            "decrypt, kernel start finishing (released -> running)": running - released,
+            "kernel info + first cell starts (running -> cell 1)": first_cell - running,
             "cells (cell 1 -> checking)": checking - first_cell,
             "collect outputs + receipt manifest": receipt_token - checking,
             "receipt token, seal, write, exit (-> terminal)": terminal - receipt_token,

@@ -75,7 +75,7 @@ class ColumnSpec:
         if (self.min is None) != (self.max is None):
             raise DCRError(f"{where}: declare both min and max, or neither (then they are estimated with DP)")
         if self.min is not None and self.max is not None and not self.min < self.max:
-            raise DCRError(f"{where}: min must be less than max")
+            raise DCRError(f"{where}: min ({self.min:g}) must be less than max ({self.max:g})")
         for key, top in (("bins", MAX_BINS), ("decimals", 12)):
             value = getattr(self, key)
             if value is None:
@@ -99,8 +99,11 @@ class ColumnSpec:
                     f"{where}: categories must be a list of 1 to {MAX_CATEGORIES} non-empty strings",
                     hint="quote values that YAML would read as numbers or booleans",
                 )
-            if len(set(cats)) != len(cats):
-                raise DCRError(f"{where}: a category is listed twice")
+            seen: set[str] = set()
+            for c in cats:
+                if c in seen:
+                    raise DCRError(f"{where}: category {c!r} is listed twice")
+                seen.add(c)
         if not isinstance(self.nullable, bool):
             raise DCRError(f"{where}: nullable must be true or false")
 
@@ -219,11 +222,25 @@ def load_schema(path: str | Path) -> TableSchema:
         raise DCRError(f"cannot read the schema {p}: {e.strerror}") from None
     if len(data) > MAX_SCHEMA_BYTES:
         raise DCRError(f"the schema {p} is larger than {MAX_SCHEMA_BYTES} bytes")
+    syntax = "JSON" if p.suffix.lower() == ".json" else "YAML"
     try:
         text = data.decode("utf-8")
-        doc = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+        doc = json.loads(text) if syntax == "JSON" else yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise DCRError(f"the schema {p} is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
         raise DCRError(
-            f"the schema {p} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {e}"
+            f"the schema {p} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}"
         ) from None
-    return schema_from_json(doc, f"the schema {p}")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise DCRError(f"the schema {p} is not valid YAML: {where}{problem}") from None
+    try:
+        return schema_from_json(doc, f"the schema {p}")
+    except DCRError as e:
+        if e.message.startswith(f"the schema {p}"):
+            raise
+        # A column's own check does not know the file: name it, as table errors do.
+        raise DCRError(f"{p}: {e.message}", hint=e.hint) from None

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import secrets
+import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Final
+from types import TracebackType
+from typing import Any, ClassVar, Final, Protocol
 
 import numpy as np
 import pandas as pd
@@ -41,15 +45,25 @@ from .tables import read_table, table_format, write_table
 DOMAIN_SHARE: Final = 0.1
 #: δ when none is given; must stay well below 1/rows (checked).
 DEFAULT_DELTA: Final = 1e-6
+_EPSILON_HINT: Final = "give the total privacy loss, e.g. --epsilon 1; smaller is more private"
 #: Rows drawn by ``random`` when the schema does not say.
 DEFAULT_RANDOM_ROWS: Final = 1000
 #: The smallest ε a mechanism is left with after the report and domain estimates.
 MIN_MECHANISM_EPSILON: Final = 0.01
+#: Where the progress fraction stands when a library fit starts, and when sampling its model starts.
+FIT_START: Final = 0.1
+SAMPLE_START: Final = 0.8
+#: Seconds between redraws of the elapsed time while a library fit runs.
+FIT_TICK_SECONDS: Final = 0.5
 
-Progress = Callable[[str, float], None]
+
+class Progress(Protocol):
+    """``progress(stage, fraction, detail)``: a short stage name, 0 to 1, and an optional detail line."""
+
+    def __call__(self, stage: str, fraction: float, detail: str = "") -> None: ...
 
 
-def _no_progress(stage: str, fraction: float) -> None:
+def _no_progress(stage: str, fraction: float, detail: str = "") -> None:
     return None
 
 
@@ -184,9 +198,9 @@ class Synthesizer:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _number(value: Any, what: str) -> float:
+def _number(value: Any, what: str, hint: str | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
-        raise DCRError(f"{what} must be a finite number, not {value!r}")
+        raise DCRError(f"{what} must be a finite number, not {value!r}", hint=hint)
     return float(value)
 
 
@@ -195,10 +209,11 @@ def plan_budget(
 ) -> tuple[float | None, dict[str, tuple[float, float]], float, float]:
     """Split ``(epsilon, delta)``: report ε, per-column domain estimates, and the mechanism's (ε, δ)."""
     if not epsilon > 0:
-        raise DCRError(f"ε must be positive, not {epsilon!r}")
+        raise DCRError(f"ε (--epsilon) must be positive, not {epsilon!r}", hint=_EPSILON_HINT)
     if not 0 < delta < 1:
         raise DCRError(
-            f"δ must be in (0, 1) for these mechanisms, not {delta!r}", hint="pass --delta, e.g. 1e-6"
+            f"δ (--delta) must be in (0, 1) for these mechanisms, not {delta!r}",
+            hint="pass --delta, e.g. 1e-6",
         )
     if delta >= 1 / rows:
         raise DCRError(
@@ -269,11 +284,74 @@ class _IidSampling:
         return getattr(self._model, name)
 
 
+_AIM_ROUND: Final = re.compile(r"Budget Used\s+([0-9.eE+-]+)")
+
+
+class _FitProgress(io.TextIOBase):
+    """Progress of a library fit, which offers no callback: the step its verbose output names, and the time.
+
+    The library's standard output comes here and goes nowhere else; ``parse`` turns a line into a step name
+    and a fraction (MST names its phases, AIM the share of the budget spent after each round). A thread
+    redraws the step with the elapsed time every :data:`FIT_TICK_SECONDS`, so a terminal shows a long fit
+    is alive between steps.
+    """
+
+    def __init__(self, tick: Progress, stage: str, parse: Callable[[str], tuple[str, float] | None]) -> None:
+        self._tick, self._stage, self._parse = tick, stage, parse
+        self._what, self._fraction = "starting", FIT_START
+        self._pending = ""
+        self._start = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dcr-fit-progress", daemon=True)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            found = self._parse(line.strip())
+            if found is not None:
+                self.step(*found)
+        return len(text)
+
+    def step(self, what: str, fraction: float) -> None:
+        self._what, self._fraction = what, fraction
+        self._draw()
+
+    def _draw(self) -> None:
+        with self._lock:
+            elapsed = time.monotonic() - self._start
+            self._tick(self._stage, self._fraction, f"{self._what}, {elapsed:.0f} s")
+
+    def _run(self) -> None:
+        while not self._stop.wait(FIT_TICK_SECONDS):
+            self._draw()
+
+    def __enter__(self) -> _FitProgress:
+        self._draw()
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class _MarginalMechanism(Synthesizer):
     kind = "dp"
 
     def _fit_sample(
-        self, codes: np.ndarray, sizes: Sequence[int], epsilon: float, delta: float, seed: int
+        self,
+        codes: np.ndarray,
+        sizes: Sequence[int],
+        epsilon: float,
+        delta: float,
+        seed: int,
+        tick: Progress = _no_progress,
     ) -> np.ndarray:
         from snsynth.transform.bin import BinTransformer
         from snsynth.transform.table import TableTransformer
@@ -283,16 +361,26 @@ class _MarginalMechanism(Synthesizer):
         transformer = TableTransformer([BinTransformer(bins=k, lower=-0.5, upper=k - 0.5) for k in sizes])
         model = self._model(epsilon, delta)
         np.random.seed(seed % 2**32)  # SmartNoise selects and samples with numpy's global generator
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with (
+            _FitProgress(tick, f"fitting {self.name}", self._steps()) as log,
+            contextlib.redirect_stdout(log),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             model.fit(frame, transformer=transformer)
             model.synthesizer = _IidSampling(model.synthesizer)
+            log.step("sampling", SAMPLE_START)
             sample = model.sample(len(frame))
         out = np.rint(np.asarray(sample, dtype=float)).astype(np.int64)
         return np.clip(out, 0, np.asarray(sizes) - 1)
 
     def _model(self, epsilon: float, delta: float) -> Any:
+        """The SmartNoise synthesizer, with ``verbose=True`` so that :meth:`_steps` can follow its fit."""
         raise NotImplementedError
+
+    def _steps(self) -> Callable[[str], tuple[str, float] | None]:
+        """For one fit: the step (name, progress fraction) a line of the library's output announces, if any."""
+        return lambda line: None
 
     def _generate(
         self,
@@ -306,7 +394,7 @@ class _MarginalMechanism(Synthesizer):
     ) -> tuple[list[Domain], list[Spend], int, np.ndarray, float | None]:
         if epsilon is None:
             raise DCRError(f"--synthesize {self.name} needs --epsilon", hint="e.g. --epsilon 1")
-        epsilon = _number(epsilon, "ε")
+        epsilon = _number(epsilon, "ε (--epsilon)", _EPSILON_HINT)
         dlt = self._delta(delta, len(df))
         eps_report, per_column, eps_mech, delta_mech = plan_budget(
             schema, epsilon, dlt, report_epsilon, len(df)
@@ -314,8 +402,7 @@ class _MarginalMechanism(Synthesizer):
         tick("domains", 0.05)
         domains, spends = build_domains(df, schema, per_column)
         codes = encode(df, domains)
-        tick(f"fitting {self.name}", 0.1)
-        synthetic = self._fit_sample(codes, [d.size for d in domains], eps_mech, delta_mech, seed)
+        synthetic = self._fit_sample(codes, [d.size for d in domains], eps_mech, delta_mech, seed, tick)
         spends.append(Spend(f"{self.name} mechanism", eps_mech, delta_mech))
         if eps_report is not None:
             spends.append(Spend("researcher-facing fidelity report", eps_report, 0.0))
@@ -330,7 +417,19 @@ class MSTSynthesizer(_MarginalMechanism):
     def _model(self, epsilon: float, delta: float) -> Any:
         from snsynth.mst import MSTSynthesizer as _MST
 
-        return _MST(epsilon=epsilon, delta=delta)
+        return _MST(epsilon=epsilon, delta=delta, verbose=True)
+
+    def _steps(self) -> Callable[[str], tuple[str, float] | None]:
+        # MST measures the 1-way marginals, selects a tree of 2-way ones (1,000 iterations of mirror
+        # descent), measures them, then estimates the model (5,000 iterations): weights by iteration count.
+        def step(line: str) -> tuple[str, float] | None:
+            if line.startswith("Getting cliques"):
+                return "measuring and selecting marginals", FIT_START
+            if line.startswith("Estimating marginals"):
+                return "estimating the model", FIT_START + (SAMPLE_START - FIT_START) / 6
+            return None
+
+        return step
 
 
 class AIMSynthesizer(_MarginalMechanism):
@@ -341,7 +440,25 @@ class AIMSynthesizer(_MarginalMechanism):
     def _model(self, epsilon: float, delta: float) -> Any:
         from snsynth.aim import AIMSynthesizer as _AIM
 
-        return _AIM(epsilon=epsilon, delta=delta)
+        return _AIM(epsilon=epsilon, delta=delta, verbose=True)
+
+    def _steps(self) -> Callable[[str], tuple[str, float] | None]:
+        # AIM runs rounds until its budget is spent, and says after each how much of it is used.
+        rounds = 0
+
+        def step(line: str) -> tuple[str, float] | None:
+            nonlocal rounds
+            spent = _AIM_ROUND.search(line)
+            if spent:
+                rounds += 1
+                used = min(1.0, max(0.0, float(spent.group(1))))
+                span = 0.9 * (SAMPLE_START - FIT_START)
+                return f"round {rounds}, {used:.0%} of the budget spent", FIT_START + span * used
+            if line.startswith("Estimating marginals"):
+                return "estimating the model", FIT_START + 0.9 * (SAMPLE_START - FIT_START)
+            return None
+
+        return step
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -65,7 +65,9 @@ def _csv_header(path: Path) -> list[str]:
         raise DCRError(f"{path} has no header line", hint="the first line must name the columns")
     for i, name in enumerate(header, 1):
         if not name.strip():
-            raise DCRError(f"{path}: header column {i} has no name")
+            raise DCRError(
+                f"{path}: header column {i} has no name", hint="name every column in the first line"
+            )
     dupes = sorted({n for n in header if header.count(n) > 1})
     if dupes:
         raise DCRError(f"{path}: the header names column {dupes[0]!r} twice")
@@ -122,13 +124,14 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # The schema is checked before the rows are read: pyarrow's reader fails on duplicate column names
+    # with a message that does not say so.
     try:
-        table = pq.read_table(path)
+        arrow_schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as e:
         raise DCRError(f"{path} is not a valid Parquet file: {e}") from None
-    if table.num_rows == 0:
-        raise DCRError(f"{path} has no rows")
-    for f in table.schema:
+    _check_parquet_names(path, arrow_schema.names)
+    for f in arrow_schema:
         t = f.type
         ok = (
             pa.types.is_integer(t)
@@ -142,11 +145,21 @@ def _read_parquet(path: Path) -> pd.DataFrame:
                 f"{path}: column {f.name!r} has type {t}, which DCR cannot synthesize",
                 hint="use integer, float or string columns",
             )
-    names = table.column_names
+    try:
+        table = pq.ParquetFile(path).read()
+    except (pa.ArrowException, OSError) as e:
+        raise DCRError(f"{path} is not a valid Parquet file: {e}") from None
+    if table.num_rows == 0:
+        raise DCRError(f"{path} has no rows", hint="a dataset file must hold data")
+    return table.to_pandas()
+
+
+def _check_parquet_names(path: Path, names: list[str]) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise DCRError(f"{path}: column {dupes[0]!r} appears twice")
-    return table.to_pandas()
+        raise DCRError(
+            f"{path}: column {dupes[0]!r} appears twice", hint="every column needs a name of its own"
+        )
 
 
 def _infer_spec(name: str, values: pd.Series, fmt: str) -> ColumnSpec:
@@ -343,6 +356,7 @@ def column_types(path: str | Path, max_bytes: int = 16 << 30) -> dict[str, str]:
             arrow = pq.read_schema(p)
         except (pa.ArrowException, OSError) as e:
             raise DCRError(f"{p} is not a valid Parquet file: {e}") from None
+        _check_parquet_names(p, arrow.names)
         return {f.name: _arrow_kind(f.type) for f in arrow}
     header = _csv_header(p)
     kinds: dict[str, str | None] = dict.fromkeys(header)

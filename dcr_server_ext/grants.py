@@ -17,11 +17,12 @@ import getpass
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-from traitlets import Enum, Int, Unicode, validate
+from traitlets import Enum, Int, TraitError, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from dcr_enclave import contract
@@ -194,6 +195,9 @@ class DevGrantSource(GrantSource):
         Example::
 
             c.DevGrantSource.store = "/srv/dcr/store"
+
+        Security: every dataset of this store is granted to every job this server submits, with no
+        entitlement check: point it only at a store of development or demonstration data.
         """,
     ).tag(config=True)
 
@@ -205,16 +209,22 @@ class DevGrantSource(GrantSource):
         Example::
 
             c.DevGrantSource.release = "auto"
+
+        Security: ``auto`` releases outputs to the researcher as soon as the enclave's checks pass;
+        ``review`` holds them until the provider releases them.
         """,
     ).tag(config=True)
 
     time_limit = Int(
         3600,
-        help="""Seconds a granted job may run; the grant expires shortly after.
+        help="""Seconds a granted job may run; the grant expires shortly after. A positive number.
 
         Example::
 
             c.DevGrantSource.time_limit = 600
+
+        Security: the enclave stops the job at this limit; a long limit lets a job hold data keys and
+        the machine longer.
         """,
     ).tag(config=True)
 
@@ -303,25 +313,55 @@ class HubGrantSource(GrantSource):
     """
 
     api_url = Unicode(
-        help="""The hub's API URL; default: ``$JUPYTERHUB_API_URL``, which JupyterHub gives every server.
+        help="""The hub's API URL (``http://`` or ``https://``); default: ``$JUPYTERHUB_API_URL``, which
+        JupyterHub gives every server.
 
         Example::
 
             c.HubGrantSource.api_url = "http://hub.internal:8081/hub/api"
 
-        Security: grant requests carry this server's hub API token; send them to your hub only.
+        Security: grant requests carry this server's hub API token; send them to your hub only, over
+        ``https://`` (or JupyterHub's internal SSL) when the hub is on another machine.
         """,
     ).tag(config=True)
 
     request_timeout = Int(
         30,
-        help="""Seconds to wait for the hub's answer before the submission is reported unavailable.
+        help="""Seconds to wait for the hub's answer before the submission is reported unavailable; a
+        positive number.
 
         Example::
 
             c.HubGrantSource.request_timeout = 10
+
+        Security: no security decision depends on it. A request that times out may still have been
+        granted and recorded by the hub (the job is then kept, failed, and counts against quotas).
         """,
     ).tag(config=True)
+
+    @validate("api_url")
+    def _valid_api_url(self, proposal: Any) -> str:
+        value = str(proposal["value"])
+        if value:  # empty: $JUPYTERHUB_API_URL
+            try:
+                parts = urllib.parse.urlsplit(value)
+            except ValueError:
+                parts = None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise TraitError(
+                    "HubGrantSource.api_url must be an http:// or https:// URL of the hub's API, like "
+                    f"'http://hub.internal:8081/hub/api', not {value!r}"
+                )
+        return value
+
+    @validate("request_timeout")
+    def _valid_request_timeout(self, proposal: Any) -> int:
+        value = proposal["value"]
+        if value <= 0:
+            raise TraitError(
+                f"HubGrantSource.request_timeout must be a positive number of seconds, not {value!r}"
+            )
+        return int(value)
 
     def _env_api_url(self) -> str:
         return os.environ.get("JUPYTERHUB_API_URL", "")

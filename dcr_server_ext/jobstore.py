@@ -35,7 +35,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from dcr_enclave.contract import JOB_STATES, check_job_id
+from dcr_enclave.contract import JOB_STATES, TERMINAL_STATES, check_job_id
 from dcr_enclave.errors import DCRError
 
 from .errors import Conflict, NotFound, Unavailable
@@ -81,6 +81,11 @@ JOBS = sa.Table(
     sa.Index("ix_dcr_jobs_created", "created", "id"),
     sa.Index("ix_dcr_jobs_state", "state"),
 )
+
+
+class JobEnded(Conflict):
+    """The job has ended (a terminal state): its state is final and the store refuses to change it."""
+
 
 #: Fields ``update`` may change; ``updated`` is the store's to set, ``id`` and ``created`` never change.
 UPDATABLE_FIELDS = frozenset(Job.__dataclass_fields__) - {"id", "created", "updated"}
@@ -152,6 +157,11 @@ class JobStore:
 
         One ``UPDATE ... RETURNING`` statement: concurrent updates of different fields never undo each
         other, and the returned job is exactly the row this update produced.
+
+        A job that has ended keeps its state: changing the state of a job in a terminal state
+        (``contract.TERMINAL_STATES``) raises :class:`JobEnded` and changes nothing. The check is part of
+        the statement, so no writer can slip in between a check and the write. Other fields of an ended
+        job may still be written (the manager records where a job cancelled mid-launch ran).
         """
         unknown = set(fields) - UPDATABLE_FIELDS
         if unknown:
@@ -161,12 +171,37 @@ class JobStore:
             )
         _check_values(fields)
         values = {**fields, "updated": time.time()}
-        stmt = sa.update(JOBS).where(JOBS.c.id == job_id).values(**values).returning(*JOBS.c)
+        stmt = sa.update(JOBS).where(JOBS.c.id == job_id)
+        if "state" in fields:
+            stmt = stmt.where(
+                sa.or_(JOBS.c.state.not_in(sorted(TERMINAL_STATES)), JOBS.c.state == fields["state"])
+            )
+        stmt = stmt.values(**values).returning(*JOBS.c)
         with self._db(), self._write_engine.begin() as conn:
             row = conn.execute(stmt).one_or_none()
         if row is None:
-            raise NotFound(f"no job {job_id} in the job store")
+            current = self.get(job_id)
+            if current is None or "state" not in fields:
+                raise NotFound(f"no job {job_id} in the job store")
+            raise JobEnded(
+                f"job {job_id} has already ended ({current.state}); its state cannot change to "
+                f"{fields['state']!r}"
+            )
         return _job(row)
+
+    def delete(self, job_id: str, *, state: str | None = None) -> bool:
+        """Remove one job's record; with ``state``, only while the job is in that state. Returns whether
+        a record was removed (``False``: no such job, or it has moved on from ``state``).
+
+        For submissions that never became jobs (the grant was refused): the condition is part of the
+        statement, so a job cancelled meanwhile is kept.
+        """
+        stmt = sa.delete(JOBS).where(JOBS.c.id == job_id)
+        if state is not None:
+            stmt = stmt.where(JOBS.c.state == state)
+        with self._db(), self._write_engine.begin() as conn:
+            removed = conn.execute(stmt).rowcount
+        return bool(removed)
 
     def unfinished(self) -> builtins.list[Job]:
         """Jobs the reconciler still has work on (``model.UNFINISHED_STATES``), oldest first."""

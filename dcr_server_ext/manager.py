@@ -8,6 +8,15 @@ that stops at any point finds each job where it left it and the reconciler carri
 * a job the backend no longer knows is failed with a reason;
 * a running job is watched again.
 
+A job that has ended keeps its state (the store refuses to change it, :class:`JobEnded`). A cancel can
+land while a submission is still asking for the grant or launching: the submission reads the job again
+after each wait and stops (or stops what it just launched) when it finds the job cancelled.
+
+A submission whose grant the grant source refuses (:class:`APIError`, e.g. the hub's 403) leaves nothing:
+its record, bundle and key are removed, and no event was emitted for it (the first event of a job is sent
+once its grant is in hand). A grant service that cannot be reached leaves the job ``failed`` (503): the hub
+may have recorded the job before the answer was lost.
+
 Events (``EVENT_SCHEMA_ID``) carry the state and cell *i* of *n* only, never data.
 
 The manager also answers the JupyterLab extension's questions that are not about one submission: what a
@@ -29,7 +38,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -48,7 +57,7 @@ from .backends.base import Backend, BackendStatus
 from .errors import APIError, Conflict, NotFound, TooLarge, Unavailable
 from .grants import GrantSource
 from .jobkeys import JobKeys
-from .jobstore import JobStore
+from .jobstore import JobEnded, JobStore
 from .model import Job
 
 MAX_DATASETS = 50
@@ -190,6 +199,8 @@ class JobManager:
                 await self._reconcile_one(job)
             except Unavailable as e:
                 self.log.warning("DCR: cannot reconcile %s now: %s", job.id, e)
+            except JobEnded as e:  # cancelled while this pass waited on the backend
+                self.log.info("DCR: %s", e)
 
     async def _reconcile_one(self, job: Job) -> None:
         if not job.backend_ref:
@@ -244,6 +255,11 @@ class JobManager:
             datasets=[{"provider": p, "dataset": d, "version": None, "release": None} for p, d in wanted],
             backend=self.backend_name,
         )
+        try:
+            self.store.create(job)
+        except BaseException:
+            self._forget(job_id)
+            raise
         self._submitting.add(job_id)
         try:
             return await self._grant_and_launch(job, public)
@@ -251,31 +267,66 @@ class JobManager:
             self._submitting.discard(job_id)
 
     async def _grant_and_launch(self, job: Job, public: bytes) -> Job:
+        """Ask for the stored job's grant and launch it. The job is stored (a cancel can reach it) but not
+        announced until the grant is in hand: a refusal removes it as if it had never been."""
         job_id, job_dir = job.id, self._job_dir(job.id)
         wanted = [(d["provider"], d["dataset"]) for d in job.datasets]
-        self.store.create(job)
-        self.emit(job)
         try:
             grant = await self.grants.request(
                 job_id=job_id, bundle_digest=job.bundle_digest, datasets=wanted, output_public_key=public
             )
-        except APIError as e:
-            self._update(job, state="failed", failure=_failure(str(e)))
+        except Unavailable as e:
+            # The request may have reached the hub (which records the job) before the answer was lost:
+            # the job stays, failed, so the user sees what happened.
+            return self._grant_failed(job_id, _failure(str(e)), e)
+        except APIError:
+            # Refused (not entitled, over quota, ...): nothing of the submission stays. The record goes only
+            # if nothing moved it on: a job cancelled meanwhile keeps its record (the user saw it end).
+            if not self.store.delete(job_id, state="submitted"):
+                return self._ended_meanwhile(job_id, "while its grant was requested")
+            self._forget(job_id)
             raise
         except Exception as e:
-            self._update(
-                job, state="failed", failure=_failure(f"the grant service failed ({type(e).__name__})")
+            self.log.exception("DCR: the grant source failed for %s", job_id)
+            return self._grant_failed(
+                job_id,
+                _failure(f"the grant service failed ({type(e).__name__})"),
+                Unavailable("the grant service could not be reached; try again"),
             )
-            raise Unavailable("the grant service could not be reached; try again") from None
+        job = self.get(job_id)
+        if job.terminal:  # cancelled while the grant was requested: never launched
+            return self._ended_meanwhile(job_id, "while its grant was requested")
+        self.emit(job)  # the job's first event: from here on it is a job the user will see through
         (job_dir / "grant.jwt").write_text(grant)
         granted = _granted_datasets(grant)
-        job = self._update(job, state="granted", datasets=granted, grant_id=_grant_id(grant))
         try:
+            job = self._update(job, state="granted", datasets=granted, grant_id=_grant_id(grant))
             await self._launch(job, grant)
         except Unavailable as e:
             # Stored as "granted": the reconciler launches it once the backend answers again.
             self.log.warning("DCR: job %s waits for the backend: %s", job_id, e)
+        except JobEnded:
+            return self._ended_meanwhile(job_id, "while it was launched")
         return self.get(job_id)
+
+    def _grant_failed(self, job_id: str, failure: dict[str, Any], error: Unavailable) -> Job:
+        """Store the job failed (unless a cancel ended it meanwhile) and raise ``error``."""
+        try:
+            self._update(self.get(job_id), state="failed", failure=failure)
+        except JobEnded:
+            return self._ended_meanwhile(job_id, "while its grant was requested")
+        raise error from None
+
+    def _ended_meanwhile(self, job_id: str, when: str) -> Job:
+        """The answer to a submission whose job was cancelled before the submission was done with it."""
+        job = self.get(job_id)
+        self.log.info("DCR: job %s was %s %s; it is not launched", job_id, job.state, when)
+        return job
+
+    def _forget(self, job_id: str) -> None:
+        """Remove what a submission that never became a job left: its bundle directory and its key."""
+        shutil.rmtree(self._job_dir(job_id), ignore_errors=True)
+        self.keys.delete(job_id)
 
     async def preview(self, path: Any, datasets: Any = None) -> dict[str, Any]:
         """What :meth:`submit` would bundle and ask the grant for, without storing or granting anything.
@@ -334,8 +385,34 @@ class JobManager:
     async def _launch(self, job: Job, grant: str) -> None:
         job = self._update(job, state="launching")
         ref = await self.backend.launch(job, grant, self._job_dir(job.id) / "bundle.tar")
-        job = self._update(job, backend_ref=ref)
+        current = self.get(job.id)
+        if current.terminal:
+            # Cancelled while the backend launched it: stop what was just started; the job stays cancelled.
+            await self._stop_late_launch(current, ref)
+            return
+        job = self._update(current, backend_ref=ref)
         self._watch(job)
+
+    async def _stop_late_launch(self, job: Job, ref: dict[str, Any]) -> None:
+        # Where it ran is recorded first (an ended job's state is final, its other fields are not).
+        try:
+            job = self.store.update(job.id, backend_ref=ref)
+        except DCRError as e:
+            self.log.warning("DCR: could not record where the cancelled job %s ran: %s", job.id, e)
+            job = replace(job, backend_ref=ref)
+        try:
+            await self.backend.cancel(job)
+        except Exception as e:
+            self.log.error(
+                "DCR: job %s was %s while it launched, and its enclave could not be stopped (%s: %s); "
+                "stop it on the enclave platform",
+                job.id,
+                job.state,
+                type(e).__name__,
+                e,
+            )
+            return
+        self.log.info("DCR: job %s was %s while it launched; its enclave was stopped", job.id, job.state)
 
     # -- following a job ------------------------------------------------------------------------------------
 
@@ -366,7 +443,7 @@ class JobManager:
             changes["enclave"] = st.enclave
         if st.cells and (st.cell, st.cells) != (job.cell, job.cells):
             changes.update(cell=st.cell, cells=st.cells)
-        if st.state in contract.TERMINAL_STATES or st.state == "held":
+        if _ended(st.state):
             if changes:
                 job = self._update(job, **changes)
             await self._finish(job, st)
@@ -404,10 +481,13 @@ class JobManager:
             self._update(job, state=st.state, outputs_path=outputs_path, receipt=True, enclave=enclave)
             with contextlib.suppress(DCRError):
                 await self.backend.cleanup(job)
+        except JobEnded as e:  # cancelled while the result was collected
+            self.log.info("DCR: %s", e)
         except Unavailable as e:
             self.log.warning("DCR: cannot collect %s now: %s (the reconciler retries)", job.id, e)
         except DCRError as e:
-            self._update(job, state="failed", failure=_failure(f"the results could not be opened: {e}"))
+            with contextlib.suppress(JobEnded):
+                self._update(job, state="failed", failure=_failure(f"the results could not be opened: {e}"))
         finally:
             self._finishing.discard(job.id)
 
@@ -443,15 +523,37 @@ class JobManager:
         return self.store.list(offset, limit)
 
     async def cancel(self, job_id: str) -> Job:
+        """Stop a job and store it ``cancelled``; answered once the backend has stopped it.
+
+        A job not launched yet (its grant request or launch still in progress, or waiting for the backend)
+        is stored ``cancelled`` at once: the submission finds it so and launches nothing, or stops what it
+        had just launched. A job the backend reports ended on its own before the cancel reached it keeps
+        its result: it is finished as the backend says (outputs collected and opened) and the cancel is
+        refused with :class:`Conflict` naming the state it ended in.
+        """
         job = self.get(job_id)
         if job.terminal:
             raise Conflict(f"job {job_id} has already ended ({job.state})")
         if job.backend_ref:
             await self.backend.cancel(job)
+            # The platform's truth once the cancel is done: a job that had finished was left as it was.
+            st = await self.backend.status(job)
+            if st is not None and st.state != "cancelled" and _ended(st.state):
+                if self.get(job_id).state != st.state:
+                    await self._apply(job_id, st)
+                raise Conflict(
+                    f"job {job_id} had already ended ({st.state}) when the cancel reached it; "
+                    "its result is kept"
+                )
         task = self._watchers.pop(job_id, None)
         if task:
             task.cancel()
-        return self._update(self.get(job_id), state="cancelled")
+        job = self.get(job_id)
+        if job.terminal:  # the progress stream stored the backend's own "cancelled" meanwhile
+            if job.state == "cancelled":
+                return job
+            raise Conflict(f"job {job_id} has already ended ({job.state})")
+        return self._update(job, state="cancelled")
 
     def _outputs_root(self, job: Job) -> Path:
         if not job.outputs_path:
@@ -601,13 +703,19 @@ class JobManager:
         return self.jobs_dir / contract.check_job_id(job_id)
 
     def _update(self, job: Job, **changes: Any) -> Job:
-        """Store the change, then tell subscribers."""
+        """Store the change, then tell subscribers. The state of a job that has ended is final: the store
+        refuses to change it with :class:`JobEnded`, and nothing is emitted."""
         new = self.store.update(job.id, **changes)
         if "state" in changes or "cell" in changes or "cells" in changes:
             self.emit(new)
         if "state" in changes:
             self.log.info("DCR: job %s is %s", job.id, new.state)
         return new
+
+
+def _ended(state: str) -> bool:
+    """The enclave is done with the job: a terminal state, or outputs held for the provider's review."""
+    return state in contract.TERMINAL_STATES or state == "held"
 
 
 def _parse_datasets(value: Any) -> list[tuple[str, str]]:

@@ -5,7 +5,9 @@ Enabled by one line in ``jupyterhub_config.py``::
     import dcr_spawner
     dcr_spawner.enable(c)
 
-which adds three routes under the hub's API prefix (through ``JupyterHub.extra_handlers``):
+or by a DCR spawner (``c.JupyterHub.spawner_class = "dcr-local"`` / ``"dcr-kube"``), whose module arms the
+same start hook when the hub loads it and which adds the routes itself if ``enable(c)`` did not. The
+routes, under the hub's API prefix (through ``JupyterHub.extra_handlers``):
 
 - ``POST /hub/api/dcr/grants`` -- the user's server asks, with its hub API token, for a grant for one job:
   ``{"job_id", "bundle_digest", "datasets": ["provider/dataset", ...] (empty: every entitled dataset),
@@ -13,7 +15,11 @@ which adds three routes under the hub's API prefix (through ``JupyterHub.extra_h
   "datasets", "hub_key_thumbprint"}``. Refusals are ``400/401/403/409/429 {"error": "..."}`` and every one
   is written to the audit log.
 - ``GET /hub/api/dcr/jwks`` -- public: the hub key's JWKS and thumbprint, for enclaves and providers.
-- ``GET /hub/api/dcr/datasets`` -- the caller's entitled datasets (provider, version, protection, ε, files).
+- ``GET /hub/api/dcr/datasets`` -- the caller's entitled datasets (provider, version, protection, ε, files,
+  and the link to the fidelity report when the policy names one).
+- ``GET /hub/api/dcr/datasets/<provider>/<dataset>/fidelity-report`` -- that researcher-facing report, to
+  entitled users only (token or the hub's login cookie, so a browser can follow the link), inert (a
+  sandboxing Content-Security-Policy: no scripts, no requests).
 
 and a start hook: after JupyterHub has loaded its users and groups and before it serves, the policy is
 validated against the stores and the hub's groups, the keys are loaded (or generated) and the records
@@ -45,8 +51,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from jupyterhub import orm
-from jupyterhub.apihandlers.base import APIHandler
+from jupyterhub.apihandlers.base import API404, APIHandler
 from jupyterhub.user import User
+from jupyterhub.utils import url_path_join
 from traitlets import TraitError
 from traitlets.config import Config
 
@@ -58,7 +65,7 @@ from dcr_enclave.store import Store
 
 from .hubdb import GrantedJob, HubDB, Usage
 from .hubkey import AirlockKey, HubKey, load_or_create_airlock_key, load_or_create_hub_key
-from .policy import DCRPolicy, PolicyError, set_active_policy
+from .policy import DCRPolicy, PolicyError, PolicySpawnerMixin, set_active_policy
 
 #: The key in the hub's tornado settings under which the running service is found.
 SETTINGS_KEY: Final = "dcr_grant_service"
@@ -67,6 +74,12 @@ MAX_BODY_BYTES: Final = 64 * 1024
 MAX_DATASETS_PER_JOB: Final = 100
 #: Grants outlive the job's time limit by this much (set by ``dcr_enclave.grant.issue_grant``).
 GRANT_GRACE_SECONDS: Final = 600
+#: A fidelity report is shown as a document, never run: no scripts, no requests, no framing, an opaque
+#: origin; only its inline styles and data: images (the plots ``dcr provider`` embeds) are allowed.
+REPORT_CSP: Final = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'none'; sandbox"
+)
 
 
 class Refusal(Exception):
@@ -326,11 +339,19 @@ class GrantService:
 
     # Read-only views ----------------------------------------------------------------------------------
 
-    def datasets_for(self, user: str, groups: set[str]) -> list[dict[str, Any]]:
+    def datasets_for(
+        self, user: str, groups: set[str], report_base: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The datasets view of ``user``; ``report_base`` is the URL the fidelity report routes hang from
+        (``.../api/dcr/datasets``), without which no report link is given."""
         out = []
         for e in self.policy.entitled(user, groups):
             manifest = self.policy.manifest(e.ref)
+            spec = self.policy.spec(e.ref)
             p = e.protection
+            report = None
+            if spec is not None and spec.fidelity_report is not None and report_base is not None:
+                report = f"{report_base.rstrip('/')}/{e.provider}/{e.dataset}/fidelity-report"
             out.append(
                 {
                     "provider": e.provider,
@@ -350,9 +371,17 @@ class GrantService:
                         }
                         for f in manifest.files
                     ],
+                    "fidelity_report": report,
                 }
             )
         return out
+
+    def entitled_report(self, user: str, groups: set[str], ref: str) -> bool:
+        """Whether ``user`` may read the fidelity report of ``ref`` (entitled, and the policy names one)."""
+        if ref not in self.policy.entitled_refs(user, groups):
+            return False
+        spec = self.policy.spec(ref)
+        return spec is not None and spec.fidelity_report is not None
 
 
 def _with_trait(trait: str, fn: Callable[[], Any]) -> Any:
@@ -461,7 +490,48 @@ class DatasetsHandler(_DCRHandler):
         if isinstance(caller, Refusal):
             return self._json(caller.status, {"error": caller.message})
         user, groups = caller
-        self._json(200, {"user": user.name, "datasets": service.datasets_for(user.name, groups)})
+        datasets = service.datasets_for(user.name, groups, report_base=self.report_base())
+        self._json(200, {"user": user.name, "datasets": datasets})
+
+    def report_base(self) -> str:
+        """Where the browser finds the report routes: a path on the hub, or the hub's own host when user
+        servers are on subdomains (the link is followed from the server's page)."""
+        return (self.subdomain_host or "") + url_path_join(
+            self.hub.base_url, API_PREFIX.lstrip("/"), "datasets"
+        )
+
+
+class FidelityReportHandler(_DCRHandler):
+    async def get(self, provider: str, dataset: str) -> None:
+        service = self.grant_service
+        if service is None:
+            return self._unavailable()
+        caller = self._caller(token_only=False)
+        if isinstance(caller, Refusal):
+            return self._json(caller.status, {"error": caller.message})
+        user, groups = caller
+        ref = f"{provider}/{dataset}"
+        # Unknown, not entitled and without a report get the same answer: nothing about what exists.
+        if not service.entitled_report(user.name, groups, ref):
+            return self._json(404, {"error": f"no fidelity report of {ref} is available to you"})
+        try:
+            report = await asyncio.to_thread(service.policy.fidelity_report, ref)
+        except DCRError as e:
+            # Checked at start; changed since (moved, replaced by the provider-only report, ...).
+            self.log.error("DCR: not serving the fidelity report of %s: %s", ref, e)
+            return self._json(503, {"error": f"the fidelity report of {ref} is not available now"})
+        if report is None:
+            return self._json(404, {"error": f"no fidelity report of {ref} is available to you"})
+        self.set_status(200)
+        self.set_header("Content-Type", report.media_type)
+        self.set_header("Content-Security-Policy", REPORT_CSP)
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header(
+            "Content-Disposition", f'inline; filename="{provider}-{dataset}-fidelity{report.path.suffix}"'
+        )
+        self.finish(report.data)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -469,14 +539,19 @@ class DatasetsHandler(_DCRHandler):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def grant_handlers() -> list[tuple[str, type, dict[str, Any]]]:
-    """The grant service's routes for ``c.JupyterHub.extra_handlers``; also arms the start hook."""
-    _arm_start_hook()
+def _routes() -> list[tuple[str, type, dict[str, Any]]]:
     return [
         (API_PREFIX + "/grants", GrantsHandler, {}),
         (API_PREFIX + "/jwks", JWKSHandler, {}),
         (API_PREFIX + "/datasets", DatasetsHandler, {}),
+        (API_PREFIX + "/datasets/([^/]+)/([^/]+)/fidelity-report", FidelityReportHandler, {}),
     ]
+
+
+def grant_handlers() -> list[tuple[str, type, dict[str, Any]]]:
+    """The grant service's routes for ``c.JupyterHub.extra_handlers``; also arms the start hook."""
+    arm_start_hook()
+    return _routes()
 
 
 def enable(c: Config) -> None:
@@ -491,25 +566,48 @@ def enable(c: Config) -> None:
     c.JupyterHub.extra_handlers = [h for h in existing if h[0] not in paths] + ours
 
 
-def _arm_start_hook() -> None:
-    # The config file runs inside JupyterHub.initialize(), so the hub application already exists. Its
-    # `handlers` trait is assigned once, in init_handlers(): after the database, users, groups, roles and
-    # tokens are loaded, before the tornado application is built and long before the hub listens.
+def arm_start_hook() -> None:
+    """Validate the policy while the hub starts. Called by :func:`enable` and when a DCR spawner's module
+    is loaded, so ``spawner_class = "dcr-local"`` alone is enough to stop a hub with a bad policy."""
+    # The hub application's `handlers` trait is assigned once, in init_handlers(): after the database,
+    # users, groups, roles and tokens are loaded, before the tornado application is built and long before
+    # the hub listens. enable(c) runs in the config file, when the application is the registered instance.
     from jupyterhub.app import JupyterHub
 
-    if not JupyterHub.initialized():
-        return
-    app = JupyterHub.instance()
+    app = JupyterHub.instance() if JupyterHub.initialized() else _hub_being_built(JupyterHub)
+    if app is None:
+        return  # not inside a hub (tests, tools): spawners refuse to run without a validated policy
     if getattr(app, "_dcr_start_hook_armed", False):
         return
     app._dcr_start_hook_armed = True
     app.observe(_on_hub_handlers, names="handlers")
 
 
+def _hub_being_built(hub_class: type) -> Any:
+    """The hub application whose construction is importing this module, if any.
+
+    JupyterHub imports every installed spawner while its application object is constructed (to list their
+    configuration), before that object becomes the registered instance; it is then on the call stack.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, hub_class):
+            return candidate
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
 def _on_hub_handlers(change: Any) -> None:
     app = change["owner"]
     if SETTINGS_KEY in app.tornado_settings:
         return
+    handlers: list[Any] = change["new"]  # the list the hub goes on to extend and serve
+    enabled = any(h[1] is GrantsHandler for h in handlers)
+    spawner = app.spawner_class
+    dcr_spawner = isinstance(spawner, type) and issubclass(spawner, PolicySpawnerMixin)
+    if not enabled and not dcr_spawner:
+        return  # a DCR module was imported, but this hub uses neither DCR's spawners nor enable(c)
     try:
         policy = DCRPolicy(parent=app)
         groups = {g.name for g in app.db.query(orm.Group)}
@@ -522,6 +620,14 @@ def _on_hub_handlers(change: Any) -> None:
         app.log.critical("%s", e)
         print(f"DCR: the hub cannot start: {e}", file=sys.stderr, flush=True)
         app.exit(1)
+    if not enabled:
+        # A DCR spawner's servers need the grant service: serve its routes as enable(c) would have.
+        ours = app.add_url_prefix(app.hub_prefix, _routes())
+        at = next((i for i, h in enumerate(handlers) if h[1] is API404), 0)
+        handlers[at:at] = ours
+        app.log.info(
+            "DCR: grant service routes added for %s (dcr_spawner.enable(c) not called)", spawner.__name__
+        )
     app.tornado_settings[SETTINGS_KEY] = service
     app.tornado_settings["dcr_policy"] = policy
     set_active_policy(policy)

@@ -6,15 +6,18 @@ Every user pod gets, on top of what KubeSpawner builds:
   dataset version from a ``ReadOnlyMany`` PersistentVolumeClaim (on GKE a Persistent Disk cloned from a
   snapshot of that version's synthetic files), each file mounted with its own read-only ``subPath``, so the
   pod sees exactly the files of the version's manifest and nothing else that may be on the disk;
-- no volume of real data, ever: the spawner adds none, and refuses a pod in which anything else is mounted
-  at or below ``/data``;
+- no volume of real data, ever: the spawner adds none, and refuses a pod with a ``hostPath`` volume, with
+  any other volume it did not add itself and the admin did not list in ``allowed_volumes``, or with
+  anything else mounted at or below ``/data``;
 - the labels the chart's network policy selects on (egress only to the hub, DNS and Google APIs);
 - the Kubernetes service account the ``confidential_space`` backend acts as (through GKE Workload
   Identity; the Kubernetes API token is not mounted);
 - a non-root, no-privilege-escalation, all-capabilities-dropped, RuntimeDefault-seccomp security context
-  and CPU/memory limits, which the traits below refuse to weaken.
+  on the pod and on every container, init containers included, and CPU/memory limits, which the traits
+  below refuse to weaken.
 
-Enable it with ``c.JupyterHub.spawner_class = "dcr-kube"``.
+Enable it with ``c.JupyterHub.spawner_class = "dcr-kube"``: loading it arms the policy check at hub start
+(and serves the grant service) even without ``dcr_spawner.enable(c)``.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from kubernetes_asyncio.client.models import (
     V1VolumeMount,
 )
 from kubespawner import KubeSpawner
-from traitlets import Dict, TraitError, Unicode, default, validate
+from traitlets import Dict, List, TraitError, Unicode, default, validate
 
 from dcr_enclave.contract import DATA_ROOT
 from dcr_enclave.errors import DCRError
 
+from .grant_service import arm_start_hook
 from .policy import DCRPolicy, Entitlement, PolicySpawnerMixin
 
 #: The label the DCR chart's NetworkPolicy selects user sandboxes by.
@@ -47,6 +51,10 @@ _LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+#: The prefix of DCR's own synthetic-data volumes (see :func:`volume_name`).
+VOLUME_PREFIX: Final = "dcr-syn-"
+#: The secret volume KubeSpawner itself adds for JupyterHub's internal SSL.
+INTERNAL_SSL_VOLUME: Final = "jupyterhub-internal-certs"
 
 
 def claim_name_from(template: str, provider: str, dataset: str, version_hex: str) -> str:
@@ -117,6 +125,37 @@ def check_limit(name: str, v: Any) -> Any:
     return v
 
 
+def check_allowed_volumes(v: Any) -> list[str]:
+    if isinstance(v, str) or not isinstance(v, list | tuple):
+        raise TraitError(f"DCRKubeSpawner.allowed_volumes must be a list of volume names, not {v!r}")
+    for name in v:
+        if not isinstance(name, str) or not name.strip():
+            raise TraitError(f"DCRKubeSpawner.allowed_volumes: {name!r} is not a volume name")
+        if name.startswith(VOLUME_PREFIX):
+            raise TraitError(
+                f"DCRKubeSpawner.allowed_volumes: {name!r} starts with {VOLUME_PREFIX!r}, which is reserved "
+                "for DCR's synthetic data"
+            )
+    return list(v)
+
+
+def check_volume(volume: Any, allowed: Iterable[str], where: str) -> None:
+    """Refuse a ``hostPath`` volume, and any volume whose name is not in ``allowed``."""
+    name = _get(volume, "name", "name")
+    if _get(volume, "host_path", "hostPath") is not None:
+        raise DCRError(
+            f"volume {name!r} ({where}) is a hostPath volume: it exposes the node's files (the store and "
+            "real data may be there) to the user's code; DCR refuses hostPath volumes",
+            hint="use a PersistentVolumeClaim for what users need, and list it in c.DCRKubeSpawner.allowed_volumes",
+        )
+    if name not in allowed:
+        raise DCRError(
+            f"volume {name!r} ({where}) is neither one DCR adds nor listed in c.DCRKubeSpawner.allowed_volumes; "
+            "only volumes the admin vouches for may reach a sandbox",
+            hint=f"if it holds nothing users must not read, add {name!r} to c.DCRKubeSpawner.allowed_volumes",
+        )
+
+
 #: Trait -> check, for the validators and for the check at hub start (which has config, not a spawner).
 _CHECKS: Final = {
     "synthetic_claim_template": check_claim_template,
@@ -127,6 +166,7 @@ _CHECKS: Final = {
     "allow_privilege_escalation": check_escalation,
     "cpu_limit": lambda v: check_limit("cpu_limit", v),
     "mem_limit": lambda v: check_limit("mem_limit", v),
+    "allowed_volumes": check_allowed_volumes,
 }
 
 
@@ -137,7 +177,7 @@ def _within(path: str, root: str) -> bool:
 
 def volume_name(entitlement: Entitlement) -> str:
     """The pod volume of one dataset version (a DNS label: the version digest keeps it unique)."""
-    return "dcr-syn-" + entitlement.version.removeprefix("sha256:")[:20]
+    return VOLUME_PREFIX + entitlement.version.removeprefix("sha256:")[:20]
 
 
 class DCRKubeSpawner(PolicySpawnerMixin, KubeSpawner):
@@ -189,6 +229,31 @@ class DCRKubeSpawner(PolicySpawnerMixin, KubeSpawner):
 
         Security: the ``{SANDBOX_LABEL}`` label must stay; without it the pod escapes the egress policy
         (refused).
+        """,
+    ).tag(config=True)
+
+    allowed_volumes = List(
+        Unicode(),
+        help="""Names of the volumes of ``c.KubeSpawner.volumes`` (or ``extra_pod_config``) that user pods
+        may have besides DCR's synthetic-data claims, e.g. the claim of the user's home directory. Names
+        are written as configured: templates such as ``{username}`` are expanded the way KubeSpawner
+        expands the volume's own name.
+
+        Every other volume is refused, at hub start (for ``c.KubeSpawner.volumes``) and when the pod is
+        built; ``hostPath`` volumes are refused even when listed. The only volume KubeSpawner adds on its
+        own, the internal-SSL certificates secret (``c.JupyterHub.internal_ssl``), is allowed.
+
+        Example::
+
+            c.KubeSpawner.volumes = [
+                {"name": "home", "persistentVolumeClaim": {"claimName": "claim-{username}"}},
+            ]
+            c.KubeSpawner.volume_mounts = [{"name": "home", "mountPath": "/home/jovyan"}]
+            c.DCRKubeSpawner.allowed_volumes = ["home"]
+
+        Security: whatever a listed volume holds, the user's code can read (and write, unless it is mounted
+        read-only). Never list a volume that holds real data, a dataset store, keys, the hub's files or
+        other users' files; nothing may be mounted at or below ``/data`` in any case (refused).
         """,
     ).tag(config=True)
 
@@ -246,13 +311,21 @@ class DCRKubeSpawner(PolicySpawnerMixin, KubeSpawner):
 
     @classmethod
     def dcr_check_at_start(cls, app: Any, policy: DCRPolicy) -> None:
-        """Called by ``dcr_spawner.enable`` while the hub starts: the configured values of the traits DCR
-        guards are checked now, not at the first spawn (a KubeSpawner cannot be built without a user)."""
+        """Called by the start hook while the hub starts: the configured values of the traits DCR guards,
+        and the configured volumes, are checked now, not at the first spawn (a KubeSpawner cannot be built
+        without a user)."""
         for trait, check in _CHECKS.items():
             for section in (cls.__name__, "KubeSpawner", "Spawner"):
                 if section in app.config and trait in app.config[section]:
                     check(app.config[section][trait])
                     break
+        allowed = app.config[cls.__name__].get("allowed_volumes", [])
+        for section in (cls.__name__, "KubeSpawner"):
+            if section in app.config and "volumes" in app.config[section]:
+                volumes = app.config[section]["volumes"]
+                for v in volumes.values() if isinstance(volumes, dict) else volumes:
+                    check_volume(v, allowed, f"c.{section}.volumes")
+                break
         template = app.config[cls.__name__].get(
             "synthetic_claim_template", cls.synthetic_claim_template.default_value
         )
@@ -313,11 +386,15 @@ class DCRKubeSpawner(PolicySpawnerMixin, KubeSpawner):
                         f"{DATA_ROOT}; only DCR's synthetic volumes may appear there",
                         hint="remove it from c.KubeSpawner.volume_mounts / extra_containers / init_containers",
                     )
+        allowed = {self._expand_user_properties(n) for n in self.allowed_volumes}
+        if self.internal_ssl:
+            allowed.add(INTERNAL_SSL_VOLUME)
         for v in pod.spec.volumes or []:
             if _get(v, "name", "name") in ours:
                 raise DCRError(
                     f"volume name {_get(v, 'name', 'name')!r} is reserved for DCR's synthetic data"
                 )
+            check_volume(v, allowed, f"in the pod of {self.user.name}")
         pod.spec.volumes = [*(pod.spec.volumes or []), *volumes]
         notebook = pod.spec.containers[0]
         notebook.volume_mounts = [*(notebook.volume_mounts or []), *mounts]
@@ -332,7 +409,8 @@ class DCRKubeSpawner(PolicySpawnerMixin, KubeSpawner):
         psc = self._as_dict(pod.spec.security_context)
         psc.update({"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}})
         pod.spec.security_context = psc  # type: ignore[assignment]  # a dict, as make_pod stores it
-        for container in pod.spec.containers:
+        # Init containers run in the same pod with the same volumes and network: the same rules apply.
+        for container in [*pod.spec.containers, *(pod.spec.init_containers or [])]:
             csc = self._as_dict(container.security_context)
             if csc.get("runAsUser") == 0 or csc.get("privileged"):
                 raise DCRError(f"container {container.name!r} is configured to run as root or privileged")
@@ -358,3 +436,7 @@ class DCRKubeSpawner(PolicySpawnerMixin, KubeSpawner):
 def _get(obj: Any, attr: str, key: str) -> Any:
     """A field of a Kubernetes model object or of the plain dict KubeSpawner passes through."""
     return obj.get(key) if isinstance(obj, dict) else getattr(obj, attr)
+
+
+# The hub loads this module while it reads its config: from then on a bad policy stops the hub at start.
+arm_start_hook()

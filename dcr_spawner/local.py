@@ -18,7 +18,8 @@ unprivileged user namespace that still gives it a private ``/data`` where the ke
 spawner says loudly -- in the hub log, in the server log, in the environment and in a notice file in the
 home -- that users are **not** isolated from each other.
 
-Enable it with ``c.JupyterHub.spawner_class = "dcr-local"``.
+Enable it with ``c.JupyterHub.spawner_class = "dcr-local"``: loading it arms the policy check at hub start
+(and serves the grant service) even without ``dcr_spawner.enable(c)``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from dcr_enclave.contract import DATA_ROOT
 from dcr_enclave.errors import DCRError
 
 from . import sandbox_mounts
+from .grant_service import arm_start_hook
 from .policy import DCRPolicy, PolicySpawnerMixin
 
 #: System account names useradd accepts everywhere (Debian's default NAME_REGEX, 32 characters).
@@ -369,7 +371,7 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
 
     @classmethod
     def dcr_check_at_start(cls, app: Any, policy: DCRPolicy) -> None:
-        """Called by ``dcr_spawner.enable`` while the hub starts: the checks that need no user."""
+        """Called by the start hook while the hub starts: the checks that need no user."""
         spawner = cls(config=app.config, log=app.log)  # validates every trait of this class
         if spawner.isolated:
             ensure_data_root()
@@ -590,3 +592,7 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
         self.proc = Popen(argv, **kwargs)
         self.pid = self.proc.pid
         return (self.ip or "127.0.0.1", self.port)
+
+
+# The hub loads this module while it reads its config: from then on a bad policy stops the hub at start.
+arm_start_hook()

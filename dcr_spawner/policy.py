@@ -7,13 +7,17 @@ trait help texts are the reference documentation (``docs/hub.md`` has a complete
 
 The policy is validated twice: the shape of each trait when it is set (``@validate``), and everything that
 needs the outside world -- the store, the dataset versions and their synthetic files, the hub's groups --
-by :meth:`DCRPolicy.validate_against_hub`, which :func:`dcr_spawner.enable` runs while the hub starts,
-before it serves. Every refusal names the provider, the dataset and the trait.
+by :meth:`DCRPolicy.validate_against_hub`, which the start hook runs while the hub starts, before it
+serves (armed by :func:`dcr_spawner.enable` and by loading a DCR spawner). Every refusal names the provider,
+the dataset and the trait.
 """
 
 from __future__ import annotations
 
+import html
+import json
 import os
+import re
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,8 +35,11 @@ from dcr_enclave.errors import DCRError
 from dcr_enclave.grant import RELEASE_MODES, OutputLimits
 from dcr_enclave.store import Store
 
-_DATASET_KEYS: Final = frozenset({"version", "store", "release", "entitled", "synthetic", "description"})
+_DATASET_KEYS: Final = frozenset(
+    {"version", "store", "release", "entitled", "synthetic", "description", "fidelity_report"}
+)
 _ENTITLED_KEYS: Final = frozenset({"users", "groups"})
+_PROVIDER_KEYS: Final = frozenset({"name", "reviewers"})
 DEFAULT_QUOTAS: Final = {
     "concurrent_jobs_per_user": 2,
     "jobs_per_day_per_user": 20,
@@ -44,15 +51,35 @@ MIN_TIME_LIMIT: Final = 60
 MAX_TIME_LIMIT: Final = 7 * 86400
 MIN_MEMORY: Final = 64 * 2**20
 
+# What `dcr provider add --report DIR [--report-epsilon E]` writes (dcr_provider.fidelity; not imported: the
+# hub does not need the synthesis libraries). Every report file names its audience.
+REPORT_SCHEMA: Final = "dcr/fidelity-report/v1"
+REPORT_FOR_RESEARCHERS: Final = "researchers"
+REPORT_PROVIDER_ONLY: Final = "provider-only"
+MAX_REPORT_BYTES: Final = 32 * 2**20
+_REPORT_TITLE = re.compile(rb"<title>DCR fidelity report: (?P<file>[^<]*) \((?P<audience>[^()<]*)\)</title>")
+_REPORT_NOTICE = re.compile(rb"<p class='notice'>Audience: (?P<audience>[^.<]*)\.")
+REPORT_MEDIA_TYPES: Final = {".html": "text/html; charset=utf-8", ".json": "application/json"}
+
 
 class PolicyError(DCRError, TraitError):
     """A policy the hub must not run with; says which provider, dataset and trait."""
 
-    def __init__(self, message: str, *, trait: str, ref: str | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        trait: str,
+        ref: str | None = None,
+        hint: str | None = None,
+        provider: str | None = None,
+    ) -> None:
         where = f"c.DCRPolicy.{trait}"
         if ref is not None:
             provider, _, dataset = ref.partition("/")
             where = f"provider {provider!r}, dataset {dataset!r}, {where}"
+        elif provider is not None:
+            where = f"provider {provider!r}, {where}"
         super().__init__(f"DCR policy: {message} [{where}]", hint=hint)
         self.trait = trait
         self.ref = ref
@@ -97,25 +124,52 @@ class DatasetSpec:
     groups: frozenset[str]
     #: The provider snippet's ``{file name: sha256}``, checked against the manifest when given.
     synthetic: Mapping[str, str] | None = None
+    #: The researcher-facing fidelity report (HTML or JSON) of the version, when the admin names one.
+    fidelity_report: Path | None = None
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One provider: declared in ``c.DCRPolicy.providers``, or implicit in a dataset key."""
+
+    provider: str
+    #: Display name (the provider's key when none is declared).
+    name: str
+    #: Hub users and JupyterHub groups who may review held outputs of the provider's datasets.
+    reviewer_users: frozenset[str] = frozenset()
+    reviewer_groups: frozenset[str] = frozenset()
+    declared: bool = False
+
+    def may_review(self, user: str, groups: Iterable[str]) -> bool:
+        return user in self.reviewer_users or bool(self.reviewer_groups & set(groups))
+
+
+@dataclass(frozen=True)
+class FidelityReport:
+    """A researcher-facing fidelity report, read and checked (audience, dataset file)."""
+
+    path: Path
+    media_type: str
+    data: bytes
+    #: The dataset file the report describes.
+    file: str
 
 
 def _trait(ref: str, *keys: str) -> str:
     return f"datasets[{ref!r}]" + "".join(f"[{k!r}]" for k in keys)
 
 
-def _name_list(value: Any, ref: str, key: str) -> frozenset[str]:
+def _name_list(value: Any, trait: str, ref: str | None = None, provider: str | None = None) -> frozenset[str]:
     if value is None:
         return frozenset()
     if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
         raise PolicyError(
-            f"must be a list of names, not {type(value).__name__}",
-            trait=_trait(ref, "entitled", key),
-            ref=ref,
+            f"must be a list of names, not {type(value).__name__}", trait=trait, ref=ref, provider=provider
         )
     names = set()
     for v in value:
         if not isinstance(v, str) or not v.strip():
-            raise PolicyError(f"{v!r} is not a name", trait=_trait(ref, "entitled", key), ref=ref)
+            raise PolicyError(f"{v!r} is not a name", trait=trait, ref=ref, provider=provider)
         names.add(v)
     return frozenset(names)
 
@@ -177,6 +231,20 @@ def parse_dataset(ref: Any, spec: Any) -> DatasetSpec:
                 "must map each file name to its sha256 digest", trait=_trait(ref, "synthetic"), ref=ref
             )
         synthetic = dict(synthetic)
+    report = spec.get("fidelity_report")
+    if report is not None:
+        suffix = Path(report).suffix.lower() if isinstance(report, str | os.PathLike) else ""
+        if not isinstance(report, str | os.PathLike) or not Path(report).is_absolute():
+            raise PolicyError(
+                f"{report!r} is not an absolute path", trait=_trait(ref, "fidelity_report"), ref=ref
+            )
+        if suffix not in REPORT_MEDIA_TYPES:
+            raise PolicyError(
+                f"{str(report)!r} is not a fidelity report file (.html or .json)",
+                trait=_trait(ref, "fidelity_report"),
+                ref=ref,
+                hint="name the <file>.fidelity-researchers.html that `dcr provider add --report-epsilon` wrote",
+            )
     return DatasetSpec(
         ref=ref,
         provider=provider,
@@ -184,10 +252,124 @@ def parse_dataset(ref: Any, spec: Any) -> DatasetSpec:
         version=version,
         store=Path(store),
         release=release,
-        users=_name_list(entitled.get("users"), ref, "users"),
-        groups=_name_list(entitled.get("groups"), ref, "groups"),
+        users=_name_list(entitled.get("users"), _trait(ref, "entitled", "users"), ref),
+        groups=_name_list(entitled.get("groups"), _trait(ref, "entitled", "groups"), ref),
         synthetic=synthetic,
+        fidelity_report=Path(report) if report is not None else None,
     )
+
+
+def parse_provider(provider: Any, spec: Any) -> ProviderSpec:
+    """Check one ``providers`` entry's shape (no hub access)."""
+    trait = f"providers[{provider!r}]"
+    if not isinstance(provider, str):
+        raise PolicyError(f"the key {provider!r} is not a provider name", trait=trait)
+    try:
+        contract.check_name(provider, "provider")
+    except DCRError as e:
+        raise PolicyError(e.message, trait=trait, provider=provider, hint=e.hint) from None
+    if not isinstance(spec, Mapping):
+        raise PolicyError("must be a dict with 'name' and/or 'reviewers'", trait=trait, provider=provider)
+    unknown = set(spec) - _PROVIDER_KEYS
+    if unknown:
+        raise PolicyError(
+            f"unknown key(s) {sorted(unknown)}",
+            trait=trait,
+            provider=provider,
+            hint=f"allowed keys: {', '.join(sorted(_PROVIDER_KEYS))}",
+        )
+    name = spec.get("name", provider)
+    if not isinstance(name, str) or not name.strip():
+        raise PolicyError(f"{name!r} is not a display name", trait=f"{trait}['name']", provider=provider)
+    reviewers = spec.get("reviewers", {})
+    if not isinstance(reviewers, Mapping) or set(reviewers) - _ENTITLED_KEYS:
+        raise PolicyError(
+            "must be a dict with 'users' and/or 'groups' lists",
+            trait=f"{trait}['reviewers']",
+            provider=provider,
+        )
+    return ProviderSpec(
+        provider=provider,
+        name=name.strip(),
+        reviewer_users=_name_list(
+            reviewers.get("users"), f"{trait}['reviewers']['users']", provider=provider
+        ),
+        reviewer_groups=_name_list(
+            reviewers.get("groups"), f"{trait}['reviewers']['groups']", provider=provider
+        ),
+        declared=True,
+    )
+
+
+def _report_marks(data: bytes, suffix: str) -> tuple[set[str], str | None]:
+    """The audiences a report file declares and the dataset file it describes."""
+    if suffix == ".json":
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return set(), None
+        if not isinstance(doc, dict) or doc.get("schema") != REPORT_SCHEMA:
+            return set(), None
+        file = doc.get("file")
+        return {str(doc.get("audience"))}, file if isinstance(file, str) else None
+    head = data[: 64 * 1024]
+    title, notice = _REPORT_TITLE.search(head), _REPORT_NOTICE.search(head)
+    if title is None or notice is None:
+        return set(), None
+    audiences = {m.group("audience").decode(errors="replace") for m in (title, notice)}
+    return audiences, html.unescape(title.group("file").decode(errors="replace"))
+
+
+def read_fidelity_report(path: Path, files: Iterable[str], *, ref: str) -> FidelityReport:
+    """Read and check a researcher-facing fidelity report of ``ref``; :class:`PolicyError` if unusable.
+
+    The file must be a report ``dcr provider add`` wrote for the researchers (the provider-only one is
+    computed from the real rows and must never reach them) about one of the version's ``files``.
+    """
+    trait = _trait(ref, "fidelity_report")
+    suffix = path.suffix.lower()
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise PolicyError(f"the fidelity report {path} is not a regular file", trait=trait, ref=ref)
+        if st.st_size > MAX_REPORT_BYTES:
+            raise PolicyError(
+                f"the fidelity report {path} is larger than {MAX_REPORT_BYTES} bytes", trait=trait, ref=ref
+            )
+        with open(path, "rb") as f:
+            data = f.read(MAX_REPORT_BYTES + 1)
+    except FileNotFoundError:
+        raise PolicyError(f"the fidelity report {path} does not exist", trait=trait, ref=ref) from None
+    except OSError as e:
+        raise PolicyError(
+            f"the fidelity report {path} cannot be read: {e.strerror}", trait=trait, ref=ref
+        ) from None
+    audiences, file = _report_marks(data, suffix)
+    if REPORT_PROVIDER_ONLY in audiences:
+        raise PolicyError(
+            f"{path} is the provider-only fidelity report: it is computed from the real rows, is not "
+            "differentially private and must never be shown to researchers",
+            trait=trait,
+            ref=ref,
+            hint="name the researchers' report (<file>.fidelity-researchers.html, written by "
+            "`dcr provider add --report DIR --report-epsilon E`), or remove the key",
+        )
+    if audiences != {REPORT_FOR_RESEARCHERS}:
+        raise PolicyError(
+            f"{path} is not a researcher-facing fidelity report of `dcr provider add` (no audience "
+            f"'{REPORT_FOR_RESEARCHERS}' in it)",
+            trait=trait,
+            ref=ref,
+            hint="name the <file>.fidelity-researchers.html or .json that --report-epsilon wrote",
+        )
+    names = sorted(files)
+    if file not in names:
+        raise PolicyError(
+            f"{path} is the report of {file!r}, not of a file of this version ({', '.join(names)})",
+            trait=trait,
+            ref=ref,
+        )
+    return FidelityReport(path=path, media_type=REPORT_MEDIA_TYPES[suffix], data=data, file=file)
 
 
 def _positive_int(value: Any, trait: str) -> int:
@@ -210,6 +392,11 @@ class DCRPolicy(LoggingConfigurable):
         ``/data/<provider>/<dataset>/<file>`` and may run notebooks on the real files in the enclave.
         ``"synthetic"`` (``{file name: sha256}``, as printed by ``dcr provider add``) is optional; when
         given it must match the version's manifest. ``"description"`` is free text for the datasets view.
+        ``"fidelity_report"`` (optional) is the absolute path of the **researcher-facing** fidelity report
+        of the version's synthetic file (``<file>.fidelity-researchers.html``, or its ``.json``, written by
+        ``dcr provider add --report DIR --report-epsilon E``); the hub serves it to entitled users at
+        ``/hub/api/dcr/datasets/<provider>/<dataset>/fidelity-report`` and the JupyterLab datasets view
+        links to it.
 
         Example::
 
@@ -219,17 +406,47 @@ class DCRPolicy(LoggingConfigurable):
                     "store": "/srv/dcr/store",
                     "release": "review",
                     "entitled": {"users": ["alice"], "groups": ["actuaries"]},
+                    "fidelity_report": "/srv/dcr/reports/insurance.fidelity-researchers.html",
                 },
             }
 
         The hub refuses to start when a version is not in its store, a synthetic file is missing or
-        differs in size, or a group does not exist in the hub (declare groups with
-        ``c.JupyterHub.load_groups``).
+        differs in size, a group does not exist in the hub (declare groups with
+        ``c.JupyterHub.load_groups``), or a fidelity report is missing, unreadable, not about a file of the
+        version, or not marked for researchers.
 
         Security: removing a user from a group removes the dataset from their next grant and next
         sandbox; grants already issued stay valid until they expire (the job's time limit plus ten
         minutes). Without review, the researcher's own notebook decides what leaves the enclave within
-        the output limits: keep ``"review"`` for real personal data.
+        the output limits: keep ``"review"`` for real personal data. Never name the provider-only fidelity
+        report (``<file>.fidelity-provider-only.*``): it is computed from the real rows without
+        differential privacy (refused at start, and again each time the report is served).
+        """,
+    ).tag(config=True)
+
+    providers = Dict(
+        help="""The data providers, by provider name (the part of a ``datasets`` key before the ``/``):
+        a display **name** and the **reviewers** who may approve or reject held outputs of the provider's
+        ``"review"`` datasets (hub user names and JupyterHub group names).
+
+        Optional: when empty (the default) providers are implicit in the dataset keys, shown by their
+        key, and name no reviewers. Once set, every provider of a dataset must be declared here and every
+        declared provider must have a dataset; the hub refuses to start otherwise, or when a reviewers'
+        group does not exist in the hub (declare groups with ``c.JupyterHub.load_groups``).
+
+        Example::
+
+            c.DCRPolicy.providers = {
+                "acme": {
+                    "name": "ACME Insurance",
+                    "reviewers": {"users": ["rita"], "groups": ["acme-reviewers"]},
+                },
+            }
+
+        Security: reviewers decide what leaves the enclave for the provider's datasets under review, and
+        whoever can change a reviewers' group in the hub (admins, ``admin:groups`` tokens) changes who
+        decides. Name only people the provider chose, and keep them out of the groups entitled to run
+        jobs on the same datasets where the provider wants the four-eyes principle.
         """,
     ).tag(config=True)
 
@@ -354,6 +571,13 @@ class DCRPolicy(LoggingConfigurable):
             parse_dataset(ref, spec)
         return dict(value)
 
+    @validate("providers")
+    def _check_providers(self, proposal: Any) -> dict[str, Any]:
+        value = proposal["value"]
+        for provider, spec in value.items():
+            parse_provider(provider, spec)
+        return dict(value)
+
     @validate("output_limits")
     def _check_output_limits(self, proposal: Any) -> dict[str, Any]:
         value = dict(proposal["value"])
@@ -427,6 +651,17 @@ class DCRPolicy(LoggingConfigurable):
     def spec(self, ref: str) -> DatasetSpec | None:
         return parse_dataset(ref, self.datasets[ref]) if ref in self.datasets else None
 
+    def provider_specs(self) -> dict[str, ProviderSpec]:
+        """Every provider: the declared ones, and (when none are declared) those of the dataset keys."""
+        out = {p: parse_provider(p, spec) for p, spec in sorted(self.providers.items())}
+        for spec in self.specs():
+            out.setdefault(spec.provider, ProviderSpec(spec.provider, spec.provider))
+        return out
+
+    def provider(self, name: str) -> ProviderSpec | None:
+        """The provider ``name`` (with its reviewers), or ``None`` if the policy has no such provider."""
+        return self.provider_specs().get(name)
+
     def limits(self) -> OutputLimits:
         d = OutputLimits()
         ol = self.output_limits
@@ -454,6 +689,7 @@ class DCRPolicy(LoggingConfigurable):
         manifest, so later :meth:`entitled` calls need no store access besides the synthetic paths.
         """
         groups = set(hub_groups)
+        self._check_providers_against(groups)
         manifests: dict[str, DatasetVersion] = {}
         for spec in self.specs():
             missing = sorted(spec.groups - groups)
@@ -466,10 +702,63 @@ class DCRPolicy(LoggingConfigurable):
                 )
             manifest = self._load_manifest(spec)
             self._check_synthetic(spec, manifest)
+            if spec.fidelity_report is not None:
+                read_fidelity_report(spec.fidelity_report, (f.name for f in manifest.files), ref=spec.ref)
             if not spec.users and not spec.groups:
                 self.log.warning("DCR: nobody is entitled to %s (c.DCRPolicy.datasets)", spec.ref)
             manifests[spec.ref] = manifest
         self._manifests = manifests
+
+    def _check_providers_against(self, hub_groups: set[str]) -> None:
+        """Declared providers against the dataset keys and their reviewers' groups against the hub."""
+        if not self.providers:
+            return
+        declared = {p: parse_provider(p, spec) for p, spec in sorted(self.providers.items())}
+        specs = self.specs()
+        for spec in specs:
+            if spec.provider not in declared:
+                raise PolicyError(
+                    f"its provider {spec.provider!r} is not declared in c.DCRPolicy.providers",
+                    trait=_trait(spec.ref),
+                    ref=spec.ref,
+                    hint=f"add {spec.provider!r} to c.DCRPolicy.providers, or fix the dataset key",
+                )
+        used = {spec.provider for spec in specs}
+        for p in declared.values():
+            trait = f"providers[{p.provider!r}]"
+            if p.provider not in used:
+                raise PolicyError(
+                    "no dataset in c.DCRPolicy.datasets belongs to this provider",
+                    trait=trait,
+                    provider=p.provider,
+                    hint=f"add its datasets as '{p.provider}/<dataset>', or remove the provider",
+                )
+            missing = sorted(p.reviewer_groups - hub_groups)
+            if missing:
+                raise PolicyError(
+                    f"group(s) {', '.join(map(repr, missing))} do not exist in the hub",
+                    trait=f"{trait}['reviewers']['groups']",
+                    provider=p.provider,
+                    hint="declare them in c.JupyterHub.load_groups or create them in the hub first",
+                )
+            if not p.reviewer_users and not p.reviewer_groups:
+                held = [s.ref for s in specs if s.provider == p.provider and s.release == "review"]
+                if held:
+                    self.log.warning(
+                        "DCR: provider %s names no reviewers (c.DCRPolicy.providers), so nobody can release "
+                        "held outputs of %s",
+                        p.provider,
+                        ", ".join(held),
+                    )
+
+    def fidelity_report(self, ref: str) -> FidelityReport | None:
+        """The researcher-facing fidelity report of ``ref``, read and checked again now (the file may have
+        changed since the hub started), or ``None`` when the policy names none."""
+        spec = self.spec(ref)
+        if spec is None or spec.fidelity_report is None:
+            return None
+        manifest = self.manifest(ref)
+        return read_fidelity_report(spec.fidelity_report, (f.name for f in manifest.files), ref=ref)
 
     def _load_manifest(self, spec: DatasetSpec) -> DatasetVersion:
         store = Store(spec.store)
@@ -603,13 +892,13 @@ _active: DCRPolicy | None = None
 
 
 def set_active_policy(policy: DCRPolicy | None) -> None:
-    """Record the policy the hub validated at start (called by :func:`dcr_spawner.enable`'s start hook)."""
+    """Record the policy the hub validated at start (called by the start hook)."""
     global _active
     _active = policy
 
 
 def active_policy() -> DCRPolicy | None:
-    """The policy validated when this hub process started, or ``None`` if DCR was not enabled."""
+    """The policy validated when this hub process started, or ``None`` if it was not validated."""
     return _active
 
 
@@ -622,11 +911,12 @@ class PolicySpawnerMixin:
     def _policy(self) -> DCRPolicy:
         policy = active_policy()
         if policy is None:
-            self.log.warning(
-                "DCR: the policy was not validated at hub start; add `dcr_spawner.enable(c)` to "
-                "jupyterhub_config.py so a bad policy stops the hub instead of a spawn"
+            # Loading a DCR spawner arms the start hook, so this means the hook never ran (the spawner's
+            # module was imported before the hub application existed): an unchecked policy is not used.
+            raise DCRError(
+                "DCR: the hub did not validate its DCR policy when it started, so no server is started",
+                hint="add `dcr_spawner.enable(c)` to jupyterhub_config.py and restart the hub",
             )
-            policy = DCRPolicy(parent=self)  # the spawner it is mixed into is the parent
         return policy
 
     def entitlements(self) -> list[Entitlement]:

@@ -9,6 +9,8 @@ Fixtures:
   (real = the insurance rows, synthetic = their published MST version); yields a :class:`StoreInfo`.
 - ``host``: a real :class:`~dcr_enclave.enclave_host.EnclaveHost` serving on a temporary unix socket, with
   its own state directory, trusting the store's local development hub key; yields a :class:`HostInfo`.
+- ``make_host``: starts such hosts on demand, ``make_host(name, **HostConfig overrides)``; each is shut down
+  after the test (``host`` is ``make_host()``).
 - ``make_notebook``: writes a notebook from a list of code-cell sources into a fresh workspace directory.
 
 - pytest-jupyter's server fixtures (``jp_fetch``, ``jp_ws_fetch``, ``jp_serverapp``, ``jp_root_dir``, ...),
@@ -26,6 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -110,29 +113,39 @@ class HostInfo:
 
 
 @pytest.fixture
-def host(tmp_path: Path, store: StoreInfo) -> Iterator[HostInfo]:
-    hub_key = load_or_create_key(store.hub_key_path)
-    state = tmp_path / "host-state"
-    sock = tmp_path / "host.sock"
-    h = EnclaveHost(
-        HostConfig(
-            state_dir=state,
-            socket_path=sock,
-            store=store.root,
-            keys_dir=store.keys,
-            hub_keys=[public_jwk(hub_key)],
-        )
-    )
-    h.prepare()
-    t = threading.Thread(target=h.serve_forever, daemon=True)
-    t.start()
-    client = HostClient(sock)
-    for _ in range(500):
-        if sock.exists():
-            break
-        threading.Event().wait(0.01)
-    yield HostInfo(h, sock, state, client)
-    h.shutdown()
+def make_host(tmp_path: Path, store: StoreInfo) -> Iterator[Callable[..., HostInfo]]:
+    started: list[EnclaveHost] = []
+
+    def make(name: str = "host", **config: Any) -> HostInfo:
+        hub_key = load_or_create_key(store.hub_key_path)
+        config = {
+            "state_dir": tmp_path / f"{name}-state",
+            "socket_path": tmp_path / f"{name}.sock",
+            "store": store.root,
+            "keys_dir": store.keys,
+            "hub_keys": [public_jwk(hub_key)],
+            **config,
+        }
+        state, sock = Path(config["state_dir"]), Path(config["socket_path"])
+        h = EnclaveHost(HostConfig(**config))
+        h.prepare()
+        started.append(h)
+        t = threading.Thread(target=h.serve_forever, daemon=True)
+        t.start()
+        for _ in range(500):
+            if sock.exists():
+                break
+            threading.Event().wait(0.01)
+        return HostInfo(h, sock, state, HostClient(sock))
+
+    yield make
+    for h in started:
+        h.shutdown()
+
+
+@pytest.fixture
+def host(make_host: Callable[..., HostInfo]) -> HostInfo:
+    return make_host()
 
 
 @pytest.fixture

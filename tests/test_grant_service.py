@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
 import stat
 import textwrap
 import time
@@ -29,6 +30,7 @@ from hub_harness import (
     make_stores,
     policy_config,
     register_dataset,
+    write_fidelity_reports,
 )
 from sqlalchemy import update
 
@@ -368,6 +370,10 @@ def test_records_database_url_is_checked(tmp_path: Path) -> None:
 class RealHub:
     hub: Hub
     stores: Stores
+    #: The file acme/insurance's ``fidelity_report`` names (a copy of the researchers' HTML report).
+    report: Path
+    #: Both reports as dcr_provider wrote them: ``{"<audience>.<html|json>": path}``.
+    reports: dict[str, Path]
 
     @property
     def db(self) -> HubDB:
@@ -399,8 +405,14 @@ def real_hub(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             }
         )
     )
+    reports = write_fidelity_reports(work / "reports")
+    report = work / "served" / reports["researchers.html"].name
+    report.parent.mkdir()
+    shutil.copy(reports["researchers.html"], report)
+    datasets = _datasets(stores)
+    datasets["acme/insurance"] = {**datasets["acme/insurance"], "fidelity_report": str(report)}
     config = policy_config(
-        _datasets(stores),
+        datasets,
         time_limit=900,
         quotas={
             "concurrent_jobs_per_user": 50,
@@ -415,7 +427,7 @@ def real_hub(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     )
     hub = Hub(work / "hub", config=config, groups={"analysts": ["bob"], "researchers": ["alice"]})
     with hub:
-        yield RealHub(hub, stores)
+        yield RealHub(hub, stores, report, reports)
 
 
 def test_real_hub_grants_entitled_datasets(real_hub: RealHub) -> None:
@@ -557,6 +569,65 @@ def test_real_hub_lists_datasets_and_publishes_jwks(real_hub: RealHub) -> None:
     assert all("d" not in k for k in jwks["keys"]) and jwks["keys"][0]["kid"] == jwks["thumbprint"]
 
 
+REPORT_LINK = "/hub/api/dcr/datasets/acme/insurance/fidelity-report"
+#: What a browser sends when the user follows a link.
+NAVIGATION = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Dest": "document"}
+
+
+def test_real_hub_serves_the_fidelity_report_to_entitled_users(real_hub: RealHub) -> None:
+    """A dataset whose policy names a researcher-facing fidelity report is listed with a link to the hub;
+    an entitled user's browser (the hub's login cookie) following it gets the report's bytes as an inert
+    page (a sandboxing Content-Security-Policy, nosniff, not cached); a user who is not entitled, a dataset
+    without a report and a request without credentials get nothing of it."""
+    hub = real_hub.hub
+    listed = hub.api("GET", "/dcr/datasets", token=hub.new_token("alice")).json()["datasets"]
+    links = {f"{d['provider']}/{d['dataset']}": d["fidelity_report"] for d in listed}
+    assert links == {"acme/insurance": REPORT_LINK, "globex/visits": None}
+
+    browser = hub.login("alice")
+    r = browser.get(hub.url + REPORT_LINK, headers=NAVIGATION, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.content == real_hub.report.read_bytes()
+    assert r.headers["Content-Type"] == "text/html; charset=utf-8"
+    csp = r.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "sandbox" in csp.split(";")[-1] and "script-src" not in csp
+    assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["Cache-Control"] == "no-store"
+    assert b"Audience: researchers." in r.content
+
+    # bob is entitled through his group and may use a token; carol is entitled to nothing.
+    r = hub.api("GET", "/dcr/datasets/acme/insurance/fidelity-report", token=hub.new_token("bob"))
+    assert r.status_code == 200 and r.content == real_hub.report.read_bytes()
+    for token, path in [
+        (hub.new_token("carol"), "/dcr/datasets/acme/insurance/fidelity-report"),
+        (hub.new_token("alice"), "/dcr/datasets/globex/visits/fidelity-report"),
+        (hub.new_token("alice"), "/dcr/datasets/acme/secret/fidelity-report"),
+    ]:
+        r = hub.api("GET", path, token=token)
+        assert r.status_code == 404 and "no fidelity report" in r.json()["error"], r.text
+        assert b"Audience" not in r.content
+    r = requests.get(hub.url + REPORT_LINK, headers=NAVIGATION, timeout=30, allow_redirects=False)
+    assert r.status_code == 401 and b"Audience" not in r.content
+
+
+def test_real_hub_stops_serving_a_report_that_became_provider_only(real_hub: RealHub) -> None:
+    """If the named report file is replaced after the hub started by the provider-only report (computed
+    from the real rows), the hub refuses to serve it (503, the reason in the hub's log) instead of showing
+    it to researchers; once the researchers' report is back it is served again."""
+    hub = real_hub.hub
+    token = hub.new_token("alice")
+    original = real_hub.report.read_bytes()
+    shutil.copy(real_hub.reports["provider-only.html"], real_hub.report)
+    try:
+        r = hub.api("GET", "/dcr/datasets/acme/insurance/fidelity-report", token=token)
+        assert r.status_code == 503 and "not available" in r.json()["error"]
+        assert b"provider-only" not in r.content and b"Audience" not in r.content
+        assert "is the provider-only fidelity report" in hub.log()
+    finally:
+        real_hub.report.write_bytes(original)
+    r = hub.api("GET", "/dcr/datasets/acme/insurance/fidelity-report", token=token)
+    assert r.status_code == 200 and r.content == original
+
+
 @pytest.fixture(scope="module")
 def alice_server(real_hub: RealHub) -> dict[str, str]:
     real_hub.hub.spawn("alice")
@@ -652,6 +723,22 @@ def test_server_extension_gets_grants_from_the_hub(real_hub: RealHub, alice_serv
     db.dispose()
 
 
+def test_server_extension_lists_the_fidelity_report_link(
+    real_hub: RealHub, alice_server: dict[str, str]
+) -> None:
+    """Alice's real server, with ``HubGrantSource``, lists her datasets for the JupyterLab datasets view
+    with the hub's fidelity report link unchanged (a same-origin path through the proxy, which her browser
+    can open with its hub login), and none for a dataset without a report."""
+    hub = real_hub.hub
+    r = hub.server_api("alice", "GET", "dcr/api/datasets", token=hub.new_token("alice"))
+    assert r.status_code == 200, r.text
+    links = {f"{d['provider']}/{d['dataset']}": d["fidelity_report"] for d in r.json()["datasets"]}
+    assert links == {"acme/insurance": REPORT_LINK, "globex/visits": None}
+    browser = hub.login("alice")
+    report = browser.get(hub.url + links["acme/insurance"], headers=NAVIGATION, timeout=30)
+    assert report.status_code == 200 and report.content == real_hub.report.read_bytes()
+
+
 def test_hub_grant_source_maps_answers(real_hub: RealHub, monkeypatch: pytest.MonkeyPatch) -> None:
     """``HubGrantSource`` returns the hub's grant for the server's user, turns the hub's refusals into
     ``GrantRefused`` with the hub's status (a rejected token as 403), and an unreachable hub into
@@ -696,14 +783,28 @@ def test_hub_grant_source_maps_answers(real_hub: RealHub, monkeypatch: pytest.Mo
 @pytest.mark.slow
 def test_real_hub_records_in_postgresql(stores: Stores, pg: PostgresServer, tmp_path: Path) -> None:
     """With ``c.DCRPolicy.db_url`` pointing at PostgreSQL, a real hub records its grants and refusals
-    there and enforces its per-day quota from those records."""
+    there and enforces its per-day quota and its request rate from those records: the over-quota answer
+    is a JSON 429 saying which limit, the over-rate one also carries ``Retry-After``."""
     url = pg.create_database("dcr_hub_" + uuid.uuid4().hex[:8])
-    config = policy_config(_datasets(stores), db_url=url, quotas={"jobs_per_day_per_user": 2})
+    quotas = {"concurrent_jobs_per_user": 5, "jobs_per_day_per_user": 2, "grant_requests_per_minute": 4}
+    config = policy_config(_datasets(stores), db_url=url, quotas=quotas)
     with Hub(tmp_path / "hub", config=config, groups={"analysts": ["bob"], "researchers": ["alice"]}) as hub:
         token = hub.new_token("alice")
         jobs = [_body() for _ in range(3)]
-        codes = [hub.api("POST", "/dcr/grants", token=token, data=_raw(j)).status_code for j in jobs]
-        assert codes == [201, 201, 429]
+        answers = [hub.api("POST", "/dcr/grants", token=token, data=_raw(j)) for j in jobs]
+        assert [r.status_code for r in answers] == [201, 201, 429]
+        over = answers[-1]
+        assert over.headers["Content-Type"].startswith("application/json")
+        assert over.json() == {"error": "you have had 2 job(s) in the last 24 hours, the most allowed"}
+        assert "Retry-After" not in over.headers
+
+        # bob's requests count toward his own rate, refused ones included: the fifth in a minute is refused.
+        bob = hub.new_token("bob")
+        codes = [hub.api("POST", "/dcr/grants", token=bob, data=b"junk").status_code for _ in range(4)]
+        assert codes == [400, 400, 400, 400]
+        rate = hub.api("POST", "/dcr/grants", token=bob, data=_raw(_body()))
+        assert rate.status_code == 429 and rate.headers["Retry-After"] == "60"
+        assert rate.json() == {"error": "too many grant requests: at most 4 a minute"}
         assert not (hub.workdir / "dcr-hub.sqlite").exists()
     db = HubDB(url)
     assert [db.job(j["job_id"]) is not None for j in jobs] == [True, True, False]

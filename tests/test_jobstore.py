@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from glob import glob
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import jsonschema
 import psycopg
@@ -45,12 +46,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from jupyter_events import EventLogger
 
-from dcr_enclave.contract import JOB_STATES, new_job_id
+from dcr_enclave.contract import JOB_STATES, TERMINAL_STATES, new_job_id
 from dcr_enclave.errors import DCRError
 from dcr_server_ext import jobstore as jobstore_mod
 from dcr_server_ext.errors import Conflict, NotFound
 from dcr_server_ext.events import EVENT_SCHEMA_ID, EVENT_SCHEMA_PATH, EVENT_SCHEMA_VERSION, job_event
-from dcr_server_ext.jobstore import JOBS, METADATA, MIGRATIONS_DIR, VERSION_TABLE, JobStore
+from dcr_server_ext.jobstore import JOBS, METADATA, MIGRATIONS_DIR, VERSION_TABLE, JobEnded, JobStore
 from dcr_server_ext.model import UNFINISHED_STATES, Job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,6 +282,55 @@ def test_update_refuses_bad_fields(jobstore: JobStore, fields: dict[str, Any]) -
     with pytest.raises(DCRError):
         jobstore.update(job.id, cell=3, **fields)
     assert jobstore.get(job.id) == job
+
+
+@pytest.mark.parametrize("ended", sorted(TERMINAL_STATES))
+def test_ended_job_keeps_its_state(jobstore: JobStore, ended: str) -> None:
+    """The state of a job in a terminal state never changes again: any other state (an earlier one or
+    another terminal one) is refused with JobEnded (a 409 Conflict naming the job and its state), in one
+    statement with the fields that came with it, and the record stays as it was. Writing the same state
+    again, or another field, is allowed (the manager records where a job cancelled mid-launch ran)."""
+    job = make_job(state=ended)
+    jobstore.create(job)
+    for state in JOB_STATES:
+        if state == ended:
+            continue
+        with pytest.raises(JobEnded, match=rf"{job.id} has already ended \({ended}\)") as info:
+            jobstore.update(job.id, state=state, cell=1, backend_ref={"late": True})
+        assert isinstance(info.value, Conflict) and info.value.status == 409
+        assert jobstore.get(job.id) == job
+    again = jobstore.update(job.id, state=ended)
+    assert again.state == ended
+    noted = jobstore.update(job.id, backend_ref={"host_job": job.id})
+    assert (noted.state, noted.backend_ref) == (ended, {"host_job": job.id})
+
+
+def test_unfinished_job_may_end(jobstore: JobStore) -> None:
+    """Until it ends, a job moves freely (a cancel may land in any state); once cancelled it stays so."""
+    job = make_job(state="granted")
+    jobstore.create(job)
+    assert jobstore.update(job.id, state="cancelled").state == "cancelled"
+    with pytest.raises(JobEnded):
+        jobstore.update(job.id, state="launching")
+    assert jobstore.get(job.id) == replace(job, state="cancelled", updated=ANY)
+
+
+def test_delete_removes_a_record_only_in_the_given_state(jobstore: JobStore) -> None:
+    """delete removes one job's record and says so; with ``state`` only while the job is in that state
+    (a submission cancelled meanwhile keeps its record); an unknown job is False and nothing changes."""
+    kept, gone, cancelled = make_job(), make_job(), make_job()
+    for j in (kept, gone, cancelled):
+        jobstore.create(j)
+    jobstore.update(cancelled.id, state="cancelled")
+    assert jobstore.delete(cancelled.id, state="submitted") is False
+    assert jobstore.get(cancelled.id) is not None
+    assert jobstore.delete(gone.id, state="submitted") is True
+    assert jobstore.get(gone.id) is None
+    assert jobstore.delete(gone.id) is False
+    assert jobstore.delete(new_job_id()) is False
+    assert jobstore.delete(cancelled.id) is True
+    assert [j.id for j in jobstore.list()[0]] == [kept.id]
+    assert jobstore.get(kept.id) == kept
 
 
 def test_list_is_newest_first_with_total(jobstore: JobStore) -> None:

@@ -32,6 +32,7 @@ from traitlets.config import Config
 from dcr_enclave.errors import DCRError
 from dcr_enclave.store import Store
 from dcr_spawner.kube import DATASETS_ANNOTATION, SANDBOX_LABEL, DCRKubeSpawner
+from dcr_spawner.policy import DCRPolicy, set_active_policy
 
 KUBECONFIG = """
 apiVersion: v1
@@ -96,9 +97,25 @@ def kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def manifest(
-    config: Config, user_name: str, groups: Iterable[str] = (), *, raw: bool = False
+    config: Config, user_name: str, groups: Iterable[str] = (), *, validated: bool = True
 ) -> dict[str, Any]:
-    """The pod manifest DCRKubeSpawner makes for ``user_name`` (member of ``groups``), as sent to the API."""
+    """The pod manifest DCRKubeSpawner makes for ``user_name`` (member of ``groups``), as sent to the API.
+
+    With ``validated``, the policy is first validated and made the active one, as the hub's start hook
+    does (against the groups the policy names, which a hub would declare).
+    """
+    policy = None
+    if validated:
+        policy = DCRPolicy(config=config)
+        policy.validate_against_hub({g for s in policy.specs() for g in s.groups})
+    set_active_policy(policy)
+    try:
+        return _manifest(config, user_name, groups)
+    finally:
+        set_active_policy(None)
+
+
+def _manifest(config: Config, user_name: str, groups: Iterable[str]) -> dict[str, Any]:
     db = orm.new_session_factory("sqlite://")()
     orm_user = orm.User(name=user_name)
     db.add(orm_user)
@@ -191,6 +208,97 @@ def test_no_real_data_volume_and_nothing_else_under_data(stores: Stores) -> None
     c.KubeSpawner.volume_mounts = [{"name": "real", "mountPath": "/data/acme/real"}]
     with pytest.raises(DCRError, match="only DCR's synthetic volumes"):
         manifest(c, "alice", ["analysts"])
+
+
+@pytest.mark.parametrize(
+    ("volume", "allowed"),
+    [
+        ({"name": "real", "hostPath": {"path": "/srv/dcr/store", "type": "Directory"}}, []),
+        ({"name": "real", "hostPath": {"path": "/srv/dcr/store", "type": "Directory"}}, ["real"]),
+        ({"name": "real", "persistentVolumeClaim": {"claimName": "real-data"}}, []),
+        ({"name": "real", "persistentVolumeClaim": {"claimName": "real-data"}}, ["home"]),
+    ],
+    ids=["hostPath", "hostPath even when allowed", "claim not allowed", "claim not the allowed one"],
+)
+def test_admin_volumes_outside_data_are_refused(
+    stores: Stores, volume: dict[str, Any], allowed: list[str]
+) -> None:
+    """A hostPath volume (even one the admin lists) and any volume the admin has not listed in
+    ``allowed_volumes`` are refused wherever they are mounted (here /mnt/real, outside /data): when the
+    pod is built, and at hub start from the configured volumes."""
+    c = config_for(stores, ENTITLED)
+    c.KubeSpawner.volumes = [volume]
+    c.KubeSpawner.volume_mounts = [{"name": "real", "mountPath": "/mnt/real", "readOnly": True}]
+    c.DCRKubeSpawner.allowed_volumes = allowed
+    message = "hostPath" if "hostPath" in volume else "allowed_volumes"
+    with pytest.raises(DCRError, match=message) as info:
+        manifest(c, "alice", ["analysts"])
+    assert "'real'" in str(info.value)
+    with pytest.raises(DCRError, match=message):
+        DCRKubeSpawner.dcr_check_at_start(JupyterHub(config=c), DCRPolicy(config=c))
+    # The same volume added through extra_pod_config is refused when the pod is built.
+    c = config_for(stores, ENTITLED)
+    c.KubeSpawner.extra_pod_config = {"volumes": [volume]}
+    c.DCRKubeSpawner.allowed_volumes = allowed
+    with pytest.raises(DCRError, match=message):
+        manifest(c, "alice", ["analysts"])
+
+
+def test_allowed_volumes_reach_the_pod(stores: Stores) -> None:
+    """A volume the admin lists in ``allowed_volumes`` (a per-user home claim, the name a KubeSpawner
+    template) is in the pod beside the synthetic claims, passes the start check, and the pod is still a
+    valid v1 Pod; names reserved for DCR's volumes cannot be listed."""
+    c = config_for(stores, ENTITLED)
+    c.KubeSpawner.volumes = [
+        {"name": "home-{username}", "persistentVolumeClaim": {"claimName": "claim-{username}"}}
+    ]
+    c.KubeSpawner.volume_mounts = [{"name": "home-{username}", "mountPath": "/home/jovyan"}]
+    c.DCRKubeSpawner.allowed_volumes = ["home-{username}"]
+    DCRKubeSpawner.dcr_check_at_start(JupyterHub(config=c), DCRPolicy(config=c))
+    pod = manifest(c, "alice", ["analysts"])
+    kubernetes_validate.validate(pod, desired_version=kubernetes_validate.latest_version(), strict=True)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["home-alice"] == {
+        "name": "home-alice",
+        "persistentVolumeClaim": {"claimName": "claim-alice"},
+    }
+    assert sum(n.startswith("dcr-syn-") for n in volumes) == len(stores.datasets)
+    c.DCRKubeSpawner.allowed_volumes = ["dcr-syn-0123"]
+    with pytest.raises(TraitError, match="reserved"):
+        manifest(c, "alice")
+
+
+def test_init_containers_are_hardened_too(stores: Stores) -> None:
+    """Init containers get the same non-root, no-escalation, no-capability security context as the
+    notebook container, over what the admin configured; one configured to run as root or privileged is
+    refused."""
+    c = config_for(stores, ENTITLED)
+    c.KubeSpawner.init_containers = [
+        {
+            "name": "prepare",
+            "image": IMAGE,
+            "command": ["true"],
+            "securityContext": {"allowPrivilegeEscalation": True, "capabilities": {"add": ["NET_ADMIN"]}},
+        }
+    ]
+    pod = manifest(c, "alice")
+    (init,) = pod["spec"]["initContainers"]
+    sc = init["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["privileged"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    kubernetes_validate.validate(pod, desired_version=kubernetes_validate.latest_version(), strict=True)
+    for bad in ({"runAsUser": 0}, {"privileged": True}):
+        c.KubeSpawner.init_containers = [{"name": "prepare", "image": IMAGE, "securityContext": bad}]
+        with pytest.raises(DCRError, match="'prepare' is configured to run as root or privileged"):
+            manifest(c, "alice")
+
+
+def test_no_pod_without_a_policy_validated_at_start(stores: Stores) -> None:
+    """A spawner in a process whose hub did not validate the DCR policy at start builds no pod: the spawn
+    fails, saying what to add to jupyterhub_config.py."""
+    with pytest.raises(DCRError, match="did not validate its DCR policy") as info:
+        manifest(config_for(stores, ENTITLED), "alice", validated=False)
+    assert "dcr_spawner.enable(c)" in str(info.value)
 
 
 def test_labels_service_account_and_token(stores: Stores) -> None:

@@ -8,23 +8,29 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import nbformat
 import pandas as pd
 import pytest
 
 from dcr_enclave import contract
-from dcr_enclave.bundle import build_bundle
-from dcr_enclave.grant import GrantedDataset, issue_grant
-from dcr_enclave.jwk import generate_key, load_or_create_key
-from dcr_enclave.sandbox import SandboxSpec, run_notebook
+from dcr_enclave.bundle import build_bundle, extract_bundle
+from dcr_enclave.enclave_host import EnclaveHost, HostConfig, process_tree
+from dcr_enclave.errors import DCRError
+from dcr_enclave.grant import GrantedDataset, OutputLimits, issue_grant, verify_grant
+from dcr_enclave.jwk import generate_key, load_or_create_key, public_jwk, thumbprint
+from dcr_enclave.sandbox import KERNEL_MOUNT, SandboxSpec, run_notebook
 from dcr_enclave.sealing import generate_keypair, open_dir
 from dcr_enclave.store import Store
+from dcr_enclave.supervisor import Supervisor
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -37,7 +43,9 @@ SUMMARY_CELLS = [
 ]
 
 
-def _grant_and_bundle(store, notebook: Path, tmp: Path, *, key=None, time_limit: int = 600):
+def _grant_and_bundle(
+    store, notebook: Path, tmp: Path, *, key=None, time_limit: int = 600, release: str = "auto", **grant_kw
+):
     hub_key = key or load_or_create_key(store.hub_key_path)
     bundle_path = tmp / "bundle.tar"
     bundle = build_bundle(notebook, bundle_path)
@@ -49,9 +57,10 @@ def _grant_and_bundle(store, notebook: Path, tmp: Path, *, key=None, time_limit:
         user="tester",
         job_id=job_id,
         bundle_digest=bundle.digest,
-        datasets=[GrantedDataset(store.provider, store.dataset, version, "auto")],
+        datasets=[GrantedDataset(store.provider, store.dataset, version, release)],
         output_public_key=public,
         time_limit=time_limit,
+        **grant_kw,
     )
     return job_id, grant, bundle_path, private
 
@@ -64,6 +73,46 @@ def _wait_state(client, job_id: str, states: set[str], timeout: float = 120) -> 
             return job
         time.sleep(0.1)
     raise AssertionError(f"job never reached {states}: {job}")
+
+
+def _wait_supervisor(host, job_id: str) -> subprocess.Popen:
+    """The job's supervisor process, once the host has started it."""
+    deadline = time.monotonic() + 30
+    while (proc := host.host.jobs[job_id].proc) is None:
+        assert time.monotonic() < deadline, "the host never started the supervisor"
+        time.sleep(0.01)
+    return proc
+
+
+def _alive(pid: int, started: int) -> bool:
+    """Whether the process ``pid`` that started at ``started`` (clock ticks) still runs (zombies do not)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return fields[0] not in (b"Z", b"X") and int(fields[19]) == started
+
+
+def _uid(pid: int) -> int | None:
+    """The account a live process runs as, or None once it is gone."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def _with_token(token: str) -> list[int]:
+    """Pids of live processes whose command line contains ``token``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if token.encode() in Path(entry.path, "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
 
 
 def _no_plaintext_anywhere(roots: list[Path], marker: bytes) -> list[Path]:
@@ -127,14 +176,15 @@ def test_same_notebook_synthetic_then_real(
 
 
 HOSTILE = r"""
-import json, os, socket, subprocess, sys, time
+import errno, glob, json, os, socket, stat, struct, subprocess, sys, time
 results = {}
 def attempt(name, fn):
     try:
         fn()
         results[name] = "SUCCEEDED"
     except Exception as e:
-        results[name] = "failed: " + type(e).__name__
+        code = errno.errorcode.get(getattr(e, "errno", None) or 0, "")
+        results[name] = ("failed: " + type(e).__name__ + " " + code).strip()
 
 def tcp():
     s = socket.create_connection(("127.0.0.1", PORT), timeout=2)
@@ -148,30 +198,62 @@ def host_socket():
     s.connect(HOSTSOCK)
 attempt("host_socket", host_socket)
 attempt("other_job_spool", lambda: os.listdir(SPOOL))
+attempt("read_token_file", lambda: open(TOKEN).read())
+results["token_glob"] = glob.glob(SPOOL + "/*/out/*.jwt") + glob.glob(SPOOL + "/*/out/" + "*")
 attempt("write_data", lambda: open("/data/acme/insurance/new.csv", "w").write("x"))
 attempt("write_outside", lambda: open(OUTSIDE, "w").write("x"))
+for where, path in (("sys_prefix", sys.prefix), ("usr", "/usr"), ("etc", "/etc")):
+    attempt("write_" + where, lambda: open(os.path.join(path, ESCAPE), "w").write("x"))
+# Every descriptor above 2: none may have been inherited (a kernel's own are close-on-exec), and the only
+# sockets whose peer is outside the sandbox (peer pid 0 here) may be the kernel's ZMQ endpoints.
+inheritable, outside = [], []
+for fd in range(3, 1024):
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        continue
+    if os.get_inheritable(fd):
+        inheritable.append(fd)
+    if stat.S_ISSOCK(st.st_mode):
+        s = socket.socket(fileno=os.dup(fd))
+        try:
+            if s.family == socket.AF_UNIX:
+                pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+                if pid == 0:
+                    outside.append(s.getsockname())
+        finally:
+            s.close()
+results["inheritable_fds"] = inheritable
+results["outside_sockets"] = outside
 results["interfaces"] = sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").readlines()[2:])
 results["uid"] = os.getuid()
 results["dcr_env"] = sorted(k for k in os.environ if k.startswith("DCR"))
 with open("results.json", "w") as f:
     json.dump(results, f)
-# Leave a process behind that would rewrite an output after the last cell.
-subprocess.Popen([sys.executable, "-c",
-    "import time, os; time.sleep(3); open('results.json', 'w').write('TAMPERED')"],
-    start_new_session=True)
 """
 
 
 def test_hostile_notebook_fails_every_attempt(tmp_path, store, host, make_notebook, run_cli):
     """A hostile notebook under `dcr local-run` cannot reach the network (loopback included), the host's
-    signing key, provider key material, the hub key, the host's socket, another job's spool, cannot write
-    /data or outside its working copy, and a process it leaves behind cannot change an output."""
+    signing key, provider key material, the hub key, the host's socket, another job's spool or its
+    attestation token, holds no inherited descriptor and no socket to outside the sandbox other than its
+    kernel's own endpoints, and cannot write /data, sys.prefix, /usr, /etc or outside its working copy."""
+    # An earlier job on the same host leaves its receipt token in the spool.
+    first = make_notebook(SUMMARY_CELLS, workspace="first")
+    (tmp_path / "first").mkdir(exist_ok=True)
+    j1, g1, b1, _k1 = _grant_and_bundle(store, first, tmp_path / "first")
+    host.client.launch(g1, b1)
+    assert _wait_state(host.client, j1, contract.TERMINAL_STATES)["state"] == "succeeded"
+    token_file = host.state / "spool" / j1 / "out" / contract.TOKEN_FILE
+    assert token_file.is_file()
+
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     listener.settimeout(0.2)
     port = listener.getsockname()[1]
     outside = tmp_path / "outside-marker"
+    escape = f"dcr-escape-{secrets.token_hex(6)}"
     src = (
         HOSTILE.replace("PORT", str(port))
         .replace("SIGNER", repr(str(host.state / "signer.pem")))
@@ -179,7 +261,9 @@ def test_hostile_notebook_fails_every_attempt(tmp_path, store, host, make_notebo
         .replace("HUBKEY", repr(str(store.hub_key_path)))
         .replace("HOSTSOCK", repr(str(host.socket)))
         .replace("SPOOL", repr(str(host.state / "spool")))
+        .replace("TOKEN", repr(str(token_file)))
         .replace("OUTSIDE", repr(str(outside)))
+        .replace("ESCAPE", repr(escape))
     )
     nb = make_notebook(["open('/data/acme/insurance/real.csv').readline()", src])
     out = tmp_path / "out"
@@ -190,54 +274,163 @@ def test_hostile_notebook_fails_every_attempt(tmp_path, store, host, make_notebo
     with pytest.raises(TimeoutError):
         listener.accept()  # nothing ever connected
     listener.close()
-    time.sleep(4)  # longer than the left-behind process would wait
     results = json.loads((out / "outputs" / "results.json").read_text())
     for name in (
-        "tcp_loopback", "read_signer_key", "read_provider_keys", "read_hub_key",
-        "host_socket", "other_job_spool", "write_data",
+        "tcp_loopback", "read_signer_key", "read_provider_keys", "read_hub_key", "host_socket",
+        "other_job_spool", "read_token_file", "write_data", "write_sys_prefix", "write_usr", "write_etc",
     ):  # fmt: skip
         assert results[name].startswith("failed"), (name, results[name])
+    # The read-only root and binds refuse the writes themselves (not a missing directory).
+    for name in ("write_sys_prefix", "write_usr", "write_etc"):
+        assert results[name] in ("failed: OSError EROFS", "failed: PermissionError EACCES"), results[name]
+    assert results["token_glob"] == []
+    assert results["inheritable_fds"] == []
+    assert results["outside_sockets"], "the kernel's own ZMQ endpoints should be listed"
+    assert all(name.startswith(KERNEL_MOUNT + "/") for name in results["outside_sockets"]), results
     assert results["interfaces"] == ["lo"]
     assert results["uid"] != 0
     assert results["dcr_env"] == []  # no launch environment, no link descriptor number
     assert not outside.exists()
+    for where in (Path(sys.prefix), Path("/usr"), Path("/etc")):
+        assert not (where / escape).exists()
     code, text, _ = run_cli("verify", out, "--trust", host.jwks_path)
-    assert code == 0, text  # the receipt's digest of results.json matches what the last cell wrote
+    assert code == 0, text
+
+
+#: Rewrites counter.txt every 10 ms, atomically (so a kill never leaves it half-written).
+WRITER = (
+    "import os, time\n"
+    "n = 0\n"
+    "while True:\n"
+    "    n += 1\n"
+    "    open('counter.tmp', 'w').write(str(n))\n"
+    "    os.replace('counter.tmp', 'counter.txt')\n"
+    "    time.sleep(0.01)\n"
+)
+
+
+def test_left_behind_writer_is_dead_before_outputs_are_collected(
+    tmp_path, store, host, make_notebook, run_cli
+):
+    """A process the notebook leaves behind, rewriting an output every 10 ms, runs during the last cell and
+    is gone, with the whole sandbox, by the time the supervisor reports "checking" (before it collects and
+    hashes the outputs): the supervisor then has no child left, and the receipt matches the outputs."""
+    token = f"dcr-writer-{secrets.token_hex(6)}"
+    cells = [
+        "import os, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {WRITER!r}, {token!r}], start_new_session=True)\n"
+        "while not os.path.exists('counter.txt') or int(open('counter.txt').read() or 0) < 5:\n"
+        "    time.sleep(0.01)\n"
+        # Enough bytes that collecting, hashing and sealing take a while, were the writer still there.
+        "open('big.bin', 'wb').write(os.urandom(16 << 20))\n"
+        "time.sleep(3)",
+    ]
+    nb = make_notebook(cells)
+    job_id, grant, bundle, key = _grant_and_bundle(store, nb, tmp_path)
+    host.client.launch(grant, bundle)
+    proc = _wait_supervisor(host, job_id)
+    seen_alive = False
+    at_checking: list[tuple[int, int]] | None = None
+    writer_at_checking: list[int] = []
+    for msg in host.client.watch(job_id):
+        ev = msg.get("event", {})
+        if ev.get("cell") == [0, 1] and not seen_alive:
+            deadline = time.monotonic() + 30
+            while not (seen_alive := bool(_with_token(token))) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        if ev.get("state") == "checking":
+            at_checking = process_tree(proc.pid)
+            writer_at_checking = _with_token(token)
+    assert seen_alive, "the writer never ran"
+    assert at_checking is not None, "the job never reported checking"
+    assert [pid for pid, _ in at_checking] in ([proc.pid], []), at_checking  # nothing below the supervisor
+    assert writer_at_checking == []
+    assert host.client.status(job_id)["state"] == "succeeded"
+    out = tmp_path / "out"
+    host.client.result(job_id, out)
+    open_dir(out / contract.SEALED_OUTPUTS_FILE, out / contract.OUTPUTS_DIR, key, job_id)
+    assert int((out / contract.OUTPUTS_DIR / "counter.txt").read_text()) >= 5
+    code, text, _ = run_cli("verify", out, "--trust", host.jwks_path)
+    assert code == 0, text
+    assert _with_token(token) == []
+
+
+def _release(host, job_id: str) -> None:
+    """Let a job's waiting cell go on: write go.flag into its working copy, through its kernel's root."""
+    sandbox_uid = host.host.uid
+    for pid, _started in process_tree(host.host.jobs[job_id].proc.pid):
+        if _uid(pid) == sandbox_uid:
+            try:
+                Path(f"/proc/{pid}/root/workspace/go.flag").write_text("go")
+                return
+            except OSError:
+                continue
+    raise AssertionError(f"no sandbox process found for {job_id}")
+
+
+WAIT_CELL = "import os, time\nwhile not os.path.exists('go.flag'):\n    time.sleep(0.05)"
 
 
 def test_concurrent_jobs_do_not_see_each_other(tmp_path, store, host, make_notebook):
-    """Two jobs running at once each see only their own working copy and /data; neither can list the
-    other's scratch, and both finish."""
+    """Two jobs running at the same time (both held in a waiting cell, then released one by one) each see
+    only their own working copy, /data and processes: the other's working copy is nowhere, the other's
+    decrypted /data file cannot be opened at its host path, and only one real.csv exists in each."""
     a_nb = make_notebook(
-        ["import time, os\nopen('mine-a.txt', 'w').write('a')\ntime.sleep(4)\nsorted(os.listdir('.'))"],
+        ["open('/data/acme/insurance/real.csv').readline()\nopen('mine-a.txt', 'w').write('a')", WAIT_CELL],
         workspace="a",
     )
-    b_src = (
-        "import os, json\n"
-        "found = []\n"
-        "for root, dirs, files in os.walk('/'):\n"
-        "    dirs[:] = [d for d in dirs if root != '/' or d not in ('proc', 'sys', 'dev')]\n"
-        "    found += [os.path.join(root, f) for f in files if f == 'mine-a.txt']\n"
-        "seen = {'procs': sorted(p for p in os.listdir('/proc') if p.isdigit()),\n"
-        "        'other_work': found,\n"
-        "        'spool': os.path.exists(" + repr(str(host.state / "spool")) + ")}\n"
-        "json.dump(seen, open('seen.json', 'w'))"
-    )
-    b_nb = make_notebook(["import time\ntime.sleep(1)", b_src], workspace="b")
     (tmp_path / "ta").mkdir()
     (tmp_path / "tb").mkdir()
     ja, ga, ba, _a_key = _grant_and_bundle(store, a_nb, tmp_path / "ta")
+    # Where A's decrypted file is on the host side (inside A's private mount namespace only).
+    a_data = host.host.cfg.scratch_root / ja / "data" / "acme" / "insurance" / "real.csv"
+    b_src = (
+        "import os, json\n"
+        "found, csvs = [], []\n"
+        "for root, dirs, files in os.walk('/'):\n"
+        "    dirs[:] = [d for d in dirs if root != '/' or d not in ('proc', 'sys', 'dev')]\n"
+        "    found += [os.path.join(root, f) for f in files if f == 'mine-a.txt']\n"
+        "    csvs += [os.path.join(root, f) for f in files if f == 'real.csv']\n"
+        "def attempt(path):\n"
+        "    try:\n"
+        "        open(path).read(1)\n"
+        "        return 'SUCCEEDED'\n"
+        "    except OSError as e:\n"
+        "        return 'failed: ' + type(e).__name__\n"
+        "seen = {'procs': sorted(p for p in os.listdir('/proc') if p.isdigit()),\n"
+        "        'other_work': found, 'csvs': csvs,\n"
+        "        'other_data': attempt(" + repr(str(a_data)) + "),\n"
+        "        'own_data': attempt('/data/acme/insurance/real.csv'),\n"
+        "        'spool': os.path.exists(" + repr(str(host.state / "spool")) + ")}\n"
+        "json.dump(seen, open('seen.json', 'w'))"
+    )
+    b_nb = make_notebook(["x = 1", WAIT_CELL, b_src], workspace="b")
     jb, gb, bb, b_key = _grant_and_bundle(store, b_nb, tmp_path / "tb")
     host.client.launch(ga, ba)
     host.client.launch(gb, bb)
-    a = _wait_state(host.client, ja, contract.TERMINAL_STATES)
+    # Overlap: both are in their waiting cell at once, so both have their data decrypted and a kernel.
+    deadline = time.monotonic() + 120
+    while True:
+        a, b = host.client.status(ja), host.client.status(jb)
+        if a["cell"] == [1, 2] and b["cell"] == [1, 3]:
+            break
+        assert not ({a["state"], b["state"]} & contract.TERMINAL_STATES), (a, b)
+        assert time.monotonic() < deadline, (a, b)
+        time.sleep(0.05)
+    _release(host, jb)
     b = _wait_state(host.client, jb, contract.TERMINAL_STATES)
+    assert host.client.status(ja)["cell"] == [1, 2]  # A still waits: B ran its probe while A was running
+    _release(host, ja)
+    a = _wait_state(host.client, ja, contract.TERMINAL_STATES)
     assert a["state"] == b["state"] == "succeeded", (a, b)
     out = tmp_path / "b-out"
     host.client.result(jb, out)
     open_dir(out / contract.SEALED_OUTPUTS_FILE, out / "outputs", b_key, jb)
     seen = json.loads((out / "outputs" / "seen.json").read_text())
     assert seen["other_work"] == []
+    assert seen["own_data"] == "SUCCEEDED"
+    assert seen["other_data"].startswith("failed"), seen
+    assert seen["csvs"] == ["/data/acme/insurance/real.csv"]
     assert seen["spool"] is False
     # Its own PID namespace: the kernel and its few helpers, not the host's or the other job's processes.
     assert len(seen["procs"]) < 10
@@ -269,20 +462,47 @@ def test_grant_signed_by_another_key_is_refused(tmp_path, store, host, make_note
     """A grant signed by a key the host does not trust is refused at launch, and nothing is spooled."""
     nb = make_notebook(SUMMARY_CELLS)
     _job_id, grant, bundle, _key = _grant_and_bundle(store, nb, tmp_path, key=generate_key())
-    from dcr_enclave.errors import DCRError
-
     with pytest.raises(DCRError, match="grant"):
         host.client.launch(grant, bundle)
     assert list((host.state / "spool").iterdir()) == []
 
 
+def _scratch_device(pid: int, scratch: Path) -> str:
+    """``major:minor`` of the tmpfs mounted on ``scratch`` in the mount namespace of ``pid``."""
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(scratch):
+            return fields[2]
+    raise AssertionError(f"{scratch} is not mounted in the namespace of {pid}")
+
+
+def _mounts_of_device(device: str) -> list[str]:
+    """Every mountinfo line, in any process, of the dcr-scratch tmpfs with that device number."""
+    hits = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "mountinfo").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            fields = line.split()
+            tail = line.split(" - ", 1)[1].split() if " - " in line else []
+            if fields[2] == device and tail[:2] == ["tmpfs", "dcr-scratch"]:
+                hits.append(f"{entry.name}: {line}")
+    return hits
+
+
 @pytest.mark.parametrize("how", ["cancel", "kill-9"])
 def test_no_plaintext_after_cancel_or_kill(tmp_path, store, host, make_notebook, how):
-    """After cancel, and after `kill -9` of the supervisor mid-run, the job ends, its processes are gone
-    and no plaintext remains on disk or in /dev/shm."""
+    """After cancel, and after `kill -9` of the supervisor mid-run, the job ends, every process of its tree
+    (supervisor, bwrap, kernel, its children) is gone, no mount namespace still holds its scratch tmpfs, and
+    no plaintext remains on disk or in /dev/shm."""
     nb = make_notebook(
         [
-            "import shutil\nshutil.copy('/data/acme/insurance/real.csv', 'copy.csv')",
+            "import shutil, subprocess\nshutil.copy('/data/acme/insurance/real.csv', 'copy.csv')\n"
+            "subprocess.Popen(['sleep', '600'], start_new_session=True)",
             "import time\ntime.sleep(120)",
         ]
     )
@@ -298,6 +518,10 @@ def test_no_plaintext_after_cancel_or_kill(tmp_path, store, host, make_notebook,
         raise AssertionError(f"job never reached its second cell: {j}")
     proc = host.host.jobs[job_id].proc
     assert proc is not None
+    tree = process_tree(proc.pid)
+    assert len(tree) >= 4, tree  # supervisor, bwrap and its namespace init, kernel, sleep
+    device = _scratch_device(proc.pid, host.host.cfg.scratch_root / job_id)
+    assert _mounts_of_device(device)  # the namespaces that hold it now are found by this scan
     if how == "cancel":
         assert host.client.cancel(job_id)["state"] == "cancelled"
     else:
@@ -305,9 +529,8 @@ def test_no_plaintext_after_cancel_or_kill(tmp_path, store, host, make_notebook,
     job = _wait_state(host.client, job_id, contract.TERMINAL_STATES)
     assert job["state"] == ("cancelled" if how == "cancel" else "failed")
 
-    def leftover() -> list[str]:
-        found = subprocess.run(["pgrep", "-f", str(host.state)], capture_output=True, text=True).stdout
-        return [p for p in found.split() if int(p) != os.getpid()]
+    def leftover() -> list[tuple[int, int]]:
+        return [(pid, started) for pid, started in tree if _alive(pid, started)]
 
     # A cancel is answered once the tree is gone; after a kill -9 the sandbox dies with its parent, which
     # the kernel carries out a moment later.
@@ -315,6 +538,7 @@ def test_no_plaintext_after_cancel_or_kill(tmp_path, store, host, make_notebook,
     while leftover() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert leftover() == []
+    assert _mounts_of_device(device) == []
     # The notebook had copied the real file into its working copy: that copy lived on the supervisor's
     # private tmpfs and is gone with it.
     assert _no_plaintext_anywhere([host.state, Path("/dev/shm")], REAL_ROW) == []
@@ -324,8 +548,6 @@ def test_replayed_key_request_is_refused(tmp_path, store, host):
     """A key request that reuses a challenge (same token, same challenge) is refused the second time,
     and both the release and the refusal are in the audit log."""
     from dcr_enclave.attestation import local_claims, sign_token
-    from dcr_enclave.errors import DCRError
-    from dcr_enclave.jwk import public_jwk
 
     h = host.host
     hub_key = load_or_create_key(store.hub_key_path)
@@ -403,3 +625,289 @@ def test_review_grant_without_airlock_is_refused_before_any_key(tmp_path, store,
     assert "airlock" in job["failure"]["reason"]
     audit = (host.state / "audit.log").read_text()
     assert "key_released" not in audit and "key_refused" not in audit
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs: what Supervisor.collect takes, and what a refusal says
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _collect(
+    tmp_path: Path, make_notebook, change, limits: OutputLimits, name: str = "collect"
+) -> tuple[list[str], dict[str, bytes]]:
+    """Unpack a bundle (notebook + input.csv) as the supervisor does, let ``change`` play the run on the
+    working copy, then collect under ``limits``; returns the violations and the copied outputs."""
+    nb = make_notebook(["1"], workspace=name)
+    (nb.parent / "input.csv").write_text("a,b\n1,2\n")
+    bundle_path = tmp_path / f"{name}.tar"
+    bundle = build_bundle(nb, bundle_path)
+    scratch = tmp_path / f"{name}-scratch"
+    scratch.mkdir()
+    sup = Supervisor(cast(Any, None), cast(Any, None), scratch, (65534, 65534))
+    manifest = extract_bundle(bundle_path, sup.work, expected_digest=bundle.digest)
+    change(sup.work)
+    sup.outputs.mkdir()
+    key = generate_key()
+    job_id = contract.new_job_id()
+    token = issue_grant(
+        key, user="t", job_id=job_id, bundle_digest=bundle.digest,
+        datasets=[GrantedDataset("acme", "insurance", "sha256:" + "0" * 64, "auto")],
+        output_public_key=generate_keypair()[1], output_limits=limits,
+    )  # fmt: skip
+    jwk = public_jwk(key)
+    g = verify_grant(
+        token, [jwk], hub_key_thumbprint=thumbprint(jwk), job_id=job_id, bundle_digest=bundle.digest
+    )
+    violations = sup.collect(manifest, g)
+    outputs = {
+        p.relative_to(sup.outputs).as_posix(): p.read_bytes() for p in sup.outputs.rglob("*") if p.is_file()
+    }
+    return violations, outputs
+
+
+def test_collect_takes_new_and_changed_files_not_unchanged_inputs(tmp_path, make_notebook):
+    """Outputs are the executed notebook plus the files the run created or changed; an input left as it
+    was is not an output."""
+
+    def run(work: Path) -> None:
+        (work / "result.csv").write_text("x\n1\n")
+        (work / "plots").mkdir()
+        (work / "plots" / "fig.png").write_bytes(b"\x89PNG")
+
+    violations, outputs = _collect(tmp_path, make_notebook, run, OutputLimits())
+    assert violations == []
+    assert sorted(outputs) == ["analysis.ipynb", "plots/fig.png", "result.csv"]
+
+    def change_input(work: Path) -> None:
+        (work / "input.csv").write_text("a,b\n3,4\n")
+
+    violations, outputs = _collect(tmp_path, make_notebook, change_input, OutputLimits(), name="again")
+    assert violations == []
+    assert outputs["input.csv"] == b"a,b\n3,4\n"
+
+
+def test_collect_refuses_links_special_files_and_unusable_names(tmp_path, make_notebook):
+    """Symbolic links (to files or directories), FIFOs and sockets, and names the receipt cannot carry
+    (control characters, backslashes, not UTF-8) refuse the outputs; the violations count them by kind and
+    name none of them, and nothing is copied."""
+    secret = "row7_4449.462"
+
+    def run(work: Path) -> None:
+        (work / f"{secret}.csv").symlink_to("/etc/hostname")
+        (work / f"dir-{secret}").symlink_to("/etc")
+        os.mkfifo(work / f"fifo-{secret}")
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(work / f"s-{secret}"))
+        sock.close()
+        (work / f"ctl\n{secret}.csv").write_text("x")
+        (work / f"back\\{secret}.csv").write_text("x")
+        (work / os.fsdecode(b"bad\xff" + secret.encode() + b".csv")).write_text("x")
+        (work / "fine.csv").write_text("x")
+
+    violations, outputs = _collect(tmp_path, make_notebook, run, OutputLimits())
+    assert violations == [
+        "2 symbolic links",
+        "2 special files",
+        "3 files with names that cannot be outputs",
+    ]
+    assert outputs == {}
+    assert not any("4449" in v or "row7" in v for v in violations)
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        (OutputLimits(max_files=2), ["too many files: 3 > 2"]),
+        (OutputLimits(max_bytes=1000), ["too many bytes: SIZE > 1000"]),
+        (OutputLimits(allowed_suffixes=(".csv", ".ipynb")), ["1 file of a type the grant does not allow"]),
+        (
+            OutputLimits(max_files=1, allowed_suffixes=(".ipynb",)),
+            ["2 files of a type the grant does not allow", "too many files: 3 > 1"],
+        ),
+    ],
+    ids=["max-files", "max-bytes", "suffixes", "several"],
+)
+def test_collect_applies_the_grant_output_limits(tmp_path, make_notebook, limits, expected):
+    """Past the grant's max_files or max_bytes, or with a suffix it does not allow, the outputs are refused
+    (nothing is copied) and each violation gives its kind with the count and the limit, never a name."""
+
+    def run(work: Path) -> None:
+        (work / "a.csv").write_text("x" * 600)
+        (work / "b-4449.462.png").write_bytes(b"y" * 600)
+
+    violations, outputs = _collect(tmp_path, make_notebook, run, limits)
+    size = (
+        sum(len(b) for b in [b"x" * 600, b"y" * 600])
+        + (tmp_path / "collect" / "analysis.ipynb").stat().st_size
+    )
+    assert violations == [v.replace("SIZE", str(size)) for v in expected]
+    assert outputs == {}
+    assert not any("4449" in v for v in violations)
+
+
+def test_output_violations_never_name_files(tmp_path, store, host, make_notebook, run_cli, insurance_real):
+    """A notebook (in review mode) that names a symbolic link, a file of a refused type and a file with a
+    control character after a value of the real data gets its outputs rejected; the value appears nowhere:
+    not in receipt.json, the host's job status and failure reason, the audit log or anything in the host's
+    state directory. The receipt still verifies."""
+    row = insurance_real.read_text().splitlines()[1]
+    secret = row.replace(",", "_")
+    charges = row.rsplit(",", 1)[1]
+    cells = [
+        "import os\n"
+        "row = open('/data/acme/insurance/real.csv').read().splitlines()[1]\n"
+        "name = row.replace(',', '_')\n"
+        "os.symlink('/data/acme/insurance/real.csv', 'link-' + name)\n"
+        "open(name + '.bin', 'w').write('x')\n"
+        "open('ctl\\n' + name + '.csv', 'w').write('x')\n"
+        "open('summary.csv', 'w').write('fine')"
+    ]
+    nb = make_notebook(cells)
+    _airlock_private, airlock_public = generate_keypair()
+    job_id, grant, bundle, _key = _grant_and_bundle(
+        store, nb, tmp_path, release="review", airlock_public_key=airlock_public,
+        output_limits=OutputLimits(allowed_suffixes=(".csv", ".ipynb")),
+    )  # fmt: skip
+    host.client.launch(grant, bundle)
+    job = _wait_state(host.client, job_id, contract.TERMINAL_STATES)
+    assert job["state"] == "failed"
+    expected = [
+        "1 symbolic link",
+        "1 file with a name that cannot be an output",
+        "1 file of a type the grant does not allow",
+    ]
+    assert job["failure"]["reason"] == "outputs refused: " + "; ".join(expected)
+    out = tmp_path / "out"
+    host.client.result(job_id, out)
+    receipt = json.loads((out / contract.RECEIPT_FILE).read_text())
+    assert receipt["output_check"] == {"passed": False, "violations": expected}
+    assert receipt["release"]["decision"] == "rejected"
+    assert receipt["outputs"] == []
+    assert not (out / contract.SEALED_OUTPUTS_FILE).exists()
+    for value in (secret, charges):
+        assert value not in (out / contract.RECEIPT_FILE).read_text()
+        assert value not in json.dumps(host.client.status(job_id))
+        assert value not in json.dumps(host.client.jobs())
+        assert value not in (host.state / "audit.log").read_text()
+        assert _no_plaintext_anywhere([host.state, out], value.encode()) == []
+    code, text, _ = run_cli("verify", out, "--trust", host.jwks_path)
+    assert code == 0, text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Provider key material: root-only storage, enforced
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _host_config(tmp_path: Path, store, keys: Path) -> HostConfig:
+    hub_key = load_or_create_key(store.hub_key_path)
+    return HostConfig(
+        state_dir=tmp_path / "new-state",
+        socket_path=tmp_path / "new.sock",
+        store=store.root,
+        keys_dir=keys,
+        hub_keys=[public_jwk(hub_key)],
+    )
+
+
+@pytest.mark.parametrize("how", ["group-readable", "other-owner", "link", "missing"])
+def test_host_refuses_keys_dir_that_is_not_root_only(tmp_path, store, how):
+    """The enclave host does not start on a keys directory that is not a root-owned directory closed to
+    group and others (or is a link, or is missing): the message names it and the fix, and the host
+    creates nothing (no state directory)."""
+    keys = store.keys
+    if how == "group-readable":
+        os.chmod(keys, 0o750)
+    elif how == "other-owner":
+        os.chown(keys, 65534, 65534)
+    elif how == "link":
+        keys = tmp_path / "keys-link"
+        keys.symlink_to(store.keys)
+    else:
+        keys = tmp_path / "no-such-keys"
+    cfg = _host_config(tmp_path, store, keys)
+    with pytest.raises(DCRError, match="key directory") as err:
+        EnclaveHost(cfg).prepare()
+    assert str(keys) in str(err.value)
+    hint = {
+        "group-readable": "chmod 700",
+        "other-owner": "chown",
+        "link": "real path",
+        "missing": "provider add",
+    }
+    assert hint[how] in str(err.value)
+    assert not cfg.state_dir.exists()
+
+
+def _break_condition_link(keys: Path) -> None:
+    cond = keys / "acme" / "conditions" / "insurance.json"
+    moved = keys / "moved.json"
+    cond.rename(moved)
+    cond.symlink_to(moved)
+
+
+def _break_condition_owner(keys: Path) -> None:
+    os.chown(keys / "acme" / "conditions" / "insurance.json", 65534, 65534)
+
+
+def _break_keys_dir_mode(keys: Path) -> None:
+    os.chmod(keys, 0o755)
+
+
+@pytest.mark.parametrize(
+    ("breaker", "message"),
+    [
+        (_break_condition_link, "link"),
+        (_break_condition_owner, "owned by uid 65534"),
+        (_break_keys_dir_mode, "closed to group and others"),
+    ],
+    ids=["condition-link", "condition-owner", "keys-dir-mode"],
+)
+def test_broker_reads_conditions_only_from_root_only_storage(
+    tmp_path, store, host, make_notebook, breaker, message
+):
+    """The key broker reads a provider's condition as it reads KEKs: a condition that is a link or not
+    owned by root, or a keys directory opened to others after the host started, refuses the key release
+    with the reason (in the job's failure and the audit log), and the job gets no data."""
+    assert host.host.broker.condition(store.provider, store.dataset).dataset == store.dataset
+    breaker(store.keys)
+    with pytest.raises(DCRError, match=message):
+        host.host.broker.condition(store.provider, store.dataset)
+    nb = make_notebook(SUMMARY_CELLS)
+    job_id, grant, bundle, _key = _grant_and_bundle(store, nb, tmp_path)
+    host.client.launch(grant, bundle)
+    job = _wait_state(host.client, job_id, contract.TERMINAL_STATES)
+    assert job["state"] == "failed"
+    assert "key release refused" in job["failure"]["reason"] and message in job["failure"]["reason"]
+    audit = (host.state / "audit.log").read_text()
+    assert "key_refused" in audit and "key_released" not in audit
+    # The kernel had been started alongside the key release; it never ran a cell, the job never ran.
+    events = host.host.jobs[job_id].events
+    assert [e["state"] for e in events if "state" in e] == ["launching", "failed"]
+    assert not any("cell" in e for e in events)
+
+
+def test_running_means_the_kernel_started_on_decrypted_data(tmp_path, store, host, make_notebook):
+    """The job becomes "running" only once its data key was released and its kernel is up in the sandbox
+    (a process of the sandbox account in the supervisor's tree), and before any cell is announced; then
+    the cells, "checking" and "succeeded" follow."""
+    nb = make_notebook(SUMMARY_CELLS)
+    job_id, grant, bundle, _key = _grant_and_bundle(store, nb, tmp_path)
+    host.client.launch(grant, bundle)
+    proc = _wait_supervisor(host, job_id)
+    order: list[object] = []
+    at_running: dict[str, object] = {}
+    for msg in host.client.watch(job_id):
+        ev = msg.get("event", {})
+        if "state" in ev:
+            order.append(ev["state"])
+        if ev.get("cell"):
+            order.append(tuple(ev["cell"]))
+        if ev.get("state") == "running":
+            audit = [json.loads(line) for line in (host.state / "audit.log").read_text().splitlines()]
+            at_running["released"] = any(
+                a["event"] == "key_released" and a["job_id"] == job_id for a in audit
+            )
+            at_running["kernel"] = any(_uid(pid) == host.host.uid for pid, _ in process_tree(proc.pid))
+    assert at_running == {"released": True, "kernel": True}
+    assert order == ["launching", "running", (0, 2), (1, 2), "checking", "succeeded"]

@@ -281,8 +281,8 @@ def test_server_runs_as_its_own_unprivileged_account(env: Env) -> None:
 
 
 def test_sandbox_cannot_read_store_keys_hub_files_or_other_homes(env: Env) -> None:
-    """From alice's kernel: the store (real ciphertext, manifests, providers' keys), the hub's key and
-    database, bob's home (by path and through /proc/<bob's server>/root) and the hub's view through
+    """From alice's kernel: the store (real ciphertext, manifests, providers' keys), the hub's grant key,
+    airlock key, DCR records database and JupyterHub database, bob's home (by path and through /proc/<bob's server>/root) and the hub's view through
     /proc/<hub>/root are all unreadable; bob's data is not reachable either."""
     bob_home = env.account(env.bob).pw_dir
     Path(bob_home, "secret.txt").write_text("bob's")  # root writes it; bob's home is 0700
@@ -292,6 +292,8 @@ def test_sandbox_cannot_read_store_keys_hub_files_or_other_homes(env: Env) -> No
     assert keys, "the store should hold provider keys"
     ciphertext = next(iter(insurance.ciphertext.values()))
     assert ciphertext.is_file()
+    for name in ("dcr-hub-key.pem", "dcr-airlock.key", "dcr-hub.sqlite"):
+        assert (env.hub.workdir / name).is_file(), f"the hub should have created {name}"
     bob_pid = env.hub.server_process(env.bob).pid
     assert env.hub.proc is not None
     targets = [
@@ -301,6 +303,8 @@ def test_sandbox_cannot_read_store_keys_hub_files_or_other_homes(env: Env) -> No
         str(ciphertext),
         str(beta_synthetic),
         str(env.hub.workdir / "dcr-hub-key.pem"),
+        str(env.hub.workdir / "dcr-airlock.key"),
+        str(env.hub.workdir / "dcr-hub.sqlite"),
         str(env.hub.workdir / "jupyterhub.sqlite"),
         str(env.hub.workdir / "jupyterhub_cookie_secret"),
         bob_home,
@@ -506,11 +510,16 @@ from jupyterhub.user import User
 from traitlets.config import Config
 from dcr_spawner import sandbox_mounts
 from dcr_spawner.local import DCRLocalSpawner
+from dcr_spawner.policy import DCRPolicy, set_active_policy
 
 policy, home_base = json.loads(sys.argv[1]), sys.argv[2]
 c = Config()
 c.DCRPolicy.datasets = policy
 c.DCRLocalSpawner.home_base = home_base
+# What the hub's start hook does before any spawn.
+validated = DCRPolicy(config=c)
+validated.validate_against_hub(set())
+set_active_policy(validated)
 db = orm.new_session_factory("sqlite://")()
 db.add(orm.User(name="dev"))
 db.commit()
@@ -590,6 +599,22 @@ def _spawner_for(user_name: str, config: Config) -> DCRLocalSpawner:
     spawner = User(db.query(orm.User).one(), settings).spawners[""]
     assert isinstance(spawner, DCRLocalSpawner)
     return spawner
+
+
+def test_no_sandbox_without_a_policy_validated_at_start(tmp_path: Path) -> None:
+    """A DCRLocalSpawner in a process whose hub did not validate the DCR policy at start (here: none ran)
+    builds no sandbox and creates no account: the spawn fails, saying what to add to jupyterhub_config.py."""
+    from dcr_spawner.policy import active_policy
+
+    assert active_policy() is None
+    c = Config()
+    c.DCRPolicy.datasets = {}
+    c.DCRLocalSpawner.home_base = str(tmp_path / "homes")
+    spawner = _spawner_for(f"dcrtest-nopolicy-{secrets.token_hex(3)}", c)
+    with pytest.raises(DCRError, match="did not validate its DCR policy") as info:
+        asyncio.run(spawner.build_sandbox())
+    assert "dcr_spawner.enable(c)" in str(info.value)
+    assert spawner.account is None and not (tmp_path / "homes").exists()
 
 
 def test_internal_ssl_certificates_are_written_as_the_account(tmp_path: Path) -> None:

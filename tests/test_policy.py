@@ -18,6 +18,7 @@ from hub_harness import (
     dataset_entry,
     make_stores,
     policy_config,
+    write_fidelity_reports,
 )
 from traitlets.config import Config
 
@@ -34,6 +35,12 @@ NO_SUCH_VERSION = "sha256:" + "0" * 64
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
     return make_stores(tmp_path_factory.mktemp("policy-stores"), "--release", "auto")
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both fidelity reports of acme/insurance's real.csv, as `dcr provider add --report-epsilon` writes them."""
+    return write_fidelity_reports(tmp_path_factory.mktemp("reports"))
 
 
 def _datasets(s: Stores, **overrides: Any) -> dict[str, Any]:
@@ -130,6 +137,8 @@ BAD_ENTRIES = [
     ("acme/insurance", {"entitled": {"users": "alice"}}, "['entitled']['users']", "list of names"),
     ("acme/insurance", {"entitled": {"roles": ["x"]}}, "['entitled']", "'users' and/or 'groups'"),
     ("acme/insurance", {"colour": "red"}, "datasets['acme/insurance']", "unknown key(s) ['colour']"),
+    ("acme/insurance", {"fidelity_report": "r.html"}, "['fidelity_report']", "not an absolute path"),
+    ("acme/insurance", {"fidelity_report": "/r/real.csv"}, "['fidelity_report']", "(.html or .json)"),
 ]
 
 
@@ -236,6 +245,146 @@ def test_retired_version_is_refused(stores: Stores, store_copy: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Fidelity reports
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_researcher_fidelity_report_is_accepted(stores: Stores, reports: dict[str, Path]) -> None:
+    """A dataset may name the researcher-facing fidelity report (HTML or JSON) of its file; the policy
+    reads it back, checked, with the media type it is served as."""
+    for suffix, media in (("html", "text/html; charset=utf-8"), ("json", "application/json")):
+        entry = dataset_entry(stores.insurance, stores.root, users=["alice"])
+        entry["fidelity_report"] = str(reports[f"researchers.{suffix}"])
+        policy = DCRPolicy(datasets={"acme/insurance": entry})
+        policy.validate_against_hub(set())
+        report = policy.fidelity_report("acme/insurance")
+        assert report is not None and report.media_type == media and report.file == "real.csv"
+        assert report.data == reports[f"researchers.{suffix}"].read_bytes()
+    assert DCRPolicy(datasets=_datasets(stores)).fidelity_report("acme/insurance") is None
+
+
+def test_unusable_fidelity_report_is_refused(
+    stores: Stores, reports: dict[str, Path], tmp_path: Path
+) -> None:
+    """The provider-only report (computed from the real rows), a missing or unreadable file, a page that is
+    not a researcher report, and the report of another dataset's file are refused when the policy is
+    validated, naming the trait; a report replaced after validation is refused when it is read again."""
+    not_a_report = tmp_path / "notes.html"
+    not_a_report.write_text("<!doctype html><html><head><title>Notes</title></head><body>hi</body></html>")
+    directory = tmp_path / "dir.html"
+    directory.mkdir()
+    ins = dataset_entry(stores.insurance, stores.root, users=["alice"])
+    visits = dataset_entry(stores.visits, stores.root, users=["alice"])
+    cases = [
+        ("acme/insurance", ins, reports["provider-only.html"], "is the provider-only fidelity report"),
+        ("acme/insurance", ins, reports["provider-only.json"], "is the provider-only fidelity report"),
+        ("acme/insurance", ins, tmp_path / "gone.html", "does not exist"),
+        ("acme/insurance", ins, directory, "is not a regular file"),
+        ("acme/insurance", ins, not_a_report, "is not a researcher-facing fidelity report"),
+        ("globex/visits", visits, reports["researchers.html"], "is the report of 'real.csv'"),
+    ]
+    for ref, entry, path, message in cases:
+        policy = DCRPolicy(datasets={ref: {**entry, "fidelity_report": str(path)}})
+        with pytest.raises(PolicyError) as info:
+            policy.validate_against_hub(set())
+        text = str(info.value)
+        assert message in text and f"datasets[{ref!r}]['fidelity_report']" in text, text
+
+    swapped = tmp_path / "swapped.html"
+    shutil.copy(reports["researchers.html"], swapped)
+    policy = DCRPolicy(datasets={"acme/insurance": {**ins, "fidelity_report": str(swapped)}})
+    policy.validate_against_hub(set())
+    shutil.copy(reports["provider-only.html"], swapped)
+    with pytest.raises(PolicyError, match="provider-only"):
+        policy.fidelity_report("acme/insurance")
+
+
+def test_report_markers_match_what_dcr_provider_writes() -> None:
+    """The audience names and schema the hub checks are the ones dcr_provider writes into every report."""
+    from dcr_provider import fidelity
+    from dcr_spawner import policy
+
+    assert policy.REPORT_FOR_RESEARCHERS == fidelity.RESEARCHERS
+    assert policy.REPORT_PROVIDER_ONLY == fidelity.PROVIDER
+    assert policy.REPORT_SCHEMA == fidelity.REPORT_SCHEMA
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Providers
+# ---------------------------------------------------------------------------------------------------------
+
+PROVIDERS = {
+    "acme": {"name": "ACME Insurance", "reviewers": {"users": ["rita"], "groups": ["acme-reviewers"]}},
+    "globex": {"name": "Globex Health"},
+}
+
+
+def test_providers_name_reviewers(stores: Stores) -> None:
+    """Declared providers carry a display name and reviewers (users and groups); without declarations the
+    providers are those of the dataset keys, with their key as name and no reviewers."""
+    policy = DCRPolicy(datasets=_datasets(stores), providers=PROVIDERS)
+    policy.validate_against_hub({"analysts", "researchers", "acme-reviewers"})
+    acme = policy.provider("acme")
+    assert acme is not None and acme.name == "ACME Insurance" and acme.declared
+    assert acme.may_review("rita", set()) and acme.may_review("sam", {"acme-reviewers"})
+    assert not acme.may_review("alice", {"analysts"})
+    globex = policy.provider("globex")
+    assert globex is not None and not globex.may_review("rita", {"acme-reviewers"})
+    assert policy.provider("initech") is None
+
+    implicit = DCRPolicy(datasets=_datasets(stores))
+    implicit.validate_against_hub({"analysts", "researchers"})
+    assert sorted(implicit.provider_specs()) == ["acme", "globex"]
+    p = implicit.provider("acme")
+    assert p is not None and p.name == "acme" and not p.declared and not p.may_review("rita", set())
+
+
+@pytest.mark.parametrize(
+    ("providers", "trait", "message"),
+    [
+        ({"Acme": {}}, "providers['Acme']", "invalid provider name"),
+        ({"acme": "ACME"}, "providers['acme']", "must be a dict"),
+        ({"acme": {"reviewer": ["rita"]}}, "providers['acme']", "unknown key(s) ['reviewer']"),
+        ({"acme": {"name": " "}}, "providers['acme']['name']", "is not a display name"),
+        ({"acme": {"reviewers": ["rita"]}}, "providers['acme']['reviewers']", "'users' and/or 'groups'"),
+        ({"acme": {"reviewers": {"users": "rita"}}}, "['reviewers']['users']", "list of names"),
+    ],
+)
+def test_malformed_providers_are_refused(providers: dict[str, Any], trait: str, message: str) -> None:
+    """Each malformed ``c.DCRPolicy.providers`` entry is refused when set, naming the trait."""
+    with pytest.raises(PolicyError) as info:
+        DCRPolicy(providers=providers)
+    text = str(info.value)
+    assert trait in text and message in text and "c.DCRPolicy." in text
+
+
+def test_providers_are_checked_against_datasets_and_groups(stores: Stores) -> None:
+    """Once providers are declared, a dataset of an undeclared provider, a declared provider without a
+    dataset and a reviewers' group the hub does not have each stop validation, naming the trait."""
+    groups = {"analysts", "researchers", "acme-reviewers"}
+    cases = [
+        (
+            {"acme": PROVIDERS["acme"]},
+            groups,
+            "provider 'globex' is not declared",
+            "datasets['globex/visits']",
+        ),
+        (
+            {**PROVIDERS, "initech": {}},
+            groups,
+            "no dataset in c.DCRPolicy.datasets belongs to this provider",
+            "providers['initech']",
+        ),
+        (PROVIDERS, groups - {"acme-reviewers"}, "'acme-reviewers' do not exist", "['reviewers']['groups']"),
+    ]
+    for providers, hub_groups, message, trait in cases:
+        policy = DCRPolicy(datasets=_datasets(stores), providers=providers)
+        with pytest.raises(PolicyError) as info:
+            policy.validate_against_hub(hub_groups)
+        assert message in str(info.value) and trait in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Keys
 # ---------------------------------------------------------------------------------------------------------
 
@@ -288,7 +437,13 @@ def test_enable_adds_the_routes_once_and_keeps_others() -> None:
     enable(c)
     enable(c)
     paths = [h[0] for h in c.JupyterHub.extra_handlers]
-    assert paths == ["/my/page", "/api/dcr/grants", "/api/dcr/jwks", "/api/dcr/datasets"]
+    assert paths == [
+        "/my/page",
+        "/api/dcr/grants",
+        "/api/dcr/jwks",
+        "/api/dcr/datasets",
+        "/api/dcr/datasets/([^/]+)/([^/]+)/fidelity-report",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,6 +497,26 @@ def _bad_release(s: Stores, tmp: Path) -> tuple[str, list[str]]:
     return policy_config(d), ["dataset 'insurance'", "['release']", "'whenever' is not a release mode"]
 
 
+def _bad_fidelity_report(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+    provider_only = write_fidelity_reports(tmp / "reports")["provider-only.html"]
+    d = _datasets(s)
+    d["acme/insurance"] = {**d["acme/insurance"], "fidelity_report": str(provider_only)}
+    return policy_config(d), [
+        "dataset 'insurance'",
+        "['fidelity_report']",
+        "is the provider-only fidelity report",
+    ]
+
+
+def _bad_reviewers_group(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+    providers = {"acme": {"reviewers": {"groups": ["auditors"]}}, "globex": {}}
+    return policy_config(_datasets(s), providers=providers), [
+        "provider 'acme'",
+        "c.DCRPolicy.providers['acme']['reviewers']['groups']",
+        "'auditors' do not exist",
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
@@ -352,6 +527,8 @@ def _bad_release(s: Stores, tmp: Path) -> tuple[str, list[str]]:
         _bad_missing_synthetic,
         _bad_hub_key,
         _bad_release,
+        _bad_fidelity_report,
+        _bad_reviewers_group,
     ],
     ids=lambda f: f.__name__.removeprefix("_bad_"),
 )
@@ -369,3 +546,42 @@ def test_hub_refuses_to_start_on_bad_policy(stores: Stores, tmp_path: Path, case
     # Nothing was generated for a policy that was refused before its keys were reached.
     if case is not _bad_hub_key:
         assert not (hub.workdir / "dcr-hub-key.pem").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spawner", ["dcr-local", "dcr-kube"])
+def test_dcr_spawner_alone_stops_a_hub_with_a_bad_policy(
+    stores: Stores, tmp_path: Path, spawner: str
+) -> None:
+    """A real JupyterHub using a DCR spawner but never calling ``dcr_spawner.enable(c)`` still checks the
+    policy at start: with an entitlement naming a group the hub does not have, it exits non-zero before it
+    serves, naming the trait."""
+    d = _datasets(stores)
+    d["globex/visits"] = dataset_entry(stores.visits, stores.root, groups=["nurses"], release="auto")
+    config = policy_config(d, enable=False) + f"c.DCRLocalSpawner.home_base = {str(tmp_path / 'homes')!r}\n"
+    assert "enable" not in config
+    hub = Hub(tmp_path / "hub", spawner_class=spawner, config=config, groups={"analysts": ["bob"]})
+    result = hub.run_to_exit()
+    assert result.returncode != 0
+    assert not result.served, "the hub served before refusing its policy"
+    line = next(x for x in result.log.splitlines() if x.startswith("DCR: the hub cannot start:"))
+    assert "c.DCRPolicy.datasets['globex/visits']['entitled']['groups']" in line and "'nurses'" in line
+    assert not (hub.workdir / "dcr-hub-key.pem").exists()
+
+
+@pytest.mark.slow
+def test_dcr_spawner_alone_serves_the_grant_service(stores: Stores, tmp_path: Path) -> None:
+    """With a good policy and a DCR spawner but no ``enable(c)``, the hub starts with the grant service
+    in place: the JWKS of a key it generated, and a user's entitled datasets."""
+    config = policy_config(_datasets(stores), enable=False)
+    groups = {"analysts": ["bob"], "researchers": ["alice"]}
+    with Hub(tmp_path / "hub", spawner_class="dcr-kube", config=config, groups=groups) as hub:
+        jwks = hub.api("GET", "/dcr/jwks", token="")
+        assert jwks.status_code == 200, jwks.text
+        assert jwks.json()["thumbprint"] == load_or_create_hub_key(hub.workdir / "dcr-hub-key.pem").thumbprint
+        listed = hub.api("GET", "/dcr/datasets", token=hub.new_token("alice")).json()["datasets"]
+        assert [(d["provider"], d["dataset"]) for d in listed] == [
+            ("acme", "insurance"),
+            ("globex", "visits"),
+        ]
+        assert "DCR: grant service routes added for DCRKubeSpawner" in hub.log()

@@ -538,3 +538,58 @@ def test_cancel_before_run_runs_nothing(make_job: Callable[..., Job]) -> None:
     assert run.run() == RunResult("killed")
     assert job.nb_path.read_bytes() == before
     assert not (job.spec.workdir / NB_DIR / "ran.txt").exists()
+
+
+def _account_processes(uid: int) -> list[tuple[int, bytes]]:
+    """(pid, start time) of the live processes running as ``uid``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if Path(f"/proc/{name}").stat().st_uid != uid:
+                    continue
+                fields = Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] not in (b"Z", b"X"):
+                found.append((int(name), fields[19]))
+    return found
+
+
+def test_on_ready_comes_after_the_kernel_answers_and_before_any_cell(make_job: Callable[..., Job]) -> None:
+    """on_ready is called once, when the sandboxed kernel is up (its process runs as the account) and
+    before the first cell has run or been announced; the run then goes on as usual."""
+    job = make_job(["open('ran.txt', 'w').write('x')"])
+    events: list[tuple[str, object]] = []
+
+    def on_ready() -> None:
+        kernel_up = bool(_account_processes(job.spec.uid))
+        events.append(("ready", (kernel_up, (job.spec.workdir / NB_DIR / "ran.txt").exists())))
+
+    result = run_notebook(
+        NB_REL, job.spec, on_cell=lambda i, n: events.append(("cell", (i, n))), on_ready=on_ready
+    )
+
+    assert result == RunResult("ok")
+    assert events == [("ready", (True, False)), ("cell", (0, 1))]
+    assert (job.spec.workdir / NB_DIR / "ran.txt").exists()
+
+
+def test_cancel_while_on_ready_holds_the_run_runs_no_cell(make_job: Callable[..., Job]) -> None:
+    """A run cancelled while on_ready holds it (the supervisor's key release failed) runs no cell: status
+    killed, no cell announced, nothing written by the notebook, and the sandbox's processes are gone."""
+    job = make_job(["open('ran.txt', 'w').write('x')"])
+    cells: list[int] = []
+    sandbox: list[tuple[int, bytes]] = []
+
+    def on_ready() -> None:
+        sandbox.extend(_account_processes(job.spec.uid))
+        run.cancel()
+
+    with NotebookRun(NB_REL, job.spec, on_cell=lambda i, n: cells.append(i), on_ready=on_ready) as run:
+        result = run.run()
+
+    assert result == RunResult("killed")
+    assert cells == []
+    assert not (job.spec.workdir / NB_DIR / "ran.txt").exists()
+    assert sandbox and not set(sandbox) & set(_account_processes(job.spec.uid))

@@ -220,18 +220,26 @@ def test_extension_point_and_auto_enable_config():
 
 
 def test_every_trait_has_help_an_example_and_a_security_note():
-    """Each configurable trait of DCRExtension explains itself, shows a c.DCRExtension.<name> example and
-    says what it means for security."""
-    own = set(DCRExtension.class_own_traits(config=True))
+    """Each configurable trait of DCRExtension, LocalBackend, DevGrantSource and HubGrantSource explains
+    itself, shows a c.<Class>.<name> example and says what it means for security."""
+    from dcr_server_ext.backends.local import LocalBackend
+    from dcr_server_ext.grants import DevGrantSource, HubGrantSource
+
     expected = {
-        "backend_class", "grant_source_class", "db_url", "data_dir", "outputs_dir", "bundle_include",
-        "bundle_exclude", "max_bundle_files", "max_bundle_bytes", "reconcile_interval",
+        DCRExtension: {
+            "backend_class", "grant_source_class", "db_url", "data_dir", "outputs_dir", "bundle_include",
+            "bundle_exclude", "max_bundle_files", "max_bundle_bytes", "reconcile_interval", "trust_jwks",
+        },
+        LocalBackend: {"socket_path", "timeout"},
+        DevGrantSource: {"key_file", "store", "release", "time_limit"},
+        HubGrantSource: {"api_url", "request_timeout"},
     }  # fmt: skip
-    assert expected <= own
-    for name in expected:
-        text = DCRExtension.class_traits()[name].help
-        assert f"c.DCRExtension.{name} = " in text, name
-        assert "Example" in text and "Security" in text, name
+    for cls, names in expected.items():
+        assert names == set(cls.class_own_traits(config=True)), cls
+        for name in names:
+            text = cls.class_traits()[name].help
+            assert f"c.{cls.__name__}.{name} = " in text, (cls, name)
+            assert "Example" in text and "Security" in text, (cls, name)
 
 
 @pytest.mark.parametrize(
@@ -262,10 +270,64 @@ def test_bad_config_is_refused_naming_the_trait(trait: str, value: Any):
 
 
 @pytest.mark.parametrize(
+    ("trait", "value", "message"),
+    [
+        ("LocalBackend.timeout", -1.0, "LocalBackend.timeout must be a positive number of seconds"),
+        ("LocalBackend.timeout", 0, "LocalBackend.timeout must be a positive number of seconds"),
+        ("LocalBackend.timeout", float("nan"), "LocalBackend.timeout must be a positive number of seconds"),
+        ("LocalBackend.timeout", float("inf"), "LocalBackend.timeout must be a positive number of seconds"),
+        ("LocalBackend.socket_path", "relative.sock", "LocalBackend.socket_path must be an absolute path"),
+        ("HubGrantSource.api_url", "ftp://hub/api", "HubGrantSource.api_url must be an http:// or https://"),
+        ("HubGrantSource.api_url", "file:///etc/passwd", "HubGrantSource.api_url must be an http://"),
+        ("HubGrantSource.api_url", "hub.internal:8081/hub/api", "HubGrantSource.api_url must be an http://"),
+        ("HubGrantSource.api_url", "http:///hub/api", "HubGrantSource.api_url must be an http://"),
+        ("HubGrantSource.request_timeout", -5, "HubGrantSource.request_timeout must be a positive number"),
+        ("HubGrantSource.request_timeout", 0, "HubGrantSource.request_timeout must be a positive number"),
+        ("DevGrantSource.time_limit", 0, "DevGrantSource.time_limit must be a positive number"),
+        ("DevGrantSource.store", "relative/store", "DevGrantSource.store must be an absolute path"),
+    ],
+)
+def test_bad_backend_and_grant_source_config_is_refused_naming_the_trait(
+    trait: str, value: Any, message: str
+):
+    """A bad value for a trait of the local backend or a grant source (a timeout that is not a positive
+    number, a hub URL that is not http(s), a relative path) is refused with a message naming the trait."""
+    from dcr_server_ext.backends.local import LocalBackend
+    from dcr_server_ext.grants import DevGrantSource, HubGrantSource
+
+    section, name = trait.split(".")
+    cls = {"LocalBackend": LocalBackend, "DevGrantSource": DevGrantSource, "HubGrantSource": HubGrantSource}
+    with pytest.raises((TraitError, ValueError)) as refused:
+        cls[section](config=Config({section: {name: value}}))
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("trait", "value"),
+    [
+        ("LocalBackend.timeout", 2.5),
+        ("HubGrantSource.api_url", "https://hub.example.org/hub/api"),
+        ("HubGrantSource.api_url", "http://127.0.0.1:8081/hub/api"),
+        ("HubGrantSource.api_url", ""),
+        ("HubGrantSource.request_timeout", 5),
+    ],
+)
+def test_good_backend_and_grant_source_config_is_kept(trait: str, value: Any):
+    """Valid values (a positive timeout, an http(s) hub URL, or none to use $JUPYTERHUB_API_URL) are kept."""
+    from dcr_server_ext.backends.local import LocalBackend
+    from dcr_server_ext.grants import HubGrantSource
+
+    section, name = trait.split(".")
+    cls = {"LocalBackend": LocalBackend, "HubGrantSource": HubGrantSource}[section]
+    assert getattr(cls(config=Config({section: {name: value}})), name) == value
+
+
+@pytest.mark.parametrize(
     ("section", "trait", "value", "message"),
     [
         ("DCRExtension", "max_bundle_bytes", -1, "DCRExtension.max_bundle_bytes must be a positive integer"),
         ("LocalBackend", "socket_path", "relative.sock", "LocalBackend.socket_path must be an absolute path"),
+        ("LocalBackend", "timeout", -1.0, "LocalBackend.timeout must be a positive number of seconds"),
     ],
 )
 def test_bad_config_fails_when_the_server_starts(
@@ -351,6 +413,21 @@ async def test_submit_refusals_are_json_4xx_and_change_nothing(
         assert reply.code == code, (body, reply.code, reply.body)
         assert words in reply.error, (body, reply.error)
         assert await _snapshot(api, dcr_data, root) == before, body
+
+
+async def test_refused_grant_changes_nothing(api, dcr_server, jp_root_dir: Path, dcr_data: Path):
+    """A submission whose grant is refused (a dataset the user may not use: the grant source's 403) is a
+    403 with the grant source's message, and leaves the store, the job directories (bundles), the keys
+    directory and the outputs folder as they were (test_manager.py checks that no event is emitted)."""
+    _notebook(jp_root_dir, "work/analysis.ipynb", ["1 + 1"])
+    manager = dcr_server.web_app.settings["dcr_manager"]
+    before = await _snapshot(api, dcr_data, jp_root_dir)
+    for datasets in (["acme/nope"], ["acme/insurance", "globex/nope"]):
+        reply = await api("POST", "jobs", body={"path": "work/analysis.ipynb", "datasets": datasets})
+        assert reply.code == 403, reply.body
+        assert f"no dataset {datasets[-1]} is available to you" in reply.error
+        assert await _snapshot(api, dcr_data, jp_root_dir) == before
+    assert manager.store.count() == 0
 
 
 async def test_job_id_and_query_refusals(api, jp_root_dir: Path, dcr_data: Path):
@@ -577,14 +654,18 @@ async def test_notebook_runs_to_success_with_outputs_receipt_and_events(
 
 
 def _files_containing(roots: list[Path], marker: str) -> list[Path]:
+    """Regular files under ``roots`` holding ``marker`` (files that vanish while searched are skipped)."""
     needle = marker.encode()
     hits = []
     for top in roots:
         for dirpath, _dirs, names in os.walk(top):
             for name in names:
                 p = Path(dirpath, name)
-                if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
-                    hits.append(p)
+                try:
+                    if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
+                        hits.append(p)
+                except FileNotFoundError:
+                    continue
     return hits
 
 
@@ -627,7 +708,10 @@ async def test_cancel_stops_the_enclave_process_tree(api, jp_root_dir: Path, dcr
     assert (await api("GET", "jobs", job_id)).json["state"] == "cancelled"
     reply = await api("POST", "jobs", job_id, "cancel")
     assert reply.code == 409 and "cancelled" in reply.error
-    assert _files_containing([jp_root_dir, dcr_data, host.state], REAL_ROW) == []
+    # Nothing of the real data is left anywhere: the user's files, the extension's and the host's state,
+    # shared memory, and the root of the enclaves' private tmpfs mounts.
+    searched = [jp_root_dir, dcr_data, host.state, Path("/dev/shm"), host.host.cfg.scratch_root]
+    assert _files_containing(searched, REAL_ROW) == []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -838,6 +922,49 @@ async def test_dry_run_shows_what_would_be_submitted_and_changes_nothing(
     assert missing.code == 404 and "nope.ipynb" in missing.error
     after = await _snapshot(api, dcr_data, root)
     assert after == before
+
+
+async def test_output_download_refuses_links_planted_in_the_outputs(
+    api, dcr_server, jp_root_dir: Path, dcr_data: Path, tmp_path: Path
+):
+    """Links planted in a job's opened outputs are never followed: a link to a file outside, a link to
+    another output, a linked directory and a link inside a real subdirectory are each a JSON 404, while
+    the regular output next to them downloads; nothing changes, outside files included."""
+    from dcr_server_ext.model import Job
+
+    manager = dcr_server.web_app.settings["dcr_manager"]
+    job_id = "job-" + "b" * 24
+    job = Job(
+        id=job_id,
+        notebook="x.ipynb",
+        state="succeeded",
+        bundle_digest=sha256_bytes(b"a bundle"),
+        bundle_files=1,
+        bundle_bytes=8,
+        backend="dcr_server_ext.backends.local.LocalBackend",
+        outputs_path=f"dcr-jobs/{job_id}",
+    )
+    manager.store.create(job)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not an output\n")
+    outputs = jp_root_dir / job.outputs_path / "outputs"
+    (outputs / "sub").mkdir(parents=True)
+    (outputs / "real.txt").write_text("an output\n")
+    (outputs / "link.txt").symlink_to(outside / "secret.txt")
+    (outputs / "inner.txt").symlink_to(outputs / "real.txt")
+    (outputs / "linked").symlink_to(outside, target_is_directory=True)
+    (outputs / "sub" / "deep.txt").symlink_to(outside / "secret.txt")
+
+    ok = await api("GET", "jobs", job.id, "outputs", "real.txt")
+    assert ok.code == 200 and ok.body == b"an output\n"
+    before = (await _snapshot(api, dcr_data, jp_root_dir), sorted(os.listdir(outside)))
+    for rel in ("link.txt", "inner.txt", "linked/secret.txt", "linked", "sub/deep.txt"):
+        reply = await api("GET", "jobs", job.id, "outputs", rel)
+        assert reply.code == 404, (rel, reply.code)
+        assert f"has no output {rel!r}" in reply.error
+    assert (await _snapshot(api, dcr_data, jp_root_dir), sorted(os.listdir(outside))) == before
+    assert (outside / "secret.txt").read_text() == "not an output\n"
 
 
 async def test_verify_refuses_unknown_and_unfinished_jobs(api, dcr_server, jp_root_dir: Path, dcr_data: Path):

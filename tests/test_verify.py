@@ -547,10 +547,10 @@ def _doc(receipt: Receipt) -> dict[str, Any]:
     [
         (lambda d: d["outputs"].reverse(), "out of order"),
         (lambda d: d["outputs"].append(dict(d["outputs"][-1])), "out of order"),
-        (lambda d: d["output_check"].update(violations=["too big"]), "output_check.passed"),
+        (lambda d: d["output_check"].update(violations=["too many files: 3 > 2"]), "output_check.passed"),
         (
             lambda d: (
-                d["output_check"].update(passed=False, violations=["too big"]),
+                d["output_check"].update(passed=False, violations=["too many bytes: 9 > 8"]),
                 d["release"].update(decision="released"),
             ),
             "cannot be released",
@@ -569,6 +569,53 @@ def test_manifest_invariants_refused(receipt: Receipt, mutate: Any, message: str
     doc = _doc(receipt)
     mutate(doc)
     with pytest.raises(DCRError, match=re.escape(message)):
+        ReceiptManifest.from_json(doc)
+
+
+@pytest.mark.parametrize(
+    "violation",
+    [
+        "secret-19_female_27.9: links are not outputs",
+        "leak/4449.462.bin: file type not allowed by the grant",
+        "2 symbolic links to 4449.462",
+        "1 symbolic link\nrow 7",
+        "x" * 81,
+    ],
+)
+def test_violations_carry_no_names(receipt: Receipt, violation: str) -> None:
+    """The schema admits output-check violations only as kinds with counts and limits: a violation naming a
+    file (which the notebook chose, perhaps from the data) makes the manifest invalid."""
+    doc = _doc(receipt)
+    doc["output_check"] = {"passed": False, "violations": [violation]}
+    doc["outputs"] = []
+    doc["release"]["decision"] = "rejected"
+    with pytest.raises(DCRError, match="output_check/violations"):
+        ReceiptManifest.from_json(doc)
+
+
+def test_violation_forms_the_enclave_writes_are_valid(receipt: Receipt) -> None:
+    """Every form of violation the supervisor writes, singular and plural, passes the schema; more entries
+    than there are kinds do not."""
+    forms = [
+        "1 symbolic link",
+        "2 symbolic links",
+        "1 special file",
+        "3 special files",
+        "1 file with a name that cannot be an output",
+        "4 files with names that cannot be outputs",
+        "1 file of a type the grant does not allow",
+        "5 files of a type the grant does not allow",
+        "too many files: 1200 > 1000",
+        "too many bytes: 52428801 > 52428800",
+    ]
+    doc = _doc(receipt)
+    doc["outputs"] = []
+    doc["release"]["decision"] = "rejected"
+    for form in forms:
+        doc["output_check"] = {"passed": False, "violations": [form]}
+        assert ReceiptManifest.from_json(doc).output_check["violations"] == [form]
+    doc["output_check"] = {"passed": False, "violations": forms[:7]}
+    with pytest.raises(DCRError, match="output_check/violations"):
         ReceiptManifest.from_json(doc)
 
 

@@ -8,12 +8,13 @@ questions about a job only to the account that launched it.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from traitlets import Float, Unicode, validate
+from traitlets import Float, TraitError, Unicode, validate
 
 from dcr_enclave.errors import DCRError
 from dcr_enclave.hostclient import DEFAULT_SOCKET, HostClient
@@ -32,18 +33,23 @@ class LocalBackend(Backend):
 
             c.LocalBackend.socket_path = "/run/dcr/enclave-host.sock"
 
-        The enclave host is a *simulated* TEE: the same isolation and key release as the cloud, no hardware
-        memory encryption. Point this only at a host run by the machine's administrator (root).
+        Security: the enclave host is a *simulated* TEE: the same isolation and key release as the cloud,
+        no hardware memory encryption. Point this only at a host run by the machine's administrator (root).
         """,
     ).tag(config=True)
 
     timeout = Float(
         30.0,
-        help="""Seconds to wait for the enclave host to answer a request (progress streams wait forever).
+        help="""Seconds to wait for the enclave host to answer a request (progress streams wait forever);
+        a positive number.
 
         Example::
 
             c.LocalBackend.timeout = 10.0
+
+        Security: no security decision depends on it. The host answers a cancel only once the job's
+        processes have ended: a value too short makes such requests fail here although the host carries
+        them out.
         """,
     ).tag(config=True)
 
@@ -52,6 +58,13 @@ class LocalBackend(Backend):
         value = str(proposal["value"])
         if not value.startswith("/"):
             raise ValueError(f"LocalBackend.socket_path must be an absolute path, not {value!r}")
+        return value
+
+    @validate("timeout")
+    def _valid_timeout(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if not (math.isfinite(value) and value > 0):
+            raise TraitError(f"LocalBackend.timeout must be a positive number of seconds, not {value!r}")
         return value
 
     @property

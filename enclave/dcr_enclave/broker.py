@@ -30,7 +30,7 @@ from .attestation import verify_token
 from .condition import KeyReleaseCondition
 from .errors import DCRError
 from .grant import verify_grant
-from .keys import KeyDirectory
+from .keys import KeyDirectory, check_private_dir
 from .release_policy import evaluate
 
 CHALLENGE_TTL = 120.0
@@ -63,7 +63,9 @@ class AuditLog:
 
 class KeyBroker:
     def __init__(self, keys_dir: Path, signer_jwks: list[dict[str, Any]], audit: AuditLog) -> None:
-        self.keys = KeyDirectory(keys_dir)
+        # Key material must be this process's own (root's, in the enclave host) and closed to everyone else.
+        self.owner = os.geteuid()
+        self.keys = KeyDirectory(keys_dir, owner=self.owner)
         self.keys_dir = keys_dir
         self.signer_jwks = signer_jwks
         self.audit = audit
@@ -88,15 +90,16 @@ class KeyBroker:
         return value
 
     def condition(self, provider: str, dataset: str) -> KeyReleaseCondition:
-        contract.check_name(provider, "provider")
-        contract.check_name(dataset, "dataset")
-        path = self.keys_dir / provider / "conditions" / f"{dataset}.json"
+        """The provider's stored condition, read like its KEKs: no links, owner-only, owned by this process's
+        account, inside a keys directory that is too."""
         try:
-            return KeyReleaseCondition.from_json(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise DCRError(
-                f"key release refused: provider {provider} has no condition for {dataset}"
-            ) from None
+            check_private_dir(self.keys_dir, self.owner)
+            cond = self.keys.read_condition(provider, dataset)
+        except DCRError as e:
+            raise DCRError(f"key release refused: {e.message}", hint=e.hint) from None
+        if cond is None:
+            raise DCRError(f"key release refused: provider {provider} has no condition for {dataset}")
+        return cond
 
     def release(self, req: dict[str, Any], *, job_id: str) -> tuple[bytes, str]:
         """The data key for one dataset version and the digest of the condition that released it.

@@ -202,5 +202,7 @@ FAILURE_FILE: Final = "failure.json"
 LOCAL_LINK_FD: Final = "DCR_LOCAL_LINK_FD"
 #: Private scratch directory the supervisor mounts its memory-backed storage on.
 LOCAL_SCRATCH: Final = "DCR_LOCAL_SCRATCH"
+#: Size in bytes of that memory-backed storage (decrypted data, working copy, outputs).
+LOCAL_SCRATCH_BYTES: Final = "DCR_LOCAL_SCRATCH_BYTES"
 #: The unprivileged account the kernel sandbox runs as, ``uid:gid``.
 LOCAL_SANDBOX_IDS: Final = "DCR_LOCAL_SANDBOX_IDS"

@@ -6,9 +6,14 @@ synthetic version (provider file, differentially private with ε and δ, or rand
 
 The version is a digest over the content: provider, dataset, each file's name, size, real plaintext digest
 and synthetic digest, and the protection. Plaintext digests are deliberately *not* stored: anyone holding a
-manifest could otherwise confirm a guess of a single file. The enclave, which sees the decrypted files,
-recomputes the version with :meth:`DatasetVersion.expected_version` and so checks that it got exactly the
-data the provider registered.
+manifest could otherwise confirm a guess of a single file. :meth:`DatasetVersion.expected_version`
+recomputes the version from decrypted files (``dcr provider`` checks a registration with it).
+
+The enclave does not: it decrypts with ``digest=False`` and relies on authenticated encryption instead.
+Each file's key is derived from the version's data key (which unwraps only for this provider, dataset and
+version) and each chunk's associated data names provider, dataset, version, file and position, so a file
+that decrypts is exactly the one the provider encrypted under that name for that version. Hashing the
+plaintext as well would halve decryption speed. Which files a version has is taken from the manifest.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from .broker import AuditLog, KeyBroker
 from .errors import DCRError
 from .grant import Grant, verify_grant
 from .jwk import PrivateKey, jwks, load_or_create_key, public_jwk, thumbprint
+from .keys import check_private_dir
 from .measure import measure_tree, package_root
 from .teelink import MAX_MESSAGE, decode, encode
 
@@ -143,6 +144,8 @@ class EnclaveHost:
             )
         if not self.cfg.hub_keys:
             raise DCRError("the enclave host trusts no hub key", hint="pass --hub-key FILE (PEM or JWKS)")
+        # The providers' KEKs and conditions: root-only storage, checked again at every key release.
+        check_private_dir(self.cfg.keys_dir, 0)
         sd = self.cfg.state_dir
         sd.mkdir(parents=True, exist_ok=True)
         os.chmod(sd, 0o711)
@@ -312,6 +315,8 @@ class EnclaveHost:
 
     def _receive_bundle(self, msg: dict[str, Any], uid: int, fds: list[int], dest: Path) -> None:
         if fds:
+            if not stat.S_ISREG(os.fstat(fds[0]).st_mode):
+                raise DCRError("the bundle must be a regular file")
             src = os.fdopen(os.dup(fds[0]), "rb")
         elif uid == 0 and isinstance(msg.get("bundle_path"), str):
             src = open(msg["bundle_path"], "rb")  # noqa: SIM115 - closed below
@@ -331,6 +336,8 @@ class EnclaveHost:
 
     def _set(self, job: Job, **changes: Any) -> None:
         with job.cond:
+            if job.terminal and "state" in changes:
+                return  # an ended job stays as it ended (a late progress message, a cancel after the end)
             for k, v in changes.items():
                 setattr(job, k, v)
             job.updated = time.time()
@@ -363,7 +370,7 @@ class EnclaveHost:
             contract.LOCAL_LINK_FD: str(child.fileno()),
             contract.LOCAL_SCRATCH: str(scratch),
             contract.LOCAL_SANDBOX_IDS: f"{self.uid}:{self.gid}",
-            "DCR_LOCAL_SCRATCH_BYTES": str(self.cfg.scratch_bytes),
+            contract.LOCAL_SCRATCH_BYTES: str(self.cfg.scratch_bytes),
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "LANG": "C.UTF-8",
         }
@@ -371,19 +378,26 @@ class EnclaveHost:
             "unshare", "--mount", "--propagation", "private", "--",
             sys.executable, "-I", "-B", "-c", _BOOT, str(self.image_dir),
         ]  # fmt: skip
-        with open(job.spool / "supervisor.log", "ab") as logf:
-            proc = subprocess.Popen(
-                cmd,
-                env=proc_env,
-                pass_fds=[child.fileno()],
-                cwd=job.spool,
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                start_new_session=True,
-            )
+        # Under the job's lock: a cancel either comes first and nothing starts, or finds the process to kill.
+        with job.cond:
+            if job.cancelled:
+                child.close()
+                parent.close()
+                scratch.rmdir()
+                return
+            with open(job.spool / "supervisor.log", "ab") as logf:
+                proc = subprocess.Popen(
+                    cmd,
+                    env=proc_env,
+                    pass_fds=[child.fileno()],
+                    cwd=job.spool,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=logf,
+                    start_new_session=True,
+                )
+            self._set(job, state="launching", proc=proc)
         child.close()
-        self._set(job, state="launching", proc=proc)
         link = threading.Thread(target=self._serve_link, args=(job, parent), daemon=True)
         link.start()
         try:
@@ -494,11 +508,13 @@ class EnclaveHost:
             job.failure = failure
 
     def cancel(self, job: Job) -> Job:
-        if not job.terminal:
+        with job.cond:
+            if job.terminal:
+                return job
             job.cancelled = True
-            self._kill(job)
-            self._set(job, state="cancelled")
-            self.audit.write("cancel", job_id=job.job_id)
+        self._kill(job)
+        self._set(job, state="cancelled")
+        self.audit.write("cancel", job_id=job.job_id)
         return job
 
     def delete(self, job: Job) -> Job:

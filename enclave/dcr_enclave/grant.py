@@ -48,11 +48,15 @@ class OutputLimits:
     def from_json(cls, d: Any) -> OutputLimits:
         if not isinstance(d, dict):
             raise DCRError("grant output_limits must be an object")
+        suffixes = d.get("allowed_suffixes", [])
+        # A string would otherwise be taken letter by letter as suffixes.
+        if not isinstance(suffixes, list) or not all(isinstance(s, str) for s in suffixes):
+            raise DCRError("grant output_limits.allowed_suffixes must be a list of strings")
         try:
             lim = cls(
                 max_files=_pos_int(d["max_files"], "output_limits.max_files"),
                 max_bytes=_pos_int(d["max_bytes"], "output_limits.max_bytes"),
-                allowed_suffixes=tuple(str(s).lower() for s in d.get("allowed_suffixes", [])),
+                allowed_suffixes=tuple(s.lower() for s in suffixes),
             )
         except KeyError as e:
             raise DCRError(f"grant output_limits lacks {e.args[0]!r}") from None
@@ -233,34 +237,55 @@ def verify_grant(
     if now is not None and c["exp"] < now - LEEWAY_SECONDS:
         raise DCRError("grant refused: expired")
     try:
-        g = Grant(
-            grant_id=str(c["jti"]),
-            user=str(c["sub"]),
-            job_id=contract.check_job_id(c["job_id"]),
-            bundle_digest=check_digest(c["bundle_digest"], "grant bundle digest"),
-            datasets=tuple(GrantedDataset.from_json(d) for d in c["datasets"]),
-            output_public_key=str(c["output_key"]),
-            output_limits=OutputLimits.from_json(c["output_limits"]),
-            time_limit=_pos_int(c["time_limit"], "time_limit"),
-            memory_bytes=_pos_int(c["memory_bytes"], "memory_bytes"),
-            airlock_public_key=str(c["airlock_key"]) if "airlock_key" in c else None,
-            issued_at=int(c["iat"]),
-            expires_at=int(c["exp"]),
-            token=token,
-        )
+        g = _from_claims(c, token)
     except KeyError as e:
         raise DCRError(f"grant refused: claim {e.args[0]!r} is missing") from None
-    if not contract.GRANT_ID_RE.match(g.grant_id):
-        raise DCRError("grant refused: malformed grant id")
-    if len(_unb64(g.output_public_key)) != 32:
-        raise DCRError("grant refused: output key is not a 32-byte X25519 key")
-    if g.airlock_public_key is not None and len(_unb64(g.airlock_public_key)) != 32:
-        raise DCRError("grant refused: airlock key is not a 32-byte X25519 key")
+    except DCRError as e:
+        raise DCRError(f"grant refused: {e.message}", hint=e.hint) from None
     if job_id is not None and g.job_id != job_id:
         raise DCRError(f"grant refused: it is for job {g.job_id}, not {job_id}")
     if bundle_digest is not None and g.bundle_digest != bundle_digest:
         raise DCRError("grant refused: it names another bundle digest than the one launched")
     return g
+
+
+def _from_claims(c: dict[str, Any], token: str) -> Grant:
+    g = Grant(
+        grant_id=str(c["jti"]),
+        user=str(c["sub"]),
+        job_id=contract.check_job_id(c["job_id"]),
+        bundle_digest=check_digest(c["bundle_digest"], "grant bundle digest"),
+        datasets=_datasets(c["datasets"]),
+        output_public_key=str(c["output_key"]),
+        output_limits=OutputLimits.from_json(c["output_limits"]),
+        time_limit=_pos_int(c["time_limit"], "time_limit"),
+        memory_bytes=_pos_int(c["memory_bytes"], "memory_bytes"),
+        airlock_public_key=str(c["airlock_key"]) if "airlock_key" in c else None,
+        issued_at=int(c["iat"]),
+        expires_at=int(c["exp"]),
+        token=token,
+    )
+    if not contract.GRANT_ID_RE.match(g.grant_id):
+        raise DCRError("malformed grant id")
+    if len(_unb64(g.output_public_key)) != 32:
+        raise DCRError("output key is not a 32-byte X25519 key")
+    if g.airlock_public_key is not None and len(_unb64(g.airlock_public_key)) != 32:
+        raise DCRError("airlock key is not a 32-byte X25519 key")
+    return g
+
+
+def _datasets(v: Any) -> tuple[GrantedDataset, ...]:
+    if not isinstance(v, list):
+        raise DCRError("the datasets claim must be a list")
+    if not v:
+        raise DCRError("the grant names no dataset")
+    ds = tuple(GrantedDataset.from_json(d) for d in v)
+    keys = [d.key for d in ds]
+    # Two versions of one dataset would be decrypted into the same /data directory.
+    for k in keys:
+        if keys.count(k) > 1:
+            raise DCRError(f"dataset {k} is named more than once")
+    return ds
 
 
 def output_public_key_bytes(g: Grant) -> bytes:

@@ -102,8 +102,29 @@ def write_private_file(path: Path, data: bytes, *, replace: bool) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def read_private_file(path: Path, max_bytes: int) -> bytes:
-    """Read an owner-only regular file; refuse links, loose permissions and oversized files."""
+def check_private_dir(path: Path, owner: int) -> Path:
+    """Refuse ``path`` unless it is a directory (not a link) owned by ``owner`` that no one else can enter."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise DCRError(
+            f"the key directory {path} does not exist",
+            hint="register a dataset there first (dcr provider add, as the account that will read it) or pass --keys",
+        ) from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise DCRError(f"the key directory {path} is not a directory", hint="pass its real path, not a link")
+    if st.st_uid != owner or st.st_mode & 0o077:
+        raise DCRError(
+            f"the key directory {path} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}; "
+            f"it must be owned by uid {owner} and closed to group and others",
+            hint=f"run: chown -R {owner}:{owner} {path} && chmod 700 {path}",
+        )
+    return path
+
+
+def read_private_file(path: Path, max_bytes: int, *, owner: int | None = None) -> bytes:
+    """Read an owner-only regular file; refuse links, loose permissions, another ``owner`` and oversized
+    files."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -121,6 +142,11 @@ def read_private_file(path: Path, max_bytes: int) -> bytes:
                 f"key file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o})",
                 hint=f"run: chmod 600 {path}",
             )
+        if owner is not None and st.st_uid != owner:
+            raise DCRError(
+                f"key file {path} is owned by uid {st.st_uid}, not {owner}",
+                hint=f"run: chown {owner}:{owner} {path}",
+            )
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise DCRError(f"key file {path} is larger than {max_bytes} bytes")
@@ -128,10 +154,15 @@ def read_private_file(path: Path, max_bytes: int) -> bytes:
 
 
 class KeyDirectory:
-    """One keys directory: ``<path>/<provider>/kek-<id>.key`` and ``<path>/<provider>/conditions/``."""
+    """One keys directory: ``<path>/<provider>/kek-<id>.key`` and ``<path>/<provider>/conditions/``.
 
-    def __init__(self, path: str | Path) -> None:
+    With ``owner`` set, every KEK and condition read must be a file owned by that uid (the key broker
+    passes its own, root's).
+    """
+
+    def __init__(self, path: str | Path, *, owner: int | None = None) -> None:
         self.path = Path(path)
+        self.owner = owner
 
     def provider_dir(self, provider: str, *, create: bool = False) -> Path:
         d = self.path / check_name(provider, "provider")
@@ -165,7 +196,7 @@ class KeyDirectory:
         return self.provider_dir(provider) / f"kek-{kek_id}.key"
 
     def read_kek(self, provider: str, kek_id: str) -> bytes:
-        data = read_private_file(self.kek_path(provider, kek_id), KEK_SIZE)
+        data = read_private_file(self.kek_path(provider, kek_id), KEK_SIZE, owner=self.owner)
         if len(data) != KEK_SIZE:
             raise DCRError(f"KEK {kek_id} of {provider} is not {KEK_SIZE} bytes")
         return data
@@ -253,7 +284,7 @@ class KeyDirectory:
         path = self.condition_path(provider, dataset)
         if not path.exists():
             return None
-        condition = KeyReleaseCondition.from_json(read_private_file(path, 1 << 20))
+        condition = KeyReleaseCondition.from_json(read_private_file(path, 1 << 20, owner=self.owner))
         if (condition.provider, condition.dataset) != (provider, dataset):
             raise IntegrityError(f"the condition in {path} is for {condition.ref}, not {provider}/{dataset}")
         return condition

@@ -762,9 +762,11 @@ class NotebookRun:
         spec: SandboxSpec,
         *,
         on_cell: Callable[[int, int], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.spec = spec
         self.on_cell = on_cell
+        self.on_ready = on_ready
         self._parts = _split_rel(notebook_rel)
         self._lock = threading.Lock()
         self._reason: RunStatus | None = None
@@ -960,6 +962,11 @@ class NotebookRun:
             ) from None
         self._started = True
         self._require_sandbox().stderr.keep = False  # from here on it is the researcher's output
+        if self.on_ready is not None:
+            self.on_ready()  # may block: the caller can hold the kernel here until its data is in place
+            with self._lock:
+                if self._reason is not None:  # cancelled meanwhile: run no cell
+                    return RunResult(self._reason)
         reply = await client.async_wait_for_reply(kc.kernel_info())
         if reply is not None and "language_info" in reply["content"]:
             nb.metadata["language_info"] = reply["content"]["language_info"]
@@ -993,12 +1000,15 @@ def run_notebook(
     spec: SandboxSpec,
     *,
     on_cell: Callable[[int, int], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> RunResult:
     """Execute ``spec.workdir / notebook_rel`` in a fresh sandbox and write it back executed.
 
-    The kernel's cwd is the notebook's directory (under :data:`WORK_MOUNT`); ``on_cell(i, n)`` is called
-    as code cell *i* of *n* starts (0-based, code cells only). Returns once the sandbox's whole process
-    tree is dead. For cancellation from another thread use :class:`NotebookRun` and its ``cancel()``.
+    The kernel's cwd is the notebook's directory (under :data:`WORK_MOUNT`); ``on_ready()`` is called once
+    the kernel in the sandbox has answered, before any cell runs (no cell runs before it returns, nor at all
+    if the run was cancelled meanwhile); ``on_cell(i, n)`` as code cell *i* of *n* starts (0-based, code
+    cells only). Returns once the sandbox's whole process tree is dead. For
+    cancellation from another thread use :class:`NotebookRun` and its ``cancel()``.
     """
-    with NotebookRun(notebook_rel, spec, on_cell=on_cell) as run:
+    with NotebookRun(notebook_rel, spec, on_cell=on_cell, on_ready=on_ready) as run:
         return run.run()

@@ -6,27 +6,35 @@ Order matters, and each step refuses before the next:
    thumbprint, and that it names this job and this bundle digest;
 2. unpack the bundle, refusing any other digest;
 3. build the kernel sandbox once as a probe; if it cannot be built, stop before asking for a single key;
-4. for each granted dataset: fresh challenge, attestation token with it as nonce, key release, decryption
-   into private memory-backed storage, and the dataset version recomputed from the plaintext;
-5. run the notebook in the sandbox, reporting cell *i* of *n* (never data); kill the sandbox's whole
-   process tree;
+4. for each granted dataset: fresh challenge, attestation token with it as nonce, key release, and
+   decryption into private memory-backed storage. The plaintext is not hashed again to recompute the
+   dataset version: every chunk is authenticated under associated data naming provider, dataset, version,
+   file and position, with a key only that version's wrapped data key gives, so each file is exactly what
+   the provider encrypted under that name for that version (hashing would halve decryption speed);
+5. run the notebook in the sandbox: its kernel starts while step 4 runs (it executes nothing until the data
+   is in place), ``running`` is reported once both are done, then cell *i* of *n* (never data); kill the
+   sandbox's whole process tree;
 6. collect outputs (the executed notebook plus regular files created or changed in the working copy),
    apply the grant's output limits, build the receipt and have it attested (nonce = its sha256);
 7. seal the outputs to the job's key (or the hub's airlock key under review) and write the receipt.
 
 All plaintext lives on a tmpfs mounted inside the supervisor's own mount namespace, so it disappears with
 the supervisor's last process, however it ends (``kill -9`` included). A failed job reports only the cell
-index and exception type.
+index and exception type. Nothing the notebook names (a file, a class) reaches the receipt or a failure
+report: output-limit violations are kinds and counts, and an error once the notebook has run is reported
+by its type alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +48,18 @@ from .errors import DCRError
 from .grant import Grant, sealing_key, verify_grant
 from .jwk import parse_jwks
 from .receipt import ReceiptManifest, build_manifest, output_entries, write_receipt_dir
-from .sandbox import SandboxSpec, check_sandbox, run_notebook
+from .sandbox import NotebookRun, RunResult, SandboxSpec, check_sandbox
 from .sealing import seal_dir
 from .store import Store
 from .streamcrypt import FileContext, decrypt_file
 from .teelink import TeeLink
 
 ENV = contract.ENV
+#: What a path needs to be an output: UTF-8, and no control character or backslash (the receipt's schema
+#: and the sealed tar refuse them), at most 4096 bytes with 255 per component.
+_BAD_NAME_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")
+_MAX_PATH_BYTES = 4096
+_MAX_NAME_BYTES = 255
 
 
 @dataclass
@@ -159,38 +172,65 @@ class Supervisor:
         return receipt_datasets, conditions
 
     def collect(self, bundle: BundleManifest, g: Grant) -> list[str]:
-        """Copy outputs out of the (dead) sandbox's working copy; return limit violations."""
+        """Copy outputs out of the (dead) sandbox's working copy; return the output-limit violations.
+
+        A violation is a kind of problem and a count, never a path: names are the notebook's to choose, the
+        violations go into the public receipt and the failure reason, and a name can spell out data.
+        """
         original = {f.path: f.sha256 for f in bundle.files}
-        violations: list[str] = []
-        picked: list[tuple[str, Path]] = []
+        links = special = unusable = 0
+        picked: list[tuple[str, Path, int]] = []
         for dirpath, dirnames, filenames in os.walk(self.work):
-            for name in sorted([*dirnames, *filenames]):
+            for name in [*dirnames, *filenames]:
                 p = Path(dirpath, name)
-                rel = p.relative_to(self.work).as_posix()
                 st = p.lstat()
                 if stat.S_ISDIR(st.st_mode):
                     continue
                 if stat.S_ISLNK(st.st_mode):
-                    violations.append(f"{rel}: links are not outputs")
+                    links += 1
                     continue
                 if not stat.S_ISREG(st.st_mode):
-                    violations.append(f"{rel}: special files are not outputs")
+                    special += 1
                     continue
+                rel = p.relative_to(self.work).as_posix()
                 if rel in original and rel != bundle.notebook and sha256_file(p)[0] == original[rel]:
                     continue  # an input the run left unchanged
-                picked.append((rel, p))
+                if not _usable_output_path(rel):
+                    unusable += 1
+                    continue
+                picked.append((rel, p, st.st_size))
         limits = g.output_limits
-        total = sum(p.stat().st_size for _, p in picked)
-        if len(picked) > limits.max_files:
-            violations.append(f"{len(picked)} output files exceed the limit of {limits.max_files}")
-        if total > limits.max_bytes:
-            violations.append(f"{total} output bytes exceed the limit of {limits.max_bytes}")
+        violations = []
+        if links:
+            violations.append(_count(links, "symbolic link", "symbolic links"))
+        if special:
+            violations.append(_count(special, "special file", "special files"))
+        if unusable:
+            violations.append(
+                _count(
+                    unusable,
+                    "file with a name that cannot be an output",
+                    "files with names that cannot be outputs",
+                )
+            )
         if limits.allowed_suffixes:
-            for rel, _ in picked:
-                if not rel.lower().endswith(tuple(limits.allowed_suffixes)):
-                    violations.append(f"{rel}: file type not allowed by the grant")
+            suffixes = tuple(limits.allowed_suffixes)
+            refused = sum(1 for rel, _, _ in picked if not rel.lower().endswith(suffixes))
+            if refused:
+                violations.append(
+                    _count(
+                        refused,
+                        "file of a type the grant does not allow",
+                        "files of a type the grant does not allow",
+                    )
+                )
+        if len(picked) > limits.max_files:
+            violations.append(f"too many files: {len(picked)} > {limits.max_files}")
+        total = sum(size for _, _, size in picked)
+        if total > limits.max_bytes:
+            violations.append(f"too many bytes: {total} > {limits.max_bytes}")
         if not violations:
-            for rel, p in picked:
+            for rel, p, _ in picked:
                 dest = self.outputs / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(p, dest)
@@ -215,24 +255,75 @@ class Supervisor:
         )
         self.data.mkdir(mode=0o755)
         check_sandbox(spec)  # refuse before any key is asked for
-        datasets, conditions = self.fetch_datasets(g)
-        self.state("running")
+        result, datasets, conditions = self.run_on_data(g, bundle, spec)
+        # The run returns only once the sandbox's whole process tree is dead.
+        if result.status != "ok":
+            raise JobFailed({"reason": result.status, "cell": result.cell, "ename": result.ename})
+        self.state("checking")
+        try:
+            self.outputs.mkdir()
+            violations = self.collect(bundle, g)
+            review = g.release_mode == "review"
+            decision = "rejected" if violations else ("held" if review else "released")
+            manifest = self.receipt_manifest(g, bundle, datasets, conditions, violations, decision)
+            self.write_result(g, manifest, seal_to if not violations else None)
+        except DCRError as e:
+            # The notebook has run: a message could now name a file it created, so only the kind leaves.
+            raise JobFailed(
+                {
+                    "reason": f"the outputs could not be collected ({type(e).__name__})",
+                    "cell": None,
+                    "ename": None,
+                }
+            ) from None
+        return 0
+
+    def run_on_data(
+        self, g: Grant, bundle: BundleManifest, spec: SandboxSpec
+    ) -> tuple[RunResult, list[dict[str, Any]], dict[str, str]]:
+        """Start the kernel while the keys are released and the data decrypted; run the cells once both are done.
+
+        The kernel executes nothing of the notebook's until its first cell (no start-up file of the working
+        copy is read: see :mod:`dcr_enclave.sandbox`), and ``on_ready`` holds it until the data is in place,
+        so starting it early only takes its start-up time off the critical path. Only then is the job
+        ``running``: its kernel has started on the decrypted data. If a key or a file fails, the kernel is
+        killed before any cell runs.
+        """
+        data_ready, aborted = threading.Event(), threading.Event()
+
+        def on_ready() -> None:
+            data_ready.wait()
+            if not aborted.is_set():
+                self.state("running")
 
         def on_cell(index: int, count: int) -> None:
             self.link.progress({"kind": contract.Progress.CELL, "index": index, "count": count})
 
-        result = run_notebook(bundle.notebook, spec, on_cell=on_cell)
-        # run_notebook returns only once the sandbox's whole process tree is dead.
-        if result.status != "ok":
-            raise JobFailed({"reason": result.status, "cell": result.cell, "ename": result.ename})
-        self.state("checking")
-        self.outputs.mkdir()
-        violations = self.collect(bundle, g)
-        review = g.release_mode == "review"
-        decision = "rejected" if violations else ("held" if review else "released")
-        manifest = self.receipt_manifest(g, bundle, datasets, conditions, violations, decision)
-        self.write_result(g, manifest, seal_to if not violations else None)
-        return 0
+        run = NotebookRun(bundle.notebook, spec, on_cell=on_cell, on_ready=on_ready)
+        outcome: list[RunResult | BaseException] = []
+
+        def target() -> None:
+            try:
+                outcome.append(run.run())
+            except BaseException as e:  # handed to the supervisor's thread below
+                outcome.append(e)
+
+        thread = threading.Thread(target=target, name="notebook-run", daemon=True)
+        thread.start()
+        try:
+            datasets, conditions = self.fetch_datasets(g)
+        except BaseException:
+            aborted.set()
+            run.cancel()
+            data_ready.set()
+            thread.join()
+            raise
+        # From here the run's thread alone uses the link (on_ready, on_cell) until it ends.
+        data_ready.set()
+        thread.join()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0], datasets, conditions
 
     def receipt_manifest(
         self,
@@ -273,6 +364,23 @@ class Supervisor:
         write_receipt_dir(out, manifest, token, jwks)
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _usable_output_path(rel: str) -> bool:
+    """Whether the receipt and the sealed tar can carry ``rel`` (see :data:`_BAD_NAME_CHAR`)."""
+    try:
+        encoded = rel.encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8 (os.walk hands it over with surrogates)
+        return False
+    return (
+        len(encoded) <= _MAX_PATH_BYTES
+        and not _BAD_NAME_CHAR.search(rel)
+        and all(len(part.encode("utf-8")) <= _MAX_NAME_BYTES for part in rel.split("/"))
+    )
+
+
 def mount_scratch(path: Path, size_bytes: int) -> None:
     """Mount a private tmpfs on ``path`` (this process must be in its own mount namespace)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -300,7 +408,7 @@ def main() -> int:
         launch = Launch.from_env(env)
         uid, gid = (int(x) for x in env[contract.LOCAL_SANDBOX_IDS].split(":"))
         scratch = Path(env[contract.LOCAL_SCRATCH])
-        mount_scratch(scratch, int(env.get("DCR_LOCAL_SCRATCH_BYTES", str(2 * 2**30))))
+        mount_scratch(scratch, int(env.get(contract.LOCAL_SCRATCH_BYTES, str(2 * 2**30))))
         sup = Supervisor(launch, link, scratch, (uid, gid))
         return sup.run()
     except JobFailed as e:

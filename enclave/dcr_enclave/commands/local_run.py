@@ -24,7 +24,7 @@ from ..enclave_host import EnclaveHost, HostConfig
 from ..errors import DCRError
 from ..grant import GrantedDataset, OutputLimits, issue_grant
 from ..hostclient import HostClient
-from ..jwk import load_or_create_key, public_jwk
+from ..jwk import public_jwk, read_private_key
 from ..sealing import generate_keypair, open_dir
 from ..store import DEV_HUB_KEY_FILE, Store
 
@@ -82,11 +82,23 @@ def pick_datasets(store: Store, wanted: list[str], referenced: list[tuple[str, s
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.out.exists():
+    # Every check on the arguments comes before anything is written (host state, keys, --out).
+    if args.out.exists() or args.out.is_symlink():
         raise DCRError(f"{args.out} already exists", hint="choose a new --out directory")
+    if args.time_limit <= 0:
+        raise DCRError(f"--time-limit must be a positive number of seconds, not {args.time_limit}")
+    if not args.store.is_dir():
+        raise DCRError(f"the store {args.store} does not exist", hint="create it with `dcr provider add`")
     store = Store(args.store)
     keys_dir = args.keys or args.store / ".keys"
-    hub_key = load_or_create_key(keys_dir / DEV_HUB_KEY_FILE)
+    dev_key = keys_dir / DEV_HUB_KEY_FILE
+    if not dev_key.is_file():
+        # A key made now would be pinned by no provider's condition: every key release would be refused.
+        raise DCRError(
+            f"there is no local development hub key at {dev_key}",
+            hint="register the datasets with `dcr provider add` without --hub-key, or pass --keys",
+        )
+    hub_key = read_private_key(dev_key)
     print("local-run: using the LOCAL DEVELOPMENT hub key (not for production)", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="dcr-local-run-") as tmp:

@@ -13,7 +13,8 @@ parts found by name in the entry-point group :data:`SYNTHESIZER_GROUP`; the main
 never imports a synthesis library. A synthesizer is a class whose instances have ``kind`` (``dp`` or
 ``random``) and ``synthesize(real=, out_dir=, epsilon=, delta=, schema=, seed=, max_bytes=, report=,
 report_epsilon=, progress=)`` returning an object with ``path``, ``kind``, ``mechanism``, ``epsilon``,
-``delta`` and ``reports`` (see ``dcr_provider.synthesizers``).
+``delta`` and ``reports`` (see ``dcr_provider.synthesizers``); ``progress(stage, fraction, detail="")`` draws
+its steps on a terminal.
 
 ``retire`` stops new grants for a version; its files, key and place in the condition stay, so grants that
 already pin it still decrypt it.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -196,15 +198,17 @@ class TerminalProgress:
         self.enabled = self.stream.isatty()
         self.width = width
         self._last = 0.0
+        self._label = ""
         self._shown = False
 
     def show(self, label: str, fraction: float, detail: str = "", *, force: bool = False) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
-        if not force and now - self._last < 0.1:
+        # Redraws of one stage are throttled; a new stage and the end of one are always drawn.
+        if not force and label == self._label and fraction < 1.0 and now - self._last < 0.1:
             return
-        self._last = now
+        self._last, self._label = now, label
         f = min(1.0, max(0.0, fraction))
         bar = "#" * int(f * self.width)
         self.stream.write(
@@ -219,9 +223,13 @@ class TerminalProgress:
             self.stream.flush()
             self._shown = False
 
-    def stage(self, prefix: str) -> Callable[[str, float], None]:
-        """A ``progress(stage, fraction)`` callback for a synthesizer."""
-        return lambda stage, fraction: self.show(f"{prefix} {stage}", fraction, force=fraction >= 1.0)
+    def stage(self, prefix: str) -> Callable[..., None]:
+        """A ``progress(stage, fraction, detail="")`` callback for a synthesizer."""
+
+        def cb(stage: str, fraction: float, detail: str = "") -> None:
+            self.show(f"{prefix} {stage}", fraction, detail)
+
+        return cb
 
     def bytes(self, label: str) -> Callable[[int, int], None]:
         """A ``progress(done, total)`` callback for the store's encryption."""
@@ -334,8 +342,22 @@ def _check_synthesis_args(args: argparse.Namespace) -> None:
         raise DCRError("--protection and --mechanism are set by --synthesize; leave them out")
     if args.report_epsilon is not None and args.report is None:
         raise DCRError("--report-epsilon needs --report DIR (where the researcher-facing report goes)")
-    if args.report is not None and args.report.exists() and not args.report.is_dir():
-        raise DCRError(f"--report {args.report} exists and is not a directory")
+    if args.report is not None:
+        _check_report_dir(args.report)
+
+
+def _check_report_dir(report: Path) -> None:
+    """Refuse a --report directory that could not be made or written: reports are delivered after the
+    version is committed, so a failure then would leave the store changed and the command failed."""
+    if report.exists() and not report.is_dir():
+        raise DCRError(f"--report {report} exists and is not a directory", hint="choose another --report DIR")
+    parent = report
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DCRError(f"--report {report}: {parent} is not a directory", hint="choose another --report DIR")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DCRError(f"--report {report}: {parent} is not writable", hint="choose another --report DIR")
 
 
 def synthesize_files(
