@@ -8,7 +8,7 @@ store (``dcr provider add`` of the public insurance file, pinning the host's ima
 1. **submit → running** and **submit → succeeded** for ``--jobs`` jobs of a trivial notebook (one cell
    counting the lines of the real file, one cell adding numbers), one job at a time. The clock starts
    before ``POST /dcr/api/jobs`` and stops when a websocket subscriber of ``/api/events/subscribe``
-   receives the job's ``running`` (the kernel is about to start on decrypted data) and ``succeeded``
+   receives the job's ``running`` (the kernel has started on decrypted data) and ``succeeded``
    events, so the figures are what a browser sees. Baseline: the same notebook run ``--jobs`` times with
    plain nbclient in this process (local ``python3`` kernel, the plaintext file), kernel ready and done.
    The phases of the enclave runs are split with timestamps from the host (each state change and cell
