@@ -5,11 +5,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-DEBS   := bubblewrap iproute2 util-linux postgresql chromium
+# python3-venv: Debian's python3 has no ensurepip without it, so `python3 -m venv` would fail.
+DEBS   := python3-venv bubblewrap iproute2 util-linux postgresql chromium
 
 CHP    := .npm/node_modules/.bin/configurable-http-proxy
 
-.PHONY: demo test lint system-deps venv jupyter clean
+.PHONY: demo test lint system-deps venv jupyter dist clean
 
 # JupyterHub's proxy, from the npm registry, pinned by .npm/package-lock.json.
 $(CHP): .npm/package.json .npm/package-lock.json
@@ -19,8 +20,9 @@ $(CHP): .npm/package.json .npm/package-lock.json
 venv: $(STAMP)
 
 # The JupyterLab extension, built from source (npm registry only), its jest tests run, and made visible to
-# the venv's JupyterLab; the server extension's enable-on-install file likewise (editable installs skip
-# data_files).
+# the venv's JupyterLab by a link to the build output (a rebuild needs no reinstall); the server extension's
+# enable-on-install file likewise. The editable install skips both: a wheel (`make dist`) carries them as
+# data files (setup.py).
 LABEXT     := dcr_labextension/labextension/package.json
 LABEXT_SRC := $(wildcard dcr_labextension/src/* dcr_labextension/style/* dcr_labextension/schema/* dcr_labextension/test/*)
 LABEXT_DIR := $(VENV)/share/jupyter/labextensions/@jupyterhub-dcr
@@ -39,6 +41,10 @@ $(SERVER_CFG): jupyter-config/jupyter_server_config.d/dcr_server_ext.json $(STAM
 	cp $< $@
 
 jupyter: $(LABEXT) $(SERVER_CFG)
+
+# The wheels to install elsewhere: jupyterhub-dcr with the prebuilt extension, and the enclave distribution.
+dist: $(LABEXT)
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w dist . ./enclave
 
 $(STAMP): setup.cfg pyproject.toml enclave/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,4 +80,4 @@ lint: $(STAMP) $(LABEXT)
 	cd dcr_labextension && npm run --silent lint
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache test-artifacts .npm/node_modules dcr_labextension/node_modules dcr_labextension/lib dcr_labextension/labextension
+	rm -rf $(VENV) .demo build enclave/build dist .pytest_cache .ruff_cache .mypy_cache test-artifacts .npm/node_modules dcr_labextension/node_modules dcr_labextension/lib dcr_labextension/labextension

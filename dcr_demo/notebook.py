@@ -18,13 +18,22 @@ This notebook reads `{path}`. In your JupyterLab that file is the **synthetic** 
 
 Then click **Submit to enclave** in the notebook toolbar: the same notebook, unchanged, runs on the **real**
 data in the (locally simulated) enclave. Follow it in the *DCR jobs* panel, open the executed notebook when
-it has finished, and look at the receipt that says which code ran on which data."""
+it has finished, and look at the receipt that says which code ran on which data. The first code cell prints
+the sha256 of the file it read: it differs between the two runs, because the file does."""
 
+# The file's digest tells the two stages apart (the synthetic table has as many rows as the real one) and
+# says nothing about the rows; 12 hex digits are plenty to compare by eye.
 _LOAD = """\
+import hashlib
+
 import pandas as pd
 
-df = pd.read_csv("{path}")
-print(f"{{len(df)}} rows, columns: {{', '.join(df.columns)}}")"""
+path = "{path}"
+df = pd.read_csv(path)
+with open(path, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()[:12]
+print(f"{{len(df)}} rows, columns: {{', '.join(df.columns)}}")
+print(f"sha256 of the file: {{digest}}")"""
 
 _SUMMARY = """\
 summary = df.groupby("smoker")["charges"].agg(["count", "mean", "median"]).round(2)

@@ -3,7 +3,10 @@
 Everything lives in one demo directory (default ``.demo``)::
 
     demo.json        the demo's state: login password, registered versions, how the synthetic data was made
-    data/            the provider's side (root only): real/<file>, synthetic/<file> with a .json of its protection
+    data/            the provider's side (root only): real/<file>, synthetic/<file> with a .json of its protection,
+                     reports/<dataset>/ the fidelity reports as ``dcr provider add --report`` wrote them
+    reports/         the researcher-facing (DP) fidelity reports, <dataset>/<stem>.fidelity-researchers.{html,json}
+                     (root only: the hub serves them)
     store/           the dataset store written by ``dcr provider add`` (root only)
     hub/             the hub's working directory: jupyterhub_config.py, its database, cookie secret, DCR keys
     public/          hub-jwks.json, the hub key the provider's condition and the enclave host pin
@@ -15,7 +18,8 @@ Everything lives in one demo directory (default ``.demo``)::
     logs/            jupyterhub.log, enclave-host.log
 
 The first run generates the "real" tables (seeded), makes their synthetic versions with the project's own
-``dcr provider add --synthesize mst --epsilon 1`` and keeps a copy of each synthetic file with its protection.
+``dcr provider add --synthesize mst --epsilon 1 --report ... --report-epsilon 0.2`` (ε = 1 in all, 0.2 of it
+spent on the researchers' fidelity report) and keeps a copy of each synthetic file with its protection.
 Later runs reuse all of it. If the enclave code changed since (a developer's checkout), the providers'
 key-release conditions no longer pin the enclave that would run, so the store is registered again from the
 kept files: same data, a condition for the current enclave.
@@ -63,9 +67,14 @@ OWN_ENTRIES: Final = frozenset(
         "server-config",
         "skel",
         "logs",
+        "reports",
     }
 )
+#: The total privacy budget of each synthetic version, of which REPORT_EPSILON is spent on the researchers'
+#: fidelity report (Laplace noise of scale 28/0.2 on the patients' 28 histograms: a rough picture, which the
+#: report states; the rest on MST).
 EPSILON: Final = 1.0
+REPORT_EPSILON: Final = 0.2
 SYNTHESIZER: Final = "mst"
 SYNTHESIS_SEED: Final = 1
 
@@ -112,6 +121,7 @@ class Layout:
     server_config: Path
     skel: Path
     logs: Path
+    reports: Path
     state_file: Path
     lock_file: Path
     socket: Path
@@ -136,6 +146,7 @@ class Layout:
             server_config=root / "server-config",
             skel=root / "skel",
             logs=root / "logs",
+            reports=root / "reports",
             state_file=root / STATE_FILE,
             lock_file=root / "demo.lock",
             socket=root / "run" / "enclave-host.sock",
@@ -159,6 +170,14 @@ class Layout:
     def protection_file(self, table: Table) -> Path:
         return self.data / "synthetic" / f"{table.file_name}.json"
 
+    def provider_reports(self, table: Table) -> Path:
+        """Where ``dcr provider add --report`` writes both reports (the provider-only one reads real rows)."""
+        return self.data / "reports" / table.dataset
+
+    def researcher_report(self, table: Table, suffix: str = "html") -> Path:
+        """The researcher-facing fidelity report (computed from DP statistics only), ``html`` or ``json``."""
+        return self.reports / table.dataset / f"{Path(table.file_name).stem}.fidelity-researchers.{suffix}"
+
 
 #: Directory modes: private where real data, keys or hub secrets live; traversable where sandboxed servers
 #: must reach something (the enclave host's socket and JWKS, the server configuration, their homes).
@@ -172,6 +191,7 @@ _MODES: Final = {
     "server-config": 0o755,
     "skel": 0o700,
     "logs": 0o700,
+    "reports": 0o700,
 }
 
 
@@ -413,6 +433,21 @@ def _keep_synthetic(layout: Layout, table: data.Table, version: str) -> None:
     write_atomic(layout.protection_file(table), json.dumps(doc) + "\n", 0o600)
 
 
+def _publish_researcher_report(layout: Layout, table: Table) -> None:
+    """Copy the researcher-facing report (DP statistics only) out of the provider's private reports. The
+    provider-only report stays in data/: it is computed from the real rows."""
+    target = layout.researcher_report(table).parent
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for suffix in ("html", "json"):
+        found = sorted(layout.provider_reports(table).glob(f"*.fidelity-researchers.{suffix}"))
+        if len(found) != 1:
+            raise DCRError(
+                f"dcr provider add wrote {len(found)} researcher-facing fidelity reports (.{suffix}) into "
+                f"{layout.provider_reports(table)}, not one"
+            )
+        write_atomic(layout.researcher_report(table, suffix), found[0].read_bytes(), 0o644)
+
+
 def _kept_synthetic_args(layout: Layout, table: Table) -> list[str] | None:
     try:
         doc = json.loads(layout.protection_file(table).read_text())
@@ -453,9 +488,12 @@ def ensure_datasets(layout: Layout, state: DemoState, thumbprint: str, say: Say)
                 extra = [
                     "--synthesize", SYNTHESIZER, "--epsilon", str(EPSILON),
                     "--seed", str(SYNTHESIS_SEED), "--schema", str(schema),
+                    "--report", str(layout.provider_reports(table)), "--report-epsilon", str(REPORT_EPSILON),
                 ]  # fmt: skip
                 version = _provider_add(layout, table, extra)
                 state.synthesis = SYNTHESIZER
+                _publish_researcher_report(layout, table)
+                say(f"fidelity report for researchers: {layout.researcher_report(table)}")
             else:
                 say(
                     f"NOTE: {problem}; the synthetic version of {table.ref} is a random draw from each "
@@ -529,7 +567,7 @@ def hub_config(
     layout: Layout, state: DemoState, ports: Ports, proxy: str, account_prefix: str, skeleton: Path
 ) -> str:
     """The demo's ``jupyterhub_config.py``."""
-    datasets = {
+    datasets: dict[str, dict[str, Any]] = {
         t.ref: {
             "version": state.versions[t.ref],
             "store": str(layout.store),
@@ -539,6 +577,11 @@ def hub_config(
         }
         for t in data.TABLES
     }
+    for t in data.TABLES:
+        # Only the researcher-facing (DP) report; demo directories made before reports existed have none.
+        report = layout.researcher_report(t)
+        if report.is_file():
+            datasets[t.ref]["fidelity_report"] = str(report)
     users = sorted({u for members in GROUPS.values() for u in members})
     readable = [str(layout.server_config), str(layout.run), str(layout.host_jwks.parent)]
     hub = layout.hub

@@ -13,6 +13,7 @@ appears in the hub's log (the servers log there too) or in the page's responses.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import Iterator
 
@@ -23,6 +24,7 @@ from browser.demo_process import DemoProcess
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
 from dcr_demo import data
+from dcr_demo.prepare import Layout
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -84,6 +86,14 @@ def _code_cells(demo: DemoProcess, token: str, path: str) -> int:
     return sum(1 for c in r.json()["content"]["cells"] if c["cell_type"] == "code")
 
 
+def _digest(demo: DemoProcess, which: str) -> str:
+    """What the sample notebook prints for the patients file: the first 12 hex digits of its sha256, of the
+    demo's real file or of its synthetic version (the one the sandbox shows)."""
+    layout = Layout.at(demo.dir)
+    path = layout.real_file(data.PATIENTS) if which == "real" else layout.synthetic_file(data.PATIENTS)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
 def _known_jobs(page: Page) -> set[str]:
     return set(
         page.eval_on_selector_all(
@@ -96,10 +106,13 @@ def test_submit_watch_open_and_verify(demo: DemoProcess, page: Page, refusals: l
     """Alice runs the sample notebook on her synthetic data, clicks "Submit to Enclave" and confirms; the
     jobs panel shows the job moving forward through the lifecycle (never backwards) to ``succeeded`` while
     its progress bar advances cell by cell to all code cells; "Open notebook" opens the executed notebook,
-    which ran on the real rows and shows the plot; "Receipt" shows every check passing (the same checks the
-    server's verify API reports) and the simulation banner."""
+    which read the real file (it prints the real file's digest where the sandbox run printed the synthetic
+    file's) and shows the plot; "Receipt" shows every check passing (the same checks the server's verify API
+    reports) and the simulation banner."""
     token = demo.token(USER)
     cells = _code_cells(demo, token, "analysis.ipynb")
+    real, synthetic = _digest(demo, "real"), _digest(demo, "synthetic")
+    assert real != synthetic
 
     lab.open_notebook(page, demo.url, USER, "analysis.ipynb")
     lab.dismiss_notifications(page)
@@ -108,6 +121,7 @@ def test_submit_watch_open_and_verify(demo: DemoProcess, page: Page, refusals: l
     expect(notebook.locator(".jp-OutputArea-output img").first).to_be_visible(timeout=180_000)
     lab.wait_idle(page)
     assert "rows, columns: " + ", ".join(data.PATIENTS.columns) in notebook.inner_text()
+    assert f"sha256 of the file: {synthetic}" in notebook.inner_text()
 
     page.evaluate(lab.JOB_RECORDER_JS)
     lab.open_jobs_panel(page)
@@ -132,7 +146,7 @@ def test_submit_watch_open_and_verify(demo: DemoProcess, page: Page, refusals: l
     lab.ARTIFACTS.mkdir(exist_ok=True)
     page.locator('[data-testid="dcr-jobs-panel"]').screenshot(path=str(lab.ARTIFACTS / "jobs-panel.png"))
 
-    # The executed notebook: the enclave's run on the real rows, with its plot.
+    # The executed notebook: the enclave's run on the real file, with its plot.
     item.locator('[data-testid="dcr-open-notebook"]').click()
     page.wait_for_function(
         "p => { const t = document.querySelector('#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current');"
@@ -143,7 +157,9 @@ def test_submit_watch_open_and_verify(demo: DemoProcess, page: Page, refusals: l
     image = executed.locator(".jp-OutputArea-output img").first
     expect(image).to_be_visible()
     assert image.evaluate("img => img.complete && img.naturalWidth > 0 && img.naturalHeight > 0")
-    assert f"{data.PATIENTS.rows} rows, columns: " in executed.inner_text()
+    shown = executed.inner_text()
+    assert f"{data.PATIENTS.rows} rows, columns: " in shown
+    assert f"sha256 of the file: {real}" in shown and synthetic not in shown, shown
 
     # The receipt: every check of `dcr verify`, run by the server against the enclave host's key.
     item.locator('[data-testid="dcr-view-receipt"]').click()

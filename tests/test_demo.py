@@ -21,12 +21,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import requests
 from browser.demo_process import BIN, READY_LINE, DemoError, DemoProcess, free_port
 
 from dcr_demo import data
 from dcr_demo import prepare as prepare_module
 from dcr_demo.hub import HomeSeeder, seed_home
-from dcr_demo.prepare import ENTITLED, GROUPS, entitled_datasets
+from dcr_demo.prepare import ENTITLED, EPSILON, GROUPS, REPORT_EPSILON, Layout, entitled_datasets
 from dcr_enclave.errors import DCRError
 from dcr_enclave.hostclient import HostClient
 from dcr_enclave.store import Store
@@ -36,6 +37,12 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _printed(raw: str) -> str:
+    """What a notebook's code cells printed (their stream outputs), as one string."""
+    nb = nbformat.reads(raw, 4)
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +83,18 @@ def test_demo_prints_url_and_logins_and_the_hub_answers(demo: DemoProcess) -> No
 
 
 def test_datasets_are_registered_and_entitled_per_user(demo: DemoProcess) -> None:
-    """Both demo datasets are in the store at the versions the demo recorded, their synthetic files are
-    the protection the demo reports, and the hub's grant service lists for each user exactly the datasets
-    of their entitlement (alice two, bob one, the provider account none)."""
+    """Both demo datasets are in the store at the versions the demo recorded, their synthetic versions are
+    MST differentially private synthetic data with the demo's ε (the test environment has the synthesis
+    extra, so the demo's random fallback must not be taken), and the hub's grant service lists for each user
+    exactly the datasets of their entitlement (alice two, bob one, the provider account none)."""
     state = demo.state()
+    assert state["synthesis"] == "mst", state
     store = Store(demo.dir / "store")
     for table in data.TABLES:
         manifest = store.load(data.PROVIDER, table.dataset, state["versions"][table.ref])
         assert [f.name for f in manifest.files] == [table.file_name]
-        assert manifest.protection.kind == ("dp" if state["synthesis"] == "mst" else "random")
+        p = manifest.protection
+        assert (p.kind, p.mechanism, p.epsilon) == ("dp", "mst", EPSILON)
     assert (os.stat(demo.dir / "store").st_mode & 0o077) == 0  # the spawner requires a root-only store
     listed = {}
     for user in ("alice", "bob", "carol"):
@@ -97,6 +107,51 @@ def test_datasets_are_registered_and_entitled_per_user(demo: DemoProcess) -> Non
     assert listed == {u: sorted(entitled_datasets(u)) for u in ("alice", "bob", "carol")}
     assert len(listed["alice"]) == 2 and len(listed["bob"]) == 1 and listed["carol"] == []
     assert set(ENTITLED) == {t.ref for t in data.TABLES}
+
+
+def test_each_dataset_has_a_researcher_facing_fidelity_report(demo: DemoProcess) -> None:
+    """For each dataset the demo keeps the researchers' fidelity report (HTML and JSON, made only from DP
+    statistics with the demo's report budget, about the synthetic file researchers see) in its root-only
+    reports/ directory; the provider-only report, computed from the real rows, is not there."""
+    layout = Layout.at(demo.dir)
+    for table in data.TABLES:
+        doc = json.loads(layout.researcher_report(table, "json").read_text())
+        assert doc["audience"] == "researchers" and doc["file"] == table.file_name
+        assert (doc["mechanism"], doc["epsilon"], doc["report_epsilon"]) == ("mst", EPSILON, REPORT_EPSILON)
+        html = layout.researcher_report(table).read_text()
+        assert "<html" in html.lower() and table.file_name in html
+        assert list(layout.provider_reports(table).glob("*.fidelity-provider-only.json"))
+    published = sorted(p.relative_to(layout.reports) for p in layout.reports.rglob("*") if p.is_file())
+    assert published == sorted(
+        layout.researcher_report(t, s).relative_to(layout.reports)
+        for t in data.TABLES
+        for s in ("html", "json")
+    )
+    assert (os.stat(layout.reports).st_mode & 0o077) == 0
+
+
+def test_fidelity_reports_are_linked_and_served_to_entitled_researchers_only(demo: DemoProcess) -> None:
+    """The hub's datasets API links each dataset's researcher-facing report; the link serves that report to
+    a researcher entitled to the dataset, and refuses one who is not (bob has no access to the visits)."""
+    tokens = {u: demo.token(u) for u in ("alice", "bob")}
+    listed = demo.api("GET", "/dcr/datasets", tokens["alice"])
+    assert listed.status_code == 200, listed.text
+    links = {f"{d['provider']}/{d['dataset']}": d.get("fidelity_report") for d in listed.json()["datasets"]}
+    assert set(links) == {t.ref for t in data.TABLES} and all(links.values()), links
+    expected = {t.ref: Layout.at(demo.dir).researcher_report(t).read_bytes() for t in data.TABLES}
+    for ref, link in links.items():
+        url = link if link.startswith("http") else f"{demo.url}{link}"
+        r = requests.get(url, headers={"Authorization": f"token {tokens['alice']}"}, timeout=60)
+        assert r.status_code == 200 and r.content == expected[ref], (ref, r.status_code)
+        assert r.headers["Content-Type"].startswith("text/html")
+        assert "sandbox" in r.headers.get("Content-Security-Policy", "")
+    visits = links[data.VISITS.ref]
+    r = requests.get(
+        visits if visits.startswith("http") else f"{demo.url}{visits}",
+        headers={"Authorization": f"token {tokens['bob']}"},
+        timeout=60,
+    )
+    assert r.status_code in (403, 404) and data.VISITS.file_name.encode() not in r.content, r.status_code
 
 
 def test_enclave_host_answers_and_is_the_receipts_trust_anchor(demo: DemoProcess) -> None:
@@ -115,8 +170,9 @@ def test_enclave_host_answers_and_is_the_receipts_trust_anchor(demo: DemoProcess
 def test_researcher_finds_the_sample_notebook_and_it_runs_in_the_enclave(demo: DemoProcess) -> None:
     """Alice's first spawn puts the sample notebook into her home (her server runs as her own account);
     it reads her synthetic patients file in the sandbox, and submitted through the server extension it runs
-    in the enclave on the real rows: the job succeeds, the outputs hold the executed notebook with a plot,
-    and the server verifies the receipt against the enclave host's key with every check passing."""
+    in the enclave on the real rows: the job succeeds, the outputs hold the executed notebook with a plot
+    and the digest of the real file (not the synthetic one's), and the server verifies the receipt against
+    the enclave host's key with every check passing."""
     token = demo.token("alice")
     demo.spawn("alice", token)
     r = demo.server("GET", "alice", "api/contents/analysis.ipynb", token)
@@ -136,9 +192,30 @@ def test_researcher_finds_the_sample_notebook_and_it_runs_in_the_enclave(demo: D
     executed = demo.server("GET", "alice", f"dcr/api/jobs/{job['id']}/outputs/analysis.ipynb", token)
     outs = [o for c in nbformat.reads(executed.text, 4).cells if c.cell_type == "code" for o in c.outputs]
     assert any("image/png" in o.get("data", {}) for o in outs)
+    layout = Layout.at(demo.dir)
+    real, synthetic = (_sha256(f(data.PATIENTS))[:12] for f in (layout.real_file, layout.synthetic_file))
+    assert real != synthetic
+    printed = _printed(executed.text)
+    assert f"sha256 of the file: {real}" in printed and synthetic not in printed, printed
     verdict = demo.server("GET", "alice", f"dcr/api/jobs/{job['id']}/verify", token).json()
     assert verdict["verified"] is True and verdict["checks"]
     assert all(c["passed"] for c in verdict["checks"]), verdict
+
+
+def test_bob_finds_the_same_sample_notebook_in_his_home(demo: DemoProcess) -> None:
+    """Bob, the other researcher, gets the sample notebook on his first spawn too (as his own account): the
+    demo's sample, reading the patients file he is entitled to."""
+    token = demo.token("bob")
+    demo.spawn("bob", token)
+    r = demo.server("GET", "bob", "api/contents/analysis.ipynb", token)
+    assert r.status_code == 200, r.text
+    nb = nbformat.from_dict(r.json()["content"])
+    path = f"/data/{data.PROVIDER}/{data.PATIENTS.dataset}/{data.PATIENTS.file_name}"
+    assert data.PATIENTS.ref in entitled_datasets("bob")
+    assert any(path in c.source for c in nb.cells if c.cell_type == "code")
+    skeleton = nbformat.reads((demo.dir / "skel" / "analysis.ipynb").read_text(), 4)
+    assert [c.source for c in nb.cells] == [c.source for c in skeleton.cells]
+    assert f"as {demo.account('bob')} " in demo.hub_log.read_text()
 
 
 def test_provider_account_gets_no_sample_notebook(demo: DemoProcess) -> None:

@@ -4,8 +4,9 @@
  * Progress is pushed: job events arrive on JupyterLab's event stream (`serviceManager.events.stream`,
  * the server's `/api/events/subscribe` websocket) and are applied at once. The REST API is asked only
  * for the first listing, when the panel is shown again (events may have been missed while the socket was
- * down), and for a single job whose events got ahead of its record (an unknown job, or one that ended:
- * its outputs and receipt are in the record). There is no timer polling.
+ * down), for older pages when the user asks for them, and for a single job whose events got ahead of its
+ * record (an unknown job, or one that ended: its outputs and receipt are in the record). There is no timer
+ * polling.
  */
 
 import { Event } from '@jupyterlab/services';
@@ -13,14 +14,16 @@ import { IDisposable } from '@lumino/disposable';
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { DCRClient, errorMessage } from './api';
-import { EMPTY, IJobView, IJobsState, JobsAction, endedBy, parseJobEvent, reduce } from './model';
+import { EMPTY, IJobView, IJobsState, JobsAction, endedBy, listedOf, parseJobEvent, reduce } from './model';
 import { IJob } from './types';
 
 /** The `$id` of the job event schema (dcr_server_ext/events/job.json). */
 export const JOB_EVENT_SCHEMA_ID = 'https://jupyterhub-dcr.invalid/events/job/v1';
 
-/** How many jobs the panel lists (newest first). */
-export const LIST_LIMIT = 200;
+/** Jobs per listing request, newest first (the server answers at most 500 per request). */
+export const PAGE_SIZE = 200;
+/** How many known jobs a further page asks for again (see `loadMore`). */
+const PAGE_OVERLAP = 5;
 
 export class JobsModel implements IDisposable {
   constructor(
@@ -68,14 +71,57 @@ export class JobsModel implements IDisposable {
     return endedBy(before, action, after);
   }
 
-  /** Reload the newest jobs (merged: nothing moves backwards). */
+  /**
+   * Reload the newest page of jobs (merged: nothing moves backwards). Older jobs brought by `loadMore`
+   * stay listed; they have ended long ago, or their events keep them current.
+   */
   async refresh(): Promise<void> {
+    await this._list(0);
+  }
+
+  /** Jobs the server has that are not listed here yet (as of the last listing). */
+  get remaining(): number {
+    const listed = listedOf(this._state);
+    return listed === null ? 0 : listed.total - listed.shown;
+  }
+
+  /**
+   * Fetch the next page of older jobs; resolves to how many jobs it added (0 on an error, which the
+   * state shows). Concurrent calls share one request.
+   */
+  loadMore(): Promise<number> {
+    if (this._loadingMore === null) {
+      // The listing is newest first and the jobs known here are the newest ones (those that arrived by
+      // events are newer than any listed), so the next page starts after as many. It overlaps them a
+      // little (duplicates merge): a submission the hub refused is deleted, so one known job may be gone.
+      const offset = Math.max(0, Object.keys(this._state.byId).length - PAGE_OVERLAP);
+      this._loadingMore = this._list(offset).finally(() => {
+        this._loadingMore = null;
+      });
+    }
+    return this._loadingMore;
+  }
+
+  /** Fetch pages until every job is listed; stops at an error or a page that adds nothing. */
+  async loadAll(): Promise<void> {
+    if (!this._state.loaded) {
+      await this.loadMore();
+    }
+    while (this.remaining > 0 && (await this.loadMore()) > 0) {
+      // next page
+    }
+  }
+
+  /** One page from `offset`; returns how many jobs it added. */
+  private async _list(offset: number): Promise<number> {
+    const before = Object.keys(this._state.byId).length;
     try {
-      const list = await this.client.listJobs(0, LIST_LIMIT);
+      const list = await this.client.listJobs(offset, PAGE_SIZE);
       this.dispatch({ type: 'loaded', jobs: list.jobs, total: list.total });
     } catch (error) {
       this.dispatch({ type: 'error', message: errorMessage(error) });
     }
+    return Object.keys(this._state.byId).length - before;
   }
 
   /** A record from elsewhere (a submission, a cancel). */
@@ -158,6 +204,7 @@ export class JobsModel implements IDisposable {
   private _state: IJobsState = EMPTY;
   private _disposed = false;
   private _inFlight = new Map<string, Promise<void>>();
+  private _loadingMore: Promise<number> | null = null;
   private _cancelledHere = new Set<string>();
   private _changed = new Signal<this, IJobsState>(this);
   private _ended = new Signal<this, IJobView>(this);

@@ -30,7 +30,7 @@ import {
   stateLabel
 } from './format';
 import { enclaveIcon } from './icons';
-import { JobsModel } from './jobs';
+import { JobsModel, PAGE_SIZE } from './jobs';
 import {
   IJobView,
   canCancel,
@@ -38,6 +38,7 @@ import {
   executedNotebookPath,
   formatElapsed,
   hasEnded,
+  listedOf,
   orderedJobs,
   progressOf
 } from './model';
@@ -152,11 +153,50 @@ function JobList(props: { model: JobsModel; actions: IJobActions }): JSX.Element
           <JobItem key={view.id} view={view} now={now} model={props.model} actions={props.actions} />
         ))}
       </ul>
-      {state.total > views.length && (
-        <div className="jp-DCR-empty">
-          Showing the newest {views.length} of {state.total} jobs (`dcr jobs` lists all).
-        </div>
-      )}
+      <Paging model={props.model} />
+    </div>
+  );
+}
+
+/** Below a partial list: how many jobs are shown of how many, and buttons to list the older ones. */
+function Paging(props: { model: JobsModel }): JSX.Element | null {
+  const [busy, setBusy] = useState(false);
+  const listed = listedOf(props.model.state);
+  if (listed === null) {
+    return null;
+  }
+  const load = async (what: () => Promise<unknown>): Promise<void> => {
+    setBusy(true);
+    try {
+      await what(); // a failure shows as the list's error
+    } finally {
+      setBusy(false);
+    }
+  };
+  const next = Math.min(PAGE_SIZE, listed.total - listed.shown);
+  return (
+    <div className="jp-DCR-paging" data-testid="dcr-jobs-paging">
+      <span data-testid="dcr-jobs-shown" data-shown={listed.shown} data-total={listed.total}>
+        Showing the newest {listed.shown} of {listed.total} jobs.
+      </span>
+      <Button
+        small
+        minimal
+        data-testid="dcr-load-more-jobs"
+        disabled={busy}
+        onClick={() => void load(() => props.model.loadMore())}
+      >
+        Load {next} more
+      </Button>
+      <Button
+        small
+        minimal
+        data-testid="dcr-load-all-jobs"
+        disabled={busy}
+        onClick={() => void load(() => props.model.loadAll())}
+      >
+        Load all
+      </Button>
     </div>
   );
 }

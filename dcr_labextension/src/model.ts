@@ -255,6 +255,12 @@ export function orderedJobs(state: IJobsState): IJobView[] {
   });
 }
 
+/** How much of the server's job list is known: null once every job is (or before the first listing). */
+export function listedOf(state: IJobsState): { shown: number; total: number } | null {
+  const shown = Object.keys(state.byId).length;
+  return state.loaded && shown < state.total ? { shown, total: state.total } : null;
+}
+
 /** The jobs that ended (or went to review) through this event: what the panel notifies about. */
 export function endedBy(before: IJobsState, action: JobsAction, after: IJobsState): IJobView[] {
   if (action.type !== 'event') {
