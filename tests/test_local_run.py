@@ -911,3 +911,53 @@ def test_running_means_the_kernel_started_on_decrypted_data(tmp_path, store, hos
             at_running["kernel"] = any(_uid(pid) == host.host.uid for pid, _ in process_tree(proc.pid))
     assert at_running == {"released": True, "kernel": True}
     assert order == ["launching", "running", (0, 2), (1, 2), "checking", "succeeded"]
+
+
+def test_manifest_with_a_file_entry_removed_is_refused_before_decryption(
+    tmp_path, store, host, make_notebook, run_cli, insurance_real, insurance_synthetic
+):
+    """A storage attacker removes one file's entry from the newest version's manifest (its ciphertext stays)
+    and the notebook reads only the other file, so the job would otherwise run on part of the data. The
+    supervisor checks the manifest's file-list MAC under the released key and fails the job with a reason
+    naming the dataset: no cell runs, it never becomes "running", no plaintext is left anywhere. A v1
+    manifest without the MAC is refused with the advice to re-register with `dcr provider add`."""
+    (tmp_path / "in").mkdir()
+    extra_real = tmp_path / "in" / "regions.csv"
+    extra_real.write_text("region,code\nnorth,fa1cbe11\n")
+    extra_syn = tmp_path / "in" / "regions-syn.csv"
+    extra_syn.write_text("region,code\neast,d00dfeed\n")
+    code, _o, err = run_cli(
+        "provider", "add", "--store", store.root, "--provider", "acme", "--dataset", "insurance",
+        "--real", insurance_real, "--synthetic", insurance_synthetic, "--real", extra_real, "--synthetic", extra_syn,
+    )  # fmt: skip
+    assert code == 0, err
+    st = Store(store.root)
+    manifest = st.versions(store.provider, store.dataset)[-1]
+    assert [f.name for f in manifest.files] == ["real.csv", "regions.csv"]
+    path = st.version_dir(store.provider, store.dataset, manifest.version) / "manifest.json"
+    original = manifest.to_json()
+
+    def drop_entry(doc: dict) -> None:
+        doc["files"].pop()
+
+    def as_v1(doc: dict) -> None:
+        doc["schema"] = "dcr/dataset-version/v1"
+        del doc["files_mac"]
+
+    for change, message in ((drop_entry, "does not authenticate"), (as_v1, "dcr provider add")):
+        doc = json.loads(json.dumps(original))
+        change(doc)
+        path.write_text(json.dumps(doc))
+        nb = make_notebook(SUMMARY_CELLS, workspace=change.__name__)
+        (tmp_path / f"bundle-{change.__name__}").mkdir()
+        job_id, grant, bundle, _key = _grant_and_bundle(store, nb, tmp_path / f"bundle-{change.__name__}")
+        host.client.launch(grant, bundle)
+        job = _wait_state(host.client, job_id, contract.TERMINAL_STATES)
+        assert job["state"] == "failed", job
+        reason = job["failure"]["reason"]
+        assert "acme/insurance" in reason and message in reason, reason
+        events = host.host.jobs[job_id].events
+        assert "running" not in [e.get("state") for e in events]
+        assert not any("cell" in e for e in events)
+    assert _no_plaintext_anywhere([host.state, Path("/dev/shm")], REAL_ROW) == []
+    assert _no_plaintext_anywhere([host.state, Path("/dev/shm")], b"fa1cbe11") == []

@@ -1,8 +1,8 @@
 """The DatasetVersion manifest: one immutable, content-addressed version of a provider's dataset.
 
 A manifest names the encrypted real files and the synthetic files of a dataset version, how the real files
-are encrypted, the wrapped data key (or the Cloud KMS key that unwraps it) and the protection of the
-synthetic version (provider file, differentially private with ε and δ, or random).
+are encrypted, the wrapped data key (or the Cloud KMS key that unwraps it), the protection of the synthetic
+version (provider file, differentially private with ε and δ, or random) and a MAC over its file list.
 
 The version is a digest over the content: provider, dataset, each file's name, size, real plaintext digest
 and synthetic digest, and the protection. Plaintext digests are deliberately *not* stored: anyone holding a
@@ -13,31 +13,64 @@ The enclave does not: it decrypts with ``digest=False`` and relies on authentica
 Each file's key is derived from the version's data key (which unwraps only for this provider, dataset and
 version) and each chunk's associated data names provider, dataset, version, file and position, so a file
 that decrypts is exactly the one the provider encrypted under that name for that version. Hashing the
-plaintext as well would halve decryption speed. Which files a version has is taken from the manifest.
+plaintext as well would halve decryption speed.
+
+Which files a version has is pinned by ``files_mac``: an HMAC-SHA256, under a key HKDF derives from the
+data key with its own label, over provider, dataset, version, the encryption parameters and every field of
+every file entry (:meth:`DatasetVersion.files_commitment`). Only the data key's holder can compute it, so
+the enclave (:meth:`DatasetVersion.check_files_mac`, once the key is released and before any file is
+decrypted) notices a storage attacker who removes, renames or resizes a file entry. ``created`` and
+``retired`` are not covered (``dcr provider retire`` changes the flag without the key), nor is the wrapped
+key (its own authenticated encryption binds it to the version).
+
+Schema ``dcr/dataset-version/v2`` requires ``files_mac``. Manifests written before it (``.../v1``) are
+still read, so stores can be listed and retired, but the enclave refuses them: re-registering the same
+files with ``dcr provider add`` rebuilds the version with the MAC (same content, same version).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any, Final
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.hmac import HMAC
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from . import streamcrypt
 from .contract import check_file_name, check_name
-from .digests import check_digest, sha256_json
+from .digests import canonical_json, check_digest, sha256_json
 from .errors import DCRError, IntegrityError
 from .jsonschemas import validate
 
-SCHEMA_ID: Final = "dcr/dataset-version/v1"
+#: What registration writes: v1 plus the required ``files_mac``.
+SCHEMA_ID: Final = "dcr/dataset-version/v2"
+#: Manifests from before the file-list MAC: still read and listed, refused by the enclave.
+SCHEMA_ID_V1: Final = "dcr/dataset-version/v1"
 SCHEMA_FILE: Final = "dataset-version.schema.json"
 MANIFEST_FILE: Final = "manifest.json"
 #: A manifest is small (at most 1000 files); anything bigger is refused before parsing.
 MAX_MANIFEST_BYTES: Final = 1 << 20
 PROTECTION_KINDS: Final = ("provider-file", "dp", "random")
+FILES_MAC_PREFIX: Final = "hmac-sha256:"
+_FILES_MAC_RE = re.compile(r"^hmac-sha256:[0-9a-f]{64}$")
+#: HKDF info of the file-list MAC key. The per-file keys use streamcrypt's info (scheme name, NUL, file
+#: context) and a random salt, so this key is independent of every file key.
+_FILES_MAC_INFO: Final = b"dcr/dataset-version/files-mac/v1"
+#: What to do about a version whose files or manifest were altered in the store (adding the same files
+#: again is a no-op while the version directory exists).
+STORE_ALTERED_HINT: Final = (
+    "the store was altered: restore this version's directory from a copy you trust, or delete it and "
+    "register the same files again with `dcr provider add` (same files, same version)"
+)
 
 
 def validate_schema(doc: Any, schema_file: str, what: str) -> None:
@@ -219,11 +252,19 @@ class DatasetVersion:
     protection: Protection
     retired: bool = False
     scheme: str = streamcrypt.SCHEME
+    #: ``hmac-sha256:<hex>`` over :meth:`files_commitment`; ``None`` only in a v1 manifest.
+    files_mac: str | None = None
 
     def __post_init__(self) -> None:
         check_name(self.provider, "provider")
         check_name(self.dataset, "dataset")
         check_digest(self.version, "dataset version")
+        if self.files_mac is not None and not (
+            isinstance(self.files_mac, str) and _FILES_MAC_RE.match(self.files_mac)
+        ):
+            raise DCRError(
+                f"the file-list MAC of {self.ref} is not of the form {FILES_MAC_PREFIX}<64 hex digits>"
+            )
         if self.scheme != streamcrypt.SCHEME:
             raise DCRError(
                 f"unsupported encryption scheme {self.scheme!r}", hint=f"expected {streamcrypt.SCHEME}"
@@ -283,9 +324,63 @@ class DatasetVersion:
             self.protection,
         )
 
+    def files_commitment(self) -> bytes:
+        """What ``files_mac`` covers: canonical JSON of the version's identity, encryption and file entries.
+
+        Every field of every file entry is in (name, plaintext size, ciphertext path, digest and size,
+        synthetic path, digest and size), files sorted by name, so no entry can be dropped, added, renamed,
+        resized or pointed elsewhere without the data key.
+        """
+        return canonical_json(
+            {
+                "provider": self.provider,
+                "dataset": self.dataset,
+                "version": self.version,
+                "encryption": {"scheme": self.scheme, "chunk_size": self.chunk_size},
+                "files": [f.to_json() for f in sorted(self.files, key=lambda f: f.name)],
+            }
+        )
+
+    def _files_hmac(self, data_key: bytes) -> HMAC:
+        if not isinstance(data_key, bytes | bytearray) or len(data_key) != streamcrypt.DATA_KEY_SIZE:
+            raise DCRError(f"a data key must be {streamcrypt.DATA_KEY_SIZE} bytes")
+        mac_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_FILES_MAC_INFO).derive(
+            bytes(data_key)
+        )
+        h = HMAC(mac_key, hashes.SHA256())
+        h.update(self.files_commitment())
+        return h
+
+    def compute_files_mac(self, data_key: bytes) -> str:
+        """The ``files_mac`` this manifest's file list has under ``data_key`` (registration writes it)."""
+        return FILES_MAC_PREFIX + self._files_hmac(data_key).finalize().hex()
+
+    def with_files_mac(self, data_key: bytes) -> DatasetVersion:
+        """This manifest, committed to its file list under ``data_key``."""
+        return dataclasses.replace(self, files_mac=self.compute_files_mac(data_key))
+
+    def check_files_mac(self, data_key: bytes) -> None:
+        """Refuse (:class:`IntegrityError` naming the dataset) unless ``files_mac`` authenticates the file
+        list under the released ``data_key``; the comparison is constant-time."""
+        if self.files_mac is None:
+            raise IntegrityError(
+                f"the manifest of dataset {self.ref} version {self.version} has no file-list MAC "
+                f"(a {SCHEMA_ID_V1} manifest): the enclave cannot tell whether files were removed from it",
+                hint="re-register the dataset with `dcr provider add` and the same files: the version stays "
+                "the same and its manifest gets the MAC",
+            )
+        try:
+            self._files_hmac(data_key).verify(bytes.fromhex(self.files_mac.removeprefix(FILES_MAC_PREFIX)))
+        except InvalidSignature:
+            raise IntegrityError(
+                f"the file list in the manifest of dataset {self.ref} version {self.version} does not "
+                "authenticate: a file entry was removed, added, renamed or changed, or the MAC was altered",
+                hint=STORE_ALTERED_HINT,
+            ) from None
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA_ID,
+        doc = {
+            "schema": SCHEMA_ID if self.files_mac is not None else SCHEMA_ID_V1,
             "provider": self.provider,
             "dataset": self.dataset,
             "version": self.version,
@@ -296,6 +391,9 @@ class DatasetVersion:
             "protection": self.protection.to_json(),
             "retired": self.retired,
         }
+        if self.files_mac is not None:
+            doc["files_mac"] = self.files_mac
+        return doc
 
     def dumps(self) -> bytes:
         """The manifest as it is written to disk: indented, sorted keys, trailing newline."""
@@ -322,4 +420,5 @@ class DatasetVersion:
             protection=Protection.from_json(data["protection"]),
             retired=data["retired"],
             scheme=data["encryption"]["scheme"],
+            files_mac=data.get("files_mac"),
         )

@@ -10,7 +10,9 @@ Layout::
 A version directory is immutable once it exists (except the manifest's ``retired`` flag, which is not part
 of the version digest and is replaced atomically by :meth:`Store.retire`): adding builds it under a temporary
 name in the dataset's directory and renames it into place as the last step, so an interrupted or failed add
-leaves nothing half-written. Ciphertext and manifests are not secret; the synthetic files are meant for entitled users:
+leaves nothing half-written. A version whose manifest predates the file-list MAC (schema v1, refused by the
+enclave) is rebuilt when the same content is added again, and swapped in for the old directory. Ciphertext
+and manifests are not secret; the synthetic files are meant for entitled users:
 restrict the store root's own permissions if others on the machine must not read them.
 """
 
@@ -86,6 +88,8 @@ class AddResult:
     #: False when the version was already in the store (nothing was changed).
     created: bool
     path: Path
+    #: True when an existing v1 version (no file-list MAC) was rebuilt and replaced.
+    upgraded: bool = False
 
 
 def _open_input(path: Path, what: str, max_bytes: int) -> tuple[int, os.stat_result]:
@@ -370,15 +374,24 @@ class Store:
     def _commit(self, prepared: PreparedVersion, keys: KeyDirectory, chunk_size: int) -> AddResult:
         p = prepared
         final = self.version_dir(p.provider, p.dataset, p.version)
+        previous = None
         if self.exists(p.provider, p.dataset, p.version):
-            return AddResult(self.load(p.provider, p.dataset, p.version), False, final)
+            previous = self.load(p.provider, p.dataset, p.version)
+            if previous.files_mac is not None:
+                return AddResult(previous, False, final)
+            # A v1 manifest, which the enclave refuses: rebuild the version from the provider's files (the
+            # version digest says they are the same content) and swap it in.
         created_dirs: list[Path] = []
         tmp = final.parent / f".tmp-{final.name[:16]}-{secrets.token_hex(6)}"
         try:
             created_dirs = self._make_dirs(final.parent)
             tmp.mkdir(mode=_DIR_MODE)
-            manifest = self._build(p, tmp, keys, chunk_size)
+            manifest = self._build(p, tmp, keys, chunk_size, previous)
             _fsync_dir(tmp)
+            if previous is not None:
+                _swap_in(tmp, final)
+                _fsync_dir(final.parent)
+                return AddResult(manifest, True, final, upgraded=True)
             try:
                 os.rename(tmp, final)
             except OSError as e:
@@ -427,7 +440,15 @@ class Store:
                 continue
         return list(reversed(missing))
 
-    def _build(self, p: PreparedVersion, tmp: Path, keys: KeyDirectory, chunk_size: int) -> DatasetVersion:
+    def _build(
+        self,
+        p: PreparedVersion,
+        tmp: Path,
+        keys: KeyDirectory,
+        chunk_size: int,
+        previous: DatasetVersion | None = None,
+    ) -> DatasetVersion:
+        """Encrypt and copy into ``tmp``; a rebuilt ``previous`` version keeps its creation time and flag."""
         data_key = new_data_key()
         key = keys.wrap(p.provider, p.dataset, p.version, data_key)
         (tmp / REAL_DIR).mkdir(mode=_DIR_MODE)
@@ -453,12 +474,15 @@ class Store:
                 provider=p.provider,
                 dataset=p.dataset,
                 version=p.version,
-                created=utc_now(),
+                created=previous.created if previous else utc_now(),
                 files=tuple(files),
                 chunk_size=chunk_size,
                 key=key_from_json(key),
                 protection=p.protection,
-            ).to_json()
+                retired=previous.retired if previous else False,
+            )
+            .with_files_mac(data_key)  # commits to the file list under a key only the data key gives
+            .to_json()
         )  # the round trip through from_json validates the manifest against its schema before it is written
         with open(tmp / MANIFEST_FILE, "xb") as f:
             f.write(manifest.dumps())
@@ -480,6 +504,20 @@ def _bytes_under(parent: Path, prefix: str) -> int:
     except OSError:
         pass
     return total
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace the version directory ``final`` with the rebuilt ``tmp``; on failure the old one stays."""
+    old = final.parent / f".old-{final.name[:16]}-{secrets.token_hex(6)}"
+    os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.rename(old, final)
+        shutil.rmtree(old, ignore_errors=True)  # only when something else took its place meanwhile
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _discard(tmp: Path, created_dirs: list[Path]) -> None:

@@ -6,11 +6,14 @@ Order matters, and each step refuses before the next:
    thumbprint, and that it names this job and this bundle digest;
 2. unpack the bundle, refusing any other digest;
 3. build the kernel sandbox once as a probe; if it cannot be built, stop before asking for a single key;
-4. for each granted dataset: fresh challenge, attestation token with it as nonce, key release, and
-   decryption into private memory-backed storage. The plaintext is not hashed again to recompute the
-   dataset version: every chunk is authenticated under associated data naming provider, dataset, version,
-   file and position, with a key only that version's wrapped data key gives, so each file is exactly what
-   the provider encrypted under that name for that version (hashing would halve decryption speed);
+4. for each granted dataset: fresh challenge, attestation token with it as nonce, key release, then the
+   manifest's file-list MAC under the released key and every encrypted file's size
+   (:func:`check_dataset_files`); only once every dataset passed, decryption into private memory-backed
+   storage, so a tampered manifest of any dataset refuses the job with nothing decrypted. The plaintext is
+   not hashed again to recompute the dataset version: every chunk is authenticated under associated data
+   naming provider, dataset, version, file and position, with a key only that version's wrapped data key
+   gives, so each file is exactly what the provider encrypted under that name for that version, and the
+   MAC says the manifest lists every file the provider registered (hashing would halve decryption speed);
 5. run the notebook in the sandbox: its kernel starts while step 4 runs (it executes nothing until the data
    is in place), ``running`` is reported once both are done, then cell *i* of *n* (never data); kill the
    sandbox's whole process tree;
@@ -42,9 +45,9 @@ from typing import Any
 
 from . import contract
 from .bundle import BundleManifest, extract_bundle
-from .dataset import DatasetVersion
+from .dataset import STORE_ALTERED_HINT, DatasetFile, DatasetVersion
 from .digests import sha256_file, sha256_json
-from .errors import DCRError
+from .errors import DCRError, IntegrityError
 from .grant import Grant, sealing_key, verify_grant
 from .jwk import parse_jwks
 from .receipt import ReceiptManifest, build_manifest, output_entries, write_receipt_dir
@@ -133,8 +136,13 @@ class Supervisor:
         store = Store(self.launch.store)
         receipt_datasets = []
         conditions = {}
+        # Every key is released and every manifest checked before the first file is decrypted.
+        checked: list[tuple[DatasetVersion, bytes, list[tuple[DatasetFile, Path]]]] = []
         for d in g.datasets:
-            manifest: DatasetVersion = store.load(d.provider, d.dataset, d.version)
+            try:
+                manifest: DatasetVersion = store.load(d.provider, d.dataset, d.version)
+            except DCRError as e:
+                raise type(e)(f"dataset {d.key}: {e.message}", hint=e.hint) from None
             challenge = self.link.challenge()
             token = self.link.token(contract.KEY_RELEASE_AUDIENCE, [challenge])
             data_key, conditions[d.key] = self.link.release(
@@ -147,20 +155,21 @@ class Supervisor:
                 hub_jwks=self.launch.hub_jwks,
                 challenge=challenge,
             )
-            target = self.data / d.provider / d.dataset
+            checked.append((manifest, data_key, check_dataset_files(store, manifest, data_key)))
+        for manifest, data_key, files in checked:
+            target = self.data / manifest.provider / manifest.dataset
             target.mkdir(parents=True, exist_ok=True)
-            for f in manifest.files:
+            for f, src in files:
                 # Each chunk authenticates under associated data naming this provider, dataset, version,
                 # file and position, so the plaintext is exactly what the provider encrypted for this
                 # version; hashing it again would halve decryption speed for no further assurance.
-                ctx = FileContext(d.provider, d.dataset, d.version, f.name)
-                src = store.ciphertext_path(manifest, f.name)
+                ctx = FileContext(manifest.provider, manifest.dataset, manifest.version, f.name)
                 decrypt_file(src, target / f.name, data_key, ctx, mode=0o444, digest=False)
             receipt_datasets.append(
                 {
-                    "provider": d.provider,
-                    "dataset": d.dataset,
-                    "version": d.version,
+                    "provider": manifest.provider,
+                    "dataset": manifest.dataset,
+                    "version": manifest.version,
                     "files": [
                         {"name": f.name, "ciphertext_sha256": f.ciphertext_sha256} for f in manifest.files
                     ],
@@ -362,6 +371,43 @@ class Supervisor:
         if seal_to is not None:
             seal_dir(self.outputs, out / contract.SEALED_OUTPUTS_FILE, seal_to, g.job_id)
         write_receipt_dir(out, manifest, token, jwks)
+
+
+def check_dataset_files(
+    store: Store, manifest: DatasetVersion, data_key: bytes
+) -> list[tuple[DatasetFile, Path]]:
+    """The files to decrypt, once the manifest's file list authenticates under the released data key and
+    every encrypted file is in the store at the size the manifest gives; refuses naming the dataset.
+
+    Without the MAC a storage attacker could drop a file entry and the job would run on part of the data;
+    the size check catches a missing, truncated or extended file before the first byte is decrypted (the
+    decryption's own header and chunk checks stay the authority on content).
+    """
+    manifest.check_files_mac(data_key)
+    files = []
+    for f in manifest.files:
+        src = store.ciphertext_path(manifest, f.name)
+        try:
+            st = src.stat()
+        except FileNotFoundError:
+            problem = "is missing from the store"
+        except OSError as e:
+            raise DCRError(
+                f"dataset {manifest.ref}: cannot read the encrypted file of {f.name}: {e.strerror}"
+            ) from None
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                problem = "is not a regular file"
+            elif st.st_size != f.ciphertext_size:
+                problem = f"is {st.st_size} bytes, not the {f.ciphertext_size} its manifest gives"
+            else:
+                files.append((f, src))
+                continue
+        raise IntegrityError(
+            f"dataset {manifest.ref} version {manifest.version}: the encrypted file of {f.name} {problem}",
+            hint=STORE_ALTERED_HINT,
+        )
+    return files
 
 
 def _count(n: int, one: str, many: str) -> str:

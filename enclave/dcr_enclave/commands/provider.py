@@ -4,7 +4,9 @@
 files into the store under a fresh data key (wrapped under the provider's KEK), copies the synthetic files
 under the real files' names, writes the manifest and the provider's key-release condition, and prints the
 two things people copy elsewhere: the hub-side snippet for ``jupyterhub_config.py`` and the condition.
-Adding content that is already in the store changes nothing.
+The manifest carries an HMAC over its file list under a key derived from the data key, which the enclave
+checks before decrypting (see :mod:`dcr_enclave.dataset`). Adding content that is already in the store
+changes nothing, unless its manifest predates that MAC (schema v1): then the version is rebuilt with it.
 
 The synthetic version is either the provider's own file (``--synthetic``; a CSV or Parquet file must have the
 real file's column names and types) or made here (``--synthesize NAME``). Synthesizers are replaceable
@@ -484,8 +486,12 @@ def _run_add(args: argparse.Namespace, work: Path) -> int:
     if args.synthesize is None:
         for real, syn in zip(args.real, synthetic, strict=True):
             check_synthetic_schema(real, syn, args.max_bytes)
-    if store.exists(prepared.provider, prepared.dataset, prepared.version):
-        existing = store.load(prepared.provider, prepared.dataset, prepared.version)
+    existing = (
+        store.load(prepared.provider, prepared.dataset, prepared.version)
+        if store.exists(prepared.provider, prepared.dataset, prepared.version)
+        else None
+    )
+    if existing is not None and existing.files_mac is not None:  # a v1 manifest is rebuilt below
         print(
             f"{existing.ref} version {existing.version} is already in the store {store.root}; nothing changed."
         )
@@ -516,7 +522,14 @@ def _run_add(args: argparse.Namespace, work: Path) -> int:
     condition_path = keys.write_condition(condition)
 
     files = ", ".join(f"{f.name} ({f.size} bytes)" for f in manifest.files)
-    print(f"Added {manifest.ref} version {manifest.version}: {files}")
+    if result.upgraded:
+        print(
+            f"Re-registered {manifest.ref} version {manifest.version}: {files}\n"
+            "  its old manifest had no file-list MAC (the enclave refuses such manifests); the files were "
+            "encrypted again under a new data key and the manifest now commits to them."
+        )
+    else:
+        print(f"Added {manifest.ref} version {manifest.version}: {files}")
     print(f"  manifest: {result.path / 'manifest.json'}")
     p = manifest.protection
     if p.kind == "dp":
