@@ -543,7 +543,7 @@ def main() -> int:
                     link["challenge"][0],
                     link["release"][1],
                 ),
-                ("  -> host running (decrypt into /data)", link["release"][1], ch["running"]),
+                ("  -> host running (decrypt into /data, kernel ready)", link["release"][1], ch["running"]),
                 (
                     "host running -> host succeeded (kernel, cells, outputs, receipt)",
                     ch["running"],
