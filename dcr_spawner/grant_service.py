@@ -443,6 +443,19 @@ class _DCRHandler(APIHandler):
             return Refusal(403, f"this token may not act for {user.name} (it lacks users:activity)")
         return user, {g.name for g in user.orm_user.groups}
 
+    def _reader(self) -> tuple[GrantService, User, set[str]] | None:
+        """For the read-only routes (token or login cookie): the service and the calling user with their
+        groups, or None once the refusal has been answered."""
+        service = self.grant_service
+        if service is None:
+            self._unavailable()
+            return None
+        caller = self._caller(token_only=False)
+        if isinstance(caller, Refusal):
+            self._json(caller.status, {"error": caller.message})
+            return None
+        return service, *caller
+
 
 class GrantsHandler(_DCRHandler):
     async def post(self) -> None:
@@ -483,13 +496,9 @@ class JWKSHandler(_DCRHandler):
 
 class DatasetsHandler(_DCRHandler):
     async def get(self) -> None:
-        service = self.grant_service
-        if service is None:
-            return self._unavailable()
-        caller = self._caller(token_only=False)
-        if isinstance(caller, Refusal):
-            return self._json(caller.status, {"error": caller.message})
-        user, groups = caller
+        if (reader := self._reader()) is None:
+            return
+        service, user, groups = reader
         datasets = service.datasets_for(user.name, groups, report_base=self.report_base())
         self._json(200, {"user": user.name, "datasets": datasets})
 
@@ -503,13 +512,9 @@ class DatasetsHandler(_DCRHandler):
 
 class FidelityReportHandler(_DCRHandler):
     async def get(self, provider: str, dataset: str) -> None:
-        service = self.grant_service
-        if service is None:
-            return self._unavailable()
-        caller = self._caller(token_only=False)
-        if isinstance(caller, Refusal):
-            return self._json(caller.status, {"error": caller.message})
-        user, groups = caller
+        if (reader := self._reader()) is None:
+            return
+        service, user, groups = reader
         ref = f"{provider}/{dataset}"
         # Unknown, not entitled and without a report get the same answer: nothing about what exists.
         if not service.entitled_report(user.name, groups, ref):
