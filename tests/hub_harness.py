@@ -376,11 +376,22 @@ class Hub:
     # Servers
 
     def spawn(
-        self, user: str, *, timeout: float = 120, options: Mapping[str, Any] | None = None
+        self,
+        user: str,
+        *,
+        timeout: float = 120,
+        options: Mapping[str, Any] | None = None,
+        session: requests.Session | None = None,
     ) -> dict[str, Any]:
-        """Start ``user``'s server and wait until the hub reports it ready; returns the server model."""
-        self.create_user(user)
-        r = self.api("POST", f"/users/{user}/server", json_body=dict(options or {}))
+        """Start ``user``'s server and wait until the hub reports it ready; returns the server model.
+
+        With ``session`` (from :meth:`login`) the user starts it themselves with their login cookie, as
+        JupyterHub's own pages do; otherwise the admin does through the API."""
+        if session is None:
+            self.create_user(user)
+            r = self.api("POST", f"/users/{user}/server", json_body=dict(options or {}))
+        else:
+            r = session.post(f"{self.url}/hub/api/users/{user}/server", json=dict(options or {}), timeout=60)
         if r.status_code not in (201, 202, 400):
             raise HarnessError(f"spawn of {user} refused: {r.status_code} {r.text[:500]}\n{self._tail()}")
         deadline = time.monotonic() + timeout

@@ -201,7 +201,8 @@ def env(
             hub.create_user(u)
         tokens = {u: hub.new_token(u) for u in (alice, bob, carol)}
         for u in (alice, bob):
-            hub.spawn(u)
+            # Each logs in through the hub's login form and starts their own server.
+            hub.spawn(u, session=hub.login(u))
         yield Env(hub, store, homes, datasets, alice, bob, carol, tokens)
     finally:
         hub.stop()
