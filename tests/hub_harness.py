@@ -358,19 +358,7 @@ class Hub:
 
     def login(self, user: str, password: str = PASSWORD) -> requests.Session:
         """A logged-in browser-like session (cookies) for ``user``."""
-        s = requests.Session()
-        r = s.get(f"{self.url}/hub/login", timeout=30)
-        xsrf = s.cookies.get("_xsrf") or ""
-        r = s.post(
-            f"{self.url}/hub/login",
-            data={"username": user, "password": password, "_xsrf": xsrf},
-            allow_redirects=False,
-            timeout=60,
-        )
-        if r.status_code != 302:
-            raise HarnessError(f"login of {user} failed: {r.status_code} {r.text[:300]}")
-        s.headers["X-XSRFToken"] = s.cookies.get("_xsrf") or xsrf
-        return s
+        return login_session(self.url, user, password, HarnessError)
 
     # ------------------------------------------------------------------------------------------------
     # Servers
@@ -560,6 +548,26 @@ def register_dataset(
         raise HarnessError(f"dcr provider add failed ({code}): {err.getvalue()}")
     versions = Store(store).versions(provider, dataset)
     return versions[-1]
+
+
+def login_session(
+    base_url: str, user: str, password: str, error: type[Exception] = RuntimeError
+) -> requests.Session:
+    """Log in through the hub's login form as a browser does: a session holding the hub's login cookie,
+    sending the XSRF token JupyterHub wants on cookie-authenticated API calls. Raises ``error`` if refused."""
+    s = requests.Session()
+    s.get(f"{base_url}/hub/login", timeout=30)
+    xsrf = s.cookies.get("_xsrf") or ""
+    r = s.post(
+        f"{base_url}/hub/login",
+        data={"username": user, "password": password, "_xsrf": xsrf},
+        allow_redirects=False,
+        timeout=60,
+    )
+    if r.status_code != 302:
+        raise error(f"login of {user} failed: {r.status_code} {r.text[:300]}")
+    s.headers["X-XSRFToken"] = s.cookies.get("_xsrf") or xsrf
+    return s
 
 
 def delete_account(name: str) -> subprocess.CompletedProcess[str] | None:

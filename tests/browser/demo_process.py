@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 import requests
-from hub_harness import delete_account
+from hub_harness import delete_account, login_session
 
 BIN = Path(sys.executable).parent
 READY_LINE = "DCR demo is running"
@@ -180,23 +180,7 @@ class DemoProcess:
 
     def login(self, user: str, password: str | None = None) -> requests.Session:
         """A browser-like session (the hub's login cookie) for ``user``."""
-        s = requests.Session()
-        s.get(f"{self.url}/hub/login", timeout=30)
-        xsrf = s.cookies.get("_xsrf") or ""
-        r = s.post(
-            f"{self.url}/hub/login",
-            data={
-                "username": user,
-                "password": self.password if password is None else password,
-                "_xsrf": xsrf,
-            },
-            allow_redirects=False,
-            timeout=60,
-        )
-        if r.status_code != 302:
-            raise DemoError(f"login of {user} failed: {r.status_code} {r.text[:300]}")
-        s.headers["X-XSRFToken"] = s.cookies.get("_xsrf") or xsrf
-        return s
+        return login_session(self.url, user, self.password if password is None else password, DemoError)
 
     def token(self, user: str) -> str:
         """A new API token of ``user``, made by the user's own logged-in session through the hub API."""
