@@ -27,7 +27,8 @@ from pathlib import Path
 
 import nbformat
 
-from dcr_enclave.bundle import BundleLimits, plan_bundle
+from dcr_enclave.formats.bundle import BundleLimits
+from dcr_enclave.pack.bundle_builder import plan_bundle
 
 LIMITS = BundleLimits(max_files=20_000, max_bytes=2 * 2**30)
 SMALL_FILES = 10_000

@@ -1,4 +1,4 @@
-"""Benchmark: dataset decryption (:func:`dcr_enclave.streamcrypt.decrypt_file`) against a plain copy.
+"""Benchmark: dataset decryption (:func:`dcr_enclave.formats.streamcrypt.decrypt_file`) against a plain copy.
 
 A 1 GiB random file is encrypted once (default 1 MiB chunks) into a temporary directory, which is deleted
 afterwards. Then, alternately and ``--repeat`` times each, the script times:
@@ -13,7 +13,7 @@ process's peak resident memory. Everything runs in this one thread, so the figur
 in the architecture is at least 1 GB/s per core with memory flat in file size. Both run warm (the
 ciphertext is in the page cache after encryption), and the CPU time is printed beside the wall-clock time
 to show one core did the work. By default (as root) the files go to a tmpfs mounted exactly as the
-enclave supervisor mounts its private scratch (:func:`dcr_enclave.supervisor.mount_scratch`,
+enclave supervisor mounts its private scratch (:func:`dcr_enclave.runtime.supervisor.mount_scratch`,
 ``huge=within_size``), which is where the enclave decrypts; ``--dir`` picks another file system (for
 example ``/dev/shm``, a plain tmpfs, for comparison). Run from the repository root::
 
@@ -32,8 +32,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dcr_enclave.streamcrypt import DEFAULT_CHUNK_SIZE, TAG_SIZE, FileContext, decrypt_file, encrypt_file
-from dcr_enclave.supervisor import mount_scratch
+from dcr_enclave.formats.streamcrypt import (
+    DEFAULT_CHUNK_SIZE,
+    TAG_SIZE,
+    FileContext,
+    decrypt_file,
+    encrypt_file,
+)
+from dcr_enclave.runtime.supervisor import mount_scratch
 
 CTX = FileContext("bench", "random", "sha256:" + "0" * 64, "data.bin")
 

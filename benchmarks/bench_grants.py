@@ -44,8 +44,8 @@ from hub_harness import (  # noqa: E402 - the harness lives with the tests
     register_dataset,
 )
 
-from dcr_enclave import contract, sealing  # noqa: E402
-from dcr_enclave.grant import verify_grant  # noqa: E402
+from dcr_enclave.formats import contract, sealing  # noqa: E402
+from dcr_enclave.formats.grant import verify_grant  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dcr_enclave.contract import JOB_STATES, new_job_id
+from dcr_enclave.formats.contract import JOB_STATES, new_job_id
 from dcr_server_ext.jobstore import TABLE_NAME, JobStore
 from dcr_server_ext.model import Job
 

@@ -3,7 +3,7 @@
 For each data set (the public insurance file, read in place, and a bigger file resampled from it with a
 fixed seed into a temporary directory) the script:
 
-1. starts an :class:`~dcr_enclave.enclave_host.EnclaveHost` in this process (its own state directory and
+1. starts an :class:`~dcr_enclave.platform.host.EnclaveHost` in this process (its own state directory and
    socket, like the tests' ``host`` fixture) and registers the data set with ``dcr provider add`` into a
    temporary store, pinning the host's image;
 2. runs a notebook that does CPU-bound pandas/numpy work on the data (repeated groupbys, quantiles and a
@@ -26,7 +26,7 @@ fixed seed into a temporary directory) the script:
    last.
 
 Finally it times, in this process, the pieces that the timeline cannot separate: decrypting a copy of each
-data set with :func:`~dcr_enclave.streamcrypt.decrypt_file` (into /dev/shm, like the enclave's tmpfs),
+data set with :func:`~dcr_enclave.formats.streamcrypt.decrypt_file` (into /dev/shm, like the enclave's tmpfs),
 measuring the image, the supervisor's imports from the image and from a byte-compiled copy of it, the
 sandbox probe (:func:`~dcr_enclave.sandbox.check_sandbox`) and what it imports, and a plain kernel start.
 
@@ -62,17 +62,20 @@ import nbformat
 import pandas as pd
 from nbclient import NotebookClient
 
-from dcr_enclave import contract
-from dcr_enclave.bundle import build_bundle
-from dcr_enclave.cli import main as cli_main
-from dcr_enclave.enclave_host import EnclaveHost, HostConfig
-from dcr_enclave.grant import GrantedDataset, issue_grant
-from dcr_enclave.hostclient import HostClient
-from dcr_enclave.jwk import load_or_create_key, public_jwk
-from dcr_enclave.sandbox import SandboxSpec, check_sandbox
-from dcr_enclave.sealing import generate_keypair, open_dir
-from dcr_enclave.store import DEV_HUB_KEY_FILE, Store
-from dcr_enclave.streamcrypt import FileContext, decrypt_file, encrypt_file
+from dcr_enclave.commands.main import main as cli_main
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.grant import GrantedDataset
+from dcr_enclave.formats.jwk import public_jwk
+from dcr_enclave.formats.sealing import generate_keypair, open_dir
+from dcr_enclave.formats.streamcrypt import FileContext, decrypt_file, encrypt_file
+from dcr_enclave.pack.bundle_builder import build_bundle
+from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.signing_keys import load_or_create_key
+from dcr_enclave.pack.store import DEV_HUB_KEY_FILE, Store
+from dcr_enclave.platform.client import HostClient
+from dcr_enclave.platform.host import EnclaveHost, HostConfig
+from dcr_enclave.runtime.kernel_layout import SandboxSpec
+from dcr_enclave.runtime.kernel_process import check_sandbox
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "insurance"
 PROVIDER = "bench"
@@ -377,7 +380,7 @@ def top_imports(image: Path, n: int = 6) -> tuple[list[tuple[str, float]], list[
     Returns its own direct imports by cumulative time, and the single modules by their own time (which
     names a third-party module that does heavy work when imported).
     """
-    code = f"import sys; sys.path.insert(0, {str(image)!r}); import dcr_enclave.supervisor"
+    code = f"import sys; sys.path.insert(0, {str(image)!r}); import dcr_enclave.runtime.supervisor"
     r = subprocess.run(
         [sys.executable, "-I", "-B", "-X", "importtime", "-c", code],
         capture_output=True,
@@ -416,7 +419,8 @@ def probes(enc: Enclave, repeat: int) -> dict[str, list[float]]:
     out["bare interpreter start (python -I -B)"] = timed_runs(python_start("pass"), repeat)
     out["supervisor imports from image (no .pyc: compiled each launch)"] = timed_runs(
         python_start(
-            f"import sys; sys.path.insert(0, {str(image)!r}); import dcr_enclave.supervisor", unshare=True
+            f"import sys; sys.path.insert(0, {str(image)!r}); import dcr_enclave.runtime.supervisor",
+            unshare=True,
         ),
         repeat,
     )
@@ -426,7 +430,8 @@ def probes(enc: Enclave, repeat: int) -> dict[str, list[float]]:
         compileall.compile_dir(Path(tmp) / "dcr_enclave", quiet=1)
         out["supervisor imports from a byte-compiled copy of the image"] = timed_runs(
             python_start(
-                f"import sys; sys.path.insert(0, {tmp!r}); import dcr_enclave.supervisor", unshare=True
+                f"import sys; sys.path.insert(0, {tmp!r}); import dcr_enclave.runtime.supervisor",
+                unshare=True,
             ),
             repeat,
         )

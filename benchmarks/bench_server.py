@@ -1,6 +1,6 @@
 """Benchmark: the server extension with a real ``jupyter server`` process and the local enclave host.
 
-The script starts an :class:`~dcr_enclave.enclave_host.EnclaveHost` in this process over a temporary
+The script starts an :class:`~dcr_enclave.platform.host.EnclaveHost` in this process over a temporary
 store (``dcr provider add`` of the public insurance file, pinning the host's image) and a real
 ``jupyter server`` subprocess with the DCR extension (the tests' ``JupyterServer`` helper from
 ``tests/test_researcher_cli.py``), then measures:
@@ -67,12 +67,13 @@ sys.path.insert(0, str(REPO))
 
 from test_researcher_cli import JupyterServer  # noqa: E402 (the tests' server helper)
 
-from dcr_enclave import contract  # noqa: E402
-from dcr_enclave.cli import main as cli_main  # noqa: E402
-from dcr_enclave.enclave_host import EnclaveHost, HostConfig, process_tree  # noqa: E402
-from dcr_enclave.hostclient import HostClient  # noqa: E402
-from dcr_enclave.jwk import load_or_create_key, public_jwk  # noqa: E402
-from dcr_enclave.store import DEV_HUB_KEY_FILE  # noqa: E402
+from dcr_enclave.commands.main import main as cli_main  # noqa: E402
+from dcr_enclave.formats import contract  # noqa: E402
+from dcr_enclave.formats.jwk import public_jwk  # noqa: E402
+from dcr_enclave.pack.signing_keys import load_or_create_key  # noqa: E402
+from dcr_enclave.pack.store import DEV_HUB_KEY_FILE  # noqa: E402
+from dcr_enclave.platform.client import HostClient  # noqa: E402
+from dcr_enclave.platform.host import EnclaveHost, HostConfig, process_tree  # noqa: E402
 from dcr_server_ext.events import EVENT_SCHEMA_ID  # noqa: E402
 from dcr_server_ext.jobstore import JobStore  # noqa: E402
 from dcr_server_ext.model import Job  # noqa: E402

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from hub_harness import HarnessError, Hub  # noqa: E402
 
-from dcr_enclave.store import Store  # noqa: E402
+from dcr_enclave.pack.store import Store  # noqa: E402
 from dcr_spawner import sandbox_mounts  # noqa: E402
 from dcr_spawner.local import account_name  # noqa: E402
 

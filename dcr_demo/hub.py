@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.errors import DCRError
 
 #: ``<MARKER>.<file name>`` is left in the home once a file is given, so a file the user deletes is not
 #: brought back at the next spawn.

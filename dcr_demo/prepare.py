@@ -41,11 +41,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Final
 
-from dcr_enclave.contract import DATA_ROOT
-from dcr_enclave.errors import DCRError
-from dcr_enclave.keys import KeyDirectory
-from dcr_enclave.measure import current_measurement
-from dcr_enclave.store import Store
+from dcr_enclave.formats.contract import DATA_ROOT
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.pack.store import Store
+from dcr_enclave.platform.key_store import KeyDirectory
+from dcr_enclave.platform.measure import current_measurement
 
 from . import data
 from .data import Table

@@ -25,8 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import IO, Final
 
-from dcr_enclave.errors import DCRError
-from dcr_enclave.hostclient import HostClient
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.platform.client import HostClient
 
 from . import data
 from .prepare import GROUPS, PROVIDER_ACCOUNT, RESEARCHERS, Demo, Say, entitled_datasets, repo_root

@@ -25,7 +25,7 @@ from typing import Any, Final
 import numpy as np
 import pandas as pd
 
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.errors import DCRError
 
 from .schema import DEFAULT_BINS, MAX_EXACT_INTEGERS, ColumnSpec
 

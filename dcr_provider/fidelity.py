@@ -33,7 +33,7 @@ from typing import Any, Final
 import numpy as np
 import pandas as pd
 
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.errors import DCRError
 
 from .domain import Domain, encode
 from .schema import TableSchema

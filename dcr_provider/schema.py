@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import yaml
 
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.errors import DCRError
 
 TYPES: Final = ("integer", "float", "categorical")
 DEFAULT_BINS: Final = 10

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Final, Protocol
 import numpy as np
 import pandas as pd
 
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.errors import DCRError
 
 from .domain import Domain, declared_domain, decode, encode, estimate_categories, estimate_numeric
 from .schema import TableSchema, load_schema

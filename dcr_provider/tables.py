@@ -21,7 +21,7 @@ from typing import Final
 import numpy as np
 import pandas as pd
 
-from dcr_enclave.errors import DCRError, LimitError
+from dcr_enclave.formats.errors import DCRError, LimitError
 
 from .schema import ColumnSpec, TableSchema
 

@@ -23,8 +23,9 @@ from jupyter_server.serverapp import ServerApp
 from traitlets import Float, Int, List, TraitError, Unicode, default, validate
 from traitlets.utils.importstring import import_item
 
-from dcr_enclave.bundle import DEFAULT_EXCLUDE, BundleLimits, check_patterns
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.bundle import DEFAULT_EXCLUDE, BundleLimits
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.pack.bundle_builder import check_patterns
 
 from .backends.base import Backend
 from .events import EVENT_SCHEMA_ID, EVENT_SCHEMA_PATH, job_event

@@ -43,10 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final
 
-from dcr_enclave import contract
-from dcr_enclave.digests import canonical_json
-from dcr_enclave.errors import DCRError, IntegrityError
-from dcr_enclave.receipt import ReceiptManifest, write_receipt_dir
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.digests import canonical_json
+from dcr_enclave.formats.errors import DCRError, IntegrityError
+from dcr_enclave.formats.receipt import ReceiptManifest
+from dcr_enclave.runtime.receipt_writer import write_receipt_dir
 
 from .events import EVENT_SCHEMA_ID
 

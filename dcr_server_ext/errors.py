@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.errors import DCRError
 
 
 class APIError(DCRError):

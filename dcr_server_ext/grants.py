@@ -25,12 +25,13 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Enum, Int, TraitError, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
-from dcr_enclave import contract
-from dcr_enclave.dataset import PROTECTION_KINDS, DatasetVersion
-from dcr_enclave.errors import DCRError
-from dcr_enclave.grant import GrantedDataset, OutputLimits, issue_grant
-from dcr_enclave.jwk import read_private_key
-from dcr_enclave.store import Store
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.dataset import PROTECTION_KINDS, DatasetVersion
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import GrantedDataset, OutputLimits
+from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.signing_keys import read_private_key
+from dcr_enclave.pack.store import Store
 
 from .errors import APIError, Unavailable
 

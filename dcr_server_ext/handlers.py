@@ -4,7 +4,7 @@ Every handler is a jupyter_server ``APIHandler``: authenticated by the server's 
 (``@web.authenticated``), authorized by its authorizer on the resource ``"dcr"`` (``@authorized``: GET is
 ``read``, POST is ``write``), with the server's XSRF and origin checks. Refusals are JSON
 ``{"error": "..."}`` with the status of the :class:`~dcr_server_ext.errors.APIError` raised (any other
-:class:`~dcr_enclave.errors.DCRError` is a 400); bodies are checked here (size, JSON, fields, types) and
+:class:`~dcr_enclave.formats.errors.DCRError` is a 400); bodies are checked here (size, JSON, fields, types) and
 paths again in the manager, which owns the decision.
 """
 
@@ -23,8 +23,8 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from dcr_enclave.contract import JOB_ID_RE, NAME_RE
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.contract import JOB_ID_RE, NAME_RE
+from dcr_enclave.formats.errors import DCRError
 
 from .errors import APIError, NotFound, TooLarge
 from .manager import JobManager

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dcr_enclave.contract import check_job_id
-from dcr_enclave.errors import DCRError
-from dcr_enclave.sealing import generate_keypair
+from dcr_enclave.formats.contract import check_job_id
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.sealing import generate_keypair
 
 
 class JobKeys:

@@ -35,8 +35,8 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from dcr_enclave.contract import JOB_STATES, TERMINAL_STATES, check_job_id
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.contract import JOB_STATES, TERMINAL_STATES, check_job_id
+from dcr_enclave.formats.errors import DCRError
 
 from .errors import Conflict, NotFound, Unavailable
 from .model import UNFINISHED_STATES, Job

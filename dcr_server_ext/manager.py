@@ -45,13 +45,15 @@ from typing import Any
 
 import jwt
 
-from dcr_enclave import attestation, contract
-from dcr_enclave.bundle import BundleLimits, build_bundle, data_references, plan_bundle
-from dcr_enclave.digests import check_digest
-from dcr_enclave.errors import DCRError, LimitError
-from dcr_enclave.jwk import load_jwks_file, thumbprint
-from dcr_enclave.receipt import check_receipt_dir
-from dcr_enclave.sealing import open_dir
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.bundle import BundleLimits
+from dcr_enclave.formats.digests import check_digest
+from dcr_enclave.formats.errors import DCRError, LimitError
+from dcr_enclave.formats.jwk import load_jwks_file, thumbprint
+from dcr_enclave.formats.sealing import open_dir
+from dcr_enclave.pack.bundle_builder import build_bundle, data_references, plan_bundle
+from dcr_enclave.verify.receipt import check_receipt_dir
+from dcr_enclave.verify.token import load_trust_roots
 
 from .backends.base import Backend, BackendStatus
 from .errors import APIError, Conflict, NotFound, TooLarge, Unavailable
@@ -113,7 +115,7 @@ def load_trust_anchors(entries: Iterable[str]) -> TrustAnchors:
         except OSError as e:
             raise DCRError(f"cannot read the trust anchor file {entry}: {e.strerror}") from None
         if raw.lstrip().startswith(b"-----BEGIN CERTIFICATE"):
-            for cert in attestation.load_trust_roots(raw):
+            for cert in load_trust_roots(raw):
                 described.append({"kind": "root", "source": entry, "id": cert.subject.rfc4514_string()})
             roots.append(raw)
             continue

@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dcr_enclave.contract import JOB_STATES, TERMINAL_STATES
+from dcr_enclave.formats.contract import JOB_STATES, TERMINAL_STATES
 
 #: States from which the reconciler still has work to do.
 UNFINISHED_STATES = tuple(s for s in JOB_STATES if s not in TERMINAL_STATES and s != "held")

@@ -57,11 +57,12 @@ from jupyterhub.utils import url_path_join
 from traitlets import TraitError
 from traitlets.config import Config
 
-from dcr_enclave import contract
-from dcr_enclave.digests import DIGEST_RE
-from dcr_enclave.errors import DCRError
-from dcr_enclave.grant import GrantedDataset, issue_grant
-from dcr_enclave.store import Store
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.digests import DIGEST_RE
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import GrantedDataset
+from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.store import Store
 
 from .hubdb import GrantedJob, HubDB, Usage
 from .hubkey import AirlockKey, HubKey, load_or_create_airlock_key, load_or_create_hub_key

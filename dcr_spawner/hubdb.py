@@ -38,7 +38,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.errors import DCRError
 
 #: Bumped when the tables change; a database written by a newer DCR is refused rather than misread.
 SCHEMA_VERSION: Final = 1

@@ -15,9 +15,11 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from dcr_enclave import jwk, sealing
-from dcr_enclave.errors import DCRError
-from dcr_enclave.keys import read_private_file, write_private_file
+from dcr_enclave.formats import sealing
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.jwk import PrivateKey, key_alg, public_jwk
+from dcr_enclave.pack.signing_keys import generate_key, write_private_key
+from dcr_enclave.platform.key_store import read_private_file, write_private_file
 
 _MAX_PEM_BYTES = 64 * 1024
 
@@ -27,7 +29,7 @@ class HubKey:
     """The hub's grant signing key with its public forms."""
 
     path: Path
-    private: jwk.PrivateKey
+    private: PrivateKey
     public_jwk: dict[str, Any]
 
     @property
@@ -63,7 +65,7 @@ def load_or_create_hub_key(path: str | Path, alg: str = "ES256") -> HubKey:
     if not os.path.lexists(p):
         _prepare_parent(p)
         try:
-            jwk.write_private_key(p, jwk.generate_key(alg))
+            write_private_key(p, generate_key(alg))
         except DCRError:
             if not p.exists():  # lost a creation race: the winner's key is used below
                 raise
@@ -76,8 +78,8 @@ def load_or_create_hub_key(path: str | Path, alg: str = "ES256") -> HubKey:
         raise DCRError(f"the hub key {p} is not an unencrypted PEM private key ({e})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise DCRError(f"the hub key {p} must be an EC P-256 or RSA private key")
-    jwk.key_alg(key)  # refuses curves other than P-256
-    return HubKey(p, key, jwk.public_jwk(key))
+    key_alg(key)  # refuses curves other than P-256
+    return HubKey(p, key, public_jwk(key))
 
 
 def load_or_create_airlock_key(path: str | Path) -> AirlockKey:

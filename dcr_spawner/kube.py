@@ -36,8 +36,8 @@ from kubernetes_asyncio.client.models import (
 from kubespawner import KubeSpawner
 from traitlets import Dict, List, TraitError, Unicode, default, validate
 
-from dcr_enclave.contract import DATA_ROOT
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.contract import DATA_ROOT
+from dcr_enclave.formats.errors import DCRError
 
 from .grant_service import arm_start_hook
 from .policy import DCRPolicy, Entitlement, PolicySpawnerMixin

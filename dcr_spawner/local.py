@@ -43,8 +43,8 @@ from jupyterhub.spawner import LocalProcessSpawner
 from jupyterhub.utils import random_port
 from traitlets import List, TraitError, Unicode, default, validate
 
-from dcr_enclave.contract import DATA_ROOT
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.contract import DATA_ROOT
+from dcr_enclave.formats.errors import DCRError
 
 from . import sandbox_mounts
 from .grant_service import arm_start_hook

@@ -28,12 +28,12 @@ from jupyterhub.traitlets import ByteSpecification
 from traitlets import Dict, Integer, TraitError, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
-from dcr_enclave import contract
-from dcr_enclave.dataset import DatasetVersion, Protection
-from dcr_enclave.digests import DIGEST_RE
-from dcr_enclave.errors import DCRError
-from dcr_enclave.grant import RELEASE_MODES, OutputLimits
-from dcr_enclave.store import Store
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.dataset import DatasetVersion, Protection
+from dcr_enclave.formats.digests import DIGEST_RE
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import RELEASE_MODES, OutputLimits
+from dcr_enclave.pack.store import Store
 
 _DATASET_KEYS: Final = frozenset(
     {"version", "store", "release", "entitled", "synthetic", "description", "fidelity_report"}

@@ -4,10 +4,10 @@ Fixtures:
 
 - ``insurance_real`` / ``insurance_synthetic``: paths of the public insurance data set in
   ``../shared/data/insurance/`` (read in place, never copied into the repository).
-- ``run_cli``: runs ``dcr`` in-process (``dcr_enclave.cli.main``) and returns ``(exit_code, stdout, stderr)``.
+- ``run_cli``: runs ``dcr`` in-process (``dcr_enclave.commands.main.main``) and returns ``(exit_code, stdout, stderr)``.
 - ``store``: a fresh dataset store with ``acme/insurance`` registered through ``dcr provider add``
   (real = the insurance rows, synthetic = their published MST version); yields a :class:`StoreInfo`.
-- ``host``: a real :class:`~dcr_enclave.enclave_host.EnclaveHost` serving on a temporary unix socket, with
+- ``host``: a real :class:`~dcr_enclave.platform.host.EnclaveHost` serving on a temporary unix socket, with
   its own state directory, trusting the store's local development hub key; yields a :class:`HostInfo`.
 - ``make_host``: starts such hosts on demand, ``make_host(name, **HostConfig overrides)``; each is shut down
   after the test (``host`` is ``make_host()``).
@@ -33,11 +33,12 @@ from typing import Any
 import nbformat
 import pytest
 
-from dcr_enclave.cli import main as cli_main
-from dcr_enclave.enclave_host import EnclaveHost, HostConfig
-from dcr_enclave.hostclient import HostClient
-from dcr_enclave.jwk import load_or_create_key, public_jwk
-from dcr_enclave.store import DEV_HUB_KEY_FILE
+from dcr_enclave.commands.main import main as cli_main
+from dcr_enclave.formats.jwk import public_jwk
+from dcr_enclave.pack.signing_keys import load_or_create_key
+from dcr_enclave.pack.store import DEV_HUB_KEY_FILE
+from dcr_enclave.platform.client import HostClient
+from dcr_enclave.platform.host import EnclaveHost, HostConfig
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 

@@ -46,7 +46,7 @@ import psutil
 import requests
 
 if TYPE_CHECKING:
-    from dcr_enclave.dataset import DatasetVersion
+    from dcr_enclave.formats.dataset import DatasetVersion
 
 REPO = Path(__file__).resolve().parents[1]
 CHP = REPO / ".npm" / "node_modules" / ".bin" / "configurable-http-proxy"
@@ -535,8 +535,8 @@ def register_dataset(
     store: Path, provider: str, dataset: str, files: Iterable[tuple[Path, Path]], *extra: str
 ) -> Any:
     """Register ``(real, synthetic)`` pairs with ``dcr provider add`` (in-process); returns the manifest."""
-    from dcr_enclave.cli import main as cli_main
-    from dcr_enclave.store import Store
+    from dcr_enclave.commands.main import main as cli_main
+    from dcr_enclave.pack.store import Store
 
     args = ["provider", "add", "--store", str(store), "--provider", provider, "--dataset", dataset]
     for real, synthetic in files:

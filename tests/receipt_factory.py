@@ -20,10 +20,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from dcr_enclave import contract, jwk
-from dcr_enclave.attestation import local_claims, sign_token
-from dcr_enclave.digests import canonical_json, sha256_bytes
-from dcr_enclave.receipt import ReceiptManifest, build_manifest, output_entries, write_receipt_dir
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.digests import canonical_json, sha256_bytes
+from dcr_enclave.formats.jwk import PrivateKey, jwks, public_jwk, thumbprint
+from dcr_enclave.formats.receipt import ReceiptManifest, build_manifest
+from dcr_enclave.pack.signing_keys import generate_key
+from dcr_enclave.platform.signer import local_claims, sign_token
+from dcr_enclave.runtime.receipt_writer import output_entries, write_receipt_dir
 
 IMAGE_DIGEST = sha256_bytes(b"test enclave image")
 OTHER_IMAGE_DIGEST = sha256_bytes(b"another enclave image")
@@ -51,18 +54,18 @@ def default_outputs() -> dict[str, bytes]:
 class Signer:
     """A test attestation signer: a private key and its public JWK (kid = RFC 7638 thumbprint)."""
 
-    key: jwk.PrivateKey
+    key: PrivateKey
 
     @property
     def public_jwk(self) -> dict[str, Any]:
-        return jwk.public_jwk(self.key)
+        return public_jwk(self.key)
 
     @property
     def thumbprint(self) -> str:
-        return jwk.thumbprint(self.public_jwk)
+        return thumbprint(self.public_jwk)
 
     def jwks(self) -> dict[str, Any]:
-        return jwk.jwks(self.key)
+        return jwks(self.key)
 
     def write_jwks(self, path: Path) -> Path:
         path.write_text(json.dumps(self.jwks()))
@@ -73,7 +76,7 @@ class Signer:
 
 
 def make_signer(alg: str = "ES256") -> Signer:
-    return Signer(jwk.generate_key(alg))
+    return Signer(generate_key(alg))
 
 
 def make_manifest(outputs_dir: Path, **overrides: Any) -> ReceiptManifest:
@@ -198,7 +201,7 @@ def make_receipt(
     manifest_overrides: Mapping[str, Any] | None = None,
     claims: Callable[[ReceiptManifest], dict[str, Any]] | None = None,
     x5c: list[str] | None = None,
-    token_key: jwk.PrivateKey | None = None,
+    token_key: PrivateKey | None = None,
 ) -> Receipt:
     """Write a complete receipt into ``directory``: outputs, manifest, token and signer JWKS.
 

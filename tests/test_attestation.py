@@ -28,16 +28,12 @@ from receipt_factory import (
     raw_token,
 )
 
-from dcr_enclave import contract
-from dcr_enclave.attestation import (
-    AttestationClaims,
-    TokenCheckError,
-    local_claims,
-    sign_token,
-    verify_token,
-)
-from dcr_enclave.digests import sha256_bytes
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.attestation import AttestationClaims, TokenCheckError
+from dcr_enclave.formats.digests import sha256_bytes
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.platform.signer import local_claims, sign_token
+from dcr_enclave.verify.token import verify_token
 
 NONCE = sha256_bytes(b"a receipt manifest")
 ENV = {

@@ -16,19 +16,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from dcr_enclave import bundle as bundle_mod
-from dcr_enclave.bundle import (
-    DEFAULT_EXCLUDE,
-    BundleFile,
-    BundleLimits,
-    BundleManifest,
-    build_bundle,
-    extract_bundle,
-    plan_bundle,
-    write_bundle,
-)
-from dcr_enclave.digests import canonical_json, sha256_bytes, sha256_json
-from dcr_enclave.errors import DCRError, IntegrityError, LimitError
+from dcr_enclave.formats.bundle import DEFAULT_EXCLUDE, BundleFile, BundleLimits, BundleManifest
+from dcr_enclave.formats.digests import canonical_json, sha256_bytes, sha256_json
+from dcr_enclave.formats.errors import DCRError, IntegrityError, LimitError
+from dcr_enclave.pack import bundle_builder as bundle_mod
+from dcr_enclave.pack.bundle_builder import build_bundle, plan_bundle, write_bundle
+from dcr_enclave.runtime.bundle_extractor import extract_bundle
 
 # ---------------------------------------------------------------------------------------------------------
 # Fixtures and helpers
@@ -411,7 +404,7 @@ def test_refuses_names_that_are_not_utf8(ws: Path, out: Path) -> None:
 
 def test_refuses_too_many_files_before_hashing(ws: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """More files than max_files is a LimitError raised while walking, before any file is read."""
-    monkeypatch.setattr(bundle_mod, "_copy_hashed", _must_not_hash)
+    monkeypatch.setattr(bundle_mod, "copy_hashed", _must_not_hash)
     monkeypatch.setattr(bundle_mod, "_read_notebook", _must_not_hash)
     err = refuse(
         lambda: build_bundle(ws / "nb.ipynb", out / "b.tar", limits=BundleLimits(max_files=3)),
@@ -424,7 +417,7 @@ def test_refuses_too_many_files_before_hashing(ws: Path, out: Path, monkeypatch:
 
 def test_refuses_too_many_bytes_before_hashing(ws: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """More bytes than max_bytes is a LimitError raised while walking, before any file is read."""
-    monkeypatch.setattr(bundle_mod, "_copy_hashed", _must_not_hash)
+    monkeypatch.setattr(bundle_mod, "copy_hashed", _must_not_hash)
     monkeypatch.setattr(bundle_mod, "_read_notebook", _must_not_hash)
     (ws / "data" / "big.bin").write_bytes(b"\0" * 5000)
     err = refuse(

@@ -3,7 +3,7 @@
 The store is untrusted and the enclave does not hash the plaintext, so without the MAC a storage attacker
 could drop a file entry from a manifest and the job would run on part of the data. These tests register
 datasets through ``dcr provider add``, tamper with the stored manifest or files, and drive the code the
-supervisor runs: :func:`dcr_enclave.supervisor.check_dataset_files` and ``Supervisor.fetch_datasets`` itself
+supervisor runs: :func:`dcr_enclave.runtime.dataset_reader.check_dataset_files` and ``Supervisor.fetch_datasets`` itself
 (with a link that releases keys from the provider's keys directory).
 """
 
@@ -18,13 +18,14 @@ from typing import Any, cast
 import jsonschema
 import pytest
 
-from dcr_enclave import streamcrypt
-from dcr_enclave.dataset import SCHEMA_ID, SCHEMA_ID_V1, DatasetVersion
-from dcr_enclave.errors import DCRError, IntegrityError
-from dcr_enclave.grant import GrantedDataset
-from dcr_enclave.keys import KeyDirectory
-from dcr_enclave.store import Store
-from dcr_enclave.supervisor import Launch, Supervisor, check_dataset_files
+from dcr_enclave.formats import streamcrypt
+from dcr_enclave.formats.dataset import SCHEMA_ID, SCHEMA_ID_V1, DatasetVersion
+from dcr_enclave.formats.errors import DCRError, IntegrityError
+from dcr_enclave.formats.grant import GrantedDataset
+from dcr_enclave.pack.store import Store
+from dcr_enclave.platform.key_store import KeyDirectory
+from dcr_enclave.runtime.dataset_reader import check_dataset_files
+from dcr_enclave.runtime.supervisor import Launch, Supervisor
 
 CliResult = tuple[int, str, str]
 SCHEMA = Path(streamcrypt.__file__).parent / "schemas" / "dataset-version.schema.json"

@@ -28,9 +28,9 @@ from dcr_demo import data
 from dcr_demo import prepare as prepare_module
 from dcr_demo.hub import HomeSeeder, seed_home
 from dcr_demo.prepare import ENTITLED, EPSILON, GROUPS, REPORT_EPSILON, Layout, entitled_datasets
-from dcr_enclave.errors import DCRError
-from dcr_enclave.hostclient import HostClient
-from dcr_enclave.store import Store
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.pack.store import Store
+from dcr_enclave.platform.client import HostClient
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -23,15 +23,17 @@ from typing import Any
 import pytest
 from test_local_run import SUMMARY_CELLS, _grant_and_bundle, _wait_state
 
-from dcr_enclave import broker as broker_module
-from dcr_enclave import contract
-from dcr_enclave.attestation import local_claims, sign_token
-from dcr_enclave.errors import DCRError
-from dcr_enclave.grant import GrantedDataset, issue_grant
-from dcr_enclave.jwk import generate_key, load_or_create_key, public_jwk
-from dcr_enclave.sealing import generate_keypair
-from dcr_enclave.store import Store
-from dcr_enclave.teelink import MAX_MESSAGE, decode, encode
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import GrantedDataset
+from dcr_enclave.formats.jwk import public_jwk
+from dcr_enclave.formats.messages import MAX_MESSAGE, decode, encode
+from dcr_enclave.formats.sealing import generate_keypair
+from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.signing_keys import generate_key, load_or_create_key
+from dcr_enclave.pack.store import Store
+from dcr_enclave.platform import broker as broker_module
+from dcr_enclave.platform.signer import local_claims, sign_token
 
 pytestmark = [pytest.mark.root]
 
@@ -57,7 +59,7 @@ def _supervisors(host: Any) -> list[int]:
         except OSError:
             continue
         ppid = int(st[st.rindex(b")") + 2 :].split()[1])
-        if ppid == os.getpid() and b"dcr_enclave.supervisor" in cmd and image in cmd:
+        if ppid == os.getpid() and b"dcr_enclave.runtime.supervisor" in cmd and image in cmd:
             found.append(int(entry.name))
     return found
 
@@ -102,8 +104,8 @@ def test_launching_a_grant_twice_is_one_job(tmp_path, store, host, make_notebook
 
 _AS_OTHER = r"""
 import json, os, sys
-from dcr_enclave.errors import DCRError
-from dcr_enclave.hostclient import HostClient
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.platform.client import HostClient
 req = json.loads(sys.argv[2])
 fds = req.pop("fds", None)
 try:

@@ -18,18 +18,19 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from dcr_enclave import contract
-from dcr_enclave.errors import DCRError
-from dcr_enclave.grant import (
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import (
     LEEWAY_SECONDS,
     MAX_GRANT_BYTES,
     GrantedDataset,
     OutputLimits,
-    issue_grant,
     output_public_key_bytes,
     verify_grant,
 )
-from dcr_enclave.jwk import PrivateKey, generate_key, key_alg, public_jwk
+from dcr_enclave.formats.jwk import PrivateKey, key_alg, public_jwk
+from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.signing_keys import generate_key
 
 BUNDLE = "sha256:" + "b1" * 32
 VERSION = "sha256:" + "d2" * 32

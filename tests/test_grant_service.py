@@ -34,10 +34,10 @@ from hub_harness import (
 )
 from sqlalchemy import update
 
-from dcr_enclave import contract, sealing
-from dcr_enclave.errors import DCRError
-from dcr_enclave.grant import Grant, verify_grant
-from dcr_enclave.store import Store
+from dcr_enclave.formats import contract, sealing
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import Grant, verify_grant
+from dcr_enclave.pack.store import Store
 from dcr_server_ext.errors import Unavailable
 from dcr_server_ext.grants import GrantRefused, HubGrantSource
 from dcr_spawner import DCRPolicy, GrantService

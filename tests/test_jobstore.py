@@ -46,8 +46,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from jupyter_events import EventLogger
 
-from dcr_enclave.contract import JOB_STATES, TERMINAL_STATES, new_job_id
-from dcr_enclave.errors import DCRError
+from dcr_enclave.formats.contract import JOB_STATES, TERMINAL_STATES, new_job_id
+from dcr_enclave.formats.errors import DCRError
 from dcr_server_ext import jobstore as jobstore_mod
 from dcr_server_ext.errors import Conflict, NotFound
 from dcr_server_ext.events import EVENT_SCHEMA_ID, EVENT_SCHEMA_PATH, EVENT_SCHEMA_VERSION, job_event

@@ -29,8 +29,8 @@ from jupyterhub.user import User
 from traitlets import TraitError
 from traitlets.config import Config
 
-from dcr_enclave.errors import DCRError
-from dcr_enclave.store import Store
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.pack.store import Store
 from dcr_spawner.kube import DATASETS_ANNOTATION, SANDBOX_LABEL, DCRKubeSpawner
 from dcr_spawner.policy import DCRPolicy, set_active_policy
 

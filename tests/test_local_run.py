@@ -21,16 +21,20 @@ import nbformat
 import pandas as pd
 import pytest
 
-from dcr_enclave import contract
-from dcr_enclave.bundle import build_bundle, extract_bundle
-from dcr_enclave.enclave_host import EnclaveHost, HostConfig, process_tree
-from dcr_enclave.errors import DCRError
-from dcr_enclave.grant import GrantedDataset, OutputLimits, issue_grant, verify_grant
-from dcr_enclave.jwk import generate_key, load_or_create_key, public_jwk, thumbprint
-from dcr_enclave.sandbox import KERNEL_MOUNT, SandboxSpec, run_notebook
-from dcr_enclave.sealing import generate_keypair, open_dir
-from dcr_enclave.store import Store
-from dcr_enclave.supervisor import Supervisor
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import GrantedDataset, OutputLimits, verify_grant
+from dcr_enclave.formats.jwk import public_jwk, thumbprint
+from dcr_enclave.formats.sealing import generate_keypair, open_dir
+from dcr_enclave.pack.bundle_builder import build_bundle
+from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.signing_keys import generate_key, load_or_create_key
+from dcr_enclave.pack.store import Store
+from dcr_enclave.platform.host import EnclaveHost, HostConfig, process_tree
+from dcr_enclave.runtime.bundle_extractor import extract_bundle
+from dcr_enclave.runtime.kernel_layout import KERNEL_MOUNT, SandboxSpec
+from dcr_enclave.runtime.notebook_run import run_notebook
+from dcr_enclave.runtime.supervisor import Supervisor
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -547,7 +551,7 @@ def test_no_plaintext_after_cancel_or_kill(tmp_path, store, host, make_notebook,
 def test_replayed_key_request_is_refused(tmp_path, store, host):
     """A key request that reuses a challenge (same token, same challenge) is refused the second time,
     and both the release and the refusal are in the audit log."""
-    from dcr_enclave.attestation import local_claims, sign_token
+    from dcr_enclave.platform.signer import local_claims, sign_token
 
     h = host.host
     hub_key = load_or_create_key(store.hub_key_path)

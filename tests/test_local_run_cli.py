@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dcr_enclave import contract
+from dcr_enclave.formats import contract
 
 #: A second provider's dataset, registered beside the ``store`` fixture's acme/insurance.
 VISITS_REAL = "region,visits\nnorth,3\nsouth,5\n"

@@ -37,9 +37,9 @@ from jupyterhub.user import User
 from traitlets import TraitError
 from traitlets.config import Config
 
-from dcr_enclave.contract import DATA_ROOT
-from dcr_enclave.errors import DCRError
-from dcr_enclave.store import Store
+from dcr_enclave.formats.contract import DATA_ROOT
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.pack.store import Store
 from dcr_spawner import sandbox_mounts
 from dcr_spawner.local import (
     MARKER_PREFIX,

@@ -33,12 +33,14 @@ from traitlets import Bool, Enum
 from traitlets.config import Config
 from traitlets.utils.importstring import import_item
 
-from dcr_enclave import contract
-from dcr_enclave.bundle import build_bundle
-from dcr_enclave.digests import sha256_bytes
-from dcr_enclave.grant import GrantedDataset, issue_grant, output_public_key_bytes, verify_grant
-from dcr_enclave.jwk import generate_key, public_jwk, thumbprint
-from dcr_enclave.sealing import generate_keypair, seal_dir
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.digests import sha256_bytes
+from dcr_enclave.formats.grant import GrantedDataset, output_public_key_bytes, verify_grant
+from dcr_enclave.formats.jwk import public_jwk, thumbprint
+from dcr_enclave.formats.sealing import generate_keypair, seal_dir
+from dcr_enclave.pack.bundle_builder import build_bundle
+from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.signing_keys import generate_key
 from dcr_server_ext.app import DCRExtension
 from dcr_server_ext.backends.base import Backend, BackendStatus
 from dcr_server_ext.backends.local import LocalBackend

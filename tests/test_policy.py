@@ -22,9 +22,9 @@ from hub_harness import (
 )
 from traitlets.config import Config
 
-from dcr_enclave import jwk
-from dcr_enclave.errors import DCRError
-from dcr_enclave.grant import OutputLimits
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import OutputLimits
+from dcr_enclave.formats.jwk import thumbprint
 from dcr_spawner import DCRPolicy, PolicyError, enable
 from dcr_spawner.grant_service import GrantsHandler
 from dcr_spawner.hubkey import load_or_create_airlock_key, load_or_create_hub_key
@@ -395,7 +395,7 @@ def test_hub_key_is_generated_owner_only_and_kept(tmp_path: Path) -> None:
     first = load_or_create_hub_key(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     again = load_or_create_hub_key(path)
-    assert again.thumbprint == first.thumbprint == jwk.thumbprint(first.public_jwk)
+    assert again.thumbprint == first.thumbprint == thumbprint(first.public_jwk)
     assert again.jwks() == {"keys": [first.public_jwk], "thumbprint": first.thumbprint}
     airlock = load_or_create_airlock_key(tmp_path / "keys" / "airlock.key")
     assert len(airlock.public) == 32

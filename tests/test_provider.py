@@ -16,13 +16,16 @@ import jsonschema
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from dcr_enclave import cli, jwk, streamcrypt
-from dcr_enclave.condition import KeyReleaseCondition, PlatformCondition
-from dcr_enclave.dataset import DatasetVersion, Protection
-from dcr_enclave.errors import DCRError, IntegrityError
-from dcr_enclave.keys import KeyDirectory
-from dcr_enclave.measure import current_measurement
-from dcr_enclave.store import DEV_HUB_KEY_FILE, Store
+from dcr_enclave.commands import main as cli
+from dcr_enclave.formats import streamcrypt
+from dcr_enclave.formats.dataset import DatasetVersion, Protection
+from dcr_enclave.formats.errors import DCRError, IntegrityError
+from dcr_enclave.formats.jwk import public_jwk, thumbprint
+from dcr_enclave.pack.signing_keys import generate_key, read_private_key
+from dcr_enclave.pack.store import DEV_HUB_KEY_FILE, Store
+from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
+from dcr_enclave.platform.key_store import KeyDirectory
+from dcr_enclave.platform.measure import current_measurement
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "insurance"
 REAL = DATA / "real.csv"
@@ -132,8 +135,8 @@ def test_add_prints_hub_snippet_and_condition(added: tuple[Path, str]) -> None:
     assert json.dumps(condition.to_json(), indent=2, ensure_ascii=False) in out
     assert condition.versions == (manifest.version,)
     assert condition.enclave_digests == (current_measurement(),)
-    hub_key = jwk.read_private_key(root / ".keys" / DEV_HUB_KEY_FILE)
-    assert condition.hub_key_thumbprints == (jwk.thumbprint(jwk.public_jwk(hub_key)),)
+    hub_key = read_private_key(root / ".keys" / DEV_HUB_KEY_FILE)
+    assert condition.hub_key_thumbprints == (thumbprint(public_jwk(hub_key)),)
     assert condition.platform == PlatformCondition.defaults("local")
     assert "LOCAL DEVELOPMENT" in out and "local development only" in out
 
@@ -254,16 +257,16 @@ def test_hub_key_and_platform_options(tmp_path: Path, capsys: pytest.CaptureFixt
     """--hub-key (PEM public key or JWKS), --enclave-digest and --platform confidential-space end up in
     the condition; no development hub key is created then, and a cloud condition without a project is
     flagged as incomplete."""
-    hub = jwk.generate_key()
+    hub = generate_key()
     pem = tmp_path / "hub.pub.pem"
     pem.write_bytes(
         hub.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    other = jwk.generate_key("RS256")
+    other = generate_key("RS256")
     jwks = tmp_path / "hub.jwks"
-    jwks.write_text(json.dumps(jwk.jwks(hub, other)))
+    jwks.write_text(json.dumps(jwks(hub, other)))
     digest = "sha256:" + "e" * 64
     for i, key_file in enumerate((pem, jwks)):
         root = tmp_path / f"store{i}"
@@ -275,7 +278,7 @@ def test_hub_key_and_platform_options(tmp_path: Path, capsys: pytest.CaptureFixt
         assert condition.enclave_digests == (digest,)
         assert condition.platform == PlatformCondition.defaults("confidential_space")
         expected = [hub] if key_file == pem else [hub, other]
-        assert condition.hub_key_thumbprints == tuple(jwk.thumbprint(jwk.public_jwk(k)) for k in expected)
+        assert condition.hub_key_thumbprints == tuple(thumbprint(public_jwk(k)) for k in expected)
         assert not (root / ".keys" / DEV_HUB_KEY_FILE).exists()
         assert "INCOMPLETE" in out and "LOCAL DEVELOPMENT" not in out
 

@@ -1,6 +1,6 @@
 """Dataset versions over time: pinned grants keep decrypting old versions; retired versions get no new grants.
 
-The key release goes through the real :class:`~dcr_enclave.broker.KeyBroker` (challenge, attestation token,
+The key release goes through the real :class:`~dcr_enclave.platform.broker.KeyBroker` (challenge, attestation token,
 grant, the provider's condition compiled to CEL) and the released key decrypts the real ciphertext.
 """
 
@@ -14,18 +14,21 @@ from typing import Any
 
 import pytest
 
-from dcr_enclave import contract, jwk, streamcrypt
-from dcr_enclave import store as store_module
-from dcr_enclave.attestation import local_claims, sign_token
-from dcr_enclave.broker import AuditLog, KeyBroker
 from dcr_enclave.commands.local_run import pick_datasets
-from dcr_enclave.dataset import DatasetVersion
-from dcr_enclave.errors import DCRError
-from dcr_enclave.grant import GrantedDataset, issue_grant
-from dcr_enclave.keys import KeyDirectory
-from dcr_enclave.measure import current_measurement
-from dcr_enclave.sealing import generate_keypair
-from dcr_enclave.store import DEV_HUB_KEY_FILE, Store
+from dcr_enclave.formats import contract, streamcrypt
+from dcr_enclave.formats.dataset import DatasetVersion
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import GrantedDataset
+from dcr_enclave.formats.jwk import public_jwk, thumbprint
+from dcr_enclave.formats.sealing import generate_keypair
+from dcr_enclave.pack import store as store_module
+from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.signing_keys import generate_key, load_or_create_key
+from dcr_enclave.pack.store import DEV_HUB_KEY_FILE, Store
+from dcr_enclave.platform.broker import AuditLog, KeyBroker
+from dcr_enclave.platform.key_store import KeyDirectory
+from dcr_enclave.platform.measure import current_measurement
+from dcr_enclave.platform.signer import local_claims, sign_token
 
 CliResult = tuple[int, str, str]
 BUNDLE = "sha256:" + "b" * 64
@@ -75,7 +78,7 @@ def two_versions(
 
 
 def _grant(root: Path, job_id: str, version: str) -> str:
-    hub = jwk.load_or_create_key(root / ".keys" / DEV_HUB_KEY_FILE)
+    hub = load_or_create_key(root / ".keys" / DEV_HUB_KEY_FILE)
     _, public = generate_keypair()
     return issue_grant(
         hub,
@@ -89,14 +92,14 @@ def _grant(root: Path, job_id: str, version: str) -> str:
 
 def _release(root: Path, tmp_path: Path, manifest: DatasetVersion, grant: str, job_id: str) -> bytes:
     """Ask a real key broker for ``manifest``'s data key, as the enclave supervisor does."""
-    signer = jwk.generate_key()
-    hub_public = jwk.public_jwk(jwk.load_or_create_key(root / ".keys" / DEV_HUB_KEY_FILE))
-    broker = KeyBroker(root / ".keys", [jwk.public_jwk(signer)], AuditLog(tmp_path / "audit.log"))
+    signer = generate_key()
+    hub_public = public_jwk(load_or_create_key(root / ".keys" / DEV_HUB_KEY_FILE))
+    broker = KeyBroker(root / ".keys", [public_jwk(signer)], AuditLog(tmp_path / "audit.log"))
     challenge = broker.new_challenge(job_id)
     env = {
         contract.ENV.JOB_ID: job_id,
         contract.ENV.BUNDLE_DIGEST: BUNDLE,
-        contract.ENV.HUB_KEY_THUMBPRINT: jwk.thumbprint(hub_public),
+        contract.ENV.HUB_KEY_THUMBPRINT: thumbprint(hub_public),
     }
     claims = local_claims(
         image_digest=current_measurement(),
@@ -109,7 +112,7 @@ def _release(root: Path, tmp_path: Path, manifest: DatasetVersion, grant: str, j
         "provider": manifest.provider,
         "dataset": manifest.dataset,
         "version": manifest.version,
-        "token": sign_token(claims, signer, kid=jwk.public_jwk(signer)["kid"]),
+        "token": sign_token(claims, signer, kid=public_jwk(signer)["kid"]),
         "hub_jwks": [hub_public],
         "grant": grant,
         "wrapped_key": manifest.key.to_json(),

@@ -1,4 +1,4 @@
-"""The provider's key-release condition compiled to CEL and evaluated (dcr_enclave.release_policy)."""
+"""The provider's key-release condition compiled to CEL and evaluated (dcr_enclave.platform.condition_cel)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from cel_expr_python import cel
 
-from dcr_enclave import contract, release_policy
-from dcr_enclave.condition import KeyReleaseCondition, PlatformCondition
-from dcr_enclave.errors import DCRError, LimitError
-from dcr_enclave.release_policy import (
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.errors import DCRError, LimitError
+from dcr_enclave.platform import condition_cel as release_policy
+from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
+from dcr_enclave.platform.condition_cel import (
     cel_string_literal,
     clauses,
     compile_condition,

@@ -3,7 +3,7 @@
 The server is a subprocess (``python -m jupyter_server``) on a free loopback port with a random token,
 the DCR extension configured through a config file: the ``host`` fixture's enclave host as backend, the
 ``store`` fixture's development hub key as grant source, its own data directory and SQLite job store.
-The CLI runs in-process through ``dcr_enclave.cli.main``, its ``dcr.commands`` entry points replaced by
+The CLI runs in-process through ``dcr_enclave.commands.main.main``, its ``dcr.commands`` entry points replaced by
 the one setup.cfg declares for these commands (``server = dcr_server_ext.cli:register``), so the tests do
 not depend on what metadata happens to be installed.
 """
@@ -31,8 +31,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-import dcr_enclave.cli
-from dcr_enclave import contract
+import dcr_enclave.commands.main
+from dcr_enclave.formats import contract
 from dcr_server_ext import cli as server_cli
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -226,7 +226,7 @@ def cli_runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRun:
     runtime.mkdir(exist_ok=True)
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime))
     monkeypatch.setattr(
-        dcr_enclave.cli,
+        dcr_enclave.commands.main,
         "entry_points",
         lambda group: [CLI_ENTRY_POINT] if group == "dcr.commands" else [],
     )
@@ -236,7 +236,7 @@ def cli_runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRun:
         out, err = io.StringIO(), err or io.StringIO()
         with redirect_stdout(out), redirect_stderr(err):
             try:
-                code = dcr_enclave.cli.main([str(a) for a in args])
+                code = dcr_enclave.commands.main.main([str(a) for a in args])
             except SystemExit as e:
                 code = int(e.code or 0)
         return code, out.getvalue(), err.getvalue()

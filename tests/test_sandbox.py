@@ -26,16 +26,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from dcr_enclave.errors import DCRError
-from dcr_enclave.sandbox import (
-    KERNEL_MOUNT,
-    WORK_MOUNT,
-    NotebookRun,
-    RunResult,
-    SandboxSpec,
-    check_sandbox,
-    run_notebook,
-)
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.runtime.kernel_layout import KERNEL_MOUNT, WORK_MOUNT, SandboxSpec
+from dcr_enclave.runtime.kernel_process import check_sandbox
+from dcr_enclave.runtime.notebook_run import NotebookRun, RunResult, run_notebook
 
 pytestmark = pytest.mark.root
 

@@ -1,4 +1,4 @@
-"""Outputs sealed to an X25519 key (dcr_enclave.sealing): round trips, refusals, nothing left half-done."""
+"""Outputs sealed to an X25519 key (dcr_enclave.formats.sealing): round trips, refusals, nothing left half-done."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dcr_enclave import sealing, streamcrypt
-from dcr_enclave.errors import DCRError, IntegrityError, LimitError
+from dcr_enclave.formats import sealing, streamcrypt
+from dcr_enclave.formats.errors import DCRError, IntegrityError, LimitError
 
 JOB = "job-" + "ab" * 12
 OTHER_JOB = "job-" + "cd" * 12

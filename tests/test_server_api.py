@@ -29,8 +29,8 @@ from traitlets import TraitError
 from traitlets.config import Config
 
 import dcr_server_ext
-from dcr_enclave.contract import TERMINAL_STATES
-from dcr_enclave.digests import canonical_json, sha256_bytes
+from dcr_enclave.formats.contract import TERMINAL_STATES
+from dcr_enclave.formats.digests import canonical_json, sha256_bytes
 from dcr_server_ext import _jupyter_server_extension_points
 from dcr_server_ext.app import DCRExtension
 from dcr_server_ext.events import EVENT_SCHEMA_ID
@@ -739,7 +739,7 @@ def test_trust_jwks_trait_explains_itself_and_refuses_bad_anchors(tmp_path: Path
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from dcr_enclave.jwk import load_jwks_file, thumbprint
+    from dcr_enclave.formats.jwk import load_jwks_file, thumbprint
     from dcr_server_ext.manager import load_trust_anchors
 
     text = DCRExtension.class_traits()["trust_jwks"].help
@@ -795,7 +795,7 @@ async def test_grant_source_without_a_dataset_list_is_501():
 async def test_datasets_lists_the_dev_store(api, store):
     """GET /dcr/api/datasets with the development grant source lists the store's newest version of each
     dataset with its protection, release mode and files as they appear under /data."""
-    from dcr_enclave.store import Store
+    from dcr_enclave.pack.store import Store
 
     manifest = Store(store.root).versions(store.provider, store.dataset)[-1]
     reply = await api("GET", "datasets")
@@ -827,7 +827,7 @@ def test_datasets_come_from_the_real_hub(store, tmp_path: Path, monkeypatch):
     modes, protection and ε; a token the hub rejects is a 403 refusal, an unreachable hub a 503."""
     from hub_harness import Hub, dataset_entry, make_csv, policy_config, register_dataset
 
-    from dcr_enclave.store import Store
+    from dcr_enclave.pack.store import Store
     from dcr_server_ext.errors import Unavailable
     from dcr_server_ext.grants import GrantRefused, HubGrantSource
 
@@ -872,7 +872,7 @@ async def test_dry_run_shows_what_would_be_submitted_and_changes_nothing(
     the bundle planner, same files and sizes, the /data datasets the notebook mentions) and stores,
     grants and launches nothing; a bad flag, an oversized workspace and named datasets are handled as for
     a submission."""
-    from dcr_enclave.bundle import plan_bundle
+    from dcr_enclave.pack.bundle_builder import plan_bundle
 
     root = jp_root_dir
     nb = _notebook(
@@ -994,7 +994,8 @@ async def test_verify_reports_every_check_against_the_pinned_host_key(
     notebook and an edited output in the user's copy do not change the answer (while `dcr verify` on the
     copy notices). A key that did not sign the receipt fails the signature check (200, verified false), a
     tampered manifest fails the nonce check, and a server without anchors answers 503."""
-    from dcr_enclave.jwk import generate_key, jwks, load_jwks_file, thumbprint
+    from dcr_enclave.formats.jwk import jwks, load_jwks_file, thumbprint
+    from dcr_enclave.pack.signing_keys import generate_key
     from dcr_server_ext.manager import TrustAnchors, load_trust_anchors
 
     _notebook(

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from test_researcher_cli import JupyterServer, cli_runner, write_notebook
 
-from dcr_enclave import contract
+from dcr_enclave.formats import contract
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dcr_enclave.errors import DCRError, IntegrityError
-from dcr_enclave.streamcrypt import (
+from dcr_enclave.formats.errors import DCRError, IntegrityError
+from dcr_enclave.formats.streamcrypt import (
     DEFAULT_CHUNK_SIZE,
     HEADER_SIZE,
     MAGIC,
@@ -295,7 +295,7 @@ _MEASURE = textwrap.dedent(
     """
     import resource, sys
     from pathlib import Path
-    from dcr_enclave.streamcrypt import FileContext, decrypt_file
+    from dcr_enclave.formats.streamcrypt import FileContext, decrypt_file
     ctx = FileContext("acme", "insurance", "sha256:" + "ab" * 32, "big.bin")
     decrypt_file(Path(sys.argv[1]), Path(sys.argv[2]), bytes.fromhex(sys.argv[3]), ctx)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dcr_enclave.cli import main as cli_main
 from dcr_enclave.commands import provider as provider_cmd
-from dcr_enclave.errors import DCRError
-from dcr_enclave.store import Store
+from dcr_enclave.commands.main import main as cli_main
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.pack.store import Store
 from dcr_provider import fidelity
 from dcr_provider.domain import encode
 from dcr_provider.schema import TableSchema, schema_from_json

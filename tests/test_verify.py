@@ -27,17 +27,14 @@ from receipt_factory import (
     receipt_claims,
 )
 
-from dcr_enclave import contract
-from dcr_enclave.attestation import format_timestamp
-from dcr_enclave.cli import main
-from dcr_enclave.digests import canonical_json, sha256_bytes
-from dcr_enclave.errors import DCRError
-from dcr_enclave.receipt import (
-    ReceiptManifest,
-    check_receipt_dir,
-    output_entries,
-    write_receipt_dir,
-)
+from dcr_enclave.commands.main import main
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.attestation import format_timestamp
+from dcr_enclave.formats.digests import canonical_json, sha256_bytes
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.receipt import ReceiptManifest
+from dcr_enclave.runtime.receipt_writer import output_entries, write_receipt_dir
+from dcr_enclave.verify.receipt import check_receipt_dir
 
 LINE_RE = re.compile(r"^(PASS|FAIL) ([^:]+): (.*)$")
 ALWAYS = [

@@ -16,8 +16,8 @@ from typing import Any
 
 from traitlets import Float, TraitError, Unicode, validate
 
-from dcr_enclave.errors import DCRError
-from dcr_enclave.hostclient import DEFAULT_SOCKET, HostClient
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.platform.client import DEFAULT_SOCKET, HostClient
 
 from ..errors import Unavailable
 from ..model import Job

@@ -1,5 +1,5 @@
 """``python -m dcr_enclave`` runs the same CLI as ``dcr`` with only this distribution installed."""
 
-from .cli import main
+from dcr_enclave.commands.main import main
 
 raise SystemExit(main())

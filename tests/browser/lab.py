@@ -24,7 +24,7 @@ from typing import Any, Final
 from playwright.sync_api import BrowserContext, Locator, Page, Playwright, expect
 from playwright.sync_api import Error as PlaywrightError
 
-from dcr_enclave.contract import JOB_STATES
+from dcr_enclave.formats.contract import JOB_STATES
 
 CHROMIUM: Final = "/usr/bin/chromium"
 CHROMIUM_ARGS: Final = (

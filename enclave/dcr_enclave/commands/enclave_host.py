@@ -8,9 +8,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from ..enclave_host import EnclaveHost, HostConfig
-from ..hostclient import DEFAULT_SOCKET
-from ..jwk import load_jwks_file
+from dcr_enclave.formats.jwk import load_jwks_file
+from dcr_enclave.platform.client import DEFAULT_SOCKET
+from dcr_enclave.platform.host import EnclaveHost, HostConfig
 
 DEFAULT_STATE = "/var/lib/dcr/enclave-host"
 

@@ -18,15 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import contract
-from ..bundle import build_bundle, data_references
-from ..enclave_host import EnclaveHost, HostConfig
-from ..errors import DCRError
-from ..grant import GrantedDataset, OutputLimits, issue_grant
-from ..hostclient import HostClient
-from ..jwk import public_jwk, read_private_key
-from ..sealing import generate_keypair, open_dir
-from ..store import DEV_HUB_KEY_FILE, Store
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import GrantedDataset, OutputLimits
+from dcr_enclave.formats.jwk import public_jwk
+from dcr_enclave.formats.sealing import generate_keypair, open_dir
+from dcr_enclave.pack.bundle_builder import build_bundle, data_references
+from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.signing_keys import read_private_key
+from dcr_enclave.pack.store import DEV_HUB_KEY_FILE, Store
+from dcr_enclave.platform.client import HostClient
+from dcr_enclave.platform.host import EnclaveHost, HostConfig
 
 DEFAULT_STATE = "/var/lib/dcr/enclave-host"
 

@@ -5,7 +5,7 @@ files into the store under a fresh data key (wrapped under the provider's KEK), 
 under the real files' names, writes the manifest and the provider's key-release condition, and prints the
 two things people copy elsewhere: the hub-side snippet for ``jupyterhub_config.py`` and the condition.
 The manifest carries an HMAC over its file list under a key derived from the data key, which the enclave
-checks before decrypting (see :mod:`dcr_enclave.dataset`). Adding content that is already in the store
+checks before decrypting (see :mod:`dcr_enclave.formats.dataset`). Adding content that is already in the store
 changes nothing, unless its manifest predates that MAC (schema v1): then the version is rebuilt with it.
 
 The synthetic version is either the provider's own file (``--synthetic``; a CSV or Parquet file must have the
@@ -37,16 +37,17 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from .. import jwk
-from ..condition import KeyReleaseCondition, PlatformCondition
-from ..contract import check_name
-from ..dataset import PROTECTION_KINDS, DatasetVersion, Protection
-from ..digests import check_digest
-from ..errors import DCRError
-from ..keys import KeyDirectory, ensure_private_dir
-from ..measure import current_measurement
-from ..store import DEFAULT_MAX_BYTES, DEV_HUB_KEY_FILE, Store, inspect_input
-from ..streamcrypt import DEFAULT_CHUNK_SIZE, check_chunk_size
+from dcr_enclave.formats.contract import check_name
+from dcr_enclave.formats.dataset import PROTECTION_KINDS, DatasetVersion, Protection
+from dcr_enclave.formats.digests import check_digest
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.jwk import MAX_JWKS_BYTES, load_jwks_file, public_jwk, thumbprint
+from dcr_enclave.formats.streamcrypt import DEFAULT_CHUNK_SIZE, check_chunk_size
+from dcr_enclave.pack.signing_keys import load_or_create_key, read_private_key
+from dcr_enclave.pack.store import DEFAULT_MAX_BYTES, DEV_HUB_KEY_FILE, Store, inspect_input
+from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
+from dcr_enclave.platform.key_store import KeyDirectory, ensure_private_dir
+from dcr_enclave.platform.measure import current_measurement
 
 _PLATFORMS = {"local": "local", "confidential-space": "confidential_space"}
 _RULE = "# " + "-" * 100
@@ -319,12 +320,12 @@ def check_synthetic_schema(real: Path, synthetic: Path, max_bytes: int) -> None:
 def hub_key_thumbprints(path: Path) -> list[str]:
     """Thumbprints of the hub key(s) in a PEM (public or private) or JWKS file; reads only public parts."""
     try:
-        head = path.read_bytes()[: jwk.MAX_JWKS_BYTES + 1]
+        head = path.read_bytes()[: MAX_JWKS_BYTES + 1]
     except OSError as e:
         raise DCRError(f"cannot read the hub key {path}: {e.strerror}") from None
     if b"PRIVATE KEY-----" in head:
-        return [jwk.thumbprint(jwk.public_jwk(jwk.read_private_key(path)))]
-    return [jwk.thumbprint(k) for k in jwk.load_jwks_file(path, "hub key file")]
+        return [thumbprint(public_jwk(read_private_key(path)))]
+    return [thumbprint(k) for k in load_jwks_file(path, "hub key file")]
 
 
 def _check_synthesis_args(args: argparse.Namespace) -> None:
@@ -501,7 +502,7 @@ def _run_add(args: argparse.Namespace, work: Path) -> int:
 
     if thumbprints is None:  # the local development hub key, created on first use
         ensure_private_dir(keys.path)
-        thumbprints = [jwk.thumbprint(jwk.public_jwk(jwk.load_or_create_key(dev_key)))]
+        thumbprints = [thumbprint(public_jwk(load_or_create_key(dev_key)))]
     result = store.commit(prepared, keys, args.chunk_size, progress=progress.bytes("encrypting"))
     progress.done()
     manifest = result.manifest

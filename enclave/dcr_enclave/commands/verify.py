@@ -12,11 +12,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .. import attestation, contract
-from ..digests import DIGEST_RE, check_digest
-from ..errors import DCRError
-from ..jwk import load_jwks_file
-from ..receipt import check_receipt_dir
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.digests import DIGEST_RE, check_digest
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.jwk import load_jwks_file
+from dcr_enclave.verify.receipt import check_receipt_dir
+from dcr_enclave.verify.token import load_trust_roots
 
 MAX_ROOT_BYTES = 256 * 1024
 
@@ -75,7 +76,7 @@ def _read_roots(paths: list[str]) -> bytes | None:
             data = p.read_bytes()
         except OSError as e:
             raise DCRError(f"cannot read the trust root {p}: {e.strerror}") from None
-        attestation.load_trust_roots(data)  # refuse a non-certificate now, as a usage error
+        load_trust_roots(data)  # refuse a non-certificate now, as a usage error
         pem += data + b"\n"
     return pem
 

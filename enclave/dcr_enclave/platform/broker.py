@@ -1,0 +1,179 @@
+"""The local key broker: the providers' key release, as the enclave host plays it.
+
+A data key leaves the broker only when all of these hold, checked in this order:
+
+1. the request answers a challenge this broker issued to this job, unused and fresh (no replay);
+2. the attestation token verifies against the host's own signer, with the key-release audience and the
+   challenge as its nonce;
+3. the grant verifies against the hub key whose thumbprint the token's launch environment carries, and
+   names this job, this bundle and this dataset version;
+4. the provider's condition (compiled to CEL, :mod:`dcr_enclave.platform.condition_cel`) holds for the token's
+   claims and the grant's values.
+
+Every release and every refusal is appended to the audit log. In Google Cloud the same decision is made by
+STS (token), a Workload Identity Pool condition (the compiled CEL) and Cloud KMS (the unwrap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import verify_grant
+from dcr_enclave.platform.condition import KeyReleaseCondition
+from dcr_enclave.platform.condition_cel import evaluate
+from dcr_enclave.platform.key_store import KeyDirectory, check_private_dir
+from dcr_enclave.verify.token import verify_token
+
+CHALLENGE_TTL = 120.0
+
+
+@dataclass
+class _Challenge:
+    job_id: str
+    expires: float
+
+
+class AuditLog:
+    """Append-only JSON-lines log, owner-only; one line per decision."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.close(fd)
+
+    def write(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"time": time.time(), "event": event, **fields}, sort_keys=True) + "\n"
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+
+
+class KeyBroker:
+    def __init__(self, keys_dir: Path, signer_jwks: list[dict[str, Any]], audit: AuditLog) -> None:
+        # Key material must be this process's own (root's, in the enclave host) and closed to everyone else.
+        self.owner = os.geteuid()
+        self.keys = KeyDirectory(keys_dir, owner=self.owner)
+        self.keys_dir = keys_dir
+        self.signer_jwks = signer_jwks
+        self.audit = audit
+        self._challenges: dict[str, _Challenge] = {}
+        self._lock = threading.Lock()
+
+    def new_challenge(self, job_id: str) -> str:
+        value = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        with self._lock:
+            # Forget expired challenges so the table stays small.
+            for k in [k for k, c in self._challenges.items() if c.expires < now]:
+                del self._challenges[k]
+            self._challenges[value] = _Challenge(job_id, now + CHALLENGE_TTL)
+        return value
+
+    def _consume_challenge(self, value: Any, job_id: str) -> str:
+        with self._lock:
+            c = self._challenges.pop(value, None) if isinstance(value, str) else None
+        if c is None or c.job_id != job_id or c.expires < time.monotonic():
+            raise DCRError("key release refused: the challenge is unknown, expired or already used (replay)")
+        return value
+
+    def condition(self, provider: str, dataset: str) -> KeyReleaseCondition:
+        """The provider's stored condition, read like its KEKs: no links, owner-only, owned by this process's
+        account, inside a keys directory that is too."""
+        try:
+            check_private_dir(self.keys_dir, self.owner)
+            cond = self.keys.read_condition(provider, dataset)
+        except DCRError as e:
+            raise DCRError(f"key release refused: {e.message}", hint=e.hint) from None
+        if cond is None:
+            raise DCRError(f"key release refused: provider {provider} has no condition for {dataset}")
+        return cond
+
+    def release(self, req: dict[str, Any], *, job_id: str) -> tuple[bytes, str]:
+        """The data key for one dataset version and the digest of the condition that released it.
+
+        Refusals raise :class:`DCRError` naming the failed check.
+        """
+        who = {
+            "job_id": job_id,
+            "provider": req.get("provider"),
+            "dataset": req.get("dataset"),
+            "version": req.get("version"),
+        }
+        try:
+            key, detail = self._decide(req, job_id)
+        except DCRError as e:
+            self.audit.write("key_refused", reason=str(e), **who)
+            raise
+        self.audit.write("key_released", **who, **detail)
+        return key, detail["condition_digest"]
+
+    def _decide(self, req: dict[str, Any], job_id: str) -> tuple[bytes, dict[str, Any]]:
+        challenge = self._consume_challenge(req.get("challenge"), job_id)
+        provider = contract.check_name(req.get("provider"), "provider")  # type: ignore[arg-type]
+        dataset = contract.check_name(req.get("dataset"), "dataset")  # type: ignore[arg-type]
+        version = req.get("version")
+        try:
+            claims = verify_token(
+                str(req.get("token")),
+                trusted_keys=self.signer_jwks,
+                trust_root_pem=None,
+                issuers={contract.LOCAL_ISSUER},
+                audience=contract.KEY_RELEASE_AUDIENCE,
+                nonce=challenge,
+                require_hardware=False,
+                verify_exp=True,
+            )
+        except DCRError as e:
+            raise DCRError(f"key release refused: attestation token: {e}") from None
+        env = claims.env
+        if env.get(contract.ENV.JOB_ID) != job_id:
+            raise DCRError("key release refused: the token is not for this job")
+        hub_tp = env.get(contract.ENV.HUB_KEY_THUMBPRINT, "")
+        hub_jwks = req.get("hub_jwks")
+        if not isinstance(hub_jwks, list):
+            raise DCRError("key release refused: the request carries no hub JWKS")
+        try:
+            g = verify_grant(
+                str(req.get("grant")),
+                hub_jwks,
+                hub_key_thumbprint=hub_tp,
+                job_id=job_id,
+                bundle_digest=env.get(contract.ENV.BUNDLE_DIGEST),
+            )
+        except DCRError as e:
+            raise DCRError(f"key release refused: {e}") from None
+        granted = {(d.provider, d.dataset): d.version for d in g.datasets}
+        if granted.get((provider, dataset)) != version:
+            raise DCRError(f"key release refused: the grant does not name {provider}/{dataset} at {version}")
+        cond = self.condition(provider, dataset)
+        request = {
+            "provider": provider,
+            "dataset": dataset,
+            "version": version,
+            "bundle_digest": g.bundle_digest,
+            "hub_key_thumbprint": hub_tp,
+        }
+        decision = evaluate(cond.to_json(), claims.payload, request)
+        if not decision.allowed:
+            raise DCRError(
+                "key release refused: the provider's condition does not hold: " + "; ".join(decision.failed)
+            )
+        wrapped = req.get("wrapped_key")
+        if not isinstance(wrapped, dict):
+            raise DCRError("key release refused: no wrapped data key in the request")
+        key = self.keys.unwrap(wrapped, provider, dataset, str(version))
+        detail = {"grant_id": g.grant_id, "user": g.user, "image_digest": claims.image_digest}
+        return key, {**detail, "condition_digest": cond.digest}
