@@ -444,7 +444,7 @@ def test_modified_enclave_code_changes_measurement_and_key_is_refused(tmp_path, 
     """Changing one byte of the installed enclave code changes the measurement; the broker then refuses
     the key, the job fails naming the condition, and no plaintext is left anywhere."""
     before = host.host.measurement()
-    target = host.host.image_dir / "dcr_enclave" / "contract.py"
+    target = host.host.image_dir / "dcr_enclave" / "formats" / "contract.py"
     os.chmod(target, 0o644)
     data = target.read_bytes()
     target.write_bytes(data + b"\n")

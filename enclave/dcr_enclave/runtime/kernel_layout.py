@@ -130,7 +130,7 @@ def find_tool(name: str, what: str, hint: str) -> str:
     return os.path.abspath(found)
 
 
-def _python_roots() -> list[str]:
+def python_roots() -> list[str]:
     """Host directories holding this Python installation (venv and base), minimal and outside /usr."""
     candidates = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
     candidates |= {os.path.realpath(p) for p in list(candidates)}
@@ -142,6 +142,42 @@ def _python_roots() -> list[str]:
             continue
         roots.append(path)
     return roots
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the layout takes from the host, read once by :meth:`from_host` and passed to the pure builder."""
+
+    #: Absolute paths of the tools the sandbox is built with.
+    bwrap: str
+    prlimit: str
+    setpriv: str
+    #: The interpreter the kernel runs (the supervisor's own) and the directories of its installation.
+    python: str
+    python_roots: tuple[str, ...]
+    #: Top-level directories reproduced as found: ``(path, link target)`` for a link, ``(path, None)``
+    #: for a directory (see :data:`_ROOT_LINKS`).
+    root_entries: tuple[tuple[str, str | None], ...]
+    #: The names of :data:`_HOST_ETC` that exist on the host.
+    host_etc: tuple[str, ...]
+
+    @classmethod
+    def from_host(cls, bwrap: str = "bwrap") -> HostFacts:
+        entries: list[tuple[str, str | None]] = []
+        for top in _ROOT_LINKS:
+            if os.path.islink(top):
+                entries.append((top, os.readlink(top)))
+            elif os.path.isdir(top):
+                entries.append((top, None))
+        return cls(
+            bwrap=find_tool(bwrap, "bubblewrap", "install it: apt-get install -y bubblewrap"),
+            prlimit=find_tool("prlimit", "prlimit", "install util-linux"),
+            setpriv=find_tool("setpriv", "setpriv", "install util-linux"),
+            python=sys.executable,
+            python_roots=tuple(python_roots()),
+            root_entries=tuple(entries),
+            host_etc=tuple(n for n in _HOST_ETC if os.path.exists(os.path.join("/etc", n))),
+        )
 
 
 def _reserved(spec: SandboxSpec) -> tuple[str, ...]:
@@ -182,11 +218,9 @@ class _Layout:
         self._dirs.add(dest)
 
 
-def write_etc_files(run_dir: Path, uid: int, gid: int) -> dict[str, Path]:
+def etc_file_contents(uid: int, gid: int) -> dict[str, str]:
     """The generated /etc: the account and root only, local names only."""
-    etc = run_dir / "etc"
-    etc.mkdir(mode=0o755)
-    content = {
+    return {
         "passwd": f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
         f"{ACCOUNT_NAME}:x:{uid}:{gid}:{ACCOUNT_NAME}:{SANDBOX_HOME}:/usr/sbin/nologin\n",
         "group": f"root:x:0:\n{ACCOUNT_NAME}:x:{gid}:\n",
@@ -194,18 +228,11 @@ def write_etc_files(run_dir: Path, uid: int, gid: int) -> dict[str, Path]:
         "hostname": f"{SANDBOX_HOSTNAME}\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
     }
-    files = {}
-    for name, text in content.items():
-        path = etc / name
-        path.write_text(text)
-        path.chmod(0o644)
-        files[name] = path
-    return files
 
 
 def make_bwrap_argv(
-    bwrap: str,
     spec: SandboxSpec,
+    host: HostFacts,
     *,
     workdir: Path,
     data_dir: Path,
@@ -215,23 +242,25 @@ def make_bwrap_argv(
     status_fd: int,
     command: Sequence[str],
 ) -> list[str]:
-    roots = _python_roots()
-    _check_python_roots(roots, spec)
+    """bubblewrap's argument list for one sandbox; reads nothing from the machine.
+
+    ``etc`` maps the names of :func:`etc_file_contents` to the host files holding them; ``command`` runs
+    as ``spec.uid``/``spec.gid`` with no capabilities under the limits of ``spec``.
+    """
+    _check_python_roots(host.python_roots, spec)
     lay = _Layout()
     lay.add("--ro-bind", "/usr", dest="/usr")
-    for top in _ROOT_LINKS:
-        if os.path.islink(top):
-            lay.add("--symlink", os.readlink(top), dest=top)
-        elif os.path.isdir(top):
+    for top, target in host.root_entries:
+        if target is not None:
+            lay.add("--symlink", target, dest=top)
+        else:
             lay.add("--ro-bind", top, dest=top)
-    for name in _HOST_ETC:
-        host = os.path.join("/etc", name)
-        if os.path.exists(host):
-            lay.add("--ro-bind", host, dest=host)
+    for name in host.host_etc:
+        lay.add("--ro-bind", f"/etc/{name}", dest=f"/etc/{name}")
     for name, path in etc.items():
         lay.add("--ro-bind", str(path), dest=f"/etc/{name}")
     lay.add("--perms", "1777", "--size", str(spec.tmp_bytes), "--tmpfs", dest=SANDBOX_TMP)
-    for root in roots:
+    for root in host.python_roots:
         lay.add("--ro-bind", root, dest=root)
     lay.add("--bind", str(workdir), dest=spec.work_mount)
     lay.add("--ro-bind", str(data_dir), dest=DATA_ROOT)
@@ -242,7 +271,7 @@ def make_bwrap_argv(
     lay.add("--remount-ro", dest="/")
 
     env = {
-        "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
+        "PATH": f"{os.path.dirname(host.python)}:/usr/local/bin:/usr/bin:/bin",
         "HOME": SANDBOX_HOME,
         "TMPDIR": SANDBOX_TMP,
         "USER": ACCOUNT_NAME,
@@ -274,7 +303,7 @@ def make_bwrap_argv(
         "--no-new-privs",
     ]
     return [
-        bwrap,
+        host.bwrap,
         *namespaces,
         *("--hostname", SANDBOX_HOSTNAME, "--die-with-parent", "--new-session"),
         *("--json-status-fd", str(status_fd)),
@@ -283,10 +312,10 @@ def make_bwrap_argv(
         *("--chdir", chdir, "--clearenv"),
         *[arg for k, v in env.items() for arg in ("--setenv", k, v)],
         "--",
-        find_tool("prlimit", "prlimit", "install util-linux"),
+        host.prlimit,
         *limits,
         "--",
-        find_tool("setpriv", "setpriv", "install util-linux"),
+        host.setpriv,
         *(f"--reuid={spec.uid}", f"--regid={spec.gid}", *drop),
         "--",
         *command,

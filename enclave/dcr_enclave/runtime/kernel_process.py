@@ -26,12 +26,12 @@ from typing import IO, Final
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.runtime.kernel_layout import (
     MAX_IPC_PATH,
+    HostFacts,
     SandboxSpec,
     check_ids,
     check_spec,
-    find_tool,
+    etc_file_contents,
     make_bwrap_argv,
-    write_etc_files,
 )
 
 # Before the kernel answers, its stderr is only bwrap's, setpriv's or the kernel's own start-up
@@ -213,6 +213,19 @@ class SandboxProcess:
             self.exit_pidfd = self._status_r = -1
 
 
+def write_etc_files(run_dir: Path, uid: int, gid: int) -> dict[str, Path]:
+    """Write the generated /etc (:func:`etc_file_contents`) into ``run_dir``; their paths by name."""
+    etc = run_dir / "etc"
+    etc.mkdir(mode=0o755)
+    files = {}
+    for name, text in etc_file_contents(uid, gid).items():
+        path = etc / name
+        path.write_text(text)
+        path.chmod(0o644)
+        files[name] = path
+    return files
+
+
 @contextlib.contextmanager
 def temporary_run_dir(spec: SandboxSpec) -> Iterator[Path]:
     root = spec.run_root or Path(tempfile.gettempdir())
@@ -299,7 +312,7 @@ def check_sandbox(
         probe_spec = SandboxSpec(Path("/"), Path("/"), uid=spec, gid=spec if gid is None else gid)
     if bwrap is not None:
         probe_spec.bwrap = bwrap
-    bwrap_path = find_tool(probe_spec.bwrap, "bubblewrap", "install it: apt-get install -y bubblewrap")
+    host = HostFacts.from_host(probe_spec.bwrap)
     check_ids(probe_spec.uid, probe_spec.gid)
     require_root()
     with temporary_run_dir(probe_spec) as run_dir:
@@ -315,8 +328,8 @@ def check_sandbox(
 
         def build(status_fd: int) -> list[str]:
             return make_bwrap_argv(
-                bwrap_path,
                 probe_spec,
+                host,
                 workdir=work,
                 data_dir=data,
                 kernel_dir=kernel_dir,

@@ -22,11 +22,10 @@ from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.runtime.kernel_layout import (
     KERNEL_MOUNT,
     KERNEL_PORTS,
+    HostFacts,
     SandboxSpec,
     check_spec,
-    find_tool,
     make_bwrap_argv,
-    write_etc_files,
 )
 from dcr_enclave.runtime.kernel_process import (
     SandboxProcess,
@@ -34,6 +33,7 @@ from dcr_enclave.runtime.kernel_process import (
     make_kernel_dir,
     require_root,
     temporary_run_dir,
+    write_etc_files,
 )
 
 RunStatus = Literal["ok", "error", "timeout", "killed"]
@@ -212,7 +212,7 @@ class NotebookRun:
             )
         spec = self.spec
         deadline = time.monotonic() + spec.wall_time
-        bwrap_path = find_tool(spec.bwrap, "bubblewrap", "install it: apt-get install -y bubblewrap")
+        host = HostFacts.from_host(spec.bwrap)
         check_spec(spec)
         require_root()
         workdir = Path(spec.workdir)
@@ -244,8 +244,8 @@ class NotebookRun:
 
             def build(status_fd: int) -> list[str]:
                 return make_bwrap_argv(
-                    bwrap_path,
                     spec,
+                    host,
                     workdir=workdir,
                     data_dir=Path(spec.data_dir),
                     kernel_dir=kernel_dir,
