@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # python3-venv: Debian's python3 has no ensurepip without it, so `python3 -m venv` would fail.
-DEBS   := python3-venv bubblewrap iproute2 util-linux postgresql chromium
+DEBS   := python3-venv bubblewrap libseccomp2 iproute2 util-linux postgresql chromium
 
 CHP    := .npm/node_modules/.bin/configurable-http-proxy
 

@@ -49,6 +49,7 @@ def _argv(spec: SandboxSpec, host: HostFacts = HOST) -> list[str]:
         etc={"passwd": Path("/run/s/r/etc/passwd"), "group": Path("/run/s/r/etc/group")},
         chdir="/workspace/sub",
         status_fd=7,
+        seccomp_fd=8,
         command=["/opt/py/bin/python3", "-P", "-c", "pass"],
     )
 
@@ -59,6 +60,8 @@ def test_the_whole_argument_list() -> None:
         # fresh namespaces: no network, own PIDs, IPC, host name and cgroup view
         *("--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"),
         *("--hostname", "dcr-sandbox", "--die-with-parent", "--new-session", "--json-status-fd", "7"),
+        # the system-call filter (keyrings, namespaces, mounts, tracing, ...)
+        *("--seccomp", "8"),
         # only what the set-up needs, dropped for good by setpriv below
         *("--cap-drop", "ALL"),
         *("--cap-add", "CAP_DAC_READ_SEARCH", "--cap-add", "CAP_SETUID"),

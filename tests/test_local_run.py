@@ -361,7 +361,7 @@ def test_left_behind_writer_is_dead_before_outputs_are_collected(
 
 def _release(host, job_id: str) -> None:
     """Let a job's waiting cell go on: write go.flag into its working copy, through its kernel's root."""
-    sandbox_uid = host.host.uid
+    sandbox_uid = host.host.jobs[job_id].sandbox_uid
     for pid, _started in process_tree(host.host.jobs[job_id].proc.pid):
         if _uid(pid) == sandbox_uid:
             try:
@@ -912,7 +912,8 @@ def test_running_means_the_kernel_started_on_decrypted_data(tmp_path, store, hos
             at_running["released"] = any(
                 a["event"] == "key_released" and a["job_id"] == job_id for a in audit
             )
-            at_running["kernel"] = any(_uid(pid) == host.host.uid for pid, _ in process_tree(proc.pid))
+            sandbox_uid = host.host.jobs[job_id].sandbox_uid
+            at_running["kernel"] = any(_uid(pid) == sandbox_uid for pid, _ in process_tree(proc.pid))
     assert at_running == {"released": True, "kernel": True}
     assert order == ["launching", "running", (0, 2), (1, 2), "checking", "succeeded"]
 

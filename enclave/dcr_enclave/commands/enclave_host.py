@@ -8,9 +8,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from dcr_enclave.formats import contract
 from dcr_enclave.formats.jwk import load_jwks_file
 from dcr_enclave.platform.client import DEFAULT_SOCKET
 from dcr_enclave.platform.host import EnclaveHost, HostConfig
+from dcr_enclave.platform.sandbox_ids import DEFAULT_COUNT, DEFAULT_FIRST
 
 DEFAULT_STATE = "/var/lib/dcr/enclave-host"
 
@@ -40,8 +42,26 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--socket", type=Path, default=Path(DEFAULT_SOCKET), help=f"unix socket (default {DEFAULT_SOCKET})"
     )
-    p.add_argument("--sandbox-user", default="dcr-sandbox", help="unprivileged account kernels run as")
+    p.add_argument(
+        "--sandbox-ids",
+        type=parse_id_range,
+        default=f"{DEFAULT_FIRST}:{DEFAULT_COUNT}",
+        help="range of unprivileged ids the jobs' kernels run as, one per job: FIRST:COUNT (default %(default)s); no account may use them",
+    )
+    p.add_argument(
+        "--review-time-quantum",
+        type=float,
+        default=contract.DEFAULT_TIME_QUANTUM,
+        help="seconds to which the end of a job under review is rounded up (default %(default)s)",
+    )
     p.set_defaults(func=run)
+
+
+def parse_id_range(text: str) -> tuple[int, int]:
+    first, sep, count = text.partition(":")
+    if not (sep and first.isdigit() and count.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIRST:COUNT (e.g. 2100000000:1000000)")
+    return int(first), int(count)
 
 
 def build_host(args: argparse.Namespace) -> EnclaveHost:
@@ -52,7 +72,8 @@ def build_host(args: argparse.Namespace) -> EnclaveHost:
         store=args.store,
         keys_dir=args.keys or args.store / ".keys",
         hub_keys=hub_keys,
-        sandbox_user=args.sandbox_user,
+        sandbox_ids=args.sandbox_ids,
+        review_time_quantum=args.review_time_quantum,
     )
     host = EnclaveHost(cfg)
     host.prepare()

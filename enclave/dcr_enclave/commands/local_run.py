@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dcr_enclave.commands.enclave_host import parse_id_range
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import GrantedDataset, OutputLimits
@@ -29,6 +30,7 @@ from dcr_enclave.pack.signing_keys import read_private_key
 from dcr_enclave.pack.store import DEV_HUB_KEY_FILE, Store
 from dcr_enclave.platform.client import HostClient
 from dcr_enclave.platform.host import EnclaveHost, HostConfig
+from dcr_enclave.platform.sandbox_ids import DEFAULT_COUNT, DEFAULT_FIRST
 
 DEFAULT_STATE = "/var/lib/dcr/enclave-host"
 
@@ -54,7 +56,12 @@ def register(sub: Any) -> None:
     p.add_argument("--host-socket", type=Path, help="use this running enclave host instead of starting one")
     p.add_argument("--host-state", type=Path, default=Path(DEFAULT_STATE), help="state of the started host")
     p.add_argument("--time-limit", type=int, default=3600, help="seconds (default 3600)")
-    p.add_argument("--sandbox-user", default="dcr-sandbox")
+    p.add_argument(
+        "--sandbox-ids",
+        type=parse_id_range,
+        default=f"{DEFAULT_FIRST}:{DEFAULT_COUNT}",
+        help="range of unprivileged ids the jobs' kernels run as, one per job: FIRST:COUNT (default %(default)s); no account may use them",
+    )
     p.set_defaults(func=run)
 
 
@@ -131,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                     store=args.store,
                     keys_dir=keys_dir,
                     hub_keys=[public_jwk(hub_key)],
-                    sandbox_user=args.sandbox_user,
+                    sandbox_ids=args.sandbox_ids,
                 )
             )
             host.prepare()

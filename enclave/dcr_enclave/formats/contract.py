@@ -192,6 +192,14 @@ OUTPUTS_DIR: Final = "outputs"
 SEALED_OUTPUTS_FILE: Final = "outputs.sealed"
 #: Written instead of outputs when a job fails: the cell index and exception type only.
 FAILURE_FILE: Final = "failure.json"
+#: Held jobs: the reveal of the receipt's output commitment, sealed with the outputs (opened after release
+#: as :data:`REVEAL_FILE` beside the receipt).
+SEALED_REVEAL_FILE: Final = "outputs-reveal.sealed"
+REVEAL_FILE: Final = "outputs-reveal.json"
+#: Refused outputs under review: the output check's exact figures, sealed to the reviewers only.
+SEALED_CHECK_FILE: Final = "output-check.sealed"
+#: Under review, job end times are rounded up to this many seconds unless the platform says otherwise.
+DEFAULT_TIME_QUANTUM: Final = 60.0
 
 # ---------------------------------------------------------------------------------------------------------
 # The local platform (the enclave host): what it gives the supervisor besides the launch environment.
@@ -206,3 +214,5 @@ LOCAL_SCRATCH: Final = "DCR_LOCAL_SCRATCH"
 LOCAL_SCRATCH_BYTES: Final = "DCR_LOCAL_SCRATCH_BYTES"
 #: The unprivileged account the kernel sandbox runs as, ``uid:gid``.
 LOCAL_SANDBOX_IDS: Final = "DCR_LOCAL_SANDBOX_IDS"
+#: Seconds to which the end of a job under review is rounded up (receipt and reported state).
+LOCAL_TIME_QUANTUM: Final = "DCR_LOCAL_TIME_QUANTUM"

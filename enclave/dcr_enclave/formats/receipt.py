@@ -25,11 +25,24 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
 
-from dcr_enclave.formats.digests import canonical_json, sha256_bytes, sha256_stream
+from dcr_enclave.formats.digests import canonical_json, check_digest, sha256_bytes, sha256_json, sha256_stream
 from dcr_enclave.formats.errors import DCRError, IntegrityError
 from dcr_enclave.formats.jsonschemas import validate
 
 RECEIPT_SCHEMA: Final = "dcr/receipt/v1"
+#: What a receipt may say about refused outputs: the kinds of problem, never a count, size or name (all of
+#: them the notebook's to choose, and the receipt is public). The order is the order they are listed in.
+VIOLATION_KINDS: Final = (
+    "symbolic links present",
+    "special files present",
+    "names that cannot be outputs",
+    "file types the grant does not allow",
+    "over the file limit",
+    "over the byte limit",
+)
+#: The document that opens a held receipt's output commitment (sealed with the outputs until release).
+REVEAL_SCHEMA: Final = "dcr/output-reveal/v1"
+_SALT_HEX_CHARS: Final = 64
 MAX_RECEIPT_BYTES: Final = 32 * 1024 * 1024
 #: Tolerated difference between the token's clock and the verifier's, in seconds.
 CLOCK_SKEW_SECONDS: Final = 300
@@ -184,6 +197,14 @@ def _check_invariants(doc: Mapping[str, Any]) -> None:
             if "/".join(parts[:k]) in paths:
                 raise bad(f"{'/'.join(parts[:k])!r} is listed as a file and as the directory of {path!r}")
     check = doc["output_check"]
+    kinds = [VIOLATION_KINDS.index(v) for v in check["violations"]]
+    if kinds != sorted(set(kinds)):
+        raise bad("output_check.violations must list each kind once, in the order of VIOLATION_KINDS")
+    held = doc["release"]["decision"] == "held"
+    if held != ("outputs_commitment" in doc["release"]):
+        raise bad("a held receipt, and only a held one, commits to its outputs (release.outputs_commitment)")
+    if held and doc["outputs"]:
+        raise bad("a held receipt names no output: it commits to them until they are released")
     if check["passed"] != (not check["violations"]):
         raise bad("output_check.passed must be true exactly when there are no violations")
     if doc["release"]["decision"] == "released" and not check["passed"]:
@@ -225,6 +246,47 @@ def format_time(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+def make_reveal(outputs: Sequence[OutputEntry | Mapping[str, Any]], salt: bytes) -> dict[str, Any]:
+    """The document a held receipt's commitment opens to: the outputs and a random salt (32 bytes)."""
+    if len(salt) * 2 != _SALT_HEX_CHARS:
+        raise DCRError("the commitment salt must be 32 bytes")
+    entries = [o.to_json() if isinstance(o, OutputEntry) else dict(o) for o in outputs]
+    return {"schema": REVEAL_SCHEMA, "salt": salt.hex(), "outputs": entries}
+
+
+def output_commitment(reveal: Mapping[str, Any]) -> str:
+    """sha256 of the reveal document's canonical JSON: names, sizes and digests stay hidden behind the salt."""
+    return sha256_json(dict(reveal))
+
+
+def open_commitment(raw: bytes, commitment: str) -> tuple[OutputEntry, ...]:
+    """The outputs a reveal document lists, once it matches ``commitment``; IntegrityError otherwise."""
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise IntegrityError("the output reveal is not JSON") from None
+    ok_shape = (
+        isinstance(doc, dict)
+        and set(doc) == {"schema", "salt", "outputs"}
+        and doc["schema"] == REVEAL_SCHEMA
+        and isinstance(doc["salt"], str)
+        and len(doc["salt"]) == _SALT_HEX_CHARS
+        and isinstance(doc["outputs"], list)
+    )
+    if not ok_shape:
+        raise IntegrityError("the output reveal is not a dcr/output-reveal/v1 document")
+    if output_commitment(doc) != commitment:
+        raise IntegrityError("the output reveal does not match the receipt's commitment")
+    entries = []
+    for o in doc["outputs"]:
+        if not (isinstance(o, dict) and set(o) == {"path", "size", "sha256"}):
+            raise IntegrityError("the output reveal lists a malformed output")
+        entries.append(
+            OutputEntry(str(o["path"]), int(o["size"]), check_digest(o["sha256"], "output sha256"))
+        )
+    return tuple(entries)
+
+
 def build_manifest(
     *,
     job_id: str,
@@ -244,6 +306,7 @@ def build_manifest(
     decision: str,
     started_at: float,
     finished_at: float,
+    outputs_commitment: str | None = None,
 ) -> ReceiptManifest:
     """A manifest from its parts; the grant digest is computed from the grant JWT's bytes."""
     raw_grant = grant_token.encode() if isinstance(grant_token, str) else grant_token
@@ -260,7 +323,8 @@ def build_manifest(
             "policies": {"output_policy": output_policy, "conditions": dict(conditions)},
             "outputs": [o.to_json() if isinstance(o, OutputEntry) else dict(o) for o in outputs],
             "output_check": {"passed": not violations, "violations": list(violations)},
-            "release": {"mode": release_mode, "decision": decision},
+            "release": {"mode": release_mode, "decision": decision}
+            | ({"outputs_commitment": outputs_commitment} if outputs_commitment else {}),
             "started_at": format_time(started_at),
             "finished_at": format_time(finished_at),
         }

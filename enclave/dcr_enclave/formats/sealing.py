@@ -209,6 +209,11 @@ def seal_file(src: Path, dest: Path, recipient_public: bytes, *, job_id: str) ->
         _seal_stream(fin, st.st_size, Path(dest), recipient_public, job_id, KIND_FILE)
 
 
+def seal_bytes(data: bytes, dest: Path, recipient_public: bytes, *, job_id: str) -> None:
+    """Seal ``data`` as a sealed file (:func:`open_file` opens it), writing ``dest`` atomically."""
+    _seal_stream(io.BytesIO(data), len(data), Path(dest), recipient_public, job_id, KIND_FILE)
+
+
 def open_file(src: Path, dest: Path, recipient_private: bytes, *, job_id: str) -> None:
     """Open the sealed file ``src`` into ``dest`` (0600); ``dest`` appears only if everything authenticated."""
     src, dest = Path(src), Path(dest)

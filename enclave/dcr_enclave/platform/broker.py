@@ -30,6 +30,7 @@ from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import verify_grant
 from dcr_enclave.platform.condition import KeyReleaseCondition
 from dcr_enclave.platform.condition_cel import evaluate
+from dcr_enclave.platform.grant_ledger import GrantLedger
 from dcr_enclave.platform.key_store import KeyDirectory, check_private_dir
 from dcr_enclave.verify.token import verify_token
 
@@ -62,13 +63,21 @@ class AuditLog:
 
 
 class KeyBroker:
-    def __init__(self, keys_dir: Path, signer_jwks: list[dict[str, Any]], audit: AuditLog) -> None:
+    def __init__(
+        self,
+        keys_dir: Path,
+        signer_jwks: list[dict[str, Any]],
+        audit: AuditLog,
+        ledger: GrantLedger | None = None,
+    ) -> None:
         # Key material must be this process's own (root's, in the enclave host) and closed to everyone else.
         self.owner = os.geteuid()
         self.keys = KeyDirectory(keys_dir, owner=self.owner)
         self.keys_dir = keys_dir
         self.signer_jwks = signer_jwks
         self.audit = audit
+        #: The host's record of launched grants; the broker releases keys only to the job a grant launched.
+        self.ledger = ledger
         self._challenges: dict[str, _Challenge] = {}
         self._lock = threading.Lock()
 
@@ -155,6 +164,8 @@ class KeyBroker:
             )
         except DCRError as e:
             raise DCRError(f"key release refused: {e}") from None
+        if self.ledger is not None and self.ledger.job_for(g.grant_id) != job_id:
+            raise DCRError("key release refused: this grant was not launched for this job on this host")
         granted = {(d.provider, d.dataset): d.version for d in g.datasets}
         if granted.get((provider, dataset)) != version:
             raise DCRError(f"key release refused: the grant does not name {provider}/{dataset} at {version}")

@@ -22,8 +22,8 @@ import compileall
 import contextlib
 import json
 import logging
+import math
 import os
-import pwd
 import py_compile
 import shutil
 import signal
@@ -46,6 +46,8 @@ from dcr_enclave.formats.jwk import PrivateKey, jwks, public_jwk, thumbprint
 from dcr_enclave.formats.messages import MAX_MESSAGE, decode, encode
 from dcr_enclave.pack.signing_keys import load_or_create_key
 from dcr_enclave.platform.broker import AuditLog, KeyBroker
+from dcr_enclave.platform.cgroups import JobCgroup
+from dcr_enclave.platform.grant_ledger import GrantLedger
 from dcr_enclave.platform.key_store import check_private_dir
 from dcr_enclave.platform.measure import (
     MEASURED_PARTS,
@@ -56,6 +58,7 @@ from dcr_enclave.platform.measure import (
     package_root,
     save_cache,
 )
+from dcr_enclave.platform.sandbox_ids import DEFAULT_COUNT, DEFAULT_FIRST, SandboxIds
 from dcr_enclave.platform.signer import local_claims, sign_token
 
 log = logging.getLogger("dcr.enclave_host")
@@ -83,7 +86,15 @@ class HostConfig:
     keys_dir: Path
     #: Public keys of the hubs whose grants this host accepts (JWKs).
     hub_keys: list[dict[str, Any]]
-    sandbox_user: str = "dcr-sandbox"
+    #: The range of unprivileged ids the jobs' kernels run as, one id per job: ``(first, count)``.
+    sandbox_ids: tuple[int, int] = (DEFAULT_FIRST, DEFAULT_COUNT)
+    #: Memory of one job's cgroup beyond its grant's ``memory_bytes`` and the scratch tmpfs (supervisor,
+    #: sandbox tools, page tables).
+    job_memory_overhead: int = 768 * 2**20
+    #: Processes (threads included) one job may have at once, counted by its cgroup.
+    job_max_processes: int = 512
+    #: Under review, a job's end is reported, and written in its receipt, rounded up to this many seconds.
+    review_time_quantum: float = contract.DEFAULT_TIME_QUANTUM
     scratch_bytes: int = 2 * 2**30
     #: Extra seconds after a grant's time limit before the host kills a job.
     grace_seconds: int = 60
@@ -102,6 +113,7 @@ class Job:
     spool: Path
     hub_key: dict[str, Any]
     image_digest: str = ""
+    sandbox_uid: int = -1
     state: str = "granted"
     cell: list[int] | None = None
     failure: dict[str, Any] | None = None
@@ -168,9 +180,10 @@ class EnclaveHost:
         _write_public(sd / "public" / "jwks.json", json.dumps(jwks(self.signer), indent=2))
         self.install_image()
         self.environment = self.measure_environment()
-        self.uid, self.gid = ensure_account(self.cfg.sandbox_user)
+        self.sandbox_ids = SandboxIds(sd / "next-sandbox-id", *self.cfg.sandbox_ids)
+        self.ledger = GrantLedger(sd / "grants.log")
         self.audit = AuditLog(sd / "audit.log")
-        self.broker = KeyBroker(self.cfg.keys_dir, [public_jwk(self.signer)], self.audit)
+        self.broker = KeyBroker(self.cfg.keys_dir, [public_jwk(self.signer)], self.audit, self.ledger)
 
     def install_image(self) -> None:
         """Copy what the enclave runs (:data:`MEASURED_PARTS`) into a root-owned, read-only tree; that tree is
@@ -247,16 +260,24 @@ class EnclaveHost:
     def handle_connection(self, sock: socket.socket) -> None:
         uid = _peer_uid(sock)
         reader = _FrameReader(sock)
+        try:
+            self._serve_requests(sock, uid, reader)
+        finally:
+            reader.close_fds()  # whatever way the connection ends, no passed descriptor stays open
+
+    def _serve_requests(self, sock: socket.socket, uid: int, reader: _FrameReader) -> None:
         while True:
             try:
                 msg, fds = reader.next()
-            except DCRError as e:
+            except (DCRError, OSError) as e:
+                reader.close_fds()
                 _send(sock, {"ok": False, "error": str(e)})
                 return
             if msg is None:
                 return
             try:
                 op = msg.get("op")
+                _check_fds(op, fds)
                 if op == "watch":
                     self._watch(sock, uid, msg)
                     continue
@@ -272,6 +293,7 @@ class EnclaveHost:
             _send(sock, reply)
 
     def dispatch(self, op: Any, msg: dict[str, Any], uid: int, fds: list[int]) -> dict[str, Any]:
+        _check_fds(op, fds)
         if op == "ping":
             return {"ok": True, "image_digest": self.measurement(), "simulated": True}
         if op == "jwks":
@@ -323,6 +345,8 @@ class EnclaveHost:
             spool.mkdir(mode=0o700)
             (spool / "out").mkdir(mode=0o700)
             self._receive_bundle(msg, uid, fds, spool / "bundle.tar")
+            # Recorded before anything runs, and kept across restarts: a grant launches once.
+            self.ledger.record(g.grant_id, g.job_id)
         except (DCRError, OSError) as e:
             with self.lock:
                 del self.jobs[g.job_id], self.by_grant[g.grant_id]
@@ -389,6 +413,21 @@ class EnclaveHost:
     def _run(self, job: Job) -> None:
         env = self._launch_env(job)
         job.image_digest = self.measurement()
+        job.sandbox_uid = self.sandbox_ids.allocate()[0]
+        cgroup = JobCgroup(
+            job.job_id,
+            memory_bytes=(job.grant.memory_bytes or 0)
+            + self.cfg.scratch_bytes
+            + self.cfg.job_memory_overhead,
+            max_processes=self.cfg.job_max_processes,
+        )
+        cgroup.create()
+        try:
+            self._run_in(job, env, cgroup)
+        finally:
+            cgroup.remove()
+
+    def _run_in(self, job: Job, env: dict[str, str], cgroup: JobCgroup) -> None:
         # The mount point is empty in the host's namespace: the tmpfs exists only in the supervisor's.
         scratch = self.cfg.scratch_root / job.job_id
         scratch.mkdir(parents=True, mode=0o700)
@@ -397,15 +436,16 @@ class EnclaveHost:
             **env,
             contract.LOCAL_LINK_FD: str(child.fileno()),
             contract.LOCAL_SCRATCH: str(scratch),
-            contract.LOCAL_SANDBOX_IDS: f"{self.uid}:{self.gid}",
+            contract.LOCAL_SANDBOX_IDS: f"{job.sandbox_uid}:{job.sandbox_uid}",
+            contract.LOCAL_TIME_QUANTUM: str(self.cfg.review_time_quantum),
             contract.LOCAL_SCRATCH_BYTES: str(self.cfg.scratch_bytes),
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "LANG": "C.UTF-8",
         }
-        cmd = [
+        cmd = cgroup.enter_command([
             "unshare", "--mount", "--propagation", "private", "--",
             sys.executable, "-I", "-B", "-c", _BOOT, str(self.image_dir),
-        ]  # fmt: skip
+        ])  # fmt: skip
         # Under the job's lock: a cancel either comes first and nothing starts, or finds the process to kill.
         with job.cond:
             if job.cancelled:
@@ -444,6 +484,11 @@ class EnclaveHost:
         scratch.rmdir()
         if job.terminal or job.cancelled:
             return
+        if cgroup.oom_kills() and not job.failure:
+            job.failure = {"reason": "the job reached its memory limit", "cell": None, "ename": None}
+        self._wait_for_quantum(job)
+        if job.terminal or job.cancelled:
+            return
         out = job.spool / "out"
         if rc == 0 and (out / contract.RECEIPT_FILE).exists():
             receipt = json.loads((out / contract.RECEIPT_FILE).read_text())
@@ -467,6 +512,20 @@ class EnclaveHost:
             }
             _write_public(out / contract.FAILURE_FILE, json.dumps(failure))
             self._set(job, state="failed", failure=failure)
+
+    def _under_review(self, job: Job) -> bool:
+        return job.grant.release_mode == "review"
+
+    def _wait_for_quantum(self, job: Job) -> None:
+        """Under review, report the end only at the next multiple of the time quantum since the launch: how
+        long the notebook ran is its code's to choose, and the researcher may not read data from it."""
+        if not self._under_review(job):
+            return
+        q = self.cfg.review_time_quantum
+        due = job.created + math.ceil(max(time.time() - job.created, 1e-9) / q) * q
+        with job.cond:
+            while not job.cancelled and (left := due - time.time()) > 0:
+                job.cond.wait(left)
 
     def _serve_link(self, job: Job, sock: socket.socket) -> None:
         """Answer the supervisor's requests: challenges, tokens, key release, progress."""
@@ -518,6 +577,8 @@ class EnclaveHost:
         if not isinstance(msg, dict) or msg.get("kind") not in contract.Progress.KINDS:
             raise DCRError("malformed progress message")
         kind = msg["kind"]
+        if self._under_review(job) and (kind == contract.Progress.CELL or msg.get("state") == "checking"):
+            return  # their times would time the notebook's cells (the supervisor sends none either)
         if kind == contract.Progress.STATE and msg.get("state") in ("launching", "running", "checking"):
             if msg["state"] == job.state:
                 return
@@ -623,6 +684,7 @@ class _FrameReader:
     def next(self) -> tuple[dict[str, Any] | None, list[int]]:
         while b"\n" not in self.buf:
             if len(self.buf) > MAX_MESSAGE:
+                self.close_fds()
                 raise DCRError("request too large")
             data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 4)
             self.fds.extend(fds)
@@ -633,7 +695,24 @@ class _FrameReader:
             self.buf += data
         line, self.buf = self.buf.split(b"\n", 1)
         fds, self.fds = self.fds, []
-        return decode(line + b"\n"), fds
+        try:
+            return decode(line + b"\n"), fds
+        except DCRError:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    def close_fds(self) -> None:
+        """Close every descriptor received and not yet handed out (each error path calls this)."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _check_fds(op: Any, fds: list[int]) -> None:
+    if fds and (op != "launch" or len(fds) > 1):
+        raise DCRError("only a launch may pass a file descriptor, and only one (the bundle)")
 
 
 def _send(sock: socket.socket, obj: dict[str, Any]) -> None:
@@ -657,22 +736,6 @@ def _write_public(path: Path, text: str) -> None:
 def _make_writable(root: Path) -> None:
     for dirpath, _dirnames, _filenames in os.walk(root):
         os.chmod(dirpath, 0o755)
-
-
-def ensure_account(name: str) -> tuple[int, int]:
-    """The unprivileged account kernels run as, created (system account, no home, no shell) if absent."""
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-             "--shell", "/usr/sbin/nologin", "--user-group", name],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        pw = pwd.getpwnam(name)
-    if pw.pw_uid == 0:
-        raise DCRError(f"the sandbox account {name} must not be root")
-    return pw.pw_uid, pw.pw_gid
 
 
 #: How long a cancel waits for a killed process tree to end (processes in uninterruptible I/O end late).

@@ -240,12 +240,14 @@ def make_bwrap_argv(
     etc: dict[str, Path],
     chdir: str,
     status_fd: int,
+    seccomp_fd: int,
     command: Sequence[str],
 ) -> list[str]:
     """bubblewrap's argument list for one sandbox; reads nothing from the machine.
 
-    ``etc`` maps the names of :func:`etc_file_contents` to the host files holding them; ``command`` runs
-    as ``spec.uid``/``spec.gid`` with no capabilities under the limits of ``spec``.
+    ``etc`` maps the names of :func:`etc_file_contents` to the host files holding them; ``seccomp_fd`` is
+    the compiled filter (:mod:`dcr_enclave.runtime.kernel_seccomp`); ``command`` runs as
+    ``spec.uid``/``spec.gid`` with no capabilities under the limits of ``spec``.
     """
     _check_python_roots(host.python_roots, spec)
     lay = _Layout()
@@ -306,7 +308,7 @@ def make_bwrap_argv(
         host.bwrap,
         *namespaces,
         *("--hostname", SANDBOX_HOSTNAME, "--die-with-parent", "--new-session"),
-        *("--json-status-fd", str(status_fd)),
+        *("--json-status-fd", str(status_fd), "--seccomp", str(seccomp_fd)),
         *caps,
         *lay.args,
         *("--chdir", chdir, "--clearenv"),

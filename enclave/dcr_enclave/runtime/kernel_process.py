@@ -14,6 +14,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from dcr_enclave.runtime.kernel_layout import (
     etc_file_contents,
     make_bwrap_argv,
 )
+from dcr_enclave.runtime.kernel_seccomp import write_filter
 
 # Before the kernel answers, its stderr is only bwrap's, setpriv's or the kernel's own start-up
 # (the working copy cannot shadow modules then: python -P); later it is the researcher's and is dropped.
@@ -85,14 +87,15 @@ def _live_pids_in_namespace(ns_inode: int) -> list[int]:
 class SandboxProcess:
     """A running bwrap with its PID namespace; ``kill`` + ``reap`` leave no process of it alive."""
 
-    def __init__(self, argv_for_fd: Callable[[int], list[str]], *, capture_stdout: bool) -> None:
+    def __init__(self, argv_for_fds: Callable[[int, int], list[str]], *, capture_stdout: bool) -> None:
         self._lock = threading.Lock()
         self._killed = False
         self.ns_inode: int | None = None
         self._init_pidfd: int | None = None
+        seccomp_fd = write_filter()
         status_r, status_w = os.pipe()
         self._status_r = status_r
-        argv = argv_for_fd(status_w)
+        argv = argv_for_fds(status_w, seccomp_fd)
         # bwrap's options go through a memfd (--args) so that the sandbox's /proc/1/cmdline shows no host
         # paths; the command after "--" must stay on the command line.
         split = argv.index("--")
@@ -104,7 +107,7 @@ class SandboxProcess:
             os.lseek(args_fd, 0, os.SEEK_SET)
             self.proc = subprocess.Popen(
                 [argv[0], "--args", str(args_fd), *argv[split:]],
-                pass_fds=(status_w, args_fd),
+                pass_fds=(status_w, args_fd, seccomp_fd),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -116,6 +119,7 @@ class SandboxProcess:
         finally:
             os.close(status_w)
             os.close(args_fd)
+            os.close(seccomp_fd)
         assert self.proc.stderr is not None
         self.stderr = _CappedReader(self.proc.stderr, _STDERR_KEEP)
         self.stdout = _CappedReader(self.proc.stdout, _PROBE_STDOUT_KEEP) if self.proc.stdout else None
@@ -247,6 +251,22 @@ def make_kernel_dir(run_dir: Path, uid: int, gid: int) -> Path:
     return path
 
 
+def lock_kernel_dir(kernel_dir: Path) -> None:
+    """Take the kernel's socket directory from the account once the kernel has bound its sockets.
+
+    The directory is the account's while the kernel starts (it binds its sockets there); from here the
+    account can neither replace a socket with a link nor add one, so the connections the supervisor makes
+    (as root, in the host's view) can only reach this kernel. Anything but a socket or the connection
+    file in it refuses the run.
+    """
+    os.chown(kernel_dir, 0, 0, follow_symlinks=False)
+    os.chmod(kernel_dir, 0o755, follow_symlinks=False)
+    for entry in os.scandir(kernel_dir):
+        mode = entry.stat(follow_symlinks=False).st_mode
+        if not (stat.S_ISSOCK(mode) or (entry.name == "kernel.json" and stat.S_ISREG(mode))):
+            raise DCRError("the kernel's socket directory holds something other than its sockets")
+
+
 def in_event_loop() -> bool:
     try:
         asyncio.get_running_loop()
@@ -326,7 +346,7 @@ def check_sandbox(
         kernel_dir = make_kernel_dir(run_dir, probe_spec.uid, probe_spec.gid)
         etc = write_etc_files(run_dir, probe_spec.uid, probe_spec.gid)
 
-        def build(status_fd: int) -> list[str]:
+        def build(status_fd: int, seccomp_fd: int) -> list[str]:
             return make_bwrap_argv(
                 probe_spec,
                 host,
@@ -336,6 +356,7 @@ def check_sandbox(
                 etc=etc,
                 chdir=probe_spec.work_mount,
                 status_fd=status_fd,
+                seccomp_fd=seccomp_fd,
                 command=argv,
             )
 

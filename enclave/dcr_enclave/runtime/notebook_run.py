@@ -30,13 +30,14 @@ from dcr_enclave.runtime.kernel_layout import (
 from dcr_enclave.runtime.kernel_process import (
     SandboxProcess,
     in_event_loop,
+    lock_kernel_dir,
     make_kernel_dir,
     require_root,
     temporary_run_dir,
     write_etc_files,
 )
 
-RunStatus = Literal["ok", "error", "timeout", "killed"]
+RunStatus = Literal["ok", "error", "timeout", "killed", "disconnected"]
 
 
 # The exception type names a failure report may carry: Python's built-in exceptions. The report leaves the
@@ -242,7 +243,7 @@ class NotebookRun:
                 f"--IPKernelApp.exec_lines={json.dumps([_CWD_ON_PATH])}",
             ]
 
-            def build(status_fd: int) -> list[str]:
+            def build(status_fd: int, seccomp_fd: int) -> list[str]:
                 return make_bwrap_argv(
                     spec,
                     host,
@@ -252,6 +253,7 @@ class NotebookRun:
                     etc=etc,
                     chdir=chdir,
                     status_fd=status_fd,
+                    seccomp_fd=seccomp_fd,
                     command=command,
                 )
 
@@ -263,7 +265,7 @@ class NotebookRun:
                 if stop_now:
                     sandbox.kill()
                 sandbox.wait_started(max(1.0, min(spec.startup_timeout, deadline - time.monotonic())))
-                result = asyncio.run(self._drive(nb, code_cells, outside, deadline))
+                result = asyncio.run(self._drive(nb, code_cells, outside, kernel_dir, deadline))
             finally:
                 sandbox.reap()
             if self._started:
@@ -282,8 +284,15 @@ class NotebookRun:
         return {**common, "ip": f"{KERNEL_MOUNT}/k"}, {**common, "ip": str(kernel_dir / "k")}
 
     async def _drive(
-        self, nb: nbformat.NotebookNode, code_cells: list[int], conn: dict[str, Any], deadline: float
+        self,
+        nb: nbformat.NotebookNode,
+        code_cells: list[int],
+        conn: dict[str, Any],
+        kernel_dir: Path,
+        deadline: float,
     ) -> RunResult:
+        import zmq
+        import zmq.asyncio
         from jupyter_client.asynchronous import AsyncKernelClient
         from nbclient import NotebookClient
 
@@ -302,21 +311,37 @@ class NotebookRun:
 
             is_alive = _async_is_alive
 
-        kc = SandboxKernelClient()
-        kc.load_connection_info(cast(Any, conn))
-        kc.allow_stdin = False
-        client = NotebookClient(
-            nb,
-            timeout=self.spec.cell_timeout,
-            allow_errors=False,
-            kernel_name="python3",
-            startup_timeout=self.spec.startup_timeout,
-        )
-        client.kc = kc
-        kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)  # noqa: S604
+        clients: list[Any] = []
+        monitors: list[asyncio.Future[None]] = []
+
+        async def connect_and_execute() -> RunResult:
+            # Connect only once the kernel has bound every socket and the directory is no longer the
+            # account's: the supervisor must never follow a path the notebook could replace.
+            await self._await_kernel_sockets(kernel_dir, deadline)
+            lock_kernel_dir(kernel_dir)
+            context = zmq.asyncio.Context()
+            # A connection the kernel's side drops is never made again: the run ends as disconnected.
+            context.setsockopt(zmq.RECONNECT_IVL, -1)
+            kc = SandboxKernelClient(context=context)
+            kc.load_connection_info(cast(Any, conn))
+            kc.allow_stdin = False
+            clients.append(kc)
+            client = NotebookClient(
+                nb,
+                timeout=self.spec.cell_timeout,
+                allow_errors=False,
+                kernel_name="python3",
+                startup_timeout=self.spec.startup_timeout,
+            )
+            client.kc = kc
+            kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)  # noqa: S604
+            for ch in (kc.shell_channel, kc.iopub_channel, kc.control_channel):
+                monitors.append(asyncio.ensure_future(self._watch_disconnect(ch.socket)))
+            return await self._execute(client, kc, nb, code_cells)
+
         loop.add_reader(sandbox.exit_pidfd, on_exit)
         wall = loop.call_later(max(0.0, deadline - time.monotonic()), self._stop, "timeout")
-        work = asyncio.ensure_future(self._execute(client, kc, nb, code_cells))
+        work = asyncio.ensure_future(connect_and_execute())
         try:
             waiters: set[asyncio.Future[Any]] = {work, died}
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -338,7 +363,42 @@ class NotebookRun:
             if not work.done():
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
-            kc.stop_channels()  # also destroys the client's own zmq context
+            for m in monitors:
+                m.cancel()
+            await asyncio.gather(*monitors, return_exceptions=True)
+            for kc in clients:
+                kc.stop_channels()  # also destroys the client's own zmq context
+
+    async def _await_kernel_sockets(self, kernel_dir: Path, deadline: float) -> None:
+        """Wait until the kernel has bound all its sockets; DCRError if it takes longer than its start-up."""
+        names = [f"k-{port}" for port in KERNEL_PORTS.values()]
+        limit = min(deadline, time.monotonic() + self.spec.startup_timeout)
+        while True:
+            if all(os.path.lexists(kernel_dir / n) for n in names):
+                return
+            if time.monotonic() > limit:
+                raise DCRError(
+                    "the kernel did not start in the sandbox: " + self._require_sandbox().stderr_tail(),
+                    hint="does check_sandbox() pass with this spec? is memory_bytes too small for a kernel?",
+                )
+            await asyncio.sleep(0.005)
+
+    async def _watch_disconnect(self, socket: Any) -> None:
+        """End the run as ``disconnected`` when the kernel's end of ``socket`` goes away."""
+        import zmq
+        from zmq.utils.monitor import parse_monitor_message
+
+        monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._stop("disconnected")
+                    return
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                socket.disable_monitor()
+            monitor.close(linger=0)
 
     async def _execute(
         self, client: Any, kc: Any, nb: nbformat.NotebookNode, code_cells: list[int]

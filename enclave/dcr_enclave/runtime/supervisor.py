@@ -8,30 +8,34 @@ Order matters, and each step refuses before the next:
 3. build the kernel sandbox once as a probe; if it cannot be built, stop before asking for a single key;
 4. for each granted dataset: fresh challenge, attestation token with it as nonce, key release, then the
    manifest's file-list MAC under the released key and every encrypted file's size
-   (:func:`check_dataset_files`); only once every dataset passed, decryption into private memory-backed
+   (:func:`~dcr_enclave.runtime.dataset_reader.check_dataset_files`); only once every dataset passed, decryption into private memory-backed
    storage, so a tampered manifest of any dataset refuses the job with nothing decrypted. The plaintext is
    not hashed again to recompute the dataset version: every chunk is authenticated under associated data
    naming provider, dataset, version, file and position, with a key only that version's wrapped data key
    gives, so each file is exactly what the provider encrypted under that name for that version, and the
    MAC says the manifest lists every file the provider registered (hashing would halve decryption speed);
 5. run the notebook in the sandbox: its kernel starts while step 4 runs (it executes nothing until the data
-   is in place), ``running`` is reported once both are done, then cell *i* of *n* (never data); kill the
-   sandbox's whole process tree;
+   is in place), ``running`` is reported once both are done, then cell *i* of *n* (never data; under
+   review no cell and no ``checking``: their times would time the notebook); kill the sandbox's whole
+   process tree;
 6. collect outputs (the executed notebook plus regular files created or changed in the working copy),
-   apply the grant's output limits, build the receipt and have it attested (nonce = its sha256);
+   apply the grant's output limits, build the receipt and have it attested (nonce = its sha256); under
+   review the receipt commits to the outputs without naming them, and its end time is rounded up;
 7. seal the outputs to the job's key (or the hub's airlock key under review) and write the receipt.
 
 All plaintext lives on a tmpfs mounted inside the supervisor's own mount namespace, so it disappears with
 the supervisor's last process, however it ends (``kill -9`` included). A failed job reports only the cell
 index and exception type. Nothing the notebook names (a file, a class) reaches the receipt or a failure
-report: output-limit violations are kinds and counts, and an error once the notebook has run is reported
-by its type alone.
+report: output-limit violations are kinds only (the counts and sizes, which the notebook chooses, are sealed
+for reviewers), and an error once the notebook has run is reported by its type alone.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -42,22 +46,23 @@ from typing import Any
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.bundle import BundleManifest
-from dcr_enclave.formats.digests import sha256_json
+from dcr_enclave.formats.digests import canonical_json, sha256_json
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import Grant, sealing_key, verify_grant
 from dcr_enclave.formats.jwk import parse_jwks
-from dcr_enclave.formats.receipt import ReceiptManifest, build_manifest
-from dcr_enclave.formats.sealing import seal_dir
+from dcr_enclave.formats.receipt import build_manifest, make_reveal, output_commitment
+from dcr_enclave.formats.sealing import seal_bytes, seal_dir
 from dcr_enclave.runtime.bundle_extractor import extract_bundle
 from dcr_enclave.runtime.dataset_reader import fetch_datasets
 from dcr_enclave.runtime.kernel_layout import SandboxSpec
 from dcr_enclave.runtime.kernel_process import check_sandbox
 from dcr_enclave.runtime.notebook_run import NotebookRun, RunResult
-from dcr_enclave.runtime.outputs import collect_outputs
+from dcr_enclave.runtime.outputs import OutputCheck, collect_outputs
 from dcr_enclave.runtime.platform_link import TeeLink
 from dcr_enclave.runtime.receipt_writer import output_entries, write_receipt_dir
 
 ENV = contract.ENV
+DEFAULT_TIME_QUANTUM = contract.DEFAULT_TIME_QUANTUM
 
 
 @dataclass
@@ -99,8 +104,16 @@ class JobFailed(Exception):
 
 
 class Supervisor:
-    def __init__(self, launch: Launch, link: TeeLink, scratch: Path, sandbox_ids: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        launch: Launch,
+        link: TeeLink,
+        scratch: Path,
+        sandbox_ids: tuple[int, int],
+        time_quantum: float = DEFAULT_TIME_QUANTUM,
+    ) -> None:
         self.launch = launch
+        self.time_quantum = time_quantum
         self.link = link
         self.scratch = scratch
         self.uid, self.gid = sandbox_ids
@@ -132,8 +145,17 @@ class Supervisor:
             self.link, g, self.launch.grant_token, self.launch.hub_jwks, self.launch.store, self.data
         )
 
-    def collect(self, bundle: BundleManifest, g: Grant) -> list[str]:
+    def collect(self, bundle: BundleManifest, g: Grant) -> OutputCheck:
         return collect_outputs(self.work, self.outputs, bundle, g.output_limits)
+
+    def finished_at(self, g: Grant) -> float:
+        """The receipt's end time: under review rounded up to the time quantum, so that how long the
+        notebook ran (which its code chooses) shows only to that resolution."""
+        now = time.time()
+        if g.release_mode != "review":
+            return now
+        q = self.time_quantum
+        return self.started_at + math.ceil((now - self.started_at) / q) * q
 
     def run(self) -> int:
         g = self.verify_grant()
@@ -158,14 +180,14 @@ class Supervisor:
         # The run returns only once the sandbox's whole process tree is dead.
         if result.status != "ok":
             raise JobFailed({"reason": result.status, "cell": result.cell, "ename": result.ename})
-        self.state("checking")
+        review = g.release_mode == "review"
+        if not review:  # under review the researcher learns no time but the (rounded) end
+            self.state("checking")
         try:
             self.outputs.mkdir()
-            violations = self.collect(bundle, g)
-            review = g.release_mode == "review"
-            decision = "rejected" if violations else ("held" if review else "released")
-            manifest = self.receipt_manifest(g, bundle, datasets, conditions, violations, decision)
-            self.write_result(g, manifest, seal_to if not violations else None)
+            check = self.collect(bundle, g)
+            decision = "rejected" if check.kinds else ("held" if review else "released")
+            self.write_result(g, bundle, datasets, conditions, check, decision, seal_to)
         except DCRError as e:
             # The notebook has run: a message could now name a file it created, so only the kind leaves.
             raise JobFailed(
@@ -196,7 +218,9 @@ class Supervisor:
                 self.state("running")
 
         def on_cell(index: int, count: int) -> None:
-            self.link.progress({"kind": contract.Progress.CELL, "index": index, "count": count})
+            # Under review a cell's start time would time the cell before it: the researcher sees no cells.
+            if g.release_mode != "review":
+                self.link.progress({"kind": contract.Progress.CELL, "index": index, "count": count})
 
         run = NotebookRun(bundle.notebook, spec, on_cell=on_cell, on_ready=on_ready)
         outcome: list[RunResult | BaseException] = []
@@ -224,17 +248,34 @@ class Supervisor:
             raise outcome[0]
         return outcome[0], datasets, conditions
 
-    def receipt_manifest(
+    def write_result(
         self,
         g: Grant,
         bundle: BundleManifest,
         datasets: list[dict[str, Any]],
         conditions: dict[str, str],
-        violations: list[str],
+        check: OutputCheck,
         decision: str,
-    ) -> ReceiptManifest:
+        seal_to: bytes,
+    ) -> None:
+        """Build, attest and write the receipt; seal what may leave to whom it may go.
+
+        * released: the outputs, sealed to the job's key; the receipt lists them;
+        * held: the outputs and the reveal of their commitment, sealed to the airlock; the public receipt
+          only commits to them (a salted digest), so that no name, size or digest the notebook chose is
+          public before a reviewer releases them;
+        * rejected: nothing but the exact output-check figures, sealed to the airlock under review.
+        """
+        out = self.launch.output
+        entries = [] if check.kinds else output_entries(self.outputs)
+        commitment = None
+        if decision == "held":
+            reveal = make_reveal(entries, secrets.token_bytes(32))
+            commitment = output_commitment(reveal)
+            seal_bytes(canonical_json(reveal), out / contract.SEALED_REVEAL_FILE, seal_to, job_id=g.job_id)
+            entries = []
         platform = self.link.call("info")
-        return build_manifest(
+        manifest = build_manifest(
             job_id=g.job_id,
             notebook=bundle.notebook,
             bundle_digest=g.bundle_digest,
@@ -246,21 +287,21 @@ class Supervisor:
             datasets=datasets,
             output_policy=sha256_json(g.output_limits.to_json()),
             conditions=conditions,
-            outputs=[] if violations else output_entries(self.outputs),
-            violations=violations,
+            outputs=entries,
+            violations=check.kinds,
             release_mode=g.release_mode,
             decision=decision,
             started_at=self.started_at,
-            finished_at=time.time(),
+            finished_at=self.finished_at(g),
+            outputs_commitment=commitment,
         )
-
-    def write_result(self, g: Grant, manifest: ReceiptManifest, seal_to: bytes | None) -> None:
-        out = self.launch.output
         token = self.link.token(contract.RECEIPT_AUDIENCE, [manifest.digest])
-        jwks = self.link.call("info")["jwks"]
-        if seal_to is not None:
+        if not check.kinds:
             seal_dir(self.outputs, out / contract.SEALED_OUTPUTS_FILE, seal_to, g.job_id)
-        write_receipt_dir(out, manifest, token, jwks)
+        elif g.release_mode == "review":
+            details = canonical_json({"violations": check.details})
+            seal_bytes(details, out / contract.SEALED_CHECK_FILE, seal_to, job_id=g.job_id)
+        write_receipt_dir(out, manifest, token, platform["jwks"])
 
 
 def mount_scratch(path: Path, size_bytes: int) -> None:
@@ -291,7 +332,8 @@ def main() -> int:
         uid, gid = (int(x) for x in env[contract.LOCAL_SANDBOX_IDS].split(":"))
         scratch = Path(env[contract.LOCAL_SCRATCH])
         mount_scratch(scratch, int(env.get(contract.LOCAL_SCRATCH_BYTES, str(2 * 2**30))))
-        sup = Supervisor(launch, link, scratch, (uid, gid))
+        quantum = float(env.get(contract.LOCAL_TIME_QUANTUM, str(DEFAULT_TIME_QUANTUM)))
+        sup = Supervisor(launch, link, scratch, (uid, gid), quantum)
         return sup.run()
     except JobFailed as e:
         _fail(link, e.report)

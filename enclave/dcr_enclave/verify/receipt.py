@@ -25,8 +25,10 @@ from dcr_enclave.formats.receipt import (
     CLOCK_SKEW_SECONDS,
     MAX_RECEIPT_BYTES,
     RECEIPT_SCHEMA,
+    OutputEntry,
     ReceiptManifest,
     hash_regular_file,
+    open_commitment,
     scan_outputs,
 )
 from dcr_enclave.verify.token import (
@@ -87,8 +89,27 @@ def _list(items: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _output_checks(root: Path, manifest: ReceiptManifest) -> list[Check]:
-    listed = {o.path: o for o in manifest.outputs}
+def _commitment_check(d: Path, manifest: ReceiptManifest) -> tuple[Check, tuple[OutputEntry, ...] | None]:
+    """A held receipt's outputs: revealed (and checked against the commitment) or still committed."""
+    commitment = manifest.release["outputs_commitment"]
+    reveal = d / contract.REVEAL_FILE
+    if not reveal.exists() and not reveal.is_symlink():
+        return Check(
+            "output commitment", True, f"held: outputs committed to ({commitment}), not revealed"
+        ), None
+    try:
+        entries = open_commitment(_read_limited(reveal, MAX_RECEIPT_BYTES), commitment)
+    except DCRError as e:
+        return Check("output commitment", False, e.message), None
+    return Check(
+        "output commitment", True, f"{contract.REVEAL_FILE} opens it: {len(entries)} output(s)"
+    ), entries
+
+
+def _output_checks(
+    root: Path, manifest: ReceiptManifest, revealed: tuple[OutputEntry, ...] | None
+) -> list[Check]:
+    listed = {o.path: o for o in (manifest.outputs if revealed is None else revealed)}
     problems: list[str] = []
     if root.is_symlink() or (root.exists() and not root.is_dir()):
         present: dict[str, Path] = {}
@@ -210,7 +231,11 @@ def check_receipt_dir(
                 )
             )
     if manifest is not None:
-        checks.extend(_output_checks(d / contract.OUTPUTS_DIR, manifest))
+        revealed = None
+        if manifest.decision == "held":
+            check, revealed = _commitment_check(d, manifest)
+            checks.append(check)
+        checks.extend(_output_checks(d / contract.OUTPUTS_DIR, manifest, revealed))
     else:
         for name in ("output digests", "no output added", "no output removed"):
             checks.append(Check(name, False, "not checked: no valid manifest"))
