@@ -16,11 +16,12 @@ import jsonschema
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+import dcr_enclave.platform
 from dcr_enclave.commands import main as cli
 from dcr_enclave.formats import streamcrypt
 from dcr_enclave.formats.dataset import DatasetVersion, Protection
 from dcr_enclave.formats.errors import DCRError, IntegrityError
-from dcr_enclave.formats.jwk import public_jwk, thumbprint
+from dcr_enclave.formats.jwk import jwks, public_jwk, thumbprint
 from dcr_enclave.pack.signing_keys import generate_key, read_private_key
 from dcr_enclave.pack.store import DEV_HUB_KEY_FILE, Store
 from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
@@ -161,7 +162,8 @@ def test_condition_file_validates_against_its_schema(added: tuple[Path, str]) ->
     """The stored condition is valid per schemas/key-release-condition.schema.json."""
     root, _ = added
     doc = json.loads((root / ".keys" / "acme" / "conditions" / "insurance.json").read_text())
-    jsonschema.validate(doc, json.loads((SCHEMAS / "key-release-condition.schema.json").read_text()))
+    schema = Path(dcr_enclave.platform.__file__).parent / "schemas" / "key-release-condition.schema.json"
+    jsonschema.validate(doc, json.loads(schema.read_text()))
 
 
 def test_expected_version_recomputes_from_decrypted_files(added: tuple[Path, str], tmp_path: Path) -> None:
@@ -265,10 +267,10 @@ def test_hub_key_and_platform_options(tmp_path: Path, capsys: pytest.CaptureFixt
         )
     )
     other = generate_key("RS256")
-    jwks = tmp_path / "hub.jwks"
-    jwks.write_text(json.dumps(jwks(hub, other)))
+    jwks_file = tmp_path / "hub.jwks"
+    jwks_file.write_text(json.dumps(jwks(hub, other)))
     digest = "sha256:" + "e" * 64
-    for i, key_file in enumerate((pem, jwks)):
+    for i, key_file in enumerate((pem, jwks_file)):
         root = tmp_path / f"store{i}"
         extra = ("--hub-key", key_file, "--enclave-digest", digest, "--platform", "confidential-space")
         code, out, err = _dcr(capsys, *_add_args(root, extra=extra))
