@@ -8,6 +8,7 @@ stops a job before any key is asked for.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -216,11 +217,14 @@ class KeyRequest:
         self.store = store
         self.job_id = contract.new_job_id()
         self.digest = "sha256:" + "ab" * 32
+        # The grant the host launched this job with (recorded as the host records a launch).
+        self.launched = self.grant()
+        self.h.ledger.record(_grant_id(self.launched), self.job_id)
 
-    def grant(self, job_id: str | None = None) -> str:
+    def grant(self, job_id: str | None = None, bundle_digest: str | None = None) -> str:
         _priv, pub = generate_keypair()
         return issue_grant(
-            self.hub, user="t", job_id=job_id or self.job_id, bundle_digest=self.digest,
+            self.hub, user="t", job_id=job_id or self.job_id, bundle_digest=bundle_digest or self.digest,
             datasets=[GrantedDataset(self.store.provider, self.store.dataset, self.manifest.version, "auto")],
             output_public_key=pub,
         )  # fmt: skip
@@ -245,7 +249,7 @@ class KeyRequest:
     def request(self, challenge: str, token: str, grant: str | None = None) -> dict[str, Any]:
         return {
             "provider": self.store.provider, "dataset": self.store.dataset, "version": self.manifest.version,
-            "wrapped_key": self.manifest.key.to_json(), "token": token, "grant": grant or self.grant(),
+            "wrapped_key": self.manifest.key.to_json(), "token": token, "grant": grant or self.launched,
             "hub_jwks": [public_jwk(self.hub)], "challenge": challenge,
         }  # fmt: skip
 
@@ -307,6 +311,21 @@ def _expired_challenge(r: KeyRequest) -> dict[str, Any]:
     return r.request(c, r.token([c]))
 
 
+def _grant_for_another_bundle(r: KeyRequest) -> dict[str, Any]:
+    c = r.h.broker.new_challenge(r.job_id)
+    return r.request(c, r.token([c]), grant=r.grant(bundle_digest="sha256:" + "cd" * 32))
+
+
+def _grant_not_launched_here(r: KeyRequest) -> dict[str, Any]:
+    c = r.h.broker.new_challenge(r.job_id)
+    return r.request(c, r.token([c]), grant=r.grant())  # a valid grant for this job the host never launched
+
+
+def _grant_id(token: str) -> str:
+    body = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))["jti"]
+
+
 BROKER_CASES = [
     ("wrong audience", _wrong_audience, "audience"),
     ("token signed by another key", _other_signer, "attestation token"),
@@ -317,6 +336,8 @@ BROKER_CASES = [
     ("expired challenge", _expired_challenge, "expired"),
     ("token for another job", _token_for_another_job, "token is not for this job"),
     ("grant for another job", _grant_for_another_job, "grant refused: it is for job"),
+    ("grant for another bundle", _grant_for_another_bundle, "grant refused: it names another bundle"),
+    ("grant not launched on this host", _grant_not_launched_here, "not launched for this job"),
 ]
 
 

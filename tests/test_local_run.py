@@ -564,6 +564,8 @@ def test_replayed_key_request_is_refused(tmp_path, store, host):
         hub_key, user="t", job_id=job_id, bundle_digest=digest,
         datasets=[GrantedDataset(store.provider, store.dataset, manifest.version, "auto")], output_public_key=pub,
     )  # fmt: skip
+    launched = verify_grant(grant, [public_jwk(hub_key)], hub_key_thumbprint=thumbprint(public_jwk(hub_key)))
+    h.ledger.record(launched.grant_id, job_id)  # as a launch records it
     challenge = h.broker.new_challenge(job_id)
     env = {
         contract.ENV.JOB_ID: job_id,
@@ -637,10 +639,16 @@ def test_review_grant_without_airlock_is_refused_before_any_key(tmp_path, store,
 
 
 def _collect(
-    tmp_path: Path, make_notebook, change, limits: OutputLimits, name: str = "collect"
+    tmp_path: Path,
+    make_notebook,
+    change,
+    limits: OutputLimits,
+    name: str = "collect",
+    details: list | None = None,
 ) -> tuple[list[str], dict[str, bytes]]:
     """Unpack a bundle (notebook + input.csv) as the supervisor does, let ``change`` play the run on the
-    working copy, then collect under ``limits``; returns the violations and the copied outputs."""
+    working copy, then collect under ``limits``; returns the violation kinds and the copied outputs (the
+    reviewers' details are appended to ``details`` when given)."""
     nb = make_notebook(["1"], workspace=name)
     (nb.parent / "input.csv").write_text("a,b\n1,2\n")
     bundle_path = tmp_path / f"{name}.tar"
@@ -662,7 +670,10 @@ def _collect(
     g = verify_grant(
         token, [jwk], hub_key_thumbprint=thumbprint(jwk), job_id=job_id, bundle_digest=bundle.digest
     )
-    violations = sup.collect(manifest, g)
+    check = sup.collect(manifest, g)
+    if details is not None:
+        details.extend(check.details)
+    violations = check.kinds
     outputs = {
         p.relative_to(sup.outputs).as_posix(): p.read_bytes() for p in sup.outputs.rglob("*") if p.is_file()
     }
@@ -708,28 +719,40 @@ def test_collect_refuses_links_special_files_and_unusable_names(tmp_path, make_n
         (work / os.fsdecode(b"bad\xff" + secret.encode() + b".csv")).write_text("x")
         (work / "fine.csv").write_text("x")
 
-    violations, outputs = _collect(tmp_path, make_notebook, run, OutputLimits())
-    assert violations == [
-        "2 symbolic links",
-        "2 special files",
-        "3 files with names that cannot be outputs",
-    ]
+    details: list[str] = []
+    violations, outputs = _collect(tmp_path, make_notebook, run, OutputLimits(), details=details)
+    assert violations == ["symbolic links present", "special files present", "names that cannot be outputs"]
     assert outputs == {}
-    assert not any("4449" in v or "row7" in v for v in violations)
+    # the counts are for reviewers only, and never a name
+    assert details == ["2 symbolic link(s)", "2 special file(s)", "3 file(s) with unusable names"]
+    assert not any("4449" in v or "row7" in v for v in violations + details)
 
 
 @pytest.mark.parametrize(
     ("limits", "expected"),
     [
-        (OutputLimits(max_files=2), ["too many files: 3 > 2"]),
-        (OutputLimits(max_bytes=1000), ["too many bytes: SIZE > 1000"]),
-        (OutputLimits(allowed_suffixes=(".csv", ".ipynb")), ["1 file of a type the grant does not allow"]),
+        (OutputLimits(max_files=2), ["over the file limit"]),
+        (OutputLimits(max_files=3), []),
+        (OutputLimits(max_bytes=1000), ["over the byte limit"]),
+        (OutputLimits(max_bytes=-1), ["over the byte limit"]),  # SIZE - 1: one byte over
+        (OutputLimits(max_bytes=0), []),  # exactly SIZE: at the limit is allowed
+        (OutputLimits(allowed_suffixes=(".csv", ".ipynb")), ["file types the grant does not allow"]),
+        (OutputLimits(allowed_suffixes=(".csv", ".png", ".ipynb")), []),
         (
             OutputLimits(max_files=1, allowed_suffixes=(".ipynb",)),
-            ["2 files of a type the grant does not allow", "too many files: 3 > 1"],
+            ["file types the grant does not allow", "over the file limit"],
         ),
     ],
-    ids=["max-files", "max-bytes", "suffixes", "several"],
+    ids=[
+        "max-files",
+        "files-at-limit",
+        "max-bytes",
+        "one-byte-over",
+        "bytes-at-limit",
+        "suffixes",
+        "suffixes-ok",
+        "several",
+    ],
 )
 def test_collect_applies_the_grant_output_limits(tmp_path, make_notebook, limits, expected):
     """Past the grant's max_files or max_bytes, or with a suffix it does not allow, the outputs are refused
@@ -737,16 +760,22 @@ def test_collect_applies_the_grant_output_limits(tmp_path, make_notebook, limits
 
     def run(work: Path) -> None:
         (work / "a.csv").write_text("x" * 600)
-        (work / "b-4449.462.png").write_bytes(b"y" * 600)
+        (work / "sub").mkdir()  # subdirectories are checked like the top level
+        (work / "sub" / "b-4449.462.png").write_bytes(b"y" * 600)
 
-    violations, outputs = _collect(tmp_path, make_notebook, run, limits)
-    size = (
-        sum(len(b) for b in [b"x" * 600, b"y" * 600])
-        + (tmp_path / "collect" / "analysis.ipynb").stat().st_size
-    )
-    assert violations == [v.replace("SIZE", str(size)) for v in expected]
-    assert outputs == {}
-    assert not any("4449" in v for v in violations)
+    if limits.max_bytes <= 0:  # relative to the outputs' exact size, known once the bundle is unpacked
+        probe, _ = _collect(tmp_path, make_notebook, run, OutputLimits(), name="probe")
+        assert probe == []
+        total = 1200 + (tmp_path / "probe" / "analysis.ipynb").stat().st_size
+        limits = OutputLimits(max_bytes=total + limits.max_bytes)
+    details: list[str] = []
+    violations, outputs = _collect(tmp_path, make_notebook, run, limits, details=details)
+    assert violations == expected
+    if expected:
+        assert outputs == {}
+    else:
+        assert sorted(outputs) == ["a.csv", "analysis.ipynb", "sub/b-4449.462.png"]
+    assert not any("4449" in v or "600" in v or "1200" in v for v in violations)
 
 
 def test_output_violations_never_name_files(tmp_path, store, host, make_notebook, run_cli, insurance_real):
@@ -776,9 +805,9 @@ def test_output_violations_never_name_files(tmp_path, store, host, make_notebook
     job = _wait_state(host.client, job_id, contract.TERMINAL_STATES)
     assert job["state"] == "failed"
     expected = [
-        "1 symbolic link",
-        "1 file with a name that cannot be an output",
-        "1 file of a type the grant does not allow",
+        "symbolic links present",
+        "names that cannot be outputs",
+        "file types the grant does not allow",
     ]
     assert job["failure"]["reason"] == "outputs refused: " + "; ".join(expected)
     out = tmp_path / "out"

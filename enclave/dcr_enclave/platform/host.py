@@ -140,7 +140,9 @@ class Job:
 
     @property
     def terminal(self) -> bool:
-        return self.state in contract.TERMINAL_STATES
+        """Whether the enclave's part is over: a terminal state, or ``held`` (what follows is the airlock's,
+        in the hub: the host never moves a held job on, and a held job cannot be cancelled here)."""
+        return self.state in contract.TERMINAL_STATES or self.state == "held"
 
 
 class EnclaveHost:
@@ -337,6 +339,8 @@ class EnclaveHost:
                 return job
             if g.job_id in self.jobs:
                 raise DCRError(f"job {g.job_id} already exists under another grant")
+            if self.ledger.job_for(g.grant_id) is not None:
+                self.ledger.record(g.grant_id, g.job_id)  # refuses, naming the job the grant ran
             spool = self.cfg.state_dir / "spool" / g.job_id
             job = Job(g.job_id, g, uid, spool, hub_key)
             self.jobs[g.job_id] = job
@@ -482,9 +486,11 @@ class EnclaveHost:
         link.join(timeout=5)
         parent.close()
         scratch.rmdir()
+        out_of_memory = cgroup.oom_kills() > 0
+        cgroup.remove()  # nothing of the job runs on once its end is reported
         if job.terminal or job.cancelled:
             return
-        if cgroup.oom_kills() and not job.failure:
+        if out_of_memory and not job.failure:
             job.failure = {"reason": "the job reached its memory limit", "cell": None, "ename": None}
         self._wait_for_quantum(job)
         if job.terminal or job.cancelled:

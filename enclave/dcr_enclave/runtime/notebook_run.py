@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -319,6 +320,8 @@ class NotebookRun:
             # account's: the supervisor must never follow a path the notebook could replace.
             await self._await_kernel_sockets(kernel_dir, deadline)
             lock_kernel_dir(kernel_dir)
+            # A socket file exists from bind(); the channels connect once, so wait until each listens.
+            await self._await_listening(kernel_dir, deadline)
             context = zmq.asyncio.Context()
             # A connection the kernel's side drops is never made again: the run ends as disconnected.
             context.setsockopt(zmq.RECONNECT_IVL, -1)
@@ -383,12 +386,26 @@ class NotebookRun:
                 )
             await asyncio.sleep(0.005)
 
-    async def _watch_disconnect(self, socket: Any) -> None:
+    async def _await_listening(self, kernel_dir: Path, deadline: float) -> None:
+        limit = min(deadline, time.monotonic() + self.spec.startup_timeout)
+        for port in (KERNEL_PORTS["shell_port"], KERNEL_PORTS["iopub_port"], KERNEL_PORTS["control_port"]):
+            path = str(kernel_dir / f"k-{port}")
+            while True:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    try:
+                        probe.connect(path)
+                        break
+                    except OSError:
+                        if time.monotonic() > limit:
+                            raise DCRError("the kernel did not listen on its sockets in time") from None
+                await asyncio.sleep(0.005)
+
+    async def _watch_disconnect(self, sock: Any) -> None:
         """End the run as ``disconnected`` when the kernel's end of ``socket`` goes away."""
         import zmq
         from zmq.utils.monitor import parse_monitor_message
 
-        monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
@@ -397,7 +414,7 @@ class NotebookRun:
                     return
         finally:
             with contextlib.suppress(zmq.ZMQError):
-                socket.disable_monitor()
+                sock.disable_monitor()
             monitor.close(linger=0)
 
     async def _execute(
