@@ -10,7 +10,7 @@ DEBS   := python3-venv bubblewrap libseccomp2 iproute2 util-linux postgresql chr
 
 CHP    := .npm/node_modules/.bin/configurable-http-proxy
 
-.PHONY: demo test lint system-deps venv jupyter dist clean
+.PHONY: demo test test-fast lint system-deps venv jupyter dist clean
 
 # JupyterHub's proxy, from the npm registry, pinned by .npm/package-lock.json.
 $(CHP): .npm/package.json .npm/package-lock.json
@@ -72,8 +72,17 @@ demo: system-deps $(STAMP) $(CHP) jupyter
 	$(BIN)/dcr demo --dir $(DEMO) $(DEMO_ARGS)
 
 test: system-deps $(STAMP) $(CHP) jupyter
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
+# The fast lane while developing: every test that needs neither root nor minutes (the markers `root` and
+# `slow`, declared in pyproject.toml), with the 20 slowest printed. Needs the virtualenv and the built
+# JupyterLab extension (rebuilt only when its sources changed), no Debian packages; `make test` runs
+# everything, as CI does. Options as for `make test`: make test-fast PYTEST_ARGS="tests/test_verify.py -x"
+test-fast: $(STAMP) jupyter
+	$(BIN)/python -m pytest -m "not root and not slow" --durations=20 $(PYTEST_ARGS)
+
+# Python: ruff (lint and format). The JupyterLab extension: eslint (typescript-eslint's type-checked rules,
+# React's rules of hooks; dcr_labextension/eslint.config.mjs), then the prettier check.
 lint: $(STAMP) $(LABEXT)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -20,40 +20,71 @@ from typing import Any
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.serverapp import ServerApp
-from traitlets import Float, Int, List, TraitError, Unicode, default, validate
-from traitlets.utils.importstring import import_item
+from traitlets import Float, Int, List, TraitError, Type, Unicode, default, validate
 
 from dcr_enclave.formats.bundle import DEFAULT_EXCLUDE, BundleLimits
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.pack.bundle_builder import check_patterns
+from dcr_enclave.verify.trust import TrustAnchors, load_trust_anchors
 
 from .backends.base import Backend
 from .events import EVENT_SCHEMA_ID, EVENT_SCHEMA_PATH, job_event
-from .grants import GrantSource
+from .grant_sources import GrantSource
 from .handlers import default_handlers
 from .jobstore import JobStore
-from .manager import JobManager, TrustAnchors, load_trust_anchors
+from .manager import JobManager
 from .model import Job
 
 DB_FILE = "jobs.sqlite"
+#: How refusals of the trust anchor traits name them (``dcr verify`` says --trust/--trust-root).
+SIGNERS_OPTION = "DCRExtension.trust_jwks"
+ROOTS_OPTION = "DCRExtension.trust_roots"
 
 
-def _configurable_class(value: Any, trait: str, base: type) -> str:
-    """Check that ``value`` names an importable subclass of ``base``; returns the dotted path."""
-    if not isinstance(value, str) or not value.strip():
-        raise TraitError(f"DCRExtension.{trait} must be a dotted class path, not {value!r}")
-    try:
-        cls = import_item(value)
-    except Exception as e:
-        raise TraitError(
-            f"DCRExtension.{trait} = {value!r} cannot be imported ({type(e).__name__}: {e}); "
-            "give a dotted path like 'package.module.ClassName' of an installed module"
-        ) from None
-    if not isinstance(cls, type) or not issubclass(cls, base):
-        raise TraitError(
-            f"DCRExtension.{trait} = {value!r} is not a subclass of {base.__module__}.{base.__qualname__}"
-        )
-    return value
+#: Modules DCR has renamed: a dotted path written for the old name still resolves (with a warning).
+MOVED_MODULES = {"dcr_server_ext.grants": "dcr_server_ext.grant_sources"}
+
+
+class PluginClass(Type):
+    """A :class:`traitlets.Type` (a class, or its dotted path) whose refusals name the trait and say what to
+    write. A dotted path into a module listed in :data:`MOVED_MODULES` resolves to the class's new home,
+    so configuration written before a rename keeps working."""
+
+    def validate(self, obj: Any, value: Any) -> Any:
+        where = f"{type(obj).__name__}.{self.name}"
+        base = self.klass if isinstance(self.klass, type) else self._resolve_string(self.klass)
+        expected = _dotted(base)
+        given, example = value, _dotted(self.default_value)
+        if isinstance(value, str):
+            path = _current_path(value, obj, where)
+            try:
+                value = self._resolve_string(path)
+            except Exception as e:  # ImportError, and whatever the module raises while it is imported
+                raise TraitError(
+                    f"{where} = {given!r} cannot be imported ({type(e).__name__}: {e}); give the dotted path "
+                    f"of an installed class, like {example!r}"
+                ) from None
+        if not (isinstance(value, type) and issubclass(value, base)):
+            raise TraitError(
+                f"{where} = {given!r} is not a subclass of {expected}; give one, like {example!r}"
+            )
+        return value
+
+
+def _current_path(value: str, obj: Any, where: str) -> str:
+    """``value`` with a renamed module replaced by its new name (and a warning saying what to write)."""
+    module, _, name = value.strip().rpartition(".")
+    if module in MOVED_MODULES:
+        new = f"{MOVED_MODULES[module]}.{name}"
+        log = getattr(obj, "log", None)
+        if log is not None:
+            log.warning("%s = %r: the module was renamed; write %r", where, value, new)
+        return new
+    return value.strip()
+
+
+def _dotted(value: Any) -> str:
+    return f"{value.__module__}.{value.__qualname__}" if isinstance(value, type) else str(value)
 
 
 def _check_patterns(value: Any, trait: str) -> list[str]:
@@ -70,12 +101,16 @@ class DCRExtension(ExtensionApp):
 
     name = "dcr_server_ext"
 
-    backend_class = Unicode(
-        "dcr_server_ext.backends.local.LocalBackend",
-        help="""Dotted path of the enclave backend class: where granted jobs run.
+    backend_class = PluginClass(
+        default_value="dcr_server_ext.backends.local.LocalBackend",
+        klass=Backend,
+        help="""The enclave backend: where granted jobs run. A subclass of
+        :class:`dcr_server_ext.backends.base.Backend`, given as the class or its dotted import path;
+        :meth:`DCRExtension.make_backend` makes it with the extension as its parent, and it takes its own
+        settings from its own traits (``c.<ClassName>.*``).
 
-        ``dcr_server_ext.backends.local.LocalBackend`` talks to the machine's enclave host
-        (``dcr enclave-host``), a simulated TEE. Backends take their own settings from their own traits.
+        ``dcr_server_ext.backends.local.LocalBackend`` (the default) talks to the machine's enclave host
+        (``dcr enclave-host``), a simulated TEE.
 
         Example::
 
@@ -84,25 +119,32 @@ class DCRExtension(ExtensionApp):
 
         Security: the backend decides which enclave receives the job's bundle and grant. The grant is bound
         to one job and the enclave verifies it, so a wrong backend cannot obtain data keys; it can however
-        see your notebook and workspace files. Use only backend classes you installed and trust.
+        see your notebook and workspace files. The class is imported and run inside your server: use only
+        backend classes you installed and trust.
         """,
     ).tag(config=True)
 
-    grant_source_class = Unicode(
-        "dcr_server_ext.grants.DevGrantSource",
-        help="""Dotted path of the class that obtains each job's grant (a JWT signed by the hub).
+    grant_source_class = PluginClass(
+        default_value="dcr_server_ext.grant_sources.DevGrantSource",
+        klass=GrantSource,
+        help="""Where each job's grant (a JWT signed by the hub) comes from. A subclass of
+        :class:`dcr_server_ext.grant_sources.GrantSource`, given as the class or its dotted import path;
+        :meth:`DCRExtension.make_grant_source` makes it with the extension as its parent, and it takes its
+        own settings from its own traits (``c.<ClassName>.*``).
 
-        In production this is the hub's grant service (it alone holds the hub key and the policy).
-        ``dcr_server_ext.grants.DevGrantSource`` signs grants with a local development key, for tests,
-        demos and single-machine trials.
+        ``dcr_server_ext.grant_sources.HubGrantSource`` asks the hub's grant service (in production: it
+        alone holds the hub key and the policy). ``dcr_server_ext.grant_sources.DevGrantSource`` (the
+        default) signs grants with a local development key, for tests, demos and single-machine trials.
+        Paths into ``dcr_server_ext.grants``, the module's former name, are still accepted.
 
         Example::
 
-            c.DCRExtension.grant_source_class = "dcr_server_ext.grants.DevGrantSource"
-            c.DevGrantSource.key_file = "/srv/dcr/store/.keys/local-hub-key.pem"
+            c.DCRExtension.grant_source_class = "dcr_server_ext.grant_sources.HubGrantSource"
+            c.HubGrantSource.request_timeout = 10
 
         Security: the enclave and the key release accept only grants from a hub key they trust. Never
-        configure a development key that a production enclave host or provider condition trusts.
+        configure a development key that a production enclave host or provider condition trusts. The
+        class is imported and run inside your server: use only grant sources you installed and trust.
         """,
     ).tag(config=True)
 
@@ -230,22 +272,43 @@ class DCRExtension(ExtensionApp):
     trust_jwks = List(
         Unicode(),
         default_value=[],
-        help="""Trust anchors that job receipts are verified against (``GET /dcr/api/jobs/<id>/verify``, the
-        receipt viewer in JupyterLab): absolute paths of JWKS, JWK or PEM public key files of the enclave
-        signer, PEM files of root certificates (for certificate-chained tokens), or ``sha256:<thumbprint>``
-        RFC 7638 key thumbprints (the key is then read from the receipt's ``signer-jwks.json``, and only a
-        key with a pinned thumbprint is used). Read once when the server starts; a file that cannot be
-        read or parsed stops the server. Empty (the default): receipts are not verified by the server
-        (the endpoint answers 503), ``dcr verify`` still checks them offline.
+        help="""Signer keys that job receipts are verified against (``GET /dcr/api/jobs/<id>/verify``, the
+        receipt viewer in JupyterLab), as ``dcr verify --trust`` takes them: absolute paths of JWKS, JWK or
+        PEM public key files of the enclave's attestation signer, or ``sha256:<thumbprint>`` RFC 7638 key
+        thumbprints (the key is then read from the receipt's ``signer-jwks.json``, and only a key with a
+        pinned thumbprint is used). Certificates belong in ``trust_roots``; a file holding a certificate,
+        a private key, a key for encryption or for another algorithm is refused. Read once when the server
+        starts; a refused entry stops the server. With neither this nor ``trust_roots`` (the default),
+        receipts are not verified by the server (the endpoint answers 503); ``dcr verify`` still checks
+        them offline.
 
         Example::
 
             c.DCRExtension.trust_jwks = ["/srv/dcr/enclave-host/public/jwks.json"]
 
-        Security: these files decide which signatures make a receipt "verified" in the user's browser.
-        Point them at keys the deployment's administrator pinned (the local enclave host's published JWKS,
-        or your platform's attestation roots), on storage users cannot write; never at a key taken from a
-        receipt. The local enclave host's key signs *simulated* attestations: the viewer says so.
+        Security: these keys decide which signatures make a receipt "verified" in the user's browser.
+        Point them at keys the deployment's administrator pinned (the local enclave host's published JWKS),
+        on storage users cannot write; never at a key taken from a receipt. The local enclave host's key
+        signs *simulated* attestations: the viewer says so.
+        """,
+    ).tag(config=True)
+
+    trust_roots = List(
+        Unicode(),
+        default_value=[],
+        help="""Root certificates for certificate-chained attestation tokens (an ``x5c`` chain, as Google's
+        PKI tokens carry), as ``dcr verify --trust-root`` takes them: absolute paths of PEM files holding
+        one or more CA certificates (basicConstraints CA:TRUE). A token verifies when its chain ends at one
+        of them. A file holding anything else (a public or private key, a certificate that is not a CA) is
+        refused; pin signer keys in ``trust_jwks``. Read once when the server starts; a refused entry stops
+        the server.
+
+        Example::
+
+            c.DCRExtension.trust_roots = ["/srv/dcr/trust/confidential_space_root.pem"]
+
+        Security: every token whose chain ends at one of these roots counts as genuine, whatever key
+        signed it: pin only the attestation roots of your platform, from storage users cannot write.
         """,
     ).tag(config=True)
 
@@ -258,14 +321,6 @@ class DCRExtension(ExtensionApp):
     @default("db_url")
     def _default_db_url(self) -> str:
         return f"sqlite:///{os.path.join(self.data_dir, DB_FILE)}"
-
-    @validate("backend_class")
-    def _valid_backend(self, proposal: Any) -> str:
-        return _configurable_class(proposal["value"], "backend_class", Backend)
-
-    @validate("grant_source_class")
-    def _valid_grant_source(self, proposal: Any) -> str:
-        return _configurable_class(proposal["value"], "grant_source_class", GrantSource)
 
     @validate("data_dir")
     def _valid_data_dir(self, proposal: Any) -> str:
@@ -318,13 +373,14 @@ class DCRExtension(ExtensionApp):
             raise TraitError(f"DCRExtension.{proposal['trait'].name} must be a positive integer, not {value}")
         return int(value)
 
-    @validate("trust_jwks")
+    @validate("trust_jwks", "trust_roots")
     def _valid_trust(self, proposal: Any) -> list[str]:
         value = proposal["value"]
-        try:
-            load_trust_anchors(value)  # parsed again at start: keys are files, and files may change
+        signers, roots = (value, ()) if proposal["trait"].name == "trust_jwks" else ((), value)
+        try:  # parsed again at start (load_trust): keys are files, and files may change
+            load_trust_anchors(signers, roots, signer_option=SIGNERS_OPTION, root_option=ROOTS_OPTION)
         except DCRError as e:
-            raise TraitError(f"DCRExtension.trust_jwks: {e}") from None
+            raise TraitError(str(e)) from None
         return list(value)
 
     @validate("reconcile_interval")
@@ -348,23 +404,41 @@ class DCRExtension(ExtensionApp):
             self.log.critical("Bad DCR configuration, the server stops: %s", e)
             raise SystemExit(1) from None
 
+    def make_backend(self) -> Backend:
+        """A new instance of ``backend_class``, with this extension as its parent (so it reads its own
+        traits from this server's configuration). Raises TraitError/ValueError for bad settings of its own."""
+        backend: Backend = self.backend_class(parent=self)
+        return backend
+
+    def make_grant_source(self) -> GrantSource:
+        """A new instance of ``grant_source_class``, with this extension as its parent."""
+        grants: GrantSource = self.grant_source_class(parent=self)
+        return grants
+
+    def load_trust(self) -> TrustAnchors:
+        """The receipts' trust anchors from ``trust_jwks`` and ``trust_roots``, read now (the files may
+        have changed since the configuration was checked); raises DCRError naming the refused entry."""
+        return load_trust_anchors(
+            self.trust_jwks, self.trust_roots, signer_option=SIGNERS_OPTION, root_option=ROOTS_OPTION
+        )
+
     def initialize_settings(self) -> None:
         data_dir = Path(self.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(data_dir, 0o700)  # mkdir leaves an existing directory's mode alone
         try:
-            backend = import_item(self.backend_class)(parent=self)
-            grants = import_item(self.grant_source_class)(parent=self)
+            backend = self.make_backend()
+            grants = self.make_grant_source()
         except (TraitError, ValueError) as e:  # their own traits (c.LocalBackend.socket_path, ...)
+            self.log.critical("Bad DCR configuration, the server stops: %s", e)
+            raise SystemExit(1) from None
+        try:
+            trust = self.load_trust()
+        except DCRError as e:  # a file removed or replaced since the configuration was read
             self.log.critical("Bad DCR configuration, the server stops: %s", e)
             raise SystemExit(1) from None
         # A store that cannot be opened (database unreachable, or written by a newer version) is not a
         # configuration error: the extension is not loaded, the log says why, the server itself goes on.
-        try:
-            trust: TrustAnchors = load_trust_anchors(self.trust_jwks)
-        except DCRError as e:  # a file removed or replaced since the configuration was read
-            self.log.critical("Bad DCR configuration, the server stops: DCRExtension.trust_jwks: %s", e)
-            raise SystemExit(1) from None
         self.job_store = JobStore(self.db_url)
         serverapp = self._server()
         event_logger = serverapp.event_logger
@@ -389,8 +463,8 @@ class DCRExtension(ExtensionApp):
         self.settings["dcr_manager"] = self.manager
         self.log.info(
             "DCR: backend %s, grant source %s, job store in %s",
-            self.backend_class,
-            self.grant_source_class,
+            _dotted(self.backend_class),
+            _dotted(self.grant_source_class),
             "the data directory" if self.db_url == self._default_db_url() else "the configured database",
         )
 

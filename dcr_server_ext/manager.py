@@ -37,8 +37,8 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -47,17 +47,15 @@ import jwt
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.bundle import BundleLimits
-from dcr_enclave.formats.digests import check_digest
 from dcr_enclave.formats.errors import DCRError, LimitError
-from dcr_enclave.formats.jwk import load_jwks_file, thumbprint
 from dcr_enclave.formats.sealing import open_dir
 from dcr_enclave.pack.bundle_builder import build_bundle, data_references, plan_bundle
 from dcr_enclave.verify.receipt import check_receipt_dir
-from dcr_enclave.verify.token import load_trust_roots
+from dcr_enclave.verify.trust import TrustAnchors
 
 from .backends.base import Backend, BackendStatus
 from .errors import APIError, Conflict, NotFound, TooLarge, Unavailable
-from .grants import GrantSource
+from .grant_sources import GrantSource
 from .jobkeys import JobKeys
 from .jobstore import JobEnded, JobStore
 from .model import Job
@@ -65,66 +63,10 @@ from .model import Job
 MAX_DATASETS = 50
 #: Result files the backend hands over and what the user's job directory keeps in the clear.
 RECEIPT_FILES = (contract.RECEIPT_FILE, contract.TOKEN_FILE, contract.SIGNER_JWKS_FILE)
-#: Largest trust anchor file read (JWKS, PEM key or certificates).
-MAX_ANCHOR_BYTES = 256 * 1024
 
 
 class NoTrustAnchors(Unavailable):
     """Receipts cannot be verified here: the deployment pinned no trust anchor."""
-
-
-@dataclass(frozen=True)
-class TrustAnchors:
-    """What receipts are verified against: pinned signer keys, key thumbprints and root certificates.
-
-    Built from ``c.DCRExtension.trust_jwks`` by :func:`load_trust_anchors`; never from a receipt.
-    """
-
-    keys: tuple[dict[str, Any], ...] = ()
-    thumbprints: tuple[str, ...] = ()
-    roots_pem: bytes | None = None
-    #: ``{"kind": "key"|"thumbprint"|"root", "source", "id"}`` for the API (which anchors were used).
-    described: tuple[dict[str, str], ...] = field(default=())
-
-    def __bool__(self) -> bool:
-        return bool(self.keys or self.thumbprints or self.roots_pem)
-
-
-def load_trust_anchors(entries: Iterable[str]) -> TrustAnchors:
-    """Parse trust anchor entries: ``sha256:<RFC 7638 thumbprint>``, or the absolute path of a JWKS, JWK or
-    PEM public key file, or of a PEM file of root certificates. Refusals raise :class:`DCRError` naming
-    the entry."""
-    keys: list[dict[str, Any]] = []
-    thumbprints: list[str] = []
-    roots: list[bytes] = []
-    described: list[dict[str, str]] = []
-    for entry in entries:
-        if not isinstance(entry, str) or not entry.strip():
-            raise DCRError(f"trust anchor {entry!r} is neither a file path nor a sha256: thumbprint")
-        if entry.startswith("sha256:"):
-            thumbprints.append(check_digest(entry, f"trust anchor {entry!r}"))
-            described.append({"kind": "thumbprint", "source": entry, "id": entry})
-            continue
-        path = Path(entry)
-        if not path.is_absolute():
-            raise DCRError(f"trust anchor file {entry!r} must be an absolute path")
-        try:
-            if path.stat().st_size > MAX_ANCHOR_BYTES:
-                raise DCRError(f"trust anchor file {entry} is larger than {MAX_ANCHOR_BYTES} bytes")
-            raw = path.read_bytes()
-        except OSError as e:
-            raise DCRError(f"cannot read the trust anchor file {entry}: {e.strerror}") from None
-        if raw.lstrip().startswith(b"-----BEGIN CERTIFICATE"):
-            for cert in load_trust_roots(raw):
-                described.append({"kind": "root", "source": entry, "id": cert.subject.rfc4514_string()})
-            roots.append(raw)
-            continue
-        for key in load_jwks_file(path, "trust anchor file"):
-            keys.append(key)
-            described.append({"kind": "key", "source": entry, "id": thumbprint(key)})
-    return TrustAnchors(
-        tuple(keys), tuple(thumbprints), b"\n".join(roots) if roots else None, tuple(described)
-    )
 
 
 class JobManager:
@@ -644,8 +586,9 @@ class JobManager:
         if not self.trust:
             raise NoTrustAnchors(
                 "this server has no trust anchors to verify receipts with",
-                hint="the administrator sets c.DCRExtension.trust_jwks (the enclave signer's JWKS); "
-                "`dcr verify` checks a receipt offline",
+                hint="the administrator sets c.DCRExtension.trust_jwks (the enclave signer's JWKS) or "
+                "c.DCRExtension.trust_roots (the platform's root certificates); `dcr verify` checks a "
+                "receipt offline",
             )
         manifest = self._receipt_manifest(job)
         held = job.state == "held" or manifest.get("release", {}).get("decision") == "held"

@@ -13,8 +13,9 @@ See ``docs/hub.md`` for the complete reference.
 
 from __future__ import annotations
 
-from .grant_service import GrantService, enable, grant_handlers
-from .policy import DCRPolicy, Entitlement, PolicyError, active_policy
+from .grant_service import GrantService
+from .hub_start import active_policy, enable, grant_handlers
+from .policy import DCRPolicy, Entitlement, PolicyError
 
 __all__ = [
     "DCRPolicy",

@@ -1,13 +1,7 @@
 """The hub's grant service: per-job grants for the user's server, in the hub process.
 
-Enabled by one line in ``jupyterhub_config.py``::
-
-    import dcr_spawner
-    dcr_spawner.enable(c)
-
-or by a DCR spawner (``c.JupyterHub.spawner_class = "dcr-local"`` / ``"dcr-kube"``), whose module arms the
-same start hook when the hub loads it and which adds the routes itself if ``enable(c)`` did not. The
-routes, under the hub's API prefix (through ``JupyterHub.extra_handlers``):
+:class:`GrantService` holds what a grant needs (policy, keys, records) and the web handlers below serve it,
+under the hub's API prefix (through ``JupyterHub.extra_handlers``):
 
 - ``POST /hub/api/dcr/grants`` -- the user's server asks, with its hub API token, for a grant for one job:
   ``{"job_id", "bundle_digest", "datasets": ["provider/dataset", ...] (empty: every entitled dataset),
@@ -21,9 +15,8 @@ routes, under the hub's API prefix (through ``JupyterHub.extra_handlers``):
   entitled users only (token or the hub's login cookie, so a browser can follow the link), inert (a
   sandboxing Content-Security-Policy: no scripts, no requests).
 
-and a start hook: after JupyterHub has loaded its users and groups and before it serves, the policy is
-validated against the stores and the hub's groups, the keys are loaded (or generated) and the records
-database is opened. Any problem stops the hub with a message naming provider, dataset and trait.
+The service is started, and its routes added, by the start hook (:mod:`dcr_spawner.hub_start`, armed by
+``dcr_spawner.enable(c)`` or by loading a DCR spawner); until then every route answers 503.
 
 Caller authentication is JupyterHub's own: the request's API token resolves to a hub user (never a
 service), and the token must carry ``users:activity`` for that user, which every single-user server's token
@@ -41,7 +34,6 @@ import asyncio
 import base64
 import binascii
 import json
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,12 +42,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
-from jupyterhub import orm
-from jupyterhub.apihandlers.base import API404, APIHandler
+from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.user import User
 from jupyterhub.utils import url_path_join
-from traitlets import TraitError
-from traitlets.config import Config
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import DIGEST_RE
@@ -66,7 +55,7 @@ from dcr_enclave.pack.store import Store
 
 from .hubdb import GrantedJob, HubDB, Usage
 from .hubkey import AirlockKey, HubKey, load_or_create_airlock_key, load_or_create_hub_key
-from .policy import DCRPolicy, PolicyError, PolicySpawnerMixin, set_active_policy
+from .policy import DCRPolicy, PolicyError
 
 #: The key in the hub's tornado settings under which the running service is found.
 SETTINGS_KEY: Final = "dcr_grant_service"
@@ -540,100 +529,11 @@ class FidelityReportHandler(_DCRHandler):
         self.finish(report.data)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Enabling in jupyterhub_config.py
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _routes() -> list[tuple[str, type, dict[str, Any]]]:
+def routes() -> list[tuple[str, type, dict[str, Any]]]:
+    """The grant service's routes, relative to the hub's prefix (``dcr_spawner.enable(c)`` adds them)."""
     return [
         (API_PREFIX + "/grants", GrantsHandler, {}),
         (API_PREFIX + "/jwks", JWKSHandler, {}),
         (API_PREFIX + "/datasets", DatasetsHandler, {}),
         (API_PREFIX + "/datasets/([^/]+)/([^/]+)/fidelity-report", FidelityReportHandler, {}),
     ]
-
-
-def grant_handlers() -> list[tuple[str, type, dict[str, Any]]]:
-    """The grant service's routes for ``c.JupyterHub.extra_handlers``; also arms the start hook."""
-    arm_start_hook()
-    return _routes()
-
-
-def enable(c: Config) -> None:
-    """The one line in ``jupyterhub_config.py``: ``dcr_spawner.enable(c)``.
-
-    Adds the grant service's routes to ``c.JupyterHub.extra_handlers`` (keeping any already there) and
-    arranges for the policy to be validated while the hub starts, before it serves.
-    """
-    existing = list(c.JupyterHub.extra_handlers) if "extra_handlers" in c.JupyterHub else []
-    ours = grant_handlers()
-    paths = {h[0] for h in ours}
-    c.JupyterHub.extra_handlers = [h for h in existing if h[0] not in paths] + ours
-
-
-def arm_start_hook() -> None:
-    """Validate the policy while the hub starts. Called by :func:`enable` and when a DCR spawner's module
-    is loaded, so ``spawner_class = "dcr-local"`` alone is enough to stop a hub with a bad policy."""
-    # The hub application's `handlers` trait is assigned once, in init_handlers(): after the database,
-    # users, groups, roles and tokens are loaded, before the tornado application is built and long before
-    # the hub listens. enable(c) runs in the config file, when the application is the registered instance.
-    from jupyterhub.app import JupyterHub
-
-    app = JupyterHub.instance() if JupyterHub.initialized() else _hub_being_built(JupyterHub)
-    if app is None:
-        return  # not inside a hub (tests, tools): spawners refuse to run without a validated policy
-    if getattr(app, "_dcr_start_hook_armed", False):
-        return
-    app._dcr_start_hook_armed = True
-    app.observe(_on_hub_handlers, names="handlers")
-
-
-def _hub_being_built(hub_class: type) -> Any:
-    """The hub application whose construction is importing this module, if any.
-
-    JupyterHub imports every installed spawner while its application object is constructed (to list their
-    configuration), before that object becomes the registered instance; it is then on the call stack.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, hub_class):
-            return candidate
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
-
-
-def _on_hub_handlers(change: Any) -> None:
-    app = change["owner"]
-    if SETTINGS_KEY in app.tornado_settings:
-        return
-    handlers: list[Any] = change["new"]  # the list the hub goes on to extend and serve
-    enabled = any(h[1] is GrantsHandler for h in handlers)
-    spawner = app.spawner_class
-    dcr_spawner = isinstance(spawner, type) and issubclass(spawner, PolicySpawnerMixin)
-    if not enabled and not dcr_spawner:
-        return  # a DCR module was imported, but this hub uses neither DCR's spawners nor enable(c)
-    try:
-        policy = DCRPolicy(parent=app)
-        groups = {g.name for g in app.db.query(orm.Group)}
-        service = GrantService.start(policy, groups)
-        check = getattr(app.spawner_class, "dcr_check_at_start", None)
-        if callable(check):
-            check(app, policy)  # the spawner's own config, checked now rather than at the first spawn
-    except (DCRError, TraitError) as e:
-        # Printed as well as logged: this is the line an admin looks for when the hub will not start.
-        app.log.critical("%s", e)
-        print(f"DCR: the hub cannot start: {e}", file=sys.stderr, flush=True)
-        app.exit(1)
-    if not enabled:
-        # A DCR spawner's servers need the grant service: serve its routes as enable(c) would have.
-        ours = app.add_url_prefix(app.hub_prefix, _routes())
-        at = next((i for i, h in enumerate(handlers) if h[1] is API404), 0)
-        handlers[at:at] = ours
-        app.log.info(
-            "DCR: grant service routes added for %s (dcr_spawner.enable(c) not called)", spawner.__name__
-        )
-    app.tornado_settings[SETTINGS_KEY] = service
-    app.tornado_settings["dcr_policy"] = policy
-    set_active_policy(policy)

@@ -3,22 +3,24 @@
 Both live in owner-only files (0600) the hub generates on its first start. An existing key is never
 replaced: a key file that is unreadable, not a key, a link, or readable by others stops the hub at start,
 because a silently regenerated key would invalidate every provider's condition that pins its thumbprint.
+
+The signing key is a PEM file written (PKCS#8) and parsed by :mod:`dcr_enclave.pack.signing_keys`, the one
+loader of private signing keys; the airlock key is 32 raw bytes. Both are read through the key store's
+owner-only file reader, which refuses links, loose modes and oversized files.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
 from dcr_enclave.formats import sealing
 from dcr_enclave.formats.errors import DCRError
-from dcr_enclave.formats.jwk import PrivateKey, key_alg, public_jwk
-from dcr_enclave.pack.signing_keys import generate_key, write_private_key
+from dcr_enclave.formats.jwk import PrivateKey, public_jwk
+from dcr_enclave.pack.signing_keys import generate_key, read_private_key, write_private_key
 from dcr_enclave.platform.key_store import read_private_file, write_private_file
 
 _MAX_PEM_BYTES = 64 * 1024
@@ -51,9 +53,19 @@ class AirlockKey:
     public: bytes
 
 
-def _prepare_parent(path: Path) -> None:
+def _create_once(path: Path, what: str, write: Callable[[Path], None]) -> None:
+    """Create the key file at ``path`` with ``write`` unless something (even a dangling link) is there."""
+    if os.path.lexists(path):
+        return
     if not path.parent.exists():
         path.parent.mkdir(parents=True, mode=0o700)
+    try:
+        write(path)
+    except DCRError:
+        if not path.exists():  # lost a creation race: the winner's key is used
+            raise
+    except OSError as e:
+        raise DCRError(f"cannot create the {what} {path}: {e.strerror}") from None
 
 
 def load_or_create_hub_key(path: str | Path, alg: str = "ES256") -> HubKey:
@@ -62,39 +74,21 @@ def load_or_create_hub_key(path: str | Path, alg: str = "ES256") -> HubKey:
     Refuses a key file that is a link, readable by others, or not an EC P-256/RSA private key in PEM.
     """
     p = Path(path).absolute()
-    if not os.path.lexists(p):
-        _prepare_parent(p)
-        try:
-            write_private_key(p, generate_key(alg))
-        except DCRError:
-            if not p.exists():  # lost a creation race: the winner's key is used below
-                raise
-        except OSError as e:
-            raise DCRError(f"cannot create the hub key {p}: {e.strerror}") from None
-    data = read_private_file(p, _MAX_PEM_BYTES)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
-        raise DCRError(f"the hub key {p} is not an unencrypted PEM private key ({e})") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise DCRError(f"the hub key {p} must be an EC P-256 or RSA private key")
-    key_alg(key)  # refuses curves other than P-256
+    _create_once(p, "hub key", lambda q: write_private_key(q, generate_key(alg)))
+    # The owner-only checks (no link, not readable by others, size) come first; the shared signing-key
+    # reader then parses the same file. Whoever could swap the file between the two reads could as well
+    # replace the key itself, so the second open gives no one more.
+    read_private_file(p, _MAX_PEM_BYTES)
+    key = read_private_key(p)
     return HubKey(p, key, public_jwk(key))
 
 
 def load_or_create_airlock_key(path: str | Path) -> AirlockKey:
     """The airlock's raw X25519 private key at ``path``; generated (0600) when absent."""
     p = Path(path).absolute()
-    if not os.path.lexists(p):
-        _prepare_parent(p)
-        private, _ = sealing.generate_keypair()
-        try:
-            write_private_file(p, private, replace=False)
-        except DCRError:
-            if not p.exists():
-                raise
-        except OSError as e:
-            raise DCRError(f"cannot create the airlock key {p}: {e.strerror}") from None
+    _create_once(
+        p, "airlock key", lambda q: write_private_file(q, sealing.generate_keypair()[0], replace=False)
+    )
     raw = read_private_file(p, 64)
     if len(raw) != sealing.KEY_SIZE:
         raise DCRError(f"the airlock key {p} is not a raw {sealing.KEY_SIZE}-byte X25519 private key")

@@ -39,8 +39,8 @@ from traitlets import Dict, List, TraitError, Unicode, default, validate
 from dcr_enclave.formats.contract import DATA_ROOT
 from dcr_enclave.formats.errors import DCRError
 
-from .grant_service import arm_start_hook
-from .policy import DCRPolicy, Entitlement, PolicySpawnerMixin
+from .hub_start import PolicySpawnerMixin, arm_start_hook
+from .policy import DCRPolicy, Entitlement
 
 #: The label the DCR chart's NetworkPolicy selects user sandboxes by.
 SANDBOX_LABEL: Final = "dcr.jupyter.org/sandbox"
@@ -438,5 +438,6 @@ def _get(obj: Any, attr: str, key: str) -> Any:
     return obj.get(key) if isinstance(obj, dict) else getattr(obj, attr)
 
 
-# The hub loads this module while it reads its config: from then on a bad policy stops the hub at start.
+# JupyterHub imports this module while it builds its application (every installed spawner is loaded to
+# list its options) or reads its config: from then on a bad policy stops the hub at start.
 arm_start_hook()

@@ -47,8 +47,8 @@ from dcr_enclave.formats.contract import DATA_ROOT
 from dcr_enclave.formats.errors import DCRError
 
 from . import sandbox_mounts
-from .grant_service import arm_start_hook
-from .policy import DCRPolicy, PolicySpawnerMixin
+from .hub_start import PolicySpawnerMixin, arm_start_hook
+from .policy import DCRPolicy
 
 #: System account names useradd accepts everywhere (Debian's default NAME_REGEX, 32 characters).
 ACCOUNT_RE: Final = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -594,5 +594,6 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
         return (self.ip or "127.0.0.1", self.port)
 
 
-# The hub loads this module while it reads its config: from then on a bad policy stops the hub at start.
+# JupyterHub imports this module while it builds its application (every installed spawner is loaded to
+# list its options) or reads its config: from then on a bad policy stops the hub at start.
 arm_start_hook()

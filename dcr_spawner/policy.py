@@ -7,9 +7,8 @@ trait help texts are the reference documentation (``docs/hub.md`` has a complete
 
 The policy is validated twice: the shape of each trait when it is set (``@validate``), and everything that
 needs the outside world -- the store, the dataset versions and their synthetic files, the hub's groups --
-by :meth:`DCRPolicy.validate_against_hub`, which the start hook runs while the hub starts, before it
-serves (armed by :func:`dcr_spawner.enable` and by loading a DCR spawner). Every refusal names the provider,
-the dataset and the trait.
+by :meth:`DCRPolicy.validate_against_hub`, which the start hook (:mod:`dcr_spawner.hub_start`) runs while
+the hub starts, before it serves. Every refusal names the provider, the dataset and the trait.
 """
 
 from __future__ import annotations
@@ -515,6 +514,10 @@ class DCRPolicy(LoggingConfigurable):
         Example::
 
             c.DCRPolicy.memory_limit = "8G"
+
+        Security: the limit is written into every grant, so the researcher's server cannot raise it; the
+        enclave applies it to the kernel's address space. It bounds what one job can take from the
+        enclave's machine, which for the local enclave is the hub's own.
         """,
     ).tag(config=True)
 
@@ -886,40 +889,3 @@ def _versions(store: Store, spec: DatasetSpec) -> list[DatasetVersion]:
         return store.versions(spec.provider, spec.dataset)
     except DCRError:
         return []
-
-
-_active: DCRPolicy | None = None
-
-
-def set_active_policy(policy: DCRPolicy | None) -> None:
-    """Record the policy the hub validated at start (called by the start hook)."""
-    global _active
-    _active = policy
-
-
-def active_policy() -> DCRPolicy | None:
-    """The policy validated when this hub process started, or ``None`` if it was not validated."""
-    return _active
-
-
-class PolicySpawnerMixin:
-    """What every DCR spawner asks of the policy: the user's entitled datasets at spawn time."""
-
-    log: Any
-    user: Any
-
-    def _policy(self) -> DCRPolicy:
-        policy = active_policy()
-        if policy is None:
-            # Loading a DCR spawner arms the start hook, so this means the hook never ran (the spawner's
-            # module was imported before the hub application existed): an unchecked policy is not used.
-            raise DCRError(
-                "DCR: the hub did not validate its DCR policy when it started, so no server is started",
-                hint="add `dcr_spawner.enable(c)` to jupyterhub_config.py and restart the hub",
-            )
-        return policy
-
-    def entitlements(self) -> list[Entitlement]:
-        """The user's entitled datasets now (group membership as it is in the hub's database)."""
-        groups = {g.name for g in self.user.groups}
-        return self._policy().entitled(self.user.name, groups)

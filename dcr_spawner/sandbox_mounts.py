@@ -2,15 +2,17 @@
 
 Two halves live here:
 
-- :func:`build_plan` runs in the hub. From the user's entitlements and the spawner's settings it computes a
-  :class:`MountPlan`: which synthetic file appears where under ``/data``, which host paths are covered by an
-  empty file system (data stores, key files, other homes, the hub admin's home), which paths are shown again
-  on top of a cover (the user's own home, the Python installation the server runs from) and which account
-  the server runs as.
+- In the hub, :func:`make_mount_plan` computes a :class:`MountPlan` from the user's entitlements, the
+  spawner's settings and facts about the host passed in as arguments, reading nothing itself (the tests
+  compare its result with literal plans, without root): which synthetic file appears where under ``/data``,
+  which host paths are covered by an empty file system (data stores, key files, other homes, the hub
+  admin's home), which paths are shown again on top of a cover (the user's own home, the Python
+  installation the server runs from) and which account the server runs as. :func:`build_plan` looks the
+  facts up on this machine (:func:`host_path`, :func:`closed_ancestor`) and calls it.
 - :func:`main` runs as the first process of the sandbox (``python -I -S sandbox_mounts.py PLAN -- CMD...``,
   started by :class:`dcr_spawner.local.DCRLocalSpawner`). It enters a new mount namespace, builds the view
-  from the plan, drops to the account and ``exec``\\ s the single-user server, so the server keeps this
-  process's pid: JupyterHub's signals and polling reach the server itself.
+  from the plan (:func:`apply`), drops to the account and ``exec``\\ s the single-user server, so the
+  server keeps this process's pid: JupyterHub's signals and polling reach the server itself.
 
 As root (``mode="root"``) the namespace is a plain mount namespace of the host's user namespace and the
 process switches to the user's own uid/gid before the server starts. Not as root (``mode="userns"``) it is
@@ -206,7 +208,31 @@ def closed_ancestor(path: str) -> str | None:
     return None
 
 
-def build_plan(
+#: What the hub found at a hidden path: a directory (covered by an empty tmpfs), anything else that exists
+#: (a file: ``/dev/null`` is bound over it), or nothing (skipped).
+PathKind = Literal["directory", "file", "absent"]
+
+
+@dataclass(frozen=True)
+class HostPath:
+    """A host path to hide, as the hub found it."""
+
+    #: As configured; named in refusals.
+    given: str
+    #: Where it leads (links resolved): what is covered.
+    path: str
+    kind: PathKind
+
+
+def host_path(given: str) -> HostPath:
+    """Look ``given`` up on this machine: where it leads and what is there."""
+    path = os.path.realpath(given)
+    if os.path.isdir(path):
+        return HostPath(given, path, "directory")
+    return HostPath(given, path, "file" if os.path.exists(path) else "absent")
+
+
+def make_mount_plan(
     *,
     mode: Mode,
     account: str,
@@ -216,32 +242,36 @@ def build_plan(
     home: str,
     home_base: str,
     files: Sequence[DataFile],
-    hidden: Sequence[str],
+    hidden: Sequence[HostPath],
     needed: Sequence[str],
+    closed_ancestors: Sequence[str],
     private_tmp_size: str,
 ) -> MountPlan:
-    """The mount plan for one server.
+    """The mount plan for one server, from the facts given; reads nothing from the machine.
 
-    ``hidden`` are host paths covered in the sandbox (stores, key files, extra admin paths); ``needed`` are
-    host directories the server must be able to read (the Python installation, the packages it imports).
-    Any needed directory that lies under a cover, or under a directory the account cannot traverse (a
-    Python installation under ``/root``), is bound again read-only at its own path on top of the cover.
+    ``hidden`` are the host paths covered in the sandbox (stores, key files, extra admin paths), as
+    :func:`host_path` found them; ``needed`` are host directories the server must be able to read (the
+    Python installation, the packages it imports); ``closed_ancestors`` are the directories on the way to a
+    needed path or to ``home_base`` that other accounts cannot traverse (:func:`closed_ancestor`; used in
+    ``"root"`` mode only, where the server runs as its own account). Any needed directory that lies under
+    a cover is bound again read-only at its own path on top of it. Raises :class:`PlanError` for settings
+    no sandbox can be built from.
     """
     _check_files(files)
     covers: dict[str, Cover] = {}
     hidden_files: list[str] = []
-    for raw in hidden:
-        p = os.path.realpath(raw)
+    for h in hidden:
+        p = h.path
         if p == "/" or within(DATA_ROOT, p):
-            raise PlanError(f"cannot hide {raw}: it contains {DATA_ROOT}")
+            raise PlanError(f"cannot hide {h.given}: it contains {DATA_ROOT}")
         if any(within(n, p) for n in needed) or within(home, p):
             raise PlanError(
-                f"cannot hide {raw}: the server needs what is below it (the Python installation, the "
+                f"cannot hide {h.given}: the server needs what is below it (the Python installation, the "
                 "packages it imports or the user's home)"
             )
-        if os.path.isdir(p):
+        if h.kind == "directory":
             covers[p] = Cover(p, 0o000, optional=True)
-        elif os.path.exists(p):
+        elif h.kind == "file":
             hidden_files.append(p)
     # Other homes vanish: the base becomes an empty directory holding only this user's home.
     covers[home_base] = Cover(home_base, 0o755)
@@ -252,9 +282,8 @@ def build_plan(
     if mode == "root":
         # The account must be able to walk to what it needs, and to its home: a closed ancestor (/root
         # holding a pyenv, a 0700 temporary directory) becomes an open, read-only, otherwise empty one.
-        for n in [*needed, home_base]:
-            closed = closed_ancestor(n)
-            if closed and closed not in covers:
+        for closed in closed_ancestors:
+            if closed not in covers:
                 covers[closed] = Cover(closed, 0o755)
     for n in needed:
         if any(within(n, c) for c in covers):
@@ -271,6 +300,45 @@ def build_plan(
         covers=ordered,
         exposures=tuple(sorted(exposures, key=lambda e: e.path)),
         hidden_files=tuple(sorted(hidden_files)),
+    )
+
+
+def build_plan(
+    *,
+    mode: Mode,
+    account: str,
+    uid: int,
+    gid: int,
+    groups: Sequence[int],
+    home: str,
+    home_base: str,
+    files: Sequence[DataFile],
+    hidden: Sequence[str],
+    needed: Sequence[str],
+    private_tmp_size: str,
+) -> MountPlan:
+    """The mount plan for one server on this machine: :func:`make_mount_plan` with the host's facts.
+
+    Looks up each ``hidden`` path (:func:`host_path`) and, in ``"root"`` mode, the directories on the way
+    to ``needed`` and ``home_base`` that the account could not traverse (a Python installation under
+    ``/root``).
+    """
+    closed: list[str] = []
+    if mode == "root":
+        closed = [a for n in [*needed, home_base] if (a := closed_ancestor(n)) is not None]
+    return make_mount_plan(
+        mode=mode,
+        account=account,
+        uid=uid,
+        gid=gid,
+        groups=groups,
+        home=home,
+        home_base=home_base,
+        files=files,
+        hidden=[host_path(h) for h in hidden],
+        needed=needed,
+        closed_ancestors=closed,
+        private_tmp_size=private_tmp_size,
     )
 
 

@@ -39,7 +39,7 @@ from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import Grant, verify_grant
 from dcr_enclave.pack.store import Store
 from dcr_server_ext.errors import Unavailable
-from dcr_server_ext.grants import GrantRefused, HubGrantSource
+from dcr_server_ext.grant_sources import GrantRefused, HubGrantSource
 from dcr_spawner import DCRPolicy, GrantService
 from dcr_spawner.grant_service import Refusal
 from dcr_spawner.hubdb import GrantedJob, HubDB, Meta

@@ -31,8 +31,9 @@ from traitlets.config import Config
 
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.pack.store import Store
+from dcr_spawner.hub_start import set_active_policy
 from dcr_spawner.kube import DATASETS_ANNOTATION, SANDBOX_LABEL, DCRKubeSpawner
-from dcr_spawner.policy import DCRPolicy, set_active_policy
+from dcr_spawner.policy import DCRPolicy
 
 KUBECONFIG = """
 apiVersion: v1

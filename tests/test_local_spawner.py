@@ -7,8 +7,9 @@ through the servers' own APIs: a kernel started over the server's REST API and d
 and the contents API (the test hub serves ``/`` as root directory so the contents API can reach ``/data``).
 Accounts the spawner created are removed with ``userdel`` afterwards.
 
-Further tests pin the pieces without a hub: account names, trait validation, the mount plan, and the
-sandbox helper's unprivileged (user namespace) mode, run as a real unprivileged account.
+Further tests pin the pieces without a hub: account names, trait validation, the helper failing closed,
+and the sandbox helper's unprivileged (user namespace) mode, run as a real unprivileged account. The mount
+plan itself is compared with literal plans, without root, in ``test_sandbox_mounts.py``.
 """
 
 from __future__ import annotations
@@ -471,22 +472,6 @@ def test_bad_settings_are_refused_naming_the_trait(trait: str, value: Any) -> No
         DCRLocalSpawner(**{trait: value})
 
 
-def test_plan_refuses_to_hide_what_the_server_needs(tmp_path: Path) -> None:
-    """A hidden path that contains the Python installation (or /data) is refused with a clear message."""
-    kwargs: dict[str, Any] = {
-        "mode": "root", "account": "x", "uid": 1000, "gid": 1000, "groups": [1000], "home": str(tmp_path / "h/x"),
-        "home_base": str(tmp_path / "h"), "files": [], "needed": sandbox_mounts.python_roots(), "private_tmp_size": "",
-    }  # fmt: skip
-    with pytest.raises(sandbox_mounts.PlanError, match="needs what is below it"):
-        sandbox_mounts.build_plan(hidden=[sandbox_mounts.python_roots()[0]], **kwargs)
-    with pytest.raises(sandbox_mounts.PlanError, match="contains /data"):
-        sandbox_mounts.build_plan(hidden=["/"], **kwargs)
-    dup = [sandbox_mounts.DataFile("a", "b", "f.csv", "/x"), sandbox_mounts.DataFile("a", "b", "f.csv", "/y")]
-    with pytest.raises(sandbox_mounts.PlanError, match="two synthetic files"):
-        sandbox_mounts.build_plan(hidden=[], **{**kwargs, "files": dup})
-    assert sandbox_mounts.DATA_ROOT == DATA_ROOT
-
-
 def test_helper_fails_closed_as_root(tmp_path: Path) -> None:
     """As root, a sandbox that cannot be built (a synthetic file that is missing) never starts the
     command: the helper exits non-zero and says why."""
@@ -511,7 +496,8 @@ from jupyterhub.user import User
 from traitlets.config import Config
 from dcr_spawner import sandbox_mounts
 from dcr_spawner.local import DCRLocalSpawner
-from dcr_spawner.policy import DCRPolicy, set_active_policy
+from dcr_spawner.hub_start import set_active_policy
+from dcr_spawner.policy import DCRPolicy
 
 policy, home_base = json.loads(sys.argv[1]), sys.argv[2]
 c = Config()
@@ -605,7 +591,7 @@ def _spawner_for(user_name: str, config: Config) -> DCRLocalSpawner:
 def test_no_sandbox_without_a_policy_validated_at_start(tmp_path: Path) -> None:
     """A DCRLocalSpawner in a process whose hub did not validate the DCR policy at start (here: none ran)
     builds no sandbox and creates no account: the spawn fails, saying what to add to jupyterhub_config.py."""
-    from dcr_spawner.policy import active_policy
+    from dcr_spawner.hub_start import active_policy
 
     assert active_policy() is None
     c = Config()

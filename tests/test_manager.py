@@ -1,9 +1,10 @@
 """The job manager (dcr_server_ext.manager) in-process: submissions racing cancels, refused grants, the
 reconciler, and the backends' idempotency.
 
-The manager is built as the server builds it: the backend and the grant source are named by dotted path in
-``c.DCRExtension.backend_class`` / ``grant_source_class`` (the classes below, validated by DCRExtension),
-made with the extension as their parent and configured through their own traits. They stand in for an
+The manager is built as the server builds it: the backend and the grant source are swapped in through
+``c.DCRExtension.backend_class`` / ``grant_source_class`` (the classes below, checked by DCRExtension's
+``Type`` traits) and made by ``make_backend()`` / ``make_grant_source()`` with the extension as their
+parent, configured through their own traits. They stand in for an
 enclave platform and the hub: :class:`FakePlatform` verifies real grants signed by :data:`HUB_KEY` and
 hands back real receipts with outputs sealed to the job's key; :class:`HubStandIn` signs those grants,
 refuses or cannot be reached as configured, and can hold a request until the test releases it (an
@@ -29,9 +30,8 @@ from typing import Any
 import nbformat
 import pytest
 from receipt_factory import make_receipt, make_signer
-from traitlets import Bool, Enum
+from traitlets import Bool, Enum, TraitError
 from traitlets.config import Config
-from traitlets.utils.importstring import import_item
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import sha256_bytes
@@ -46,7 +46,7 @@ from dcr_server_ext.backends.base import Backend, BackendStatus
 from dcr_server_ext.backends.local import LocalBackend
 from dcr_server_ext.errors import Conflict, Unavailable
 from dcr_server_ext.events import job_event
-from dcr_server_ext.grants import DevGrantSource, GrantRefused, GrantSource
+from dcr_server_ext.grant_sources import DevGrantSource, GrantRefused, GrantSource
 from dcr_server_ext.jobstore import JobStore
 from dcr_server_ext.manager import RECEIPT_FILES, JobManager
 from dcr_server_ext.model import Job
@@ -199,22 +199,19 @@ class Rig:
 @pytest.fixture
 def make_rig(tmp_path: Path, jp_asyncio_loop: asyncio.AbstractEventLoop) -> Iterator[Callable[..., Rig]]:
     """``make_rig(**config)``: a manager built as the server builds it, with FakePlatform and HubStandIn
-    chosen by dotted path; ``config`` adds sections (``{"HubStandIn": {"gated": True}}``)."""
+    swapped in through the extension's config; ``config`` adds sections (``{"HubStandIn": {"gated": True}}``)."""
     made: list[Rig] = []
 
     def make(**sections: dict[str, Any]) -> Rig:
         config = Config(
             {
-                "DCRExtension": {
-                    "backend_class": f"{__name__}.FakePlatform",
-                    "grant_source_class": f"{__name__}.HubStandIn",
-                },
+                "DCRExtension": {"backend_class": FakePlatform, "grant_source_class": HubStandIn},
                 **sections,
             }
         )
         app = DCRExtension(config=config)
-        backend = import_item(app.backend_class)(parent=app)
-        grants = import_item(app.grant_source_class)(parent=app)
+        backend, grants = app.make_backend(), app.make_grant_source()
+        assert isinstance(backend, FakePlatform) and isinstance(grants, HubStandIn)
         root, data = tmp_path / "root", tmp_path / "dcr-data"
         nb = nbformat.v4.new_notebook()
         nb.cells = [
@@ -241,6 +238,88 @@ def make_rig(tmp_path: Path, jp_asyncio_loop: asyncio.AbstractEventLoop) -> Iter
     for rig in made:
         jp_asyncio_loop.run_until_complete(rig.manager.stop())
         rig.store.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Swapping the backend and the grant source through configuration
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_local_backend_and_the_development_grant_source():
+    """Without configuration the extension makes the local enclave host's backend and the development grant
+    source, each a fresh instance with the extension as its parent."""
+    app = DCRExtension()
+    assert app.backend_class is LocalBackend and app.grant_source_class is DevGrantSource
+    backend, grants = app.make_backend(), app.make_grant_source()
+    assert type(backend) is LocalBackend and type(grants) is DevGrantSource
+    assert backend.parent is app and grants.parent is app
+    assert app.make_backend() is not backend
+
+
+@pytest.mark.parametrize(
+    ("backend", "grant_source"),
+    [
+        pytest.param(FakePlatform, HubStandIn, id="classes"),
+        pytest.param(f"{__name__}.FakePlatform", f"{__name__}.HubStandIn", id="dotted-paths"),
+    ],
+)
+def test_classes_are_swapped_through_config_and_read_their_own_traits(backend: Any, grant_source: Any):
+    """c.DCRExtension.backend_class / grant_source_class take a class or its dotted path (what users write
+    in jupyter_server_config.py); the instances made read their own traits from the same configuration."""
+    config = Config(
+        {
+            "DCRExtension": {"backend_class": backend, "grant_source_class": grant_source},
+            "FakePlatform": {"gated_launch": True},
+            "HubStandIn": {"outcome": "refuse"},
+        }
+    )
+    app = DCRExtension(config=config)
+    made_backend, made_grants = app.make_backend(), app.make_grant_source()
+    assert isinstance(made_backend, FakePlatform) and made_backend.gated_launch is True
+    assert isinstance(made_grants, HubStandIn) and made_grants.outcome == "refuse"
+
+
+def test_grant_sources_configured_by_their_former_module_path_still_load(caplog):
+    """Configuration written before dcr_server_ext.grants became dcr_server_ext.grant_sources keeps working
+    (the hub's docs and existing deployments say "dcr_server_ext.grants.HubGrantSource"); the log says
+    what to write now."""
+    from dcr_server_ext.grant_sources import HubGrantSource
+
+    app = DCRExtension(
+        config=Config({"DCRExtension": {"grant_source_class": "dcr_server_ext.grants.HubGrantSource"}}),
+        log=logging.getLogger("test_manager.extension"),
+    )
+    assert app.grant_source_class is HubGrantSource
+    assert isinstance(app.make_grant_source(), HubGrantSource)
+    assert "renamed; write 'dcr_server_ext.grant_sources.HubGrantSource'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("trait", "value", "message"),
+    [
+        ("backend_class", "no_such_module.Backend", "cannot be imported (ModuleNotFoundError"),
+        (
+            "backend_class",
+            "dcr_server_ext.model.Job",
+            "is not a subclass of dcr_server_ext.backends.base.Backend",
+        ),
+        ("backend_class", Job, "is not a subclass of dcr_server_ext.backends.base.Backend"),
+        ("backend_class", HubStandIn, "is not a subclass of dcr_server_ext.backends.base.Backend"),
+        ("backend_class", "", "cannot be imported"),
+        ("backend_class", 42, "is not a subclass"),
+        ("grant_source_class", "dcr_server_ext.grant_sources.NoSuchSource", "cannot be imported"),
+        ("grant_source_class", "dcr_server_ext.grants.NoSuchSource", "cannot be imported"),
+        ("grant_source_class", FakePlatform, "is not a subclass of dcr_server_ext.grant_sources.GrantSource"),
+    ],
+)
+def test_a_class_that_is_missing_or_of_the_wrong_kind_is_refused(trait: str, value: Any, message: str):
+    """An unimportable path or a class of the wrong kind is refused when the configuration is loaded, with
+    a message naming the trait, what is wrong and an example of what to write."""
+    with pytest.raises(TraitError) as refused:
+        DCRExtension(config=Config({"DCRExtension": {trait: value}}))
+    text = str(refused.value)
+    assert text.startswith(f"DCRExtension.{trait} = ") and message in text, text
+    assert "like 'dcr_server_ext." in text
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from traitlets.config import Config
 
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import OutputLimits
-from dcr_enclave.formats.jwk import thumbprint
+from dcr_enclave.formats.jwk import public_jwk, thumbprint
+from dcr_enclave.pack.signing_keys import generate_key, read_private_key, write_private_key
 from dcr_spawner import DCRPolicy, PolicyError, enable
 from dcr_spawner.grant_service import GrantsHandler
 from dcr_spawner.hubkey import load_or_create_airlock_key, load_or_create_hub_key
@@ -421,6 +422,47 @@ def test_unusable_hub_key_is_refused(tmp_path: Path, content: bytes | None, mode
     with pytest.raises(DCRError, match=message):
         load_or_create_hub_key(path)
     assert path.read_bytes() == before
+
+
+def test_hub_key_is_the_shared_signing_key_format(tmp_path: Path) -> None:
+    """The hub key is an ordinary DCR signing key file: one written by ``signing_keys`` (as ``dcr`` tools
+    write them) loads as the hub key, and the one the hub generates loads with the shared reader."""
+    given = tmp_path / "given.pem"
+    write_private_key(given, generate_key("RS256"))
+    assert load_or_create_hub_key(given).public_jwk == public_jwk(read_private_key(given))
+    made = load_or_create_hub_key(tmp_path / "made.pem")
+    assert public_jwk(read_private_key(made.path)) == made.public_jwk
+    assert made.public_jwk["alg"] == "ES256"
+
+
+@pytest.mark.parametrize("loader", [load_or_create_hub_key, load_or_create_airlock_key])
+def test_key_behind_a_link_is_refused_and_nothing_is_created(tmp_path: Path, loader: Any) -> None:
+    """A key path that is a link (to a good key, or dangling) is refused, never followed or replaced."""
+    good = loader(tmp_path / "real.key").path
+    for target in (good, tmp_path / "nowhere"):
+        link = tmp_path / f"link-to-{target.name}"
+        link.symlink_to(target)
+        with pytest.raises(DCRError, match="must not be links"):
+            loader(link)
+        assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "message"),
+    [
+        (b"\x01" * 31, 0o600, "not a raw 32-byte X25519 private key"),
+        (b"\x01" * 65, 0o600, "larger than 64 bytes"),
+        (b"\x01" * 32, 0o640, "readable by others"),
+    ],
+)
+def test_unusable_airlock_key_is_refused(tmp_path: Path, content: bytes, mode: int, message: str) -> None:
+    """An existing airlock key of the wrong size or readable by others is refused, never replaced."""
+    path = tmp_path / "airlock.key"
+    path.write_bytes(content)
+    os.chmod(path, mode)
+    with pytest.raises(DCRError, match=message):
+        load_or_create_airlock_key(path)
+    assert path.read_bytes() == content
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -223,12 +223,13 @@ def test_every_trait_has_help_an_example_and_a_security_note():
     """Each configurable trait of DCRExtension, LocalBackend, DevGrantSource and HubGrantSource explains
     itself, shows a c.<Class>.<name> example and says what it means for security."""
     from dcr_server_ext.backends.local import LocalBackend
-    from dcr_server_ext.grants import DevGrantSource, HubGrantSource
+    from dcr_server_ext.grant_sources import DevGrantSource, HubGrantSource
 
     expected = {
         DCRExtension: {
             "backend_class", "grant_source_class", "db_url", "data_dir", "outputs_dir", "bundle_include",
             "bundle_exclude", "max_bundle_files", "max_bundle_bytes", "reconcile_interval", "trust_jwks",
+            "trust_roots",
         },
         LocalBackend: {"socket_path", "timeout"},
         DevGrantSource: {"key_file", "store", "release", "time_limit"},
@@ -247,7 +248,7 @@ def test_every_trait_has_help_an_example_and_a_security_note():
     [
         ("backend_class", "no_such_module.Backend"),
         ("backend_class", "dcr_server_ext.model.Job"),
-        ("grant_source_class", "dcr_server_ext.grants.NoSuchSource"),
+        ("grant_source_class", "dcr_server_ext.grant_sources.NoSuchSource"),
         ("grant_source_class", "dcr_server_ext.backends.local.LocalBackend"),
         ("data_dir", "relative/dcr"),
         ("db_url", "not a database url"),
@@ -293,7 +294,7 @@ def test_bad_backend_and_grant_source_config_is_refused_naming_the_trait(
     """A bad value for a trait of the local backend or a grant source (a timeout that is not a positive
     number, a hub URL that is not http(s), a relative path) is refused with a message naming the trait."""
     from dcr_server_ext.backends.local import LocalBackend
-    from dcr_server_ext.grants import DevGrantSource, HubGrantSource
+    from dcr_server_ext.grant_sources import DevGrantSource, HubGrantSource
 
     section, name = trait.split(".")
     cls = {"LocalBackend": LocalBackend, "DevGrantSource": DevGrantSource, "HubGrantSource": HubGrantSource}
@@ -315,7 +316,7 @@ def test_bad_backend_and_grant_source_config_is_refused_naming_the_trait(
 def test_good_backend_and_grant_source_config_is_kept(trait: str, value: Any):
     """Valid values (a positive timeout, an http(s) hub URL, or none to use $JUPYTERHUB_API_URL) are kept."""
     from dcr_server_ext.backends.local import LocalBackend
-    from dcr_server_ext.grants import HubGrantSource
+    from dcr_server_ext.grant_sources import HubGrantSource
 
     section, name = trait.split(".")
     cls = {"LocalBackend": LocalBackend, "HubGrantSource": HubGrantSource}[section]
@@ -728,10 +729,12 @@ def trusted_host(jp_server_config: Config, host) -> Any:
     return host
 
 
-def test_trust_jwks_trait_explains_itself_and_refuses_bad_anchors(tmp_path: Path, host):
-    """c.DCRExtension.trust_jwks has help text with an example and a security note; it accepts JWKS files,
-    PEM certificates and sha256 thumbprints, and refuses relative paths, missing files, files that hold no
-    public key and malformed thumbprints, naming the trait."""
+def test_trust_traits_explain_themselves_and_refuse_bad_anchors(tmp_path: Path, host):
+    """c.DCRExtension.trust_jwks (signer keys) and trust_roots (CA certificates) have help text with an
+    example and a security note; they take what `dcr verify --trust` / `--trust-root` take (the parser
+    is shared: tests/test_verify.py checks both accept and refuse the same inputs), and refusals name
+    the trait: relative paths, missing files, files that hold no public key, malformed thumbprints, a
+    certificate given as a signer key and a key given as a root."""
     import datetime
 
     from cryptography import x509
@@ -740,10 +743,10 @@ def test_trust_jwks_trait_explains_itself_and_refuses_bad_anchors(tmp_path: Path
     from cryptography.x509.oid import NameOID
 
     from dcr_enclave.formats.jwk import load_jwks_file, thumbprint
-    from dcr_server_ext.manager import load_trust_anchors
 
-    text = DCRExtension.class_traits()["trust_jwks"].help
-    assert "c.DCRExtension.trust_jwks = " in text and "Example" in text and "Security" in text
+    for trait_name in ("trust_jwks", "trust_roots"):
+        text = DCRExtension.class_traits()[trait_name].help
+        assert f"c.DCRExtension.{trait_name} = " in text and "Example" in text and "Security" in text
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "DCR test root")])
@@ -764,28 +767,39 @@ def test_trust_jwks_trait_explains_itself_and_refuses_bad_anchors(tmp_path: Path
     host_key = load_jwks_file(host.jwks_path)[0]
     pin = thumbprint(host_key)
 
-    app = DCRExtension(config=Config({"DCRExtension": {"trust_jwks": [str(host.jwks_path), str(root), pin]}}))
-    anchors = load_trust_anchors(app.trust_jwks)
-    assert [a["kind"] for a in anchors.described] == ["key", "root", "thumbprint"]
-    assert anchors.described[0]["id"] == pin and "DCR test root" in anchors.described[1]["id"]
+    app = DCRExtension(
+        config=Config(
+            {"DCRExtension": {"trust_jwks": [str(host.jwks_path), pin], "trust_roots": [str(root)]}}
+        )
+    )
+    anchors = app.load_trust()
+    assert [a["kind"] for a in anchors.described] == ["key", "thumbprint", "root"]
+    assert anchors.described[0]["id"] == pin and "DCR test root" in anchors.described[2]["id"]
     assert anchors.keys == (host_key,) and anchors.thumbprints == (pin,) and anchors.roots_pem
 
     not_a_key = tmp_path / "notes.txt"
     not_a_key.write_text("hello")
-    for value in (
-        ["relative/jwks.json"],
-        [str(tmp_path / "missing.json")],
-        [str(not_a_key)],
-        ["sha256:1234"],
-        [""],
-    ):
-        with pytest.raises(TraitError, match=r"DCRExtension\.trust_jwks"):
-            DCRExtension(config=Config({"DCRExtension": {"trust_jwks": value}}))
+    for trait, value, message in [
+        ("trust_jwks", ["relative/jwks.json"], "must be an absolute path"),
+        ("trust_jwks", [str(tmp_path / "missing.json")], "cannot read the file"),
+        ("trust_jwks", [str(not_a_key)], "neither JSON nor PEM"),
+        ("trust_jwks", ["sha256:1234"], "is not a key thumbprint"),
+        ("trust_jwks", [""], "is no trust anchor"),
+        ("trust_jwks", [str(root)], "holds a certificate, not a signer key"),
+        ("trust_roots", [str(host.jwks_path)], "holds no PEM certificate"),
+        ("trust_roots", ["relative/root.pem"], "must be an absolute path"),
+    ]:
+        with pytest.raises(TraitError) as refused:
+            DCRExtension(config=Config({"DCRExtension": {trait: value}}))
+        assert str(refused.value).startswith(f"DCRExtension.{trait} ") and message in str(refused.value)
+    # The hint names the trait that takes what was given.
+    with pytest.raises(TraitError, match=r"pin a root certificate with DCRExtension\.trust_roots"):
+        DCRExtension(config=Config({"DCRExtension": {"trust_jwks": [str(root)]}}))
 
 
 async def test_grant_source_without_a_dataset_list_is_501():
     """A grant source that does not implement datasets() refuses with 501 and says which class it is."""
-    from dcr_server_ext.grants import GrantSource, NotSupported
+    from dcr_server_ext.grant_sources import GrantSource, NotSupported
 
     with pytest.raises(NotSupported) as info:
         await GrantSource().datasets()
@@ -829,7 +843,7 @@ def test_datasets_come_from_the_real_hub(store, tmp_path: Path, monkeypatch):
 
     from dcr_enclave.pack.store import Store
     from dcr_server_ext.errors import Unavailable
-    from dcr_server_ext.grants import GrantRefused, HubGrantSource
+    from dcr_server_ext.grant_sources import GrantRefused, HubGrantSource
 
     insurance = Store(store.root).versions(store.provider, store.dataset)[-1]
     real = make_csv(tmp_path / "src" / "real" / "visits.csv", 200, seed=3)
@@ -996,7 +1010,7 @@ async def test_verify_reports_every_check_against_the_pinned_host_key(
     tampered manifest fails the nonce check, and a server without anchors answers 503."""
     from dcr_enclave.formats.jwk import jwks, load_jwks_file, thumbprint
     from dcr_enclave.pack.signing_keys import generate_key
-    from dcr_server_ext.manager import TrustAnchors, load_trust_anchors
+    from dcr_enclave.verify.trust import TrustAnchors, load_trust_anchors
 
     _notebook(
         jp_root_dir, "work/analysis.ipynb", [*SUCCESS_CELLS[:1], "open('out.txt', 'w').write(str(len(df)))"]

@@ -5,17 +5,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
 from receipt_factory import (
     IMAGE_DIGEST,
     OTHER_IMAGE_DIGEST,
+    Pki,
     Receipt,
     Signer,
     hardware_claims,
@@ -33,6 +40,7 @@ from dcr_enclave.formats.attestation import format_timestamp
 from dcr_enclave.formats.digests import canonical_json, sha256_bytes
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.receipt import ReceiptManifest
+from dcr_enclave.pack.signing_keys import generate_key
 from dcr_enclave.runtime.receipt_writer import output_entries, write_receipt_dir
 from dcr_enclave.verify.receipt import check_receipt_dir
 
@@ -520,6 +528,273 @@ def test_missing_directory_is_a_usage_error(tmp_path: Path, verify: Any, signer:
 def test_bad_enclave_digest_is_a_usage_error(receipt: Receipt, verify: Any) -> None:
     """--enclave-digest must be a sha256 digest."""
     assert verify(receipt.dir, *pin(receipt), "--enclave-digest", "latest").code == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trust anchors: one parser for `dcr verify --trust/--trust-root` and c.DCRExtension.trust_jwks/trust_roots
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AnchorMaterial:
+    """What the trust anchor cases are made from: a directory to write files in, the plain receipt's signer
+    and the PKI whose chain the hardware receipt carries."""
+
+    dir: Path
+    signer: Signer
+    pki: Pki
+
+    def file(self, name: str, data: bytes | str) -> str:
+        path = self.dir / name
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        return str(path)
+
+    def public_pem(self, key: Any = None) -> bytes:
+        key = key or self.signer.key
+        return key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def private_pem(self) -> bytes:
+        return self.signer.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def jwk_file(self, **changes: Any) -> str:
+        return self.file("key.json", json.dumps({**self.signer.public_jwk, **changes}))
+
+    def cert_pem(self, cert: x509.Certificate) -> bytes:
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _fifo(m: AnchorMaterial) -> str:
+    os.mkfifo(m.dir / "fifo")
+    return str(m.dir / "fifo")
+
+
+def _p384_jwk(m: AnchorMaterial) -> str:
+    key = ec.generate_private_key(ec.SECP384R1()).public_key()
+    return m.file("p384.json", ECAlgorithm.to_jwk(key))
+
+
+#: (case, what to give, the refusal's words or None for accepted) for signer anchors.
+SIGNER_CASES: list[tuple[str, Callable[[AnchorMaterial], str], str | None]] = [
+    ("jwks file", lambda m: m.file("jwks.json", json.dumps(m.signer.jwks())), None),
+    ("single jwk", lambda m: m.jwk_file(), None),
+    ("pem public key", lambda m: m.file("signer.pem", m.public_pem()), None),
+    ("pem public key after a comment", lambda m: m.file("s.pem", b"# the signer\n" + m.public_pem()), None),
+    ("jwk with alg and use", lambda m: m.jwk_file(alg="ES256", use="sig"), None),
+    ("thumbprint", lambda m: m.signer.thumbprint, None),
+    (
+        "thumbprint in capitals",
+        lambda m: "sha256:" + m.signer.thumbprint[7:].upper(),
+        "is not a key thumbprint",
+    ),
+    ("short thumbprint", lambda m: "sha256:1234", "is not a key thumbprint"),
+    (
+        "thumbprint without sha256:",
+        lambda m: m.signer.thumbprint[7:],
+        "is neither a file nor a key thumbprint",
+    ),
+    ("empty entry", lambda m: "", "is no trust anchor"),
+    ("path with white space around", lambda m: " " + m.jwk_file(), "surrounding white space"),
+    ("missing file", lambda m: str(m.dir / "missing.json"), "cannot read the file"),
+    ("directory", lambda m: str(m.dir), "is not a regular file"),
+    ("fifo", _fifo, "is not a regular file"),
+    ("empty file", lambda m: m.file("empty.json", b""), "is empty"),
+    ("oversized file", lambda m: m.file("big.json", b" " * (256 * 1024 + 1)), "is larger than"),
+    ("not a key file", lambda m: m.file("notes.txt", "hello"), "is neither JSON nor PEM"),
+    ("empty jwks", lambda m: m.file("none.json", '{"keys": []}'), "holds no keys"),
+    (
+        "root certificate",
+        lambda m: m.file("root.pem", m.pki.root_pem),
+        "holds a certificate, not a signer key",
+    ),
+    ("private key pem", lambda m: m.file("key.pem", m.private_pem()), "holds a private key"),
+    ("private jwk", lambda m: m.jwk_file(d="c2VjcmV0"), "private or symmetric key material"),
+    (
+        "symmetric jwk",
+        lambda m: m.file("oct.json", '{"kty": "oct", "k": "c2VjcmV0"}'),
+        "private or symmetric",
+    ),
+    ("encryption jwk", lambda m: m.jwk_file(use="enc"), "not for signatures"),
+    ("jwk for alg none", lambda m: m.jwk_file(alg="none"), "says alg 'none'"),
+    ("jwk for HS256", lambda m: m.jwk_file(alg="HS256"), "says alg 'HS256'"),
+    ("jwk for another curve's alg", lambda m: m.jwk_file(alg="ES384"), "says alg 'ES384'"),
+    ("P-384 key", _p384_jwk, "P-256"),
+    (
+        "two pem public keys",
+        lambda m: m.file("two.pem", m.public_pem() + m.public_pem(generate_key())),
+        "exactly one PEM public key",
+    ),
+]
+
+#: The same for root anchors.
+ROOT_CASES: list[tuple[str, Callable[[AnchorMaterial], str], str | None]] = [
+    ("root certificate", lambda m: m.file("root.pem", m.pki.root_pem), None),
+    (
+        "root and intermediate",
+        lambda m: m.file("ca.pem", m.pki.root_pem + m.cert_pem(m.pki.intermediate)),
+        None,
+    ),
+    ("root after a subject line", lambda m: m.file("r.pem", b"subject=CN = Test\n" + m.pki.root_pem), None),
+    ("leaf certificate", lambda m: m.file("leaf.pem", m.cert_pem(m.pki.leaf)), "is not a CA certificate"),
+    ("jwks file", lambda m: m.file("jwks.json", json.dumps(m.signer.jwks())), "holds no PEM certificate"),
+    (
+        "pem public key",
+        lambda m: m.file("signer.pem", m.public_pem()),
+        "holds no PEM certificate (it holds PUBLIC",
+    ),
+    (
+        "root with a private key",
+        lambda m: m.file("r.pem", m.pki.root_pem + m.private_pem()),
+        "holds a private key",
+    ),
+    (
+        "root with a public key",
+        lambda m: m.file("r.pem", m.pki.root_pem + m.public_pem()),
+        "besides certificates",
+    ),
+    ("thumbprint", lambda m: m.signer.thumbprint, "is a key thumbprint, not a certificate file"),
+    ("truncated certificate", lambda m: m.file("t.pem", m.pki.root_pem[:-30]), "without its END line"),
+    ("empty entry", lambda m: "", "is no trust anchor"),
+    ("missing file", lambda m: str(m.dir / "missing.pem"), "cannot read the file"),
+    ("directory", lambda m: str(m.dir), "is not a regular file"),
+    ("empty file", lambda m: m.file("empty.pem", b"\n"), "is empty"),
+    ("oversized file", lambda m: m.file("big.pem", b"\n" * (256 * 1024 + 1)), "is larger than"),
+]
+
+#: How the two paths name the two kinds of anchor.
+OPTIONS = {
+    "signer": ("--trust", "trust_jwks"),
+    "root": ("--trust-root", "trust_roots"),
+}
+
+
+@pytest.fixture
+def anchor_material(tmp_path: Path, signer: Signer) -> AnchorMaterial:
+    (tmp_path / "anchors").mkdir()
+    return AnchorMaterial(tmp_path / "anchors", signer, make_pki())
+
+
+#: The extensions made here log to a plain logger: an Application left to make its own reconfigures logging
+#: process-wide (logging.config.dictConfig closes every handler), and a handler that absl, loaded by the
+#: synthesis tests, registered over pytest's capture would then close that capture under pytest.
+EXTENSION_LOG = logging.getLogger("test_verify.extension")
+
+
+def _extension_refusal(trait: str, value: str) -> tuple[str | None, Any]:
+    """What DCRExtension says to ``c.DCRExtension.<trait> = [value]``: (refusal or None, the extension)."""
+    from traitlets import TraitError
+    from traitlets.config import Config
+
+    from dcr_server_ext.app import DCRExtension
+
+    try:
+        app = DCRExtension(config=Config({"DCRExtension": {trait: [value]}}), log=EXTENSION_LOG)
+    except TraitError as e:
+        return str(e), None
+    return None, app
+
+
+def _as_cli(extension_message: str) -> str:
+    return extension_message.replace("DCRExtension.trust_roots", "--trust-root").replace(
+        "DCRExtension.trust_jwks", "--trust"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "make", "refusal"),
+    [pytest.param("signer", make, refusal, id=f"signer: {case}") for case, make, refusal in SIGNER_CASES]
+    + [pytest.param("root", make, refusal, id=f"root: {case}") for case, make, refusal in ROOT_CASES],
+)
+def test_dcr_verify_and_the_server_extension_accept_and_refuse_the_same_anchors(
+    kind: str,
+    make: Callable[[AnchorMaterial], str],
+    refusal: str | None,
+    anchor_material: AnchorMaterial,
+    verify: Any,
+) -> None:
+    """Every trust anchor `dcr verify` accepts the server extension accepts, and the other way round: the
+    same signer keys (--trust / c.DCRExtension.trust_jwks) and root certificates (--trust-root /
+    c.DCRExtension.trust_roots). A refusal is the same message on both paths, naming the option, what is
+    wrong and what to do; an accepted anchor verifies the receipt it belongs to on both paths."""
+    m = anchor_material
+    value = make(m)
+    option, trait = OPTIONS[kind]
+    if kind == "signer":
+        receipt = make_receipt(m.dir.parent / "receipt", m.signer)
+    else:
+        receipt = hardware_receipt(
+            m.dir.parent / "receipt", m.signer, x5c=m.pki.x5c(), token_key=m.pki.leaf_key
+        )
+
+    cli = verify(receipt.dir, option, value)
+    refused, app = _extension_refusal(trait, value)
+
+    if refusal is None:
+        assert cli.code == 0, cli.out + cli.err
+        assert refused is None, refused
+        anchors = app.load_trust()
+        checks = check_receipt_dir(
+            receipt.dir,
+            trusted_keys=anchors.keys,
+            trusted_thumbprints=anchors.thumbprints,
+            trust_root_pem=anchors.roots_pem,
+        )
+        assert [c.name for c in checks if not c.passed] == []
+        assert {a["kind"] for a in anchors.described} <= {"key", "thumbprint", "root"}
+    else:
+        assert cli.code == 2 and cli.out == "", cli.out
+        assert refused is not None, f"the extension accepted what dcr verify refused: {cli.err}"
+        assert refusal in refused, refused
+        assert refused.startswith(f"DCRExtension.{trait} ")
+        # Word for word the same refusal, each naming its own option.
+        assert cli.err == f"dcr: error: {_as_cli(refused)}\n"
+
+
+def test_relative_anchor_paths_are_relative_to_the_current_directory_only_on_the_command_line(
+    receipt: Receipt, verify: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one difference between the paths, and on purpose: `dcr verify --trust jwks.json` reads the file
+    in the current directory, while a server started elsewhere refuses a relative path in its
+    configuration and says to write the full path."""
+    receipt.signer.write_jwks(tmp_path / "jwks.json")
+    monkeypatch.chdir(tmp_path)
+    assert verify(receipt.dir, "--trust", "jwks.json").code == 0
+    refused, _ = _extension_refusal("trust_jwks", "jwks.json")
+    assert refused is not None and "DCRExtension.trust_jwks 'jwks.json' must be an absolute path" in refused
+
+
+def test_a_receipt_key_with_a_pinned_thumbprint_in_a_file_and_a_root_combine(
+    tmp_path: Path, signer: Signer, verify: Any
+) -> None:
+    """Signer keys and roots pinned together: a PKI token verifies through the root, a plain one through
+    the key; dcr verify and the extension's anchors agree on both receipts."""
+    from traitlets.config import Config
+
+    from dcr_server_ext.app import DCRExtension
+
+    pki = make_pki()
+    plain = make_receipt(tmp_path / "plain", signer)
+    chained = hardware_receipt(tmp_path / "chained", signer, x5c=pki.x5c(), token_key=pki.leaf_key)
+    jwks_file = signer.write_jwks(tmp_path / "jwks.json")
+    (tmp_path / "root.pem").write_bytes(pki.root_pem)
+    args = ["--trust", jwks_file, "--trust-root", tmp_path / "root.pem"]
+    app = DCRExtension(
+        config=Config(
+            {"DCRExtension": {"trust_jwks": [str(jwks_file)], "trust_roots": [str(tmp_path / "root.pem")]}}
+        ),
+        log=EXTENSION_LOG,
+    )
+    anchors = app.load_trust()
+    assert [a["kind"] for a in anchors.described] == ["key", "root"]
+    for r in (plain, chained):
+        assert verify(r.dir, *args).code == 0
+        checks = check_receipt_dir(
+            r.dir, trusted_keys=anchors.keys, trust_root_pem=anchors.roots_pem, trusted_thumbprints=()
+        )
+        assert all(c.passed for c in checks), [str(c) for c in checks if not c.passed]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -132,17 +132,28 @@ namespace Private {
   export async function refusal(response: Response): Promise<string> {
     const text = await response.text().catch(() => '');
     try {
-      const doc = JSON.parse(text);
-      if (doc && typeof doc.error === 'string' && doc.error) {
-        return doc.error;
+      const doc: unknown = JSON.parse(text);
+      const error = member(doc, 'error');
+      if (error) {
+        return error;
       }
-      if (doc && typeof doc.message === 'string' && doc.message) {
-        return doc.message; // jupyter_server's own JSON errors
+      const message = member(doc, 'message');
+      if (message) {
+        return message; // jupyter_server's own JSON errors
       }
     } catch {
       // not JSON: fall through
     }
     return `HTTP ${response.status} ${response.statusText}`.trim();
+  }
+
+  /** `doc[name]` when `doc` is an object and that member a string, else undefined. */
+  function member(doc: unknown, name: string): string | undefined {
+    if (doc && typeof doc === 'object') {
+      const value = (doc as Record<string, unknown>)[name];
+      return typeof value === 'string' ? value : undefined;
+    }
+    return undefined;
   }
 }
 

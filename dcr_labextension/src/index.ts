@@ -103,9 +103,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
       execute: () => model.refresh()
     });
     commands.addCommand(CommandIDs.openReceipt, {
-      label: args => (args.jobId ? `Receipt of ${args.jobId}` : 'Open Enclave Receipt'),
+      label: args =>
+        typeof args.jobId === 'string' && args.jobId ? `Receipt of ${args.jobId}` : 'Open Enclave Receipt',
       execute: args => {
-        const jobId = String(args.jobId ?? '');
+        const jobId = typeof args.jobId === 'string' ? args.jobId : '';
         if (!/^job-[0-9a-f]{24}$/.test(jobId)) {
           return;
         }

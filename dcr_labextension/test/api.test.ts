@@ -14,7 +14,7 @@ function answer(status: number, body: string, statusText = '', type = 'applicati
   return new Response(body, { status, statusText, headers: { 'Content-Type': type } });
 }
 
-let makeRequest: jest.SpyInstance;
+let makeRequest: jest.SpiedFunction<typeof ServerConnection.makeRequest>;
 
 beforeEach(() => {
   makeRequest = jest.spyOn(ServerConnection, 'makeRequest');
@@ -50,7 +50,7 @@ describe('the REST client', () => {
     const [url, init, used] = makeRequest.mock.calls[0];
     expect(url).toBe(`${BASE}dcr/api/jobs`);
     expect(init).toMatchObject({ method: 'POST', headers: { 'Content-Type': 'application/json' } });
-    expect(JSON.parse(init.body)).toEqual({ path: 'work/analysis.ipynb' });
+    expect(JSON.parse(init.body as string)).toEqual({ path: 'work/analysis.ipynb' });
     expect(used).toBe(settings);
   });
 

@@ -1,9 +1,10 @@
 """``dcr verify``: check a receipt directory offline against trust anchors the verifier pins.
 
 Nothing in the receipt is trusted on its own: ``--trust`` pins a signer key (by RFC 7638 thumbprint, or a
-JWKS/PEM file) and ``--trust-root`` pins a root certificate for PKI tokens. Every check prints one line,
-``PASS name: detail`` or ``FAIL name: detail``. Exit status: 0 when every check passes, 1 when any fails,
-2 for usage errors.
+JWKS/JWK/PEM public key file) and ``--trust-root`` pins a root CA certificate for PKI tokens, both parsed by
+:mod:`dcr_enclave.verify.trust` with the rules the server extension applies to its trust anchors. Every
+check prints one line, ``PASS name: detail`` or ``FAIL name: detail``. Exit status: 0 when every check
+passes, 1 when any fails, 2 for usage errors (a trust anchor refused included).
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from dcr_enclave.formats import contract
-from dcr_enclave.formats.digests import DIGEST_RE, check_digest
+from dcr_enclave.formats.digests import check_digest
 from dcr_enclave.formats.errors import DCRError
-from dcr_enclave.formats.jwk import load_jwks_file
 from dcr_enclave.verify.receipt import check_receipt_dir
-from dcr_enclave.verify.token import load_trust_roots
-
-MAX_ROOT_BYTES = 256 * 1024
+from dcr_enclave.verify.trust import CLI_ROOT_OPTION, CLI_SIGNER_OPTION, load_trust_anchors
 
 
 def register(subparsers: Any) -> None:
@@ -33,7 +31,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("receipt", metavar="DIR", help="the receipt directory")
     p.add_argument(
-        "--trust",
+        CLI_SIGNER_OPTION,
         action="append",
         default=[],
         metavar="FINGERPRINT|JWKS_FILE",
@@ -43,11 +41,11 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument(
-        "--trust-root",
+        CLI_ROOT_OPTION,
         action="append",
         default=[],
         metavar="PEM",
-        help="a root certificate (PEM) that x5c chains in PKI tokens must end at; repeatable",
+        help="a PEM file of root CA certificates that x5c chains in PKI tokens must end at; repeatable",
     )
     p.add_argument(
         "--enclave-digest",
@@ -64,47 +62,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _read_roots(paths: list[str]) -> bytes | None:
-    if not paths:
-        return None
-    pem = b""
-    for path in paths:
-        p = Path(path)
-        try:
-            if p.stat().st_size > MAX_ROOT_BYTES:
-                raise DCRError(f"trust root {p} is larger than {MAX_ROOT_BYTES} bytes")
-            data = p.read_bytes()
-        except OSError as e:
-            raise DCRError(f"cannot read the trust root {p}: {e.strerror}") from None
-        load_trust_roots(data)  # refuse a non-certificate now, as a usage error
-        pem += data + b"\n"
-    return pem
-
-
-def _looks_like_certificate(p: Path) -> bool:
-    try:
-        with p.open("rb") as f:
-            return f.read(4096).lstrip().startswith(b"-----BEGIN CERTIFICATE")
-    except OSError:
-        return False  # load_jwks_file reports why it cannot be read
-
-
-def _pins(values: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    keys: list[dict[str, Any]] = []
-    thumbprints: list[str] = []
-    for value in values:
-        if value.startswith("sha256:"):
-            thumbprints.append(check_digest(value, f"--trust {value!r}"))
-            continue
-        p = Path(value)
-        if not p.exists() and DIGEST_RE.match("sha256:" + value):
-            raise DCRError(f"--trust {value!r} is neither a file nor a thumbprint", hint="write sha256:<hex>")
-        if _looks_like_certificate(p):
-            raise DCRError(f"--trust {p} holds a certificate", hint="pin root certificates with --trust-root")
-        keys.extend(load_jwks_file(p, "trusted JWKS file"))
-    return keys, thumbprints
-
-
 def run(args: argparse.Namespace) -> int:
     if not args.trust and not args.trust_root:
         raise DCRError(
@@ -115,14 +72,15 @@ def run(args: argparse.Namespace) -> int:
     directory = Path(args.receipt)
     if not directory.is_dir():
         raise DCRError(f"{directory} is not a receipt directory")
-    keys, thumbprints = _pins(args.trust)
-    roots = _read_roots(args.trust_root)
+    # The parser the server extension uses for c.DCRExtension.trust_jwks/trust_roots; relative paths are
+    # relative to the current directory here.
+    anchors = load_trust_anchors(args.trust, args.trust_root, base_dir=Path.cwd())
     digests = [check_digest(d, f"--enclave-digest {d!r}") for d in args.enclave_digest]
     checks = check_receipt_dir(
         directory,
-        trusted_keys=keys,
-        trusted_thumbprints=thumbprints,
-        trust_root_pem=roots,
+        trusted_keys=anchors.keys,
+        trusted_thumbprints=anchors.thumbprints,
+        trust_root_pem=anchors.roots_pem,
         expected_enclave_digests=digests,
         require_hardware=args.require_hardware,
         issuers={contract.GOOGLE_ISSUER, contract.LOCAL_ISSUER},

@@ -1,0 +1,158 @@
+"""The hub start hook: DCR's checks run while JupyterHub starts, after it has loaded its groups and before
+it serves.
+
+JupyterHub has no start callback for configuration or spawners, so DCR watches the one moment that fits:
+the hub application's ``handlers`` trait is assigned once, in ``init_handlers()``, after the database,
+users, groups, roles and tokens are loaded and before the tornado application is built. The hook
+(:func:`arm_start_hook`) observes that assignment; then it validates the policy against the stores and the
+hub's groups, starts the grant service (keys, records database), runs the configured spawner's
+``dcr_check_at_start`` and adds the grant routes if ``enable(c)`` did not. Any refusal stops the hub
+(``app.exit(1)``) before it listens, with a line naming provider, dataset and trait.
+
+Finding the application takes two ways, because the hook is armed from two places:
+
+- :func:`enable` runs in ``jupyterhub_config.py``, which the hub reads in ``initialize()``, when its
+  application is already the registered ``JupyterHub.instance()``;
+- a DCR spawner's module arms the hook when it is imported, and JupyterHub imports every installed spawner
+  while its application object is being constructed (``JupyterHub.classes`` loads the entry points, to
+  list their configuration), before ``instance()`` has registered that object. It is found on the call
+  stack instead (:func:`_hub_being_built`). That is what makes ``spawner_class = "dcr-local"`` alone
+  enough to stop a hub with a bad policy.
+
+The policy the hook validated is kept here (:func:`active_policy`) for the spawners of the same process:
+:class:`PolicySpawnerMixin` refuses to start a server while there is none, so an unchecked policy is never
+used. Outside a hub (tests, tools) arming does nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from jupyterhub import orm
+from jupyterhub.apihandlers.base import API404
+from traitlets import TraitError
+from traitlets.config import Config
+
+from dcr_enclave.formats.errors import DCRError
+
+from .grant_service import SETTINGS_KEY, GrantService, GrantsHandler, routes
+from .policy import DCRPolicy, Entitlement
+
+_active: DCRPolicy | None = None
+
+
+def set_active_policy(policy: DCRPolicy | None) -> None:
+    """Record the policy the hub validated at start (called by the start hook; tests set it too)."""
+    global _active
+    _active = policy
+
+
+def active_policy() -> DCRPolicy | None:
+    """The policy validated when this hub process started, or ``None`` if it was not validated."""
+    return _active
+
+
+class PolicySpawnerMixin:
+    """What every DCR spawner asks of the policy: the user's entitled datasets at spawn time."""
+
+    log: Any
+    user: Any
+
+    def _policy(self) -> DCRPolicy:
+        policy = active_policy()
+        if policy is None:
+            # Loading a DCR spawner arms the start hook, so this means the hook never ran (the spawner's
+            # module was imported before the hub application existed): an unchecked policy is not used.
+            raise DCRError(
+                "DCR: the hub did not validate its DCR policy when it started, so no server is started",
+                hint="add `dcr_spawner.enable(c)` to jupyterhub_config.py and restart the hub",
+            )
+        return policy
+
+    def entitlements(self) -> list[Entitlement]:
+        """The user's entitled datasets now (group membership as it is in the hub's database)."""
+        groups = {g.name for g in self.user.groups}
+        return self._policy().entitled(self.user.name, groups)
+
+
+def grant_handlers() -> list[tuple[str, type, dict[str, Any]]]:
+    """The grant service's routes for ``c.JupyterHub.extra_handlers``; also arms the start hook."""
+    arm_start_hook()
+    return routes()
+
+
+def enable(c: Config) -> None:
+    """The one line in ``jupyterhub_config.py``: ``dcr_spawner.enable(c)``.
+
+    Adds the grant service's routes to ``c.JupyterHub.extra_handlers`` (keeping any already there) and
+    arranges for the policy to be validated while the hub starts, before it serves.
+    """
+    existing = list(c.JupyterHub.extra_handlers) if "extra_handlers" in c.JupyterHub else []
+    ours = grant_handlers()
+    paths = {h[0] for h in ours}
+    c.JupyterHub.extra_handlers = [h for h in existing if h[0] not in paths] + ours
+
+
+def arm_start_hook() -> None:
+    """Validate the policy while the hub starts. Called by :func:`enable` and when a DCR spawner's module
+    is loaded, so ``spawner_class = "dcr-local"`` alone is enough to stop a hub with a bad policy."""
+    from jupyterhub.app import JupyterHub
+
+    app = JupyterHub.instance() if JupyterHub.initialized() else _hub_being_built(JupyterHub)
+    if app is None:
+        return  # not inside a hub (tests, tools): spawners refuse to run without a validated policy
+    if getattr(app, "_dcr_start_hook_armed", False):
+        return
+    app._dcr_start_hook_armed = True
+    app.observe(_on_hub_handlers, names="handlers")
+
+
+def _hub_being_built(hub_class: type) -> Any:
+    """The hub application whose construction is importing this module, if any.
+
+    JupyterHub imports every installed spawner while its application object is constructed (to list their
+    configuration), before that object becomes the registered instance; it is then on the call stack.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, hub_class):
+            return candidate
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _on_hub_handlers(change: Any) -> None:
+    app = change["owner"]
+    if SETTINGS_KEY in app.tornado_settings:
+        return
+    handlers: list[Any] = change["new"]  # the list the hub goes on to extend and serve
+    enabled = any(h[1] is GrantsHandler for h in handlers)
+    spawner = app.spawner_class
+    dcr_spawner = isinstance(spawner, type) and issubclass(spawner, PolicySpawnerMixin)
+    if not enabled and not dcr_spawner:
+        return  # a DCR module was imported, but this hub uses neither DCR's spawners nor enable(c)
+    try:
+        policy = DCRPolicy(parent=app)
+        groups = {g.name for g in app.db.query(orm.Group)}
+        service = GrantService.start(policy, groups)
+        check = getattr(app.spawner_class, "dcr_check_at_start", None)
+        if callable(check):
+            check(app, policy)  # the spawner's own config, checked now rather than at the first spawn
+    except (DCRError, TraitError) as e:
+        # Printed as well as logged: this is the line an admin looks for when the hub will not start.
+        app.log.critical("%s", e)
+        print(f"DCR: the hub cannot start: {e}", file=sys.stderr, flush=True)
+        app.exit(1)
+    if not enabled:
+        # A DCR spawner's servers need the grant service: serve its routes as enable(c) would have.
+        ours = app.add_url_prefix(app.hub_prefix, routes())
+        at = next((i for i, h in enumerate(handlers) if h[1] is API404), 0)
+        handlers[at:at] = ours
+        app.log.info(
+            "DCR: grant service routes added for %s (dcr_spawner.enable(c) not called)", spawner.__name__
+        )
+    app.tornado_settings[SETTINGS_KEY] = service
+    app.tornado_settings["dcr_policy"] = policy
+    set_active_policy(policy)
