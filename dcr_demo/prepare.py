@@ -462,12 +462,13 @@ def _kept_synthetic_args(layout: Layout, table: Table) -> list[str] | None:
     return args
 
 
-def ensure_datasets(layout: Layout, state: DemoState, thumbprint: str, say: Say) -> None:
-    """Register both tables unless they already are, for this hub key and this enclave code."""
+def ensure_datasets(layout: Layout, state: DemoState, thumbprint: str, say: Say) -> str:
+    """Register both tables unless they already are, for this hub key and this enclave code (whose
+    measurement is returned: the digest the conditions and the servers pin)."""
     measurement = current_measurement()
     if layout.store.exists() and _registered(layout, state, thumbprint, measurement):
         say(f"reusing the registered datasets in {layout.store}")
-        return
+        return measurement
     if layout.store.exists() and any(layout.store.iterdir()):
         say("the enclave code or hub key changed since the datasets were registered: registering them again")
         shutil.rmtree(layout.store)
@@ -511,6 +512,7 @@ def ensure_datasets(layout: Layout, state: DemoState, thumbprint: str, say: Say)
     # The spawner refuses a store other accounts could read (real data, manifests, providers' keys).
     os.chmod(layout.store, 0o700)
     save_state(layout, state)
+    return measurement
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -534,16 +536,15 @@ def write_skeleton(layout: Layout) -> Path:
     return path
 
 
-def server_config(layout: Layout) -> dict[str, Any]:
-    """``jupyter_server_config.json`` of the single-user servers: the DCR server extension's settings."""
-    from dcr_server_ext.app import DCRExtension
-
+def server_config(layout: Layout, enclave_digest: str) -> dict[str, Any]:
+    """``jupyter_server_config.json`` of the single-user servers: the DCR server extension's settings, with
+    the enclave host's signer and the enclave code (``enclave_digest``) receipts must come from."""
     dcr: dict[str, Any] = {
-        "grant_source_class": "dcr_server_ext.grants.HubGrantSource",
+        "grant_source_class": "dcr_server_ext.grant_sources.HubGrantSource",
         "backend_class": "dcr_server_ext.backends.local.LocalBackend",
+        "trust_jwks": [str(layout.host_jwks)],
+        "enclave_digests": [enclave_digest],
     }
-    if "trust_jwks" in DCRExtension.class_trait_names():
-        dcr["trust_jwks"] = [str(layout.host_jwks)]
     return {
         "ServerApp": {"jpserver_extensions": {"dcr_server_ext": True}},
         "DCRExtension": dcr,
@@ -679,11 +680,11 @@ def prepare(root: Path, port: int, proxy: str | None, account_prefix: str, say: 
         save_state(layout, state)
         thumbprint = ensure_hub_key(layout)
         ensure_real_data(layout, state, say)
-        ensure_datasets(layout, state, thumbprint, say)
+        measurement = ensure_datasets(layout, state, thumbprint, say)
         skeleton = write_skeleton(layout)
         write_atomic(
             layout.server_config / "jupyter_server_config.json",
-            json.dumps(server_config(layout), indent=2) + "\n",
+            json.dumps(server_config(layout, measurement), indent=2) + "\n",
             0o644,
         )
         ports = Ports(port, free_port(), free_port())

@@ -23,6 +23,7 @@ from jupyter_server.serverapp import ServerApp
 from traitlets import Float, Int, List, TraitError, Type, Unicode, default, validate
 
 from dcr_enclave.formats.bundle import DEFAULT_EXCLUDE, BundleLimits
+from dcr_enclave.formats.digests import check_digest
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.pack.bundle_builder import check_patterns
 from dcr_enclave.verify.trust import TrustAnchors, load_trust_anchors
@@ -312,6 +313,35 @@ class DCRExtension(ExtensionApp):
         """,
     ).tag(config=True)
 
+    enclave_digests = List(
+        Unicode(),
+        default_value=[],
+        help="""The enclave image digests (``sha256:...``) a receipt must come from to verify, as
+        ``dcr verify --enclave-digest`` takes them: the local enclave host prints its own at start, and a
+        provider's key-release condition lists the digests it releases keys to. With none (the default) the
+        receipt viewer's check "pinned enclave digest" fails: a valid signature alone says only that some
+        workload of the platform produced the receipt, not which code.
+
+        Example::
+
+            c.DCRExtension.enclave_digests = ["sha256:4f0c...e1"]
+
+        Security: pin exactly the enclave releases you have reviewed, from configuration users cannot write;
+        the verification reply lists the digests it checked against.
+        """,
+    ).tag(config=True)
+
+    @validate("enclave_digests")
+    def _valid_enclave_digests(self, proposal: Any) -> list[str]:
+        for value in proposal["value"]:
+            try:
+                check_digest(value, "an enclave digest")
+            except DCRError as e:
+                raise TraitError(
+                    f"c.DCRExtension.enclave_digests: {e.message}",
+                ) from None
+        return list(proposal["value"])
+
     # -- defaults and validation ----------------------------------------------------------------------------
 
     @default("data_dir")
@@ -459,6 +489,7 @@ class DCRExtension(ExtensionApp):
             outputs_dir=self.outputs_dir,
             reconcile_interval=self.reconcile_interval,
             trust=trust,
+            enclave_digests=tuple(self.enclave_digests),
         )
         self.settings["dcr_manager"] = self.manager
         self.log.info(

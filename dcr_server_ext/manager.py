@@ -86,6 +86,7 @@ class JobManager:
         outputs_dir: str = "dcr-jobs",
         reconcile_interval: float = 30.0,
         trust: TrustAnchors | None = None,
+        enclave_digests: tuple[str, ...] = (),
     ) -> None:
         self.root = Path(root_dir).resolve()
         self.data_dir = Path(data_dir)
@@ -104,6 +105,8 @@ class JobManager:
         self.outputs_dir = outputs_dir
         self.reconcile_interval = reconcile_interval
         self.trust = trust or TrustAnchors()
+        #: The enclave code a receipt must come from (c.DCRExtension.enclave_digests).
+        self.enclave_digests = enclave_digests
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._finishing: set[str] = set()
@@ -602,6 +605,7 @@ class JobManager:
             "simulated": simulated,
             "enclave": {"kind": kind, "image_digest": manifest.get("enclave", {}).get("image_digest")},
             "anchors": [dict(a) for a in self.trust.described],
+            "enclave_digests": list(self.enclave_digests),
             "note": (
                 "the outputs are held for the provider's review: the output checks pass once they are released"
                 if held
@@ -629,6 +633,7 @@ class JobManager:
                 trusted_keys=self.trust.keys,
                 trusted_thumbprints=self.trust.thumbprints,
                 trust_root_pem=self.trust.roots_pem,
+                expected_enclave_digests=self.enclave_digests,
                 issuers={contract.GOOGLE_ISSUER, contract.LOCAL_ISSUER},
                 audience=contract.RECEIPT_AUDIENCE,
             )

@@ -162,7 +162,7 @@ def test_enclave_host_answers_and_is_the_receipts_trust_anchor(demo: DemoProcess
     assert client.ping()
     config = json.loads((demo.dir / "server-config" / "jupyter_server_config.json").read_text())
     assert config["LocalBackend"]["socket_path"] == str(sock)
-    assert config["DCRExtension"]["grant_source_class"] == "dcr_server_ext.grants.HubGrantSource"
+    assert config["DCRExtension"]["grant_source_class"] == "dcr_server_ext.grant_sources.HubGrantSource"
     jwks_file = Path(config["DCRExtension"]["trust_jwks"][0])
     assert json.loads(jwks_file.read_text())["keys"] == client.jwks()["keys"]
 

@@ -400,7 +400,7 @@ def real_hub(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         json.dumps(
             {
                 "ServerApp": {"jpserver_extensions": {"dcr_server_ext": True}},
-                "DCRExtension": {"grant_source_class": "dcr_server_ext.grants.HubGrantSource"},
+                "DCRExtension": {"grant_source_class": "dcr_server_ext.grant_sources.HubGrantSource"},
                 "LocalBackend": {"socket_path": str(work / "no-enclave-host.sock")},
             }
         )

@@ -31,6 +31,7 @@ from dcr_enclave.pack.grant_issuer import issue_grant
 from dcr_enclave.pack.signing_keys import generate_key, load_or_create_key
 from dcr_enclave.pack.store import Store
 from dcr_enclave.platform.host import EnclaveHost, HostConfig, process_tree
+from dcr_enclave.platform.measure import current_measurement
 from dcr_enclave.runtime.bundle_extractor import extract_bundle
 from dcr_enclave.runtime.kernel_layout import KERNEL_MOUNT, SandboxSpec
 from dcr_enclave.runtime.notebook_run import run_notebook
@@ -170,10 +171,18 @@ def test_same_notebook_synthetic_then_real(
     assert executed.cells[1].outputs[0]["data"]["text/plain"] == str(len(real))
 
     # The receipt verifies against the host's published key, and is rejected as hardware.
-    code, text, _ = run_cli("verify", out, "--trust", tmp_path / "host-state" / "public" / "jwks.json")
+    digest = ("--enclave-digest", current_measurement())
+    code, text, _ = run_cli(
+        "verify", out, "--trust", tmp_path / "host-state" / "public" / "jwks.json", *digest
+    )
     assert code == 0, text
     code, text, _ = run_cli(
-        "verify", out, "--trust", tmp_path / "host-state" / "public" / "jwks.json", "--require-hardware"
+        "verify",
+        out,
+        "--trust",
+        tmp_path / "host-state" / "public" / "jwks.json",
+        *digest,
+        "--require-hardware",
     )
     assert code == 1
     assert "FAIL" in text and "hardware" in text.lower()
@@ -297,7 +306,9 @@ def test_hostile_notebook_fails_every_attempt(tmp_path, store, host, make_notebo
     assert not outside.exists()
     for where in (Path(sys.prefix), Path("/usr"), Path("/etc")):
         assert not (where / escape).exists()
-    code, text, _ = run_cli("verify", out, "--trust", host.jwks_path)
+    code, text, _ = run_cli(
+        "verify", out, "--trust", host.jwks_path, "--enclave-digest", host.host.measurement()
+    )
     assert code == 0, text
 
 
@@ -354,7 +365,9 @@ def test_left_behind_writer_is_dead_before_outputs_are_collected(
     host.client.result(job_id, out)
     open_dir(out / contract.SEALED_OUTPUTS_FILE, out / contract.OUTPUTS_DIR, key, job_id)
     assert int((out / contract.OUTPUTS_DIR / "counter.txt").read_text()) >= 5
-    code, text, _ = run_cli("verify", out, "--trust", host.jwks_path)
+    code, text, _ = run_cli(
+        "verify", out, "--trust", host.jwks_path, "--enclave-digest", host.host.measurement()
+    )
     assert code == 0, text
     assert _with_token(token) == []
 
@@ -823,7 +836,9 @@ def test_output_violations_never_name_files(tmp_path, store, host, make_notebook
         assert value not in json.dumps(host.client.jobs())
         assert value not in (host.state / "audit.log").read_text()
         assert _no_plaintext_anywhere([host.state, out], value.encode()) == []
-    code, text, _ = run_cli("verify", out, "--trust", host.jwks_path)
+    code, text, _ = run_cli(
+        "verify", out, "--trust", host.jwks_path, "--enclave-digest", host.host.measurement()
+    )
     assert code == 0, text
 
 

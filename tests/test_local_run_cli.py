@@ -60,7 +60,9 @@ def test_dataset_option_grants_only_the_named_dataset(tmp_path, visits, host, ma
     assert [(d["provider"], d["dataset"]) for d in receipt["datasets"]] == [("globex", "visits")]
     granted = receipt["grant"]["claims"]["datasets"]
     assert [(d["provider"], d["dataset"]) for d in granted] == [("globex", "visits")]
-    code, text, _ = run_cli("verify", out, "--trust", host.jwks_path)
+    code, text, _ = run_cli(
+        "verify", out, "--trust", host.jwks_path, "--enclave-digest", host.host.measurement()
+    )
     assert code == 0, text
 
 

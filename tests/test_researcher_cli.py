@@ -314,7 +314,9 @@ def test_submit_wait_list_show_fetch_verify(jupyter_server, dcr, host, insurance
     pd.testing.assert_series_equal(table["charges"], expected_summary(insurance_real))
     assert not [p for p in fetched.parent.iterdir() if p.name.startswith(".")], "staging left behind"
 
-    code, out, err = dcr("verify", fetched, "--trust", host.jwks_path)
+    code, out, err = dcr(
+        "verify", fetched, "--trust", host.jwks_path, "--enclave-digest", host.host.measurement()
+    )
     assert code == 0, out + err
     assert "FAIL" not in out
 

@@ -282,7 +282,9 @@ def test_a_held_receipt_commits_to_its_outputs_without_naming_them(
     assert secret["name"] not in public and secret["charges"] not in public
     assert _no_plaintext_anywhere([host.state], secret["name"].encode()) == []
     # the held receipt verifies as committed
-    code, text, _ = run_cli("verify", out, "--trust", host.jwks_path)
+    code, text, _ = run_cli(
+        "verify", out, "--trust", host.jwks_path, "--enclave-digest", host.host.measurement()
+    )
     assert code == 0, text
     assert "not revealed" in text
     # the airlock opens the reveal; it matches the commitment and the sealed outputs

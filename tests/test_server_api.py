@@ -31,9 +31,15 @@ from traitlets.config import Config
 import dcr_server_ext
 from dcr_enclave.formats.contract import TERMINAL_STATES
 from dcr_enclave.formats.digests import canonical_json, sha256_bytes
+from dcr_enclave.formats.grant import GrantedDataset
+from dcr_enclave.formats.sealing import generate_keypair
+from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.signing_keys import read_private_key
+from dcr_enclave.pack.store import Store
 from dcr_server_ext import _jupyter_server_extension_points
 from dcr_server_ext.app import DCRExtension
 from dcr_server_ext.events import EVENT_SCHEMA_ID
+from dcr_server_ext.grant_sources import DevGrantSource
 from dcr_server_ext.handlers import CHUNK_BYTES, MAX_BODY_BYTES
 
 pytestmark = [pytest.mark.root]
@@ -631,7 +637,9 @@ async def test_notebook_runs_to_success_with_outputs_receipt_and_events(
     (verify_dir / "receipt.json").write_bytes(canonical_json(receipt["manifest"]))
     (verify_dir / "attestation.jwt").write_text(receipt["token"] + "\n")
     (verify_dir / "signer-jwks.json").write_text(json.dumps(receipt["signer_jwks"]))
-    code, text, err = run_cli("verify", verify_dir, "--trust", host.jwks_path)
+    code, text, err = run_cli(
+        "verify", verify_dir, "--trust", host.jwks_path, "--enclave-digest", host.host.measurement()
+    )
     assert code == 0, text + err
     assert "SIMULATED" in text
 
@@ -726,6 +734,7 @@ def trusted_host(jp_server_config: Config, host) -> Any:
 
     Request it before ``api``/``dcr_server`` so the server starts with it."""
     jp_server_config["DCRExtension"]["trust_jwks"] = [str(host.jwks_path)]
+    jp_server_config["DCRExtension"]["enclave_digests"] = [host.host.measurement()]
     return host
 
 
@@ -1025,7 +1034,14 @@ async def test_verify_reports_every_check_against_the_pinned_host_key(
     assert reply.code == 200, reply.body
     result = reply.json
     user_copy = jp_root_dir / job["outputs_path"]
-    code, text, err = run_cli("verify", user_copy, "--trust", trusted_host.jwks_path)
+    code, text, err = run_cli(
+        "verify",
+        user_copy,
+        "--trust",
+        trusted_host.jwks_path,
+        "--enclave-digest",
+        trusted_host.host.measurement(),
+    )
     assert code == 0, text + err
     cli_checks = [
         line.split(":", 1)[0].split(" ", 1)[1] for line in text.splitlines() if line.startswith("PASS")
@@ -1036,6 +1052,7 @@ async def test_verify_reports_every_check_against_the_pinned_host_key(
     assert result["enclave"]["image_digest"] == job["enclave"]["image_digest"]
     pin = thumbprint(load_jwks_file(trusted_host.jwks_path)[0])
     assert result["anchors"] == [{"kind": "key", "source": str(trusted_host.jwks_path), "id": pin}]
+    assert result["enclave_digests"] == [trusted_host.host.measurement()]
     assert result["note"] is None and result["job_id"] == job_id
 
     # The user's copy changes (JupyterLab's checkpoint, an edited output): the server's answer does not.
@@ -1045,7 +1062,14 @@ async def test_verify_reports_every_check_against_the_pinned_host_key(
     (user_copy / "outputs" / "out.txt").write_text("edited")
     again = (await api("GET", "jobs", job_id, "verify")).json
     assert again["verified"] is True
-    code, text, _ = run_cli("verify", user_copy, "--trust", trusted_host.jwks_path)
+    code, text, _ = run_cli(
+        "verify",
+        user_copy,
+        "--trust",
+        trusted_host.jwks_path,
+        "--enclave-digest",
+        trusted_host.host.measurement(),
+    )
     assert code == 1 and "FAIL no output added" in text and "FAIL output digests" in text
 
     manager = dcr_server.web_app.settings["dcr_manager"]
@@ -1068,8 +1092,74 @@ async def test_verify_reports_every_check_against_the_pinned_host_key(
     assert checks["signature"]["passed"] is True
     receipt_file.write_bytes(original)
 
+    # Without a pinned enclave digest nothing verifies: any code could have produced the receipt.
+    manager.enclave_digests = ()
+    unpinned = (await api("GET", "jobs", job_id, "verify")).json
+    assert unpinned["verified"] is False and unpinned["enclave_digests"] == []
+    assert (
+        "no enclave digest is pinned"
+        in {c["name"]: c for c in unpinned["checks"]}["pinned enclave digest"]["detail"]
+    )
+
     manager.trust = TrustAnchors()
     reply = await api("GET", "jobs", job_id, "verify")
     assert reply.code == 503 and "trust_jwks" in reply.error
     # Scratch directories are gone after every check.
     assert not list((dcr_data / "jobs" / job_id).glob(".verify-*"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Held outputs
+# ---------------------------------------------------------------------------------------------------------
+
+AIRLOCK_PRIVATE, AIRLOCK_PUBLIC = generate_keypair()
+
+
+class ReviewGrantSource(DevGrantSource):
+    """Development grants under ``review``, naming an airlock key the test holds (as the hub's grants do)."""
+
+    def _issue(self, job_id: str, bundle_digest: str, wanted: list[tuple[str, str]], public: bytes) -> str:
+        store = Store(Path(self.store))
+        versions = [
+            (p, d, store.versions(p, d)[-1].version) for p in store.providers() for d in store.datasets(p)
+        ]
+        return issue_grant(
+            read_private_key(self.key_file), user="tester", job_id=job_id, bundle_digest=bundle_digest,
+            datasets=[GrantedDataset(p, d, v, "review") for p, d, v in versions],
+            output_public_key=public, airlock_public_key=AIRLOCK_PUBLIC, time_limit=600,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra_config", [{"DCRExtension": {"grant_source_class": ReviewGrantSource}}], ids=["review"]
+)
+async def test_a_held_job_stays_held_and_gives_the_researcher_nothing_of_its_outputs(
+    trusted_host, api, dcr_server, jp_root_dir: Path, insurance_real: Path
+):
+    """Under review the job ends ``held`` and stays there (the airlock decides, not the server); the
+    researcher's server opens nothing, lists no output, and its receipt names none: it commits to them."""
+    secret = insurance_real.read_text().splitlines()[8].replace(",", "_")
+    _notebook(
+        jp_root_dir, "work/analysis.ipynb",
+        ["row = open('/data/acme/insurance/real.csv').read().splitlines()[8]\n"
+         "open(row.replace(',', '_') + '.txt', 'w').write('x')"],
+    )  # fmt: skip
+    reply = await api("POST", "jobs", body={"path": "work/analysis.ipynb"})
+    assert reply.code == 201, reply.body
+    job_id = reply.json["id"]
+    job = await _wait_job(api, job_id, lambda j: j["state"] in TERMINAL_STATES | {"held"})
+    assert job["state"] == "held", job
+    await asyncio.sleep(2)  # the reconciler and the progress stream leave it alone
+    job = (await api("GET", "jobs", job_id)).json
+    assert job["state"] == "held" and job["failure"] is None
+    receipt = (await api("GET", "jobs", job_id, "receipt")).json["manifest"]
+    assert receipt["outputs"] == [] and receipt["release"]["decision"] == "held"
+    assert receipt["release"]["outputs_commitment"].startswith("sha256:")
+    outputs = await api("GET", "jobs", job_id, "outputs")
+    assert outputs.code == 200 and outputs.json == {"files": []}
+    everything = json.dumps([job, receipt]) + outputs.body.decode()
+    assert secret not in everything
+    assert not list(jp_root_dir.rglob(f"{secret}*"))
+    verification = (await api("GET", "jobs", job_id, "verify")).json
+    checks = {c["name"]: c for c in verification["checks"]}
+    assert checks["output commitment"]["passed"] and "not revealed" in checks["output commitment"]["detail"]

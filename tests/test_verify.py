@@ -39,7 +39,7 @@ from dcr_enclave.formats import contract
 from dcr_enclave.formats.attestation import format_timestamp
 from dcr_enclave.formats.digests import canonical_json, sha256_bytes
 from dcr_enclave.formats.errors import DCRError
-from dcr_enclave.formats.receipt import ReceiptManifest
+from dcr_enclave.formats.receipt import VIOLATION_KINDS, ReceiptManifest
 from dcr_enclave.pack.signing_keys import generate_key
 from dcr_enclave.runtime.receipt_writer import output_entries, write_receipt_dir
 from dcr_enclave.verify.receipt import check_receipt_dir
@@ -104,7 +104,7 @@ def receipt(tmp_path: Path, signer: Signer) -> Receipt:
 
 
 def pin(r: Receipt) -> list[str]:
-    return ["--trust", r.signer.thumbprint]
+    return ["--trust", r.signer.thumbprint, "--enclave-digest", r.manifest.image_digest]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_output_replaced_by_link_fails(receipt: Receipt, verify: Any, tmp_path: 
 def test_edited_manifest_fails_nonce(receipt: Receipt, verify: Any) -> None:
     """A manifest re-serialised (canonically) with one field changed is well-formed but fails 'nonce'."""
     doc = json.loads(receipt.receipt_path.read_bytes())
-    doc["release"]["decision"] = "held"
+    doc["notebook"] = "another.ipynb"
     receipt.receipt_path.write_bytes(canonical_json(doc))
     r = verify(receipt.dir, *pin(receipt))
     assert r.code == 1
@@ -819,13 +819,25 @@ def _doc(receipt: Receipt) -> dict[str, Any]:
     [
         (lambda d: d["outputs"].reverse(), "out of order"),
         (lambda d: d["outputs"].append(dict(d["outputs"][-1])), "out of order"),
-        (lambda d: d["output_check"].update(violations=["too many files: 3 > 2"]), "output_check.passed"),
+        (lambda d: d["output_check"].update(violations=["over the file limit"]), "output_check.passed"),
         (
             lambda d: (
-                d["output_check"].update(passed=False, violations=["too many bytes: 9 > 8"]),
+                d["output_check"].update(passed=False, violations=["over the byte limit"]),
                 d["release"].update(decision="released"),
             ),
             "cannot be released",
+        ),
+        (
+            lambda d: d["output_check"].update(
+                passed=False, violations=["over the byte limit", "symbolic links present"]
+            ),
+            "in the order of VIOLATION_KINDS",
+        ),
+        (lambda d: d["release"].update(decision="held"), "only a held one, commits"),
+        (lambda d: d["release"].update(outputs_commitment=d["bundle_digest"]), "only a held one, commits"),
+        (
+            lambda d: d["release"].update(decision="held", outputs_commitment=d["bundle_digest"]),
+            "a held receipt names no output",
         ),
         (lambda d: d["policies"]["conditions"].update({"acme/other": d["bundle_digest"]}), "conditions"),
         (lambda d: d["grant"]["claims"].update(job_id="job-" + "ee" * 12), "grant's job_id"),
@@ -851,12 +863,15 @@ def test_manifest_invariants_refused(receipt: Receipt, mutate: Any, message: str
         "leak/4449.462.bin: file type not allowed by the grant",
         "2 symbolic links to 4449.462",
         "1 symbolic link\nrow 7",
+        "2 symbolic links",
+        "too many bytes: 52428801 > 52428800",
         "x" * 81,
     ],
 )
 def test_violations_carry_no_names(receipt: Receipt, violation: str) -> None:
-    """The schema admits output-check violations only as kinds with counts and limits: a violation naming a
-    file (which the notebook chose, perhaps from the data) makes the manifest invalid."""
+    """The schema admits output-check violations only as fixed kinds: a violation naming a file, or giving a
+    count or a size (all of them the notebook's to choose, perhaps from the data), makes the manifest
+    invalid."""
     doc = _doc(receipt)
     doc["output_check"] = {"passed": False, "violations": [violation]}
     doc["outputs"] = []
@@ -865,28 +880,17 @@ def test_violations_carry_no_names(receipt: Receipt, violation: str) -> None:
         ReceiptManifest.from_json(doc)
 
 
-def test_violation_forms_the_enclave_writes_are_valid(receipt: Receipt) -> None:
-    """Every form of violation the supervisor writes, singular and plural, passes the schema; more entries
-    than there are kinds do not."""
-    forms = [
-        "1 symbolic link",
-        "2 symbolic links",
-        "1 special file",
-        "3 special files",
-        "1 file with a name that cannot be an output",
-        "4 files with names that cannot be outputs",
-        "1 file of a type the grant does not allow",
-        "5 files of a type the grant does not allow",
-        "too many files: 1200 > 1000",
-        "too many bytes: 52428801 > 52428800",
-    ]
+def test_violation_kinds_the_enclave_writes_are_valid(receipt: Receipt) -> None:
+    """Every kind the supervisor writes passes the schema, alone and all together in their order."""
     doc = _doc(receipt)
     doc["outputs"] = []
     doc["release"]["decision"] = "rejected"
-    for form in forms:
-        doc["output_check"] = {"passed": False, "violations": [form]}
-        assert ReceiptManifest.from_json(doc).output_check["violations"] == [form]
-    doc["output_check"] = {"passed": False, "violations": forms[:7]}
+    for kind in VIOLATION_KINDS:
+        doc["output_check"] = {"passed": False, "violations": [kind]}
+        assert ReceiptManifest.from_json(doc).output_check["violations"] == [kind]
+    doc["output_check"] = {"passed": False, "violations": list(VIOLATION_KINDS)}
+    assert ReceiptManifest.from_json(doc).output_check["violations"] == list(VIOLATION_KINDS)
+    doc["output_check"] = {"passed": False, "violations": [VIOLATION_KINDS[0]] * 2}
     with pytest.raises(DCRError, match="output_check/violations"):
         ReceiptManifest.from_json(doc)
 

@@ -185,6 +185,13 @@ function Verdict(props: { loaded: Loaded<IVerification> }): JSX.Element | null {
             {a.kind} <code>{a.kind === 'root' ? a.id : shortDigest(a.id)}</code>
           </span>
         ))}
+        {v.enclave_digests.length > 0 ? ', enclave ' : ', no pinned enclave digest'}
+        {v.enclave_digests.map((d, i) => (
+          <span key={d}>
+            {i > 0 && ', '}
+            <code title={d}>{shortDigest(d)}</code>
+          </span>
+        ))}
         .
       </div>
     </section>

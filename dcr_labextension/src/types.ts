@@ -113,6 +113,8 @@ export interface IVerification {
   simulated: boolean;
   enclave: { kind: string; image_digest: string | null };
   anchors: { kind: 'key' | 'thumbprint' | 'root'; source: string; id: string }[];
+  /** The enclave image digests the receipt had to come from (the deployment's pins). */
+  enclave_digests: string[];
   note: string | null;
   checked_at: string;
 }

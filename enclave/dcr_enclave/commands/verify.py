@@ -52,7 +52,11 @@ def register(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="sha256:...",
-        help="an enclave image digest you expect; the token's must be one of them; repeatable",
+        help=(
+            "an enclave image digest you expect (required: a receipt never verifies against unpinned code; "
+            "`dcr enclave-host` prints the local one, a provider's condition lists those it releases keys "
+            "to); the token's must be one of them; repeatable"
+        ),
     )
     p.add_argument(
         "--require-hardware",
@@ -91,9 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(c)
     failed = [c for c in checks if not c.passed]
     if not digests:
-        print(
-            "note: the enclave image digest is not pinned (use --enclave-digest to pin the code you expect)"
-        )
+        print("note: pin the enclave code you expect with --enclave-digest sha256:...")
     if failed:
         print(f"receipt NOT verified: {len(failed)} of {len(checks)} checks failed")
         return 1

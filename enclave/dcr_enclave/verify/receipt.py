@@ -376,6 +376,13 @@ def _claim_checks(
 
     def pinned_digest() -> str:
         assert claims is not None
+        if not expected_enclave_digests:
+            # Any workload of the platform could have signed this token: without the code pinned, a
+            # valid signature says nothing about what ran.
+            raise DCRError(
+                f"no enclave digest is pinned, so any code could have produced this receipt (it names "
+                f"{claims.image_digest}); pin the enclave code you expect"
+            )
         if claims.image_digest not in expected_enclave_digests:
             raise DCRError(
                 f"the token's image digest {claims.image_digest} is not one of the expected "
@@ -420,8 +427,7 @@ def _claim_checks(
     run("bundle digest", env_check(contract.ENV.BUNDLE_DIGEST, "bundle_digest"), needs_manifest=True)
     run("hub key", env_check(contract.ENV.HUB_KEY_THUMBPRINT, "hub_key_thumbprint"), needs_manifest=True)
     run("job id", env_check(contract.ENV.JOB_ID, "job_id"), needs_manifest=True)
-    if expected_enclave_digests:
-        run("pinned enclave digest", pinned_digest)
+    run("pinned enclave digest", pinned_digest)
     run("platform", platform)
     if require_hardware:
         run("hardware", hardware)
