@@ -66,8 +66,9 @@ from dcr_enclave.commands.main import main as cli_main
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.grant import GrantedDataset
 from dcr_enclave.formats.jwk import public_jwk
-from dcr_enclave.formats.sealing import generate_keypair, open_dir
+from dcr_enclave.formats.sealing import generate_keypair
 from dcr_enclave.formats.streamcrypt import FileContext, decrypt_file, encrypt_file
+from dcr_enclave.formats.unsealing import open_dir
 from dcr_enclave.pack.bundle_builder import build_bundle
 from dcr_enclave.pack.grant_issuer import issue_grant
 from dcr_enclave.pack.signing_keys import load_or_create_key

@@ -53,7 +53,8 @@ def code_lines(path: Path) -> int:
 
 def supervisor_closure() -> list[Path]:
     code = (
-        "import json, sys, dcr_enclave.runtime.supervisor\n"
+        f"import sys; sys.path.insert(0, {str(PACKAGE.parent)!r})\n"
+        "import json, dcr_enclave.runtime.supervisor\n"
         "print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items() "
         "if n.startswith('dcr_enclave') and getattr(m, '__file__', None))))"
     )

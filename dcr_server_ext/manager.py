@@ -48,7 +48,7 @@ import jwt
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.bundle import BundleLimits
 from dcr_enclave.formats.errors import DCRError, LimitError
-from dcr_enclave.formats.sealing import open_dir
+from dcr_enclave.formats.unsealing import open_dir
 from dcr_enclave.pack.bundle_builder import build_bundle, data_references, plan_bundle
 from dcr_enclave.verify.receipt import check_receipt_dir
 from dcr_enclave.verify.trust import TrustAnchors

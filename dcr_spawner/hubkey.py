@@ -23,8 +23,6 @@ from dcr_enclave.formats.jwk import PrivateKey, public_jwk
 from dcr_enclave.pack.signing_keys import generate_key, read_private_key, write_private_key
 from dcr_enclave.platform.key_store import read_private_file, write_private_file
 
-_MAX_PEM_BYTES = 64 * 1024
-
 
 @dataclass(frozen=True)
 class HubKey:
@@ -78,8 +76,7 @@ def load_or_create_hub_key(path: str | Path, alg: str = "ES256") -> HubKey:
     # The owner-only checks (no link, not readable by others, size) come first; the shared signing-key
     # reader then parses the same file. Whoever could swap the file between the two reads could as well
     # replace the key itself, so the second open gives no one more.
-    read_private_file(p, _MAX_PEM_BYTES)
-    key = read_private_key(p)
+    key = read_private_key(p, owner_only=True)
     return HubKey(p, key, public_jwk(key))
 
 

@@ -231,8 +231,18 @@ def test_entitlement_refusals_do_not_reveal_datasets(make_service: Callable[...,
     assert (other.status, missing.status) == (403, 403)
     assert other.message == "you are not entitled to globex/visits"
     assert missing.message == "you are not entitled to acme/none"
+    # An entitled dataset asked for beside one that is not: the whole request is refused, naming only the
+    # one outside the entitlement, in whatever order they come.
+    for wanted in (["acme/insurance", "globex/visits"], ["globex/visits", "acme/insurance"]):
+        mixed = c.refused("bob", {"analysts"}, _body(wanted))
+        assert (mixed.status, mixed.message) == (403, "you are not entitled to globex/visits")
     events = c.service.db.events(user="bob")
-    assert [e.detail["datasets"] for e in events] == [["globex/visits"], ["acme/none"]]
+    assert [e.detail["datasets"] for e in events] == [
+        ["globex/visits"],
+        ["acme/none"],
+        ["acme/insurance", "globex/visits"],
+        ["globex/visits", "acme/insurance"],
+    ]
     assert c.service.db.job_exists("job-" + "0" * 24) is False
 
 

@@ -71,7 +71,7 @@ def test_no_module_is_left_outside_the_layers() -> None:
 
 def _loaded_by(code: str) -> list[str]:
     out = subprocess.run(
-        [sys.executable, "-I", "-c", f"{code}\nimport sys, json\n"
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(PACKAGE.parent)!r})\n{code}\nimport json\n"
          "print(json.dumps(sorted(m for m in sys.modules if m.startswith('dcr_enclave'))))"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip

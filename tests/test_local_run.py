@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,8 @@ from dcr_enclave.formats import contract
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import GrantedDataset, OutputLimits, verify_grant
 from dcr_enclave.formats.jwk import public_jwk, thumbprint
-from dcr_enclave.formats.sealing import generate_keypair, open_dir
+from dcr_enclave.formats.sealing import generate_keypair
+from dcr_enclave.formats.unsealing import open_dir
 from dcr_enclave.pack.bundle_builder import build_bundle
 from dcr_enclave.pack.grant_issuer import issue_grant
 from dcr_enclave.pack.signing_keys import generate_key, load_or_create_key
@@ -215,8 +217,10 @@ attempt("read_token_file", lambda: open(TOKEN).read())
 results["token_glob"] = glob.glob(SPOOL + "/*/out/*.jwt") + glob.glob(SPOOL + "/*/out/" + "*")
 attempt("write_data", lambda: open("/data/acme/insurance/new.csv", "w").write("x"))
 attempt("write_outside", lambda: open(OUTSIDE, "w").write("x"))
-for where, path in (("sys_prefix", sys.prefix), ("usr", "/usr"), ("etc", "/etc")):
+for where, path in (("sys_prefix", sys.prefix), ("usr", "/usr"), ("etc", "/etc"), ("root", "/")):
     attempt("write_" + where, lambda: open(os.path.join(path, ESCAPE), "w").write("x"))
+attempt("read_world_readable", lambda: open(WORLD).read())
+attempt("read_test_tree", lambda: os.listdir(TESTTREE))
 # Every descriptor above 2: none may have been inherited (a kernel's own are close-on-exec), and the only
 # sockets whose peer is outside the sandbox (peer pid 0 here) may be the kernel's ZMQ endpoints.
 inheritable, outside = [], []
@@ -267,6 +271,13 @@ def test_hostile_notebook_fails_every_attempt(tmp_path, store, host, make_notebo
     port = listener.getsockname()[1]
     outside = tmp_path / "outside-marker"
     escape = f"dcr-escape-{secrets.token_hex(6)}"
+    # A file any account may read, outside the test's own (owner-only) temporary tree: only the sandbox's
+    # mounts keep it out of reach, not its permissions.
+    world = Path("/run") / f"dcr-test-world-{secrets.token_hex(6)}"
+    world.mkdir(mode=0o755)
+    (world / "marker").write_text("visible")
+    os.chmod(world / "marker", 0o644)
+    os.chmod(tmp_path, 0o755)  # the test's tree is readable by any account for this test
     src = (
         HOSTILE.replace("PORT", str(port))
         .replace("SIGNER", repr(str(host.state / "signer.pem")))
@@ -277,6 +288,8 @@ def test_hostile_notebook_fails_every_attempt(tmp_path, store, host, make_notebo
         .replace("TOKEN", repr(str(token_file)))
         .replace("OUTSIDE", repr(str(outside)))
         .replace("ESCAPE", repr(escape))
+        .replace("WORLD", repr(str(world / "marker")))
+        .replace("TESTTREE", repr(str(tmp_path)))
     )
     nb = make_notebook(["open('/data/acme/insurance/real.csv').readline()", src])
     out = tmp_path / "out"
@@ -293,9 +306,14 @@ def test_hostile_notebook_fails_every_attempt(tmp_path, store, host, make_notebo
         "other_job_spool", "read_token_file", "write_data", "write_sys_prefix", "write_usr", "write_etc",
     ):  # fmt: skip
         assert results[name].startswith("failed"), (name, results[name])
-    # The read-only root and binds refuse the writes themselves (not a missing directory).
-    for name in ("write_sys_prefix", "write_usr", "write_etc"):
-        assert results[name] in ("failed: OSError EROFS", "failed: PermissionError EACCES"), results[name]
+    # The read-only root and binds refuse the writes themselves, before any permission check: EROFS, not
+    # EACCES (which the account's missing permission would give on a writable mount) or a missing directory.
+    for name in ("write_sys_prefix", "write_usr", "write_etc", "write_root"):
+        assert results[name] == "failed: OSError EROFS", (name, results[name])
+    # World-readable places outside the sandbox are not mounted in it at all.
+    assert results["read_world_readable"] == "failed: FileNotFoundError ENOENT", results
+    assert results["read_test_tree"] == "failed: FileNotFoundError ENOENT", results
+    shutil.rmtree(world)
     assert results["token_glob"] == []
     assert results["inheritable_fds"] == []
     assert results["outside_sockets"], "the kernel's own ZMQ endpoints should be listed"

@@ -23,7 +23,7 @@ from dcr_enclave.formats.dataset import DatasetVersion, Protection
 from dcr_enclave.formats.errors import DCRError, IntegrityError
 from dcr_enclave.formats.jwk import jwks, public_jwk, thumbprint
 from dcr_enclave.pack.signing_keys import generate_key, read_private_key
-from dcr_enclave.pack.store import DEV_HUB_KEY_FILE, Store
+from dcr_enclave.pack.store import DEV_HUB_KEY_FILE, Store, expected_version
 from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
 from dcr_enclave.platform.key_store import KeyDirectory
 from dcr_enclave.platform.measure import current_measurement
@@ -174,10 +174,10 @@ def test_expected_version_recomputes_from_decrypted_files(added: tuple[Path, str
     manifest = _only_version(store)
     digests = _decrypted_digests(store, manifest, keys, tmp_path / "plain")
     assert (tmp_path / "plain" / "real.csv").read_bytes() == REAL.read_bytes()
-    assert manifest.expected_version(digests) == manifest.version
-    assert manifest.expected_version({"real.csv": "sha256:" + "0" * 64}) != manifest.version
+    assert expected_version(manifest, digests) == manifest.version
+    assert expected_version(manifest, {"real.csv": "sha256:" + "0" * 64}) != manifest.version
     with pytest.raises(IntegrityError, match="do not match the manifest"):
-        manifest.expected_version({"other.csv": digests["real.csv"]})
+        expected_version(manifest, {"other.csv": digests["real.csv"]})
 
 
 def test_version_is_deterministic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -225,7 +225,7 @@ def test_multi_file_dataset_round_trips(tmp_path: Path) -> None:
     assert [f.name for f in result.manifest.files] == ["real.csv", "second.bin"]
     digests = _decrypted_digests(store, result.manifest, keys, tmp_path / "plain")
     assert (tmp_path / "plain" / "second.bin").read_bytes() == second.read_bytes()
-    assert result.manifest.expected_version(digests) == result.manifest.version
+    assert expected_version(result.manifest, digests) == result.manifest.version
     assert store.load("acme", "insurance", result.manifest.version) == result.manifest
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dcr_enclave.formats import sealing, streamcrypt
+from dcr_enclave.formats import sealing, streamcrypt, unsealing
 from dcr_enclave.formats.errors import DCRError, IntegrityError, LimitError
 
 JOB = "job-" + "ab" * 12
@@ -63,7 +63,7 @@ def test_file_round_trip(tmp_path: Path, keys: tuple[bytes, bytes]) -> None:
     (tmp_path / "in").write_bytes(data)
     sealing.seal_file(tmp_path / "in", tmp_path / "in.sealed", pk, job_id=JOB)
     assert data[:4096] not in (tmp_path / "in.sealed").read_bytes()
-    sealing.open_file(tmp_path / "in.sealed", tmp_path / "out", sk, job_id=JOB)
+    unsealing.open_file(tmp_path / "in.sealed", tmp_path / "out", sk, job_id=JOB)
     assert (tmp_path / "out").read_bytes() == data
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o600
     assert listing(tmp_path) == ["in", "in.sealed", "out"]
@@ -74,7 +74,7 @@ def test_empty_file_round_trip(tmp_path: Path, keys: tuple[bytes, bytes]) -> Non
     sk, pk = keys
     (tmp_path / "in").write_bytes(b"")
     sealing.seal_file(tmp_path / "in", tmp_path / "s", pk, job_id=JOB)
-    sealing.open_file(tmp_path / "s", tmp_path / "out", sk, job_id=JOB)
+    unsealing.open_file(tmp_path / "s", tmp_path / "out", sk, job_id=JOB)
     assert (tmp_path / "out").read_bytes() == b""
 
 
@@ -89,7 +89,7 @@ def test_dir_round_trip(tmp_path: Path, tree: Path, keys: tuple[bytes, bytes]) -
     """A directory opens to the same names, contents, empty folders and executable bits."""
     sk, pk = keys
     sealing.seal_dir(tree, tmp_path / "out.sealed", pk, JOB)
-    sealing.open_dir(tmp_path / "out.sealed", tmp_path / "opened", sk, JOB)
+    unsealing.open_dir(tmp_path / "out.sealed", tmp_path / "opened", sk, JOB)
     want = {
         k: (kind, data, 0o755 if kind == "dir" else mode & 0o755)
         for k, (kind, data, mode) in snapshot(tree).items()
@@ -129,7 +129,7 @@ def test_two_seals_differ_but_both_open(tmp_path: Path, tree: Path, keys: tuple[
     sealing.seal_dir(tree, tmp_path / "a", pk, JOB)
     sealing.seal_dir(tree, tmp_path / "b", pk, JOB)
     assert (tmp_path / "a").read_bytes() != (tmp_path / "b").read_bytes()
-    sealing.open_dir(tmp_path / "b", tmp_path / "opened", sk, JOB)
+    unsealing.open_dir(tmp_path / "b", tmp_path / "opened", sk, JOB)
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ def sealed(tmp_path: Path, keys: tuple[bytes, bytes]) -> Path:
 def assert_refused_without_output(sealed: Path, sk: bytes, job_id: str = JOB) -> IntegrityError:
     before = listing(sealed.parent)
     with pytest.raises(IntegrityError) as info:
-        sealing.open_file(sealed, sealed.parent / "out", sk, job_id=job_id)
+        unsealing.open_file(sealed, sealed.parent / "out", sk, job_id=job_id)
     assert listing(sealed.parent) == before  # no output, no temporary file
     return info.value
 
@@ -197,10 +197,10 @@ def test_sealed_file_and_sealed_dir_are_not_interchangeable(
     """A sealed file does not open as a directory, nor a sealed directory as a file."""
     sk, pk = keys
     with pytest.raises(IntegrityError, match="not a sealed tar"):
-        sealing.open_dir(sealed, tmp_path / "d", sk, JOB)
+        unsealing.open_dir(sealed, tmp_path / "d", sk, JOB)
     sealing.seal_dir(tree, tmp_path / "dir.sealed", pk, JOB)
     with pytest.raises(IntegrityError, match="not a sealed file"):
-        sealing.open_file(tmp_path / "dir.sealed", tmp_path / "f", sk, job_id=JOB)
+        unsealing.open_file(tmp_path / "dir.sealed", tmp_path / "f", sk, job_id=JOB)
     assert not (tmp_path / "d").exists() and not (tmp_path / "f").exists()
 
 
@@ -223,7 +223,7 @@ def test_open_dir_refuses_tampering_and_leaves_nothing(
     for data, key, job in cases:
         sealed.write_bytes(data)
         with pytest.raises(IntegrityError):
-            sealing.open_dir(sealed, tmp_path / "opened", key, job)
+            unsealing.open_dir(sealed, tmp_path / "opened", key, job)
         assert listing(tmp_path) == ["dir.sealed", "outputs"]
 
 
@@ -276,7 +276,7 @@ def test_open_dir_refuses_hostile_members(tmp_path: Path, keys: tuple[bytes, byt
     sk, pk = keys
     sealed = _seal_tar(tmp_path, pk, HOSTILE[case])
     with pytest.raises(DCRError):
-        sealing.open_dir(sealed, tmp_path / "opened", sk, JOB)
+        unsealing.open_dir(sealed, tmp_path / "opened", sk, JOB)
     assert listing(tmp_path) == ["hostile.sealed"]
     assert not (tmp_path.parent / "evil").exists()
 
@@ -286,9 +286,9 @@ def test_open_dir_enforces_limits(tmp_path: Path, tree: Path, keys: tuple[bytes,
     sk, pk = keys
     sealing.seal_dir(tree, tmp_path / "s", pk, JOB)
     with pytest.raises(LimitError):
-        sealing.open_dir(tmp_path / "s", tmp_path / "o", sk, JOB, max_files=3)
+        unsealing.open_dir(tmp_path / "s", tmp_path / "o", sk, JOB, max_files=3)
     with pytest.raises(LimitError):
-        sealing.open_dir(tmp_path / "s", tmp_path / "o", sk, JOB, max_bytes=2**20)
+        unsealing.open_dir(tmp_path / "s", tmp_path / "o", sk, JOB, max_bytes=2**20)
     assert listing(tmp_path) == ["outputs", "s"]
 
 
@@ -301,7 +301,7 @@ def test_open_dir_refuses_an_existing_destination(
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep").write_text("mine")
     with pytest.raises(DCRError, match="already exists"):
-        sealing.open_dir(tmp_path / "s", tmp_path / "o", sk, JOB)
+        unsealing.open_dir(tmp_path / "s", tmp_path / "o", sk, JOB)
     assert listing(tmp_path / "o") == ["keep"]
 
 

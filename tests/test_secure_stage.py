@@ -25,9 +25,9 @@ from test_local_run import _grant_and_bundle, _no_plaintext_anywhere, _wait_stat
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import OutputLimits
-from dcr_enclave.formats.receipt import open_commitment
-from dcr_enclave.formats.sealing import generate_keypair, open_dir, open_file
-from dcr_enclave.verify.receipt import check_receipt_dir
+from dcr_enclave.formats.sealing import generate_keypair
+from dcr_enclave.formats.unsealing import open_dir, open_file
+from dcr_enclave.verify.receipt import check_receipt_dir, open_commitment
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -263,6 +263,7 @@ def test_reports_say_who_they_are_for(mst_eps1: SynthesisResult) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_utility_is_worse_at_small_epsilon(
     work: Path, split: tuple[Path, pd.DataFrame, pd.DataFrame], schema_file: Path
 ) -> None:

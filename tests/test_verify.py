@@ -60,6 +60,7 @@ ALWAYS = [
     "bundle digest",
     "hub key",
     "job id",
+    "pinned enclave digest",
     "platform",
     "issued at",
 ]
@@ -83,10 +84,19 @@ class Result:
         return self.checks[name][1]
 
 
+#: Pass to the ``verify`` fixture to run ``dcr verify`` without any ``--enclave-digest``.
+UNPINNED = object()
+
+
 @pytest.fixture
 def verify(capsys: pytest.CaptureFixture[str]) -> Any:
     def run(*args: Any) -> Result:
-        code = main(["verify", *(str(a) for a in args)])
+        """``dcr verify`` with ``args``; the factory's enclave digest is pinned unless a test pins its own
+        (``--enclave-digest``) or none (``UNPINNED`` in ``args``)."""
+        words = [str(a) for a in args if a is not UNPINNED]
+        if "--enclave-digest" not in words and UNPINNED not in args:
+            words += ["--enclave-digest", IMAGE_DIGEST]
+        code = main(["verify", *words])
         captured = capsys.readouterr()
         return Result(code, captured.out, captured.err)
 
@@ -104,7 +114,7 @@ def receipt(tmp_path: Path, signer: Signer) -> Receipt:
 
 
 def pin(r: Receipt) -> list[str]:
-    return ["--trust", r.signer.thumbprint, "--enclave-digest", r.manifest.image_digest]
+    return ["--trust", r.signer.thumbprint]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,6 +305,18 @@ def test_other_key_with_replaced_signer_jwks_fails(receipt: Receipt, verify: Any
     assert r.detail("issuer").startswith("not checked")
 
 
+def test_a_signer_jwks_with_an_alg_none_key_fails_cleanly(receipt: Receipt, verify: Any) -> None:
+    """A receipt whose signer-jwks.json holds a key marked "alg": "none" is not verified, and the verifier
+    says so instead of failing with a traceback."""
+    doc = json.loads(receipt.jwks_path.read_text())
+    for k in doc["keys"]:
+        k["alg"] = "none"
+    receipt.jwks_path.write_text(json.dumps(doc))
+    r = verify(receipt.dir, *pin(receipt))
+    assert r.code == 1
+    assert "signature" in r.failed
+
+
 def test_other_key_fails_against_pinned_jwks_file(receipt: Receipt, verify: Any, tmp_path: Path) -> None:
     """A token signed by another key fails against a pinned JWKS file, whatever the receipt holds."""
     attacker = make_signer()
@@ -406,6 +428,16 @@ def test_enclave_digest_pin(receipt: Receipt, verify: Any) -> None:
     assert bad.code == 1
     assert bad.failed == {"pinned enclave digest"}
     assert IMAGE_DIGEST in bad.detail("pinned enclave digest")
+
+
+def test_a_receipt_never_verifies_without_a_pinned_enclave_digest(receipt: Receipt, verify: Any) -> None:
+    """With the signer pinned but no enclave digest, the receipt is not verified: any workload of the
+    platform could have produced it. The output says what to pin."""
+    r = verify(receipt.dir, *pin(receipt), UNPINNED)
+    assert r.code == 1
+    assert r.failed == {"pinned enclave digest"}
+    assert "no enclave digest is pinned" in r.detail("pinned enclave digest")
+    assert "--enclave-digest" in r.out
 
 
 def test_require_hardware_fails_simulated(receipt: Receipt, verify: Any) -> None:
@@ -741,6 +773,7 @@ def test_dcr_verify_and_the_server_extension_accept_and_refuse_the_same_anchors(
             trusted_keys=anchors.keys,
             trusted_thumbprints=anchors.thumbprints,
             trust_root_pem=anchors.roots_pem,
+            expected_enclave_digests=[IMAGE_DIGEST],
         )
         assert [c.name for c in checks if not c.passed] == []
         assert {a["kind"] for a in anchors.described} <= {"key", "thumbprint", "root"}
@@ -792,7 +825,11 @@ def test_a_receipt_key_with_a_pinned_thumbprint_in_a_file_and_a_root_combine(
     for r in (plain, chained):
         assert verify(r.dir, *args).code == 0
         checks = check_receipt_dir(
-            r.dir, trusted_keys=anchors.keys, trust_root_pem=anchors.roots_pem, trusted_thumbprints=()
+            r.dir,
+            trusted_keys=anchors.keys,
+            trust_root_pem=anchors.roots_pem,
+            trusted_thumbprints=(),
+            expected_enclave_digests=[IMAGE_DIGEST],
         )
         assert all(c.passed for c in checks), [str(c) for c in checks if not c.passed]
 
@@ -955,7 +992,9 @@ def test_check_receipt_dir_needs_an_anchor(receipt: Receipt) -> None:
 
 def test_check_receipt_dir_reports_each_check(receipt: Receipt) -> None:
     """check_receipt_dir returns one Check per check, in a stable order, all passed for an untouched receipt."""
-    checks = check_receipt_dir(receipt.dir, trusted_thumbprints=[receipt.signer.thumbprint])
+    checks = check_receipt_dir(
+        receipt.dir, trusted_thumbprints=[receipt.signer.thumbprint], expected_enclave_digests=[IMAGE_DIGEST]
+    )
     assert [c.name for c in checks] == ALWAYS
     assert all(c.passed for c in checks)
     assert str(checks[0]).startswith("PASS files: ")

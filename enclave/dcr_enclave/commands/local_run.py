@@ -23,7 +23,8 @@ from dcr_enclave.formats import contract
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import GrantedDataset, OutputLimits
 from dcr_enclave.formats.jwk import public_jwk
-from dcr_enclave.formats.sealing import generate_keypair, open_dir
+from dcr_enclave.formats.sealing import generate_keypair
+from dcr_enclave.formats.unsealing import open_dir
 from dcr_enclave.pack.bundle_builder import build_bundle, data_references
 from dcr_enclave.pack.grant_issuer import issue_grant
 from dcr_enclave.pack.signing_keys import read_private_key

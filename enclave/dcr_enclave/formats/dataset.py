@@ -6,7 +6,7 @@ version (provider file, differentially private with ε and δ, or random) and a 
 
 The version is a digest over the content: provider, dataset, each file's name, size, real plaintext digest
 and synthetic digest, and the protection. Plaintext digests are deliberately *not* stored: anyone holding a
-manifest could otherwise confirm a guess of a single file. :meth:`DatasetVersion.expected_version`
+manifest could otherwise confirm a guess of a single file. :func:`dcr_enclave.pack.store.expected_version`
 recomputes the version from decrypted files (``dcr provider`` checks a registration with it).
 
 The enclave does not: it decrypts with ``digest=False`` and relies on authenticated encryption instead.
@@ -34,7 +34,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
@@ -221,23 +221,6 @@ def key_from_json(doc: Mapping[str, Any]) -> KeyRef:
     raise DCRError(f"unknown data key kind {doc.get('kind')!r}", hint="expected 'local' or 'gcp-kms'")
 
 
-def compute_version(
-    provider: str, dataset: str, files: Iterable[tuple[str, int, str, str]], protection: Protection
-) -> str:
-    """The content digest naming a dataset version.
-
-    ``files`` holds ``(name, plaintext size, plaintext sha256, synthetic sha256)``; their order does not
-    matter (they are sorted by name), so the same content always gets the same version.
-    """
-    entries = sorted(
-        ({"name": n, "size": s, "sha256": d, "synthetic_sha256": sd} for n, s, d, sd in files),
-        key=lambda e: str(e["name"]),
-    )
-    return sha256_json(
-        {"provider": provider, "dataset": dataset, "files": entries, "protection": protection.to_json()}
-    )
-
-
 @dataclass(frozen=True)
 class DatasetVersion:
     """A parsed, validated dataset version manifest."""
@@ -302,27 +285,6 @@ class DatasetVersion:
     def file_context(self, name: str) -> streamcrypt.FileContext:
         """What every chunk of this version's file ``name`` is bound to."""
         return streamcrypt.FileContext(self.provider, self.dataset, self.version, self.file(name).name)
-
-    def expected_version(self, plaintext_digests: Mapping[str, str]) -> str:
-        """The version these decrypted files would have; equal to :attr:`version` when they are genuine.
-
-        ``plaintext_digests`` maps every file name of this version to its decrypted content's sha256.
-        """
-        names = {f.name for f in self.files}
-        if set(plaintext_digests) != names:
-            raise IntegrityError(
-                f"decrypted files of {self.ref} do not match the manifest: "
-                f"expected {sorted(names)}, got {sorted(plaintext_digests)}"
-            )
-        return compute_version(
-            self.provider,
-            self.dataset,
-            (
-                (f.name, f.size, check_digest(plaintext_digests[f.name], f.name), f.synthetic_sha256)
-                for f in self.files
-            ),
-            self.protection,
-        )
 
     def files_commitment(self) -> bytes:
         """What ``files_mac`` covers: canonical JSON of the version's identity, encryption and file entries.

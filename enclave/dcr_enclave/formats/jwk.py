@@ -75,8 +75,9 @@ def public_key_from_jwk(jwk: dict[str, Any]) -> PublicKey:
     thumbprint(jwk)  # validates kty and members
     try:
         key = jwt.PyJWK(jwk).key
-    except (jwt.PyJWTError, ValueError, TypeError) as e:
-        raise DCRError(f"unreadable JWK: {e}") from None
+    except (jwt.PyJWTError, ValueError, TypeError, NotImplementedError) as e:
+        # NotImplementedError: PyJWT's answer to an "alg" it has no key type for (such as "none").
+        raise DCRError(f"unreadable JWK: {e or type(e).__name__}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         raise DCRError("a JWK here must hold a public EC or RSA key")
     key_alg(key)

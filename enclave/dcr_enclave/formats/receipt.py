@@ -25,7 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
 
-from dcr_enclave.formats.digests import canonical_json, check_digest, sha256_bytes, sha256_json, sha256_stream
+from dcr_enclave.formats.digests import canonical_json, sha256_bytes, sha256_json, sha256_stream
 from dcr_enclave.formats.errors import DCRError, IntegrityError
 from dcr_enclave.formats.jsonschemas import validate
 
@@ -42,7 +42,7 @@ VIOLATION_KINDS: Final = (
 )
 #: The document that opens a held receipt's output commitment (sealed with the outputs until release).
 REVEAL_SCHEMA: Final = "dcr/output-reveal/v1"
-_SALT_HEX_CHARS: Final = 64
+SALT_HEX_CHARS: Final = 64
 MAX_RECEIPT_BYTES: Final = 32 * 1024 * 1024
 #: Tolerated difference between the token's clock and the verifier's, in seconds.
 CLOCK_SKEW_SECONDS: Final = 300
@@ -248,7 +248,7 @@ def format_time(seconds: float) -> str:
 
 def make_reveal(outputs: Sequence[OutputEntry | Mapping[str, Any]], salt: bytes) -> dict[str, Any]:
     """The document a held receipt's commitment opens to: the outputs and a random salt (32 bytes)."""
-    if len(salt) * 2 != _SALT_HEX_CHARS:
+    if len(salt) * 2 != SALT_HEX_CHARS:
         raise DCRError("the commitment salt must be 32 bytes")
     entries = [o.to_json() if isinstance(o, OutputEntry) else dict(o) for o in outputs]
     return {"schema": REVEAL_SCHEMA, "salt": salt.hex(), "outputs": entries}
@@ -257,34 +257,6 @@ def make_reveal(outputs: Sequence[OutputEntry | Mapping[str, Any]], salt: bytes)
 def output_commitment(reveal: Mapping[str, Any]) -> str:
     """sha256 of the reveal document's canonical JSON: names, sizes and digests stay hidden behind the salt."""
     return sha256_json(dict(reveal))
-
-
-def open_commitment(raw: bytes, commitment: str) -> tuple[OutputEntry, ...]:
-    """The outputs a reveal document lists, once it matches ``commitment``; IntegrityError otherwise."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise IntegrityError("the output reveal is not JSON") from None
-    ok_shape = (
-        isinstance(doc, dict)
-        and set(doc) == {"schema", "salt", "outputs"}
-        and doc["schema"] == REVEAL_SCHEMA
-        and isinstance(doc["salt"], str)
-        and len(doc["salt"]) == _SALT_HEX_CHARS
-        and isinstance(doc["outputs"], list)
-    )
-    if not ok_shape:
-        raise IntegrityError("the output reveal is not a dcr/output-reveal/v1 document")
-    if output_commitment(doc) != commitment:
-        raise IntegrityError("the output reveal does not match the receipt's commitment")
-    entries = []
-    for o in doc["outputs"]:
-        if not (isinstance(o, dict) and set(o) == {"path", "size", "sha256"}):
-            raise IntegrityError("the output reveal lists a malformed output")
-        entries.append(
-            OutputEntry(str(o["path"]), int(o["size"]), check_digest(o["sha256"], "output sha256"))
-        )
-    return tuple(entries)
 
 
 def build_manifest(

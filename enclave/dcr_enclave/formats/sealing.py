@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import stat
 import struct
 import tarfile
@@ -39,16 +38,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from dcr_enclave.formats import streamcrypt
 from dcr_enclave.formats.contract import check_job_id
 from dcr_enclave.formats.digests import canonical_json
-from dcr_enclave.formats.errors import DCRError, IntegrityError, LimitError
+from dcr_enclave.formats.errors import DCRError, IntegrityError
 
 MAGIC: Final = b"\x89DCRSEAL"
 FORMAT_VERSION: Final = 1
 KEY_SIZE: Final = 32
 KIND_FILE: Final = 1
 KIND_TAR: Final = 2
-_KIND_NAMES: Final = {KIND_FILE: "file", KIND_TAR: "tar"}
-_HEADER = struct.Struct(f">{len(MAGIC)}sBB{KEY_SIZE}s{KEY_SIZE}s")
-HEADER_SIZE: Final = _HEADER.size
+KIND_NAMES: Final = {KIND_FILE: "file", KIND_TAR: "tar"}
+HEADER = struct.Struct(f">{len(MAGIC)}sBB{KEY_SIZE}s{KEY_SIZE}s")
+HEADER_SIZE: Final = HEADER.size
 _HKDF_CONTEXT: Final = b"dcr-sealed-output-v1\x00"
 _STREAM_PROVIDER: Final = "dcr-sealed"
 
@@ -56,18 +55,18 @@ _STREAM_PROVIDER: Final = "dcr-sealed"
 MAX_MEMBERS: Final = 100_000
 MAX_NAME_BYTES: Final = 4096
 _BLOCK: Final = tarfile.BLOCKSIZE
-_READ: Final = 1 << 20
+READ_SIZE: Final = 1 << 20
 
 
 def generate_keypair() -> tuple[bytes, bytes]:
     """A fresh X25519 key pair as raw 32-byte ``(private, public)``."""
     sk = X25519PrivateKey.generate()
-    return _raw_private(sk), _raw_public(sk.public_key())
+    return _raw_private(sk), raw_public_key(sk.public_key())
 
 
 def public_key(recipient_private: bytes) -> bytes:
     """The raw public key that belongs to a raw X25519 private key."""
-    return _raw_public(_private(recipient_private).public_key())
+    return raw_public_key(private_key_from_raw(recipient_private).public_key())
 
 
 def _raw_private(sk: X25519PrivateKey) -> bytes:
@@ -76,40 +75,40 @@ def _raw_private(sk: X25519PrivateKey) -> bytes:
     )
 
 
-def _raw_public(pk: X25519PublicKey) -> bytes:
+def raw_public_key(pk: X25519PublicKey) -> bytes:
     return pk.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _private(raw: bytes) -> X25519PrivateKey:
+def private_key_from_raw(raw: bytes) -> X25519PrivateKey:
     if not isinstance(raw, bytes | bytearray) or len(raw) != KEY_SIZE:
         raise DCRError(f"an X25519 private key must be {KEY_SIZE} raw bytes")
     return X25519PrivateKey.from_private_bytes(bytes(raw))
 
 
-def _public(raw: bytes) -> X25519PublicKey:
+def public_key_from_raw(raw: bytes) -> X25519PublicKey:
     if not isinstance(raw, bytes | bytearray) or len(raw) != KEY_SIZE:
         raise DCRError(f"an X25519 public key must be {KEY_SIZE} raw bytes")
     return X25519PublicKey.from_public_bytes(bytes(raw))
 
 
-def _data_key(shared: bytes, kind: int, eph_pub: bytes, recipient_pub: bytes, job_id: str) -> bytes:
+def derive_data_key(shared: bytes, kind: int, eph_pub: bytes, recipient_pub: bytes, job_id: str) -> bytes:
     info = _HKDF_CONTEXT + bytes([kind]) + eph_pub + recipient_pub + canonical_json({"job_id": job_id})
     return HKDF(algorithm=hashes.SHA256(), length=streamcrypt.DATA_KEY_SIZE, salt=None, info=info).derive(
         shared
     )
 
 
-def _context(kind: int, eph_pub: bytes, recipient_pub: bytes, job_id: str) -> streamcrypt.FileContext:
+def stream_context(kind: int, eph_pub: bytes, recipient_pub: bytes, job_id: str) -> streamcrypt.FileContext:
     # The body is bound to the job (dataset slot), the key pair (version slot) and the kind (file slot).
     return streamcrypt.FileContext(
         provider=_STREAM_PROVIDER,
         dataset=job_id,
         version="sha256:" + hashlib.sha256(eph_pub + recipient_pub).hexdigest(),
-        file_name=_KIND_NAMES[kind],
+        file_name=KIND_NAMES[kind],
     )
 
 
-def _exchange(sk: X25519PrivateKey, pk: X25519PublicKey) -> bytes:
+def exchange(sk: X25519PrivateKey, pk: X25519PublicKey) -> bytes:
     try:
         return sk.exchange(pk)
     except ValueError:  # an all-zero shared secret: a low-order point posing as a public key
@@ -121,14 +120,14 @@ def _exchange(sk: X25519PrivateKey, pk: X25519PublicKey) -> bytes:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _staging_dir(dest: Path) -> Path:
+def staging_dir(dest: Path) -> Path:
     try:
         return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
     except OSError as e:
         raise DCRError(f"cannot write beside {dest}: {e.strerror}") from None
 
 
-def _temp_file(dest: Path) -> tuple[int, str]:
+def temp_file(dest: Path) -> tuple[int, str]:
     try:
         return tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     except OSError as e:
@@ -139,65 +138,23 @@ def _seal_stream(
     src: streamcrypt.Readable, size: int, dest: Path, recipient_public: bytes, job_id: str, kind: int
 ) -> None:
     check_job_id(job_id)
-    recipient = _public(recipient_public)
-    recipient_raw = _raw_public(recipient)
+    recipient = public_key_from_raw(recipient_public)
+    recipient_raw = raw_public_key(recipient)
     eph = X25519PrivateKey.generate()
-    eph_raw = _raw_public(eph.public_key())
-    key = _data_key(_exchange(eph, recipient), kind, eph_raw, recipient_raw, job_id)
-    fd, tmp = _temp_file(dest)
+    eph_raw = raw_public_key(eph.public_key())
+    key = derive_data_key(exchange(eph, recipient), kind, eph_raw, recipient_raw, job_id)
+    fd, tmp = temp_file(dest)
     try:
         with os.fdopen(fd, "wb", buffering=0) as out:
-            out.write(_HEADER.pack(MAGIC, FORMAT_VERSION, kind, eph_raw, recipient_raw))
-            streamcrypt.encrypt_stream(src, out, key, _context(kind, eph_raw, recipient_raw, job_id), size)
+            out.write(HEADER.pack(MAGIC, FORMAT_VERSION, kind, eph_raw, recipient_raw))
+            streamcrypt.encrypt_stream(
+                src, out, key, stream_context(kind, eph_raw, recipient_raw, job_id), size
+            )
             os.fsync(out.fileno())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _open_stream(
-    src: streamcrypt.Readable,
-    out: streamcrypt.Writable,
-    recipient_private: bytes,
-    job_id: str,
-    kind: int,
-    label: str,
-) -> int:
-    """Decrypt a sealed stream into ``out``; the caller discards ``out`` on any exception."""
-    check_job_id(job_id)
-    sk = _private(recipient_private)
-    own_pub = _raw_public(sk.public_key())
-    raw = src.read(HEADER_SIZE) or b""
-    if len(raw) < len(MAGIC) or raw[: len(MAGIC)] != MAGIC:
-        raise IntegrityError(f"{label} is not a DCR sealed file (bad magic)")
-    if len(raw) < HEADER_SIZE:
-        raise IntegrityError(f"{label}: truncated inside the sealed header")
-    _magic, version, got_kind, eph_raw, recipient_raw = _HEADER.unpack(raw)
-    if version != FORMAT_VERSION:
-        raise IntegrityError(f"{label}: unsupported sealed format version {version}")
-    if got_kind != kind:
-        what = _KIND_NAMES.get(got_kind, f"kind {got_kind}")
-        raise IntegrityError(
-            f"{label} holds a sealed {what}, not a sealed {_KIND_NAMES[kind]}",
-            hint="open a sealed directory with open_dir and a sealed file with open_file",
-        )
-    if recipient_raw != own_pub:
-        raise IntegrityError(
-            f"{label} is sealed to another key",
-            hint="use the private key of the job (or the airlock) it names",
-        )
-    # Derived from our own public key, not the header's copy: the header only serves the message above.
-    key = _data_key(_exchange(sk, _public(eph_raw)), kind, eph_raw, own_pub, job_id)
-    ctx = _context(kind, eph_raw, own_pub, job_id)
-    try:
-        _digest, size = streamcrypt.decrypt_stream(src, out, key, ctx)
-    except IntegrityError as e:
-        raise IntegrityError(
-            f"{label} does not open: {e.message}",
-            hint="wrong job id or key, or the file was truncated or altered",
-        ) from None
-    return size
 
 
 def seal_file(src: Path, dest: Path, recipient_public: bytes, *, job_id: str) -> None:
@@ -214,26 +171,12 @@ def seal_bytes(data: bytes, dest: Path, recipient_public: bytes, *, job_id: str)
     _seal_stream(io.BytesIO(data), len(data), Path(dest), recipient_public, job_id, KIND_FILE)
 
 
-def open_file(src: Path, dest: Path, recipient_private: bytes, *, job_id: str) -> None:
-    """Open the sealed file ``src`` into ``dest`` (0600); ``dest`` appears only if everything authenticated."""
-    src, dest = Path(src), Path(dest)
-    fd, tmp = _temp_file(dest)
-    try:
-        with streamcrypt.open_source(src) as fin, os.fdopen(fd, "wb", buffering=0) as fout:
-            _open_stream(fin, fout, recipient_private, job_id, KIND_FILE, str(src))
-            os.fsync(fout.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Directories as deterministic tar streams
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_member_name(name: str, where: str) -> str:
+def check_member_name(name: str, where: str) -> str:
     """A relative POSIX path of plain components; refuses anything that could leave the destination."""
     try:
         encoded = name.encode("utf-8")
@@ -280,7 +223,7 @@ def _scan(root: Path) -> list[tuple[tarfile.TarInfo, Path | None]]:
     def walk(directory: Path, prefix: str) -> None:
         for entry in sorted(os.scandir(directory), key=lambda e: e.name.encode("utf-8", "surrogateescape")):
             rel = prefix + entry.name
-            _check_member_name(rel, str(root))
+            check_member_name(rel, str(root))
             est = entry.stat(follow_symlinks=False)
             if stat.S_ISDIR(est.st_mode):
                 members.append((_tarinfo(rel, is_dir=True), None))
@@ -325,7 +268,7 @@ class _TarStream(io.RawIOBase):
             left = ti.size
             with open(path, "rb", buffering=0) as f:
                 while left:
-                    piece = f.read(min(_READ, left))
+                    piece = f.read(min(READ_SIZE, left))
                     if not piece:
                         raise DCRError(f"{path} became shorter while it was being sealed", hint="retry")
                     left -= len(piece)
@@ -359,90 +302,3 @@ def seal_dir(src_dir: Path, dest_file: Path, recipient_public: bytes, job_id: st
         _seal_stream(stream, stream.size, Path(dest_file), recipient_public, job_id, KIND_TAR)
     except OSError as e:
         raise DCRError(f"cannot seal {src_dir}: {e.strerror} ({e.filename})") from None
-
-
-def open_dir(
-    sealed_file: Path,
-    dest_dir: Path,
-    recipient_private: bytes,
-    job_id: str,
-    *,
-    max_files: int = MAX_MEMBERS,
-    max_bytes: int | None = None,
-) -> None:
-    """Open a sealed directory into ``dest_dir`` (created 0700), which must not exist yet.
-
-    ``dest_dir`` appears, complete, only on success.
-
-    Refuses (and leaves nothing behind) on any integrity failure, a member that is not a regular file or
-    directory, a hostile or duplicate member name, or more than ``max_files`` members / ``max_bytes`` bytes.
-    """
-    sealed_file, dest_dir = Path(sealed_file), Path(dest_dir)
-    if os.path.lexists(dest_dir):
-        raise DCRError(f"{dest_dir} already exists", hint="open into a new directory")
-    staging = _staging_dir(dest_dir)
-    try:
-        payload = staging / "payload.tar"
-        with streamcrypt.open_source(sealed_file) as fin, open(payload, "xb", buffering=0) as fout:
-            _open_stream(fin, fout, recipient_private, job_id, KIND_TAR, str(sealed_file))
-        tree = staging / "tree"
-        tree.mkdir(mode=0o700)
-        _extract(payload, tree, str(sealed_file), max_files, max_bytes)
-        payload.unlink()
-        os.rename(tree, dest_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _extract(payload: Path, tree: Path, label: str, max_files: int, max_bytes: int | None) -> None:
-    seen: set[str] = set()
-    dir_modes: list[tuple[Path, int]] = []
-    total = 0
-    try:
-        with tarfile.open(
-            payload, mode="r:", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict"
-        ) as tf:
-            for m in tf:
-                name = _check_member_name(m.name, label)
-                if name in seen:
-                    raise DCRError(f"{label}: the member {name!r} appears twice")
-                seen.add(name)
-                if len(seen) > max_files:
-                    raise LimitError(f"{label} holds more than {max_files} members")
-                target = tree / name
-                if m.type == tarfile.DIRTYPE:
-                    # 0700 while filling it; the recorded mode is applied once everything is in place.
-                    os.mkdir(target, 0o700)
-                    dir_modes.append((target, m.mode & 0o755))
-                elif m.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
-                    total += m.size
-                    if max_bytes is not None and total > max_bytes:
-                        raise LimitError(f"{label} holds more than {max_bytes} bytes")
-                    _write_member(tf, m, target, label)
-                else:
-                    raise DCRError(
-                        f"{label}: refusing the member {name!r}: only regular files and directories are allowed"
-                    )
-    except tarfile.TarError as e:
-        raise IntegrityError(f"{label}: the sealed directory is not a well-formed tar: {e}") from None
-    except FileNotFoundError:
-        raise DCRError(f"{label}: a member comes before the directory that holds it") from None
-    except (FileExistsError, NotADirectoryError):
-        raise DCRError(f"{label}: members collide (a file and a directory of the same name)") from None
-    for path, mode in reversed(dir_modes):
-        os.chmod(path, mode)
-
-
-def _write_member(tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path, label: str) -> None:
-    src = tf.extractfile(m)
-    assert src is not None  # a regular member always has a data stream
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb", buffering=0) as out:
-        left = m.size
-        while left:
-            piece = src.read(min(_READ, left))
-            if not piece:
-                raise IntegrityError(f"{label}: the member {m.name!r} is cut short")
-            out.write(piece)
-            left -= len(piece)
-        os.fchmod(out.fileno(), m.mode & 0o755)

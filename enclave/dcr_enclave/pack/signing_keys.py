@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.jwk import PrivateKey, key_alg
+from dcr_enclave.platform.key_store import read_private_file
 
 
 def write_private_key(path: str | Path, key: PrivateKey) -> None:
@@ -37,12 +38,24 @@ def write_private_key(path: str | Path, key: PrivateKey) -> None:
         os.unlink(tmp)
 
 
-def read_private_key(path: str | Path) -> PrivateKey:
+#: A PEM private key is a few kilobytes; a bigger file is refused before it is parsed.
+MAX_PEM_BYTES = 64 * 1024
+
+
+def read_private_key(path: str | Path, *, owner_only: bool = False) -> PrivateKey:
+    """The EC P-256 or RSA private key in the PEM file ``path``.
+
+    ``owner_only`` (the hub key, the enclave host's signer): refuse a link, a file others can read and an
+    oversized one, reading it once through one descriptor.
+    """
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise DCRError(f"cannot read the private key {p}: {e.strerror}") from None
+    if owner_only:
+        data = read_private_file(p, MAX_PEM_BYTES)
+    else:
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise DCRError(f"cannot read the private key {p}: {e.strerror}") from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
@@ -53,7 +66,7 @@ def read_private_key(path: str | Path) -> PrivateKey:
     return key
 
 
-def load_or_create_key(path: str | Path, alg: str = "ES256") -> PrivateKey:
+def load_or_create_key(path: str | Path, alg: str = "ES256", *, owner_only: bool = False) -> PrivateKey:
     """The key at ``path``, created (0600) if absent. Used for persisted signer keys."""
     p = Path(path)
     if not p.exists():
@@ -62,7 +75,7 @@ def load_or_create_key(path: str | Path, alg: str = "ES256") -> PrivateKey:
         except DCRError:
             if not p.exists():  # lost a creation race: fine if the winner's key is there
                 raise
-    return read_private_key(p)
+    return read_private_key(p, owner_only=owner_only)
 
 
 def generate_key(alg: str = "ES256") -> PrivateKey:

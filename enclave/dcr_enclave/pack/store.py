@@ -27,7 +27,7 @@ import secrets
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -39,12 +39,11 @@ from dcr_enclave.formats.dataset import (
     DatasetFile,
     DatasetVersion,
     Protection,
-    compute_version,
     key_from_json,
     utc_now,
 )
-from dcr_enclave.formats.digests import READ_SIZE
-from dcr_enclave.formats.errors import DCRError, LimitError
+from dcr_enclave.formats.digests import READ_SIZE, check_digest, sha256_json
+from dcr_enclave.formats.errors import DCRError, IntegrityError, LimitError
 from dcr_enclave.formats.store_layout import StoreLayout
 from dcr_enclave.platform.key_store import KeyDirectory, new_data_key
 
@@ -491,3 +490,42 @@ def _is_name(value: str) -> bool:
     except DCRError:
         return False
     return True
+
+
+def compute_version(
+    provider: str, dataset: str, files: Iterable[tuple[str, int, str, str]], protection: Protection
+) -> str:
+    """The content digest naming a dataset version.
+
+    ``files`` holds ``(name, plaintext size, plaintext sha256, synthetic sha256)``; their order does not
+    matter (they are sorted by name), so the same content always gets the same version.
+    """
+    entries = sorted(
+        ({"name": n, "size": s, "sha256": d, "synthetic_sha256": sd} for n, s, d, sd in files),
+        key=lambda e: str(e["name"]),
+    )
+    return sha256_json(
+        {"provider": provider, "dataset": dataset, "files": entries, "protection": protection.to_json()}
+    )
+
+
+def expected_version(manifest: DatasetVersion, plaintext_digests: Mapping[str, str]) -> str:
+    """The version these decrypted files would have; equal to ``manifest.version`` when they are genuine.
+
+    ``plaintext_digests`` maps every file name of ``manifest`` to its decrypted content's sha256.
+    """
+    names = {f.name for f in manifest.files}
+    if set(plaintext_digests) != names:
+        raise IntegrityError(
+            f"decrypted files of {manifest.ref} do not match the manifest: "
+            f"expected {sorted(names)}, got {sorted(plaintext_digests)}"
+        )
+    return compute_version(
+        manifest.provider,
+        manifest.dataset,
+        (
+            (f.name, f.size, check_digest(plaintext_digests[f.name], f.name), f.synthetic_sha256)
+            for f in manifest.files
+        ),
+        manifest.protection,
+    )

@@ -178,7 +178,7 @@ class EnclaveHost:
         for sub, mode in (("spool", 0o700), ("public", 0o755)):
             (sd / sub).mkdir(exist_ok=True)
             os.chmod(sd / sub, mode)
-        self.signer = load_or_create_key(sd / "signer.pem", "RS256")
+        self.signer = load_or_create_key(sd / "signer.pem", "RS256", owner_only=True)
         _write_public(sd / "public" / "jwks.json", json.dumps(jwks(self.signer), indent=2))
         self.install_image()
         self.environment = self.measure_environment()

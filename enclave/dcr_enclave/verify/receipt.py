@@ -8,6 +8,7 @@ file's digest.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -19,16 +20,18 @@ from typing import Any
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.attestation import MAX_TOKEN_BYTES, AttestationClaims, TokenCheckError
 from dcr_enclave.formats.digests import check_digest, sha256_bytes
-from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.errors import DCRError, IntegrityError
 from dcr_enclave.formats.jwk import MAX_JWKS_BYTES, parse_jwks, thumbprint
 from dcr_enclave.formats.receipt import (
     CLOCK_SKEW_SECONDS,
     MAX_RECEIPT_BYTES,
     RECEIPT_SCHEMA,
+    REVEAL_SCHEMA,
+    SALT_HEX_CHARS,
     OutputEntry,
     ReceiptManifest,
     hash_regular_file,
-    open_commitment,
+    output_commitment,
     scan_outputs,
 )
 from dcr_enclave.verify.token import (
@@ -87,6 +90,34 @@ def _read_limited(path: Path, limit: int) -> bytes:
 def _list(items: Sequence[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def open_commitment(raw: bytes, commitment: str) -> tuple[OutputEntry, ...]:
+    """The outputs a reveal document lists, once it matches ``commitment``; IntegrityError otherwise."""
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise IntegrityError("the output reveal is not JSON") from None
+    ok_shape = (
+        isinstance(doc, dict)
+        and set(doc) == {"schema", "salt", "outputs"}
+        and doc["schema"] == REVEAL_SCHEMA
+        and isinstance(doc["salt"], str)
+        and len(doc["salt"]) == SALT_HEX_CHARS
+        and isinstance(doc["outputs"], list)
+    )
+    if not ok_shape:
+        raise IntegrityError("the output reveal is not a dcr/output-reveal/v1 document")
+    if output_commitment(doc) != commitment:
+        raise IntegrityError("the output reveal does not match the receipt's commitment")
+    entries = []
+    for o in doc["outputs"]:
+        if not (isinstance(o, dict) and set(o) == {"path", "size", "sha256"}):
+            raise IntegrityError("the output reveal lists a malformed output")
+        entries.append(
+            OutputEntry(str(o["path"]), int(o["size"]), check_digest(o["sha256"], "output sha256"))
+        )
+    return tuple(entries)
 
 
 def _commitment_check(d: Path, manifest: ReceiptManifest) -> tuple[Check, tuple[OutputEntry, ...] | None]:
