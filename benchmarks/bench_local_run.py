@@ -28,13 +28,13 @@ fixed seed into a temporary directory) the script:
 Finally it times, in this process, the pieces that the timeline cannot separate: decrypting a copy of each
 data set with :func:`~dcr_enclave.formats.streamcrypt.decrypt_file` (into /dev/shm, like the enclave's tmpfs),
 measuring the image, the supervisor's imports from the image and from a byte-compiled copy of it, the
-sandbox probe (:func:`~dcr_enclave.sandbox.check_sandbox`) and what it imports, and a plain kernel start.
+sandbox probe (:func:`~dcr_enclave.runtime.kernel_process.check_sandbox`) and what it imports, and a plain kernel start.
 
 Times are medians over ``--repeat`` runs with the minimum and maximum beside them (the maximum of three
 stands in for a p95). Targets: enclave/plain at most 1.10; launch to running under 1 s plus decryption.
 On a shared two-core machine the work cell alone varies by 10-20 % from run to run, so the fixed overhead
-(no-work notebook) is the steadier figure. Everything temporary is deleted (the ``dcr-sandbox`` system
-account the host creates stays). Run as root from the repository root::
+(no-work notebook) is the steadier figure. Everything temporary is deleted. Run as root from the
+repository root::
 
     .venv/bin/python benchmarks/bench_local_run.py [--repeat 3] [--rows 200000] [--target 5]
 """

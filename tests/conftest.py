@@ -125,6 +125,8 @@ def make_host(tmp_path: Path, store: StoreInfo) -> Iterator[Callable[..., HostIn
             "store": store.root,
             "keys_dir": store.keys,
             "hub_keys": [public_jwk(hub_key)],
+            # Jobs under review end on this quantum (60 s in production); a test that is about it sets its own.
+            "review_time_quantum": 1.0,
             **config,
         }
         state, sock = Path(config["state_dir"]), Path(config["socket_path"])

@@ -293,11 +293,19 @@ def test_a_held_receipt_commits_to_its_outputs_without_naming_them(
     entries = {e.path: e.size for e in open_commitment(reveal.read_bytes(), commitment)}
     assert entries[secret["name"] + ".csv"] == int(secret["charges"])
     open_dir(out / contract.SEALED_OUTPUTS_FILE, out / contract.OUTPUTS_DIR, airlock_private, job_id)
-    checks = check_receipt_dir(out, trusted_keys=json.loads(host.jwks_path.read_text())["keys"])
+    checks = check_receipt_dir(
+        out,
+        trusted_keys=json.loads(host.jwks_path.read_text())["keys"],
+        expected_enclave_digests=[host.host.measurement()],
+    )
     assert all(c.passed for c in checks), [str(c) for c in checks if not c.passed]
     # a reveal that does not match fails the check
     reveal.write_text(reveal.read_text().replace(secret["name"], "other"))
-    checks = check_receipt_dir(out, trusted_keys=json.loads(host.jwks_path.read_text())["keys"])
+    checks = check_receipt_dir(
+        out,
+        trusted_keys=json.loads(host.jwks_path.read_text())["keys"],
+        expected_enclave_digests=[host.host.measurement()],
+    )
     assert not next(c for c in checks if c.name == "output commitment").passed
 
 

@@ -235,7 +235,7 @@ def test_every_trait_has_help_an_example_and_a_security_note():
         DCRExtension: {
             "backend_class", "grant_source_class", "db_url", "data_dir", "outputs_dir", "bundle_include",
             "bundle_exclude", "max_bundle_files", "max_bundle_bytes", "reconcile_interval", "trust_jwks",
-            "trust_roots",
+            "trust_roots", "enclave_digests",
         },
         LocalBackend: {"socket_path", "timeout"},
         DevGrantSource: {"key_file", "store", "release", "time_limit"},
@@ -263,6 +263,8 @@ def test_every_trait_has_help_an_example_and_a_security_note():
         ("outputs_dir", ".hidden"),
         ("bundle_include", ["../up"]),
         ("bundle_exclude", ["/etc"]),
+        ("enclave_digests", ["sha256:short"]),
+        ("enclave_digests", ["4f0c" * 16]),
         ("max_bundle_files", -1),
         ("max_bundle_files", 0),
         ("max_bundle_bytes", -5),
