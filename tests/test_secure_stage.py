@@ -74,6 +74,17 @@ def _run(host, store, make_notebook, tmp_path, cells, **grant_kw) -> tuple[str, 
     return job_id, job, out
 
 
+def _run_under_review(host, store, make_notebook, tmp_path, cells, max_bytes: int):
+    """Run ``cells`` under review (outputs sealed to an airlock key the test holds); the airlock's private
+    key and what :func:`_run` returns."""
+    airlock_private, airlock_public = generate_keypair()
+    ran = _run(
+        host, store, make_notebook, tmp_path, cells, release="review", airlock_public_key=airlock_public,
+        output_limits=OutputLimits(max_bytes=max_bytes),
+    )  # fmt: skip
+    return airlock_private, ran
+
+
 # -- 1. kernel sockets ---------------------------------------------------------------------------------------
 
 
@@ -234,11 +245,9 @@ def test_output_check_reasons_carry_kinds_not_the_notebooks_numbers(
         "for i in range(n):\n    os.symlink('/etc/hostname', f'l{i}')\n"
         "with open('big.csv', 'wb') as f:\n    f.truncate(int(round(df['charges'].sum())))",
     ]
-    airlock_private, airlock_public = generate_keypair()
-    job_id, job, out = _run(
-        host, store, make_notebook, tmp_path, cells, release="review", airlock_public_key=airlock_public,
-        output_limits=OutputLimits(max_bytes=1 << 20),
-    )  # fmt: skip
+    airlock_private, (job_id, job, out) = _run_under_review(
+        host, store, make_notebook, tmp_path, cells, 1 << 20
+    )
     assert job["state"] == "failed"
     assert job["failure"]["reason"] == "outputs refused: symbolic links present; over the byte limit"
     receipt = json.loads((out / contract.RECEIPT_FILE).read_text())
@@ -269,11 +278,9 @@ def test_a_held_receipt_commits_to_its_outputs_without_naming_them(
         "r = df.iloc[7]\nname = f\"{int(r['age'])}_{r['sex']}_{r['bmi']}_{r['region']}\"\n"
         "with open(name + '.csv', 'wb') as f:\n    f.truncate(int(round(df['charges'].sum())))",
     ]
-    airlock_private, airlock_public = generate_keypair()
-    job_id, job, out = _run(
-        host, store, make_notebook, tmp_path, cells, release="review", airlock_public_key=airlock_public,
-        output_limits=OutputLimits(max_bytes=1 << 30),
-    )  # fmt: skip
+    airlock_private, (job_id, job, out) = _run_under_review(
+        host, store, make_notebook, tmp_path, cells, 1 << 30
+    )
     assert job["state"] == "held"
     receipt = json.loads((out / contract.RECEIPT_FILE).read_text())
     assert receipt["outputs"] == []

@@ -1036,14 +1036,9 @@ async def test_verify_reports_every_check_against_the_pinned_host_key(
     assert reply.code == 200, reply.body
     result = reply.json
     user_copy = jp_root_dir / job["outputs_path"]
-    code, text, err = run_cli(
-        "verify",
-        user_copy,
-        "--trust",
-        trusted_host.jwks_path,
-        "--enclave-digest",
-        trusted_host.host.measurement(),
-    )
+    pins = ("--trust", trusted_host.jwks_path, "--enclave-digest", trusted_host.host.measurement())
+    verify_user_copy = ("verify", user_copy, *pins)
+    code, text, err = run_cli(*verify_user_copy)
     assert code == 0, text + err
     cli_checks = [
         line.split(":", 1)[0].split(" ", 1)[1] for line in text.splitlines() if line.startswith("PASS")
@@ -1064,14 +1059,7 @@ async def test_verify_reports_every_check_against_the_pinned_host_key(
     (user_copy / "outputs" / "out.txt").write_text("edited")
     again = (await api("GET", "jobs", job_id, "verify")).json
     assert again["verified"] is True
-    code, text, _ = run_cli(
-        "verify",
-        user_copy,
-        "--trust",
-        trusted_host.jwks_path,
-        "--enclave-digest",
-        trusted_host.host.measurement(),
-    )
+    code, text, _ = run_cli(*verify_user_copy)
     assert code == 1 and "FAIL no output added" in text and "FAIL output digests" in text
 
     manager = dcr_server.web_app.settings["dcr_manager"]
