@@ -446,7 +446,8 @@ def probes(enc: Enclave, repeat: int) -> dict[str, list[float]]:
         python_start("import jupyter_client.asynchronous, nbclient"), repeat
     )
     with tempfile.TemporaryDirectory(prefix="dcr-bench-probe-") as tmp:
-        spec = SandboxSpec(Path(tmp), Path(tmp), uid=host.uid, gid=host.gid, memory_bytes=4 * 2**30)
+        uid, gid = host.sandbox_ids.allocate()
+        spec = SandboxSpec(Path(tmp), Path(tmp), uid=uid, gid=gid, memory_bytes=4 * 2**30)
         out["sandbox probe (check_sandbox)"] = timed_runs(lambda: check_sandbox(spec), repeat)
     out["plain kernel start (start_new_kernel)"] = timed_runs(plain_kernel_start, repeat)
     return out
