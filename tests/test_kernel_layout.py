@@ -6,12 +6,19 @@ privilege drop of the sandbox is visible here in order.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from dcr_enclave.formats.errors import DCRError
-from dcr_enclave.runtime.kernel_layout import HostFacts, SandboxSpec, etc_file_contents, make_bwrap_argv
+from dcr_enclave.runtime.kernel_layout import (
+    HostFacts,
+    SandboxSpec,
+    check_spec,
+    etc_file_contents,
+    make_bwrap_argv,
+)
 
 HOST = HostFacts(
     bwrap="/usr/bin/bwrap",
@@ -144,3 +151,37 @@ def test_generated_etc_names_only_root_and_the_account() -> None:
     assert files["group"] == "root:x:0:\nresearcher:x:991:\n"
     assert files["hosts"] == "127.0.0.1\tlocalhost dcr-sandbox\n::1\tlocalhost\n"
     assert set(files) == {"passwd", "group", "hosts", "hostname", "nsswitch.conf"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"uid": 0}, "uid 0 is not an unprivileged id"),
+        ({"gid": 0}, "gid 0 is not an unprivileged id"),
+        ({"uid": 2**32 - 1}, "is not an unprivileged id"),
+        ({"uid": True}, "is not an unprivileged id"),
+        ({"uid": "990"}, "is not an unprivileged id"),
+        ({"workdir": Path("relative")}, "working copy 'relative' is not an existing absolute directory"),
+        ({"data_dir": Path("/nonexistent-dcr")}, "data directory '/nonexistent-dcr' is not an existing"),
+        ({"wall_time": 0}, "wall_time must be positive"),
+        ({"startup_timeout": -1}, "startup_timeout must be positive"),
+        ({"cell_timeout": 0}, "cell_timeout must be positive or None"),
+        ({"memory_bytes": 0}, "memory_bytes must be a positive integer or None"),
+        ({"file_size_bytes": 1.5}, "file_size_bytes must be a positive integer or None"),
+        ({"max_processes": -1}, "max_processes must be a positive integer or None"),
+        ({"tmp_bytes": 0}, "tmp_bytes must be a positive integer or None"),
+        ({"work_mount": "workspace"}, "work_mount 'workspace' must be a normalised absolute path"),
+        ({"work_mount": "/"}, "must be a normalised absolute path"),
+        ({"work_mount": "/a/../b"}, "must be a normalised absolute path"),
+        ({"work_mount": "/a//b"}, "must be a normalised absolute path"),
+    ],
+)
+def test_a_spec_the_sandbox_cannot_honour_is_refused(tmp_path: Path, change: dict, message: str) -> None:
+    """check_spec refuses ids that are root or not ids, paths that are not existing absolute directories,
+    limits that are not positive and a working-copy mount that is not a normalised path below /; a spec
+    at the edges (the largest unprivileged id, limits of 1, no optional limits) passes."""
+    base = {"workdir": tmp_path, "data_dir": tmp_path, "uid": 990, "gid": 991}
+    with pytest.raises(DCRError, match=re.escape(message)):
+        check_spec(SandboxSpec(**{**base, **change}))
+    check_spec(SandboxSpec(**{**base, "uid": 2**32 - 2, "gid": 1, "memory_bytes": 1, "max_processes": None}))
+    check_spec(SandboxSpec(**{**base, "cell_timeout": 0.5, "file_size_bytes": None, "tmp_bytes": 1}))
