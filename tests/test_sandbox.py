@@ -463,28 +463,6 @@ def test_memory_limit_fails_the_job_not_the_host(make_job: Callable[..., Job]) -
     assert not (job.spec.workdir / NB_DIR / "after.txt").exists()
 
 
-def test_the_private_tmp_is_no_bigger_than_its_limit(make_job: Callable[..., Job]) -> None:
-    """Writing /tmp and /dev/shm full stops at tmp_bytes each (ENOSPC), whatever the notebook asks for."""
-    cells = [
-        "import errno, json\nwritten = {}\n"
-        "for where in ('/tmp/fill', '/dev/shm/fill'):\n"
-        "    n = 0\n"
-        "    try:\n"
-        "        with open(where, 'wb') as f:\n"
-        "            while n < (64 << 20):\n"
-        "                f.write(b'x' * (1 << 20)); f.flush(); n += 1 << 20\n"
-        "    except OSError as e:\n"
-        "        written[where] = [n, errno.errorcode[e.errno]]\n"
-        "json.dump(written, open('written.json', 'w'))"
-    ]
-    job = make_job(cells, tmp_bytes=8 << 20)
-    assert run_notebook(NB_REL, job.spec).status == "ok"
-    written = json.loads((job.spec.workdir / NB_DIR / "written.json").read_text())
-    for where in ("/tmp/fill", "/dev/shm/fill"):
-        size, err = written[where]
-        assert err == "ENOSPC" and size <= 8 << 20, written
-
-
 def test_the_account_cannot_start_more_processes_than_its_limit(make_job: Callable[..., Job]) -> None:
     """Forking until it fails stops below max_processes (RLIMIT_NPROC), and the kernel carries on."""
     cells = [

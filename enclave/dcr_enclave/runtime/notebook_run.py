@@ -325,6 +325,9 @@ class NotebookRun:
             context = zmq.asyncio.Context()
             # A connection the kernel's side drops is never made again: the run ends as disconnected.
             context.setsockopt(zmq.RECONNECT_IVL, -1)
+            # With its kernel gone a socket has no peer and a send would block the event loop (and with it
+            # the wall-time limit): give up after a while instead; the run then ends as failed.
+            context.setsockopt(zmq.SNDTIMEO, 5000)
             kc = SandboxKernelClient(context=context)
             kc.load_connection_info(cast(Any, conn))
             kc.allow_stdin = False
