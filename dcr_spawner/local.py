@@ -304,6 +304,8 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
 
     #: Set per spawn; what the server runs as.
     account: Account | None = None
+    _progress_events: list[dict[str, Any]] | None = None
+    _progress_changed: asyncio.Event | None = None
     _useradd: ClassVar[str] = "useradd"
 
     @default("home_base")
@@ -568,13 +570,14 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
         if self.port == 0:  # type: ignore[has-type]  # JupyterHub's Spawner.port trait
             self.port = random_port()
         started = time.perf_counter()
+        self._progress_events = None
+        self._note_progress(10, "Preparing the account and the synthetic data")
         plan = await self.build_sandbox()
         prepared_ms = (time.perf_counter() - started) * 1000
         env = self.get_env()
         cmd = [*self.cmd, *self.get_args()]
         if self.shell_cmd:
             cmd = [*self.shell_cmd, shlex.join(cmd)]
-        argv = sandbox_mounts.helper_argv(plan, cmd)
         self.log.info(
             "DCR: spawning %s as %s (uid %d) with %d synthetic files in %s (sandbox planned in %.0f ms): %s",
             self.user.name,
@@ -585,13 +588,84 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
             prepared_ms,
             shlex.join(cmd),
         )
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
         kwargs: dict[str, Any] = {"start_new_session": True, **self.popen_kwargs}
         # The helper switches accounts itself after building the namespace; nothing may run before it.
         kwargs["preexec_fn"] = None
         kwargs["env"] = env
-        self.proc = Popen(argv, **kwargs)
+        kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), write_end)
+        self._note_progress(40, f"Building the sandbox of {plan.account}")
+        try:
+            self.proc = Popen(sandbox_mounts.helper_argv(plan, cmd, status_fd=write_end), **kwargs)
+        finally:
+            os.close(write_end)
         self.pid = self.proc.pid
+        with open(read_end, "rb") as status:
+            reason = (await asyncio.get_running_loop().run_in_executor(None, status.read)).decode(
+                errors="replace"
+            )
+        if reason:
+            await self._reap()
+            raise DCRError(reason.strip(), hint="an administrator finds the details in the hub's log")
+        self._note_progress(70, f"Starting JupyterLab as {plan.account}")
+        await self._wait_listening()
         return (self.ip or "127.0.0.1", self.port)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Progress: what the spawn-pending page shows, and a failure at once instead of at http_timeout
+
+    def _note_progress(self, percent: int, message: str) -> None:
+        if self._progress_events is None or self._progress_changed is None:
+            self._progress_events, self._progress_changed = [], asyncio.Event()
+        self._progress_events.append({"progress": percent, "message": message})
+        self._progress_changed.set()
+
+    async def progress(self) -> Any:
+        """The steps of this spawn, as JupyterHub's spawn-pending page shows them."""
+        sent = 0
+        while True:
+            events, changed = self._progress_events or [], self._progress_changed
+            while sent < len(events):
+                yield events[sent]
+                sent += 1
+            if changed is None:
+                await asyncio.sleep(0.1)  # the spawn has not reached start() yet
+                continue
+            changed.clear()
+            await changed.wait()
+
+    async def _reap(self) -> int | None:
+        proc = self.proc
+        for _ in range(100):
+            if (code := proc.poll()) is not None:
+                return code
+            await asyncio.sleep(0.05)
+        return None
+
+    async def _wait_listening(self) -> None:
+        """Return once the server accepts connections; raise at once if its process ends first.
+
+        JupyterHub itself only polls the server's URL until ``http_timeout``: a server that exits while
+        starting (a failing extension, a port taken) would keep the user waiting for all of it.
+        """
+        host = self.ip if self.ip not in ("", "0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
+        deadline = time.monotonic() + self.http_timeout
+        delay = 0.02
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                raise DCRError(
+                    f"the server of {self.user.name} stopped while starting (exit status {code})",
+                    hint="an administrator finds its output in the hub's log",
+                )
+            try:
+                _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, self.port), 1)
+            except (TimeoutError, OSError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.25)
+                continue
+            writer.close()
+            return
 
 
 # JupyterHub imports this module while it builds its application (every installed spawner is loaded to

@@ -26,9 +26,11 @@ The script half imports the standard library only: it runs as root before anythi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
+import signal
 import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,7 +56,9 @@ MS_BIND: Final = 0x1000
 MS_REC: Final = 0x4000
 MS_PRIVATE: Final = 0x40000
 CLONE_NEWNS: Final = 0x00020000
+CLONE_NEWPID: Final = 0x20000000
 CLONE_NEWUSER: Final = 0x10000000
+PR_SET_PDEATHSIG: Final = 1
 PR_SET_NO_NEW_PRIVS: Final = 38
 PR_CAPBSET_DROP: Final = 24
 
@@ -357,11 +361,13 @@ def _check_files(files: Sequence[DataFile]) -> None:
         seen.add(f.target)
 
 
-def helper_argv(plan: MountPlan, cmd: Sequence[str]) -> list[str]:
-    """The command line that builds the sandbox from ``plan`` and then runs ``cmd`` in it."""
+def helper_argv(plan: MountPlan, cmd: Sequence[str], status_fd: int | None = None) -> list[str]:
+    """The command line that builds the sandbox from ``plan`` and then runs ``cmd`` in it; a reason the
+    sandbox cannot start is written to ``status_fd`` (an inherited pipe) as well as to stderr."""
     # -I: no environment variable or user site changes what this root process imports; -S: no site
     # packages at all (the script needs the standard library only, and starts ~30 ms faster).
-    return [sys.executable, "-I", "-S", os.path.abspath(__file__), plan.to_json(), "--", *cmd]
+    status = ["--status-fd", str(status_fd)] if status_fd is not None else []
+    return [sys.executable, "-I", "-S", os.path.abspath(__file__), plan.to_json(), *status, "--", *cmd]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -434,14 +440,17 @@ def _write_id_maps(uid: int, gid: int) -> None:
 
 
 def apply(plan: MountPlan) -> None:
-    """Enter a new mount namespace and build the plan's view of the file system in it."""
+    """Enter new mount and PID namespaces and build the plan's view of the file system in them.
+
+    The PID namespace takes effect for the children of this process: the next one forked is its init.
+    """
     uid, gid = os.getuid(), os.getgid()
     if plan.mode == "root":
         if os.geteuid() != 0:
             raise OSError("mode 'root' needs root")
-        _sys("unshare", CLONE_NEWNS)
+        _sys("unshare", CLONE_NEWNS | CLONE_NEWPID)
     else:
-        _sys("unshare", CLONE_NEWUSER | CLONE_NEWNS)
+        _sys("unshare", CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID)
         _write_id_maps(uid, gid)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
 
@@ -466,28 +475,39 @@ def apply(plan: MountPlan) -> None:
         os.close(null_fd)
     _mount(None, DATA_ROOT, None, MS_REMOUNT | _SAFE | MS_NOEXEC | MS_RDONLY)
 
-    mounted: list[Cover] = []
-    for c in plan.covers:
-        outer = [m.path for m in mounted if within(c.path, m.path)]
-        if outer and not c.optional:
-            # A required cover below an earlier one (a home base under the private /tmp): recreate its
-            # mount point inside the earlier cover.
-            _makedirs(c.path, max(outer, key=len))
-        if not os.path.isdir(c.path) or os.path.islink(c.path):
-            if c.optional:
+    # Covers and exposures in one pass, shallowest first, so that each lands on what is already in place:
+    # a directory shown again (a checkout holding the Python installation, under the private /tmp) is
+    # bound before a cover below it (the home base inside that checkout) goes on top, and the user's home
+    # is shown last. Binding an exposure copies the host tree as it is below that path, never a cover.
+    exposure_fds = {e.path: fd for fd, e in expose_fds}
+    layers: list[Cover | Exposure] = sorted([*plan.covers, *plan.exposures], key=lambda m: m.path.count("/"))
+    mounted: list[Cover | Exposure] = []
+    for m in layers:
+        outer = [o for o in mounted if within(m.path, o.path)]
+        inner = max(outer, key=lambda o: len(o.path), default=None)
+        if isinstance(m, Exposure):
+            if not any(isinstance(o, Cover) for o in outer):
+                continue  # nothing hides it: the host's directory is already in view
+            if isinstance(inner, Cover):
+                _makedirs(m.path, inner.path)
+            _bind(exposure_fds[m.path], m.path, read_only=not m.writable, extra=MS_REC)
+            mounted.append(m)
+            continue
+        if isinstance(inner, Cover) and not m.optional:
+            # A required cover inside an earlier one (a home base under the private /tmp): recreate its
+            # mount point there.
+            _makedirs(m.path, inner.path)
+        if not os.path.isdir(m.path) or os.path.islink(m.path):
+            if m.optional:
                 continue  # already gone from view (under an earlier cover) or absent on this machine
-            raise OSError(f"{c.path} is not a directory")
-        _tmpfs(c.path, c.mode, c.size)
-        mounted.append(c)
-    for fd, e in expose_fds:
-        under = [c.path for c in mounted if within(e.path, c.path)]
-        if under:
-            _makedirs(e.path, max(under, key=len))
-            _bind(fd, e.path, read_only=not e.writable, extra=MS_REC)
+            raise OSError(f"{m.path} is not a directory")
+        _tmpfs(m.path, m.mode, m.size)
+        mounted.append(m)
+    for fd, _e in expose_fds:
         os.close(fd)
-    for c in mounted:
-        if c.read_only:
-            _mount(None, c.path, None, MS_REMOUNT | _SAFE | MS_RDONLY)
+    for m in mounted:
+        if isinstance(m, Cover) and m.read_only:
+            _mount(None, m.path, None, MS_REMOUNT | _SAFE | MS_RDONLY)
     if plan.mode == "userns" and (uid, gid) != (plan.uid, plan.gid):
         raise OSError("mode 'userns' runs the server as the hub's own account")
 
@@ -534,6 +554,31 @@ def drop_privileges(plan: MountPlan) -> None:
         raise OSError("the process does not run as the planned account")
 
 
+class Status:
+    """The hub's line to the sandbox's start: a reason written here is shown to the user at once.
+
+    The hub passes the write end of a pipe (``--status-fd``); every process of the sandbox closes it
+    once its part is done, and the server's ``exec`` closes it for good (close-on-exec), so end of file
+    without a message means the server is running.
+    """
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        if fd is not None:
+            os.set_inheritable(fd, False)
+
+    def fail(self, msg: str) -> None:
+        _log(msg)
+        if self.fd is not None:
+            with contextlib.suppress(OSError):  # the hub stopped listening: the log line remains
+                os.write(self.fd, msg.encode(errors="replace")[:4000])
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def _log(msg: str) -> None:
     sys.stderr.write(f"[dcr-sandbox] {msg}\n")
     sys.stderr.flush()
@@ -547,42 +592,149 @@ def summary(plan: MountPlan) -> str:
     )
 
 
-def main(argv: Sequence[str]) -> int:
-    if len(argv) < 4 or argv[2] != "--":
-        _log("usage: sandbox_mounts.py PLAN_JSON -- COMMAND [ARGS...]")
-        return 2
+#: Passed on to the server: what JupyterHub's stop and a terminal's interrupt send.
+FORWARDED: Final = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+def _forward_to(pid: int) -> None:
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):  # already gone: the wait returns
+            os.kill(pid, signum)
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+
+
+def _wait_for(child: int) -> int:
+    """Wait for ``child`` (reaping any other child on the way, as an init must); its exit code."""
+    while True:
+        pid, status = os.wait()
+        if pid == child:
+            return os.waitstatus_to_exitcode(status)
+
+
+def _exit_like(code: int) -> int:
+    """Leave as the awaited child did: by the same signal, or with the same exit status."""
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        return 128 - code
+    return code
+
+
+def _mount_proc() -> None:
+    """A ``/proc`` of the server's own PID namespace: it lists the server's processes only."""
+    _mount("proc", "/proc", "proc", _SAFE | MS_NOEXEC)
+
+
+def _parent_gone(lifeline: int) -> bool:
+    """True once the process holding the other end of ``lifeline`` has ended (in a new PID namespace
+    ``getppid()`` is 0 whatever happens to the parent, so a pipe tells instead)."""
+    os.set_blocking(lifeline, False)
     try:
-        plan = MountPlan.from_json(argv[1])
-    except (ValueError, KeyError, TypeError, PlanError) as e:
-        _log(f"invalid sandbox plan: {e}")
-        return 2
-    cmd = list(argv[3:])
-    try:
-        apply(plan)
-    except OSError as e:
-        if plan.mode == "root":
-            # Fail closed: without its namespace the server would see the host's /data and more.
-            _log(f"cannot build the sandbox for {plan.account}, not starting the server: {e}")
-            return 1
-        _log(
-            f"WARNING: cannot build a private {DATA_ROOT} without root ({e}); the server starts WITHOUT "
-            f"{DATA_ROOT} and users are NOT isolated from each other"
-        )
+        return os.read(lifeline, 1) == b""
+    except BlockingIOError:
+        return False
+
+
+def _init(plan: MountPlan, cmd: list[str], status: Status, lifeline: int, own_pids: bool) -> int:
+    """The first process of the server's PID namespace: mounts its /proc, becomes the account, starts the
+    server, passes signals on to it, reaps orphans, and ends the namespace (every process in it) with the
+    server's own exit."""
+    if own_pids:
+        try:
+            _mount_proc()
+        except OSError as e:
+            if plan.mode == "root":
+                status.fail(f"cannot build the sandbox for {plan.account}, not starting the server: {e}")
+                return 1
+            _log(f"WARNING: no private /proc without root ({e}); the server sees the host's processes")
     try:
         drop_privileges(plan)
         os.chdir(plan.home)
+        # After the account switch (a change of credentials clears it): this namespace dies with the
+        # process the hub watches, even when that one is killed outright.
+        _sys("prctl", PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), *(ctypes.c_ulong(0),) * 3)
+        if _parent_gone(lifeline):
+            return 1  # the process the hub watches is already gone
+        os.close(lifeline)
     except OSError as e:
-        _log(f"cannot switch to {plan.account}, not starting the server: {e}")
+        status.fail(f"cannot switch to {plan.account}, not starting the server: {e}")
         return 1
     for note in plan.notes:
         _log(note)
     _log(summary(plan))
+    server = os.fork()
+    if server == 0:
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            os.execvpe(cmd[0], cmd, os.environ)  # noqa: S606 -- the server, as the account
+        except OSError as e:
+            status.fail(f"cannot run {cmd[0]!r} as {plan.account}: {e.strerror}")
+        os._exit(127)
+    status.close()
+    _forward_to(server)
+    return _wait_for(server)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``sandbox_mounts.py PLAN_JSON [--status-fd N] -- COMMAND [ARGS...]``
+
+    1. Build the view: new mount and PID namespaces, the plan's mounts (:func:`apply`).
+    2. Fork the namespace's init (:func:`_init`): its own ``/proc``, the account, then the server.
+    3. Stay as the process the hub knows: pass its signals on, and exit as the server did. Killing this
+       process kills the namespace (the init's parent-death signal), so no server outlives what the hub
+       watches.
+    """
+    args = list(argv[1:])
+    status_fd = None
+    if len(args) > 2 and args[1] == "--status-fd" and args[2].isdigit():
+        status_fd = int(args.pop(2))
+        args.pop(1)
+    if len(args) < 3 or args[1] != "--":
+        _log("usage: sandbox_mounts.py PLAN_JSON [--status-fd N] -- COMMAND [ARGS...]")
+        return 2
+    status = Status(status_fd)
     try:
-        os.execvpe(cmd[0], cmd, os.environ)  # noqa: S606 -- the server replaces this process
+        plan = MountPlan.from_json(args[0])
+    except (ValueError, KeyError, TypeError, PlanError) as e:
+        status.fail(f"invalid sandbox plan: {e}")
+        return 2
+    cmd = args[2:]
+    own_pids = True
+    try:
+        apply(plan)
     except OSError as e:
-        _log(f"cannot run {cmd[0]!r} as {plan.account}: {e.strerror}")
-        return 127
-    return 0  # not reached: exec replaced this process
+        if plan.mode == "root":
+            # Fail closed: without its namespaces the server would see the host's /data and more.
+            status.fail(f"cannot build the sandbox for {plan.account}, not starting the server: {e}")
+            return 1
+        own_pids = False
+        _log(
+            f"WARNING: cannot build a private {DATA_ROOT} without root ({e}); the server starts WITHOUT "
+            f"{DATA_ROOT} and users are NOT isolated from each other"
+        )
+    lifeline, held = os.pipe()  # this process holds the write end until it exits
+    child = os.fork()
+    if child == 0:
+        os.close(held)
+        code = 1
+        try:
+            code = _init(plan, cmd, status, lifeline, own_pids)
+        finally:
+            os._exit(code & 0xFF if code >= 0 else 128 - code)
+    os.close(lifeline)
+    status.close()
+    _forward_to(child)
+    return _exit_like(_wait_for(child))
 
 
 def data_files(entitlements: Iterable[Any]) -> list[DataFile]:

@@ -25,19 +25,23 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from hub_harness import HarnessError, Hub, delete_account
 from jupyterhub import orm
 from jupyterhub.objects import Hub as HubObject
 from jupyterhub.user import User
+from test_local_run import _grant_and_bundle
 from traitlets import TraitError
 from traitlets.config import Config
 
+from dcr_enclave.formats import contract
 from dcr_enclave.formats.contract import DATA_ROOT
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.pack.store import Store
@@ -280,6 +284,90 @@ def test_server_runs_as_its_own_unprivileged_account(env: Env) -> None:
         assert (st.st_uid, st.st_mode & 0o777) == (pw.pw_uid, 0o700)
         seen.add(pw.pw_uid)
     assert len(seen) == 2
+
+
+#: From a kernel: every process its server's /proc lists (pid, uid, name, command line) and what ps prints.
+LIST_PROCESSES = """
+    import json, os, subprocess
+    procs = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\\0", b" ").decode(errors="replace")
+                comm = open(f"/proc/{d}/comm").read().strip()
+                uid = os.stat(f"/proc/{d}").st_uid
+            except OSError:
+                continue
+            procs.append([int(d), uid, comm, cmd])
+    ps = subprocess.run(["ps", "-eo", "pid,uid,args"], capture_output=True, text=True).stdout
+    print(json.dumps({"me": os.getpid(), "procs": procs, "ps": ps}))
+"""
+
+
+def test_each_server_sees_only_its_own_processes(
+    env: Env, host: Any, store: Any, make_notebook: Any, insurance_real: Path
+) -> None:
+    """alice and bob logged in through the form: from a kernel in each server, /proc and ps list only
+    that server's own processes (the server, its kernels, a terminal opened through its API), all of its
+    account; nothing of the other server, of the hub, of its proxy, or of an enclave job that runs at the
+    same time and writes a value of the real data into its process titles -- which root, on the host, sees."""
+    real = pd.read_csv(insurance_real)
+    marker = f"T{round(float(real['charges'].sum()))}X"
+    cells = [
+        "import ctypes, subprocess, time\n"
+        "import pandas as pd\n"
+        "df = pd.read_csv('/data/acme/insurance/real.csv')\n"
+        "title = 'T%dX' % round(float(df['charges'].sum()))\n"
+        "ctypes.CDLL(None).prctl(15, title.encode(), 0, 0, 0)\n"
+        "child = subprocess.Popen(['sleep', '60', title])\n"
+        "time.sleep(60)\n"
+    ]
+    nb = make_notebook(cells)
+    job_id, grant, bundle, _key = _grant_and_bundle(store, nb, nb.parent, time_limit=120)
+    host.client.launch(grant, bundle)
+    alice = env.tokens[env.alice]
+    terminal = env.hub.server_api(env.alice, "POST", "api/terminals", token=alice)
+    assert terminal.status_code == 200, terminal.text
+    try:
+        deadline = time.monotonic() + 120
+        while not _titled(marker):  # root on the host sees the title: the job really set it
+            assert time.monotonic() < deadline, "the enclave job never set its process title"
+            assert host.client.status(job_id)["state"] not in contract.TERMINAL_STATES
+            time.sleep(0.2)
+        accounts = {u: env.account(u) for u in (env.alice, env.bob)}
+        for user, pw in accounts.items():
+            got = env.run(user, LIST_PROCESSES)
+            assert got["ps"].count("\n") == len(got["procs"]) + 2  # header, ps itself and the listing
+            assert {uid for _pid, uid, _comm, _cmd in got["procs"]} == {pw.pw_uid}, got["procs"]
+            cmds = [cmd for _pid, _uid, _comm, cmd in got["procs"]]
+            assert got["me"] in [pid for pid, *_ in got["procs"]]
+            assert any("jupyterhub-singleuser" in c for c in cmds) and any("ipykernel" in c for c in cmds)
+            if user == env.alice:
+                assert any(comm == "bash" for _p, _u, comm, _c in got["procs"]), "the terminal is missing"
+            seen = json.dumps(got)
+            assert marker not in seen and "dcr_enclave" not in seen and "sleep 60" not in seen
+            assert "configurable-http-proxy" not in seen and "jupyterhub_config" not in seen
+            other = next(u for u in accounts if u != user)
+            assert other not in seen and accounts[other].pw_name not in seen
+        assert host.client.status(job_id)["state"] not in contract.TERMINAL_STATES  # it ran all along
+    finally:
+        host.client.cancel(job_id)
+        env.hub.server_api(env.alice, "DELETE", f"api/terminals/{terminal.json()['name']}", token=alice)
+
+
+def _titled(marker: str) -> bool:
+    """Whether any process on the host (as root sees them) carries ``marker`` in its name or command line."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if (
+                    marker.encode()
+                    in Path(f"/proc/{d}/cmdline").read_bytes() + Path(f"/proc/{d}/comm").read_bytes()
+                ):
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def test_sandbox_cannot_read_store_keys_hub_files_or_other_homes(env: Env) -> None:
