@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Final
 
 from jupyterhub.spawner import LocalProcessSpawner
 from jupyterhub.utils import random_port
+from tornado import web
 from traitlets import List, TraitError, Unicode, default, validate
 
 from dcr_enclave.formats.contract import DATA_ROOT
@@ -65,6 +66,19 @@ NOT_ISOLATED: Final = (
 )
 #: Packages the single-user server imports at start; their directories must be readable in the sandbox.
 SERVER_PACKAGES: Final = ("jupyterhub", "jupyter_server", "ipykernel", "dcr_server_ext", "dcr_enclave")
+
+
+class SpawnFailed(web.HTTPError):
+    """The server could not start, and why: JupyterHub shows the message on the page that started the
+    spawn, on the spawn-pending page and in the API's answer, instead of "Unhandled error"."""
+
+    def __init__(self, message: str, *, hint: str) -> None:
+        text = f"{message} ({hint})"
+        super().__init__(500, text.replace("%", "%%"), reason="Spawn failed")
+        self.jupyterhub_message = text
+
+    def __str__(self) -> str:
+        return self.jupyterhub_message
 
 
 #: Run as the account by move_certs (a shell: the hub's Python may not be reachable outside the sandbox).
@@ -606,7 +620,7 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
             )
         if reason:
             await self._reap()
-            raise DCRError(reason.strip(), hint="an administrator finds the details in the hub's log")
+            raise SpawnFailed(reason.strip(), hint="an administrator finds the details in the hub's log")
         self._note_progress(70, f"Starting JupyterLab as {plan.account}")
         await self._wait_listening()
         return (self.ip or "127.0.0.1", self.port)
@@ -654,7 +668,7 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
         while time.monotonic() < deadline:
             code = self.proc.poll()
             if code is not None:
-                raise DCRError(
+                raise SpawnFailed(
                     f"the server of {self.user.name} stopped while starting (exit status {code})",
                     hint="an administrator finds its output in the hub's log",
                 )
