@@ -395,6 +395,24 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
             spawner._check_private_files(policy)
         else:
             app.log.warning(NOT_ISOLATED)
+        spawner._check_layout(policy)
+
+    def _check_layout(self, policy: DCRPolicy) -> None:
+        """Plan a sandbox for a would-be user now, so that a layout no sandbox can be built from (the Python
+        installation or the home base under a hidden path) stops the hub instead of every spawn."""
+        home = f"{self.home_base}/{self.account_prefix}start-check"
+        needed = self._needed_paths()
+        try:
+            sandbox_mounts.build_plan(
+                mode="root" if self.isolated else "userns", account="start-check", uid=65534, gid=65534,
+                groups=[65534], home=home, home_base=self.home_base, files=[],
+                hidden=self._hidden(policy, needed, home), needed=needed, private_tmp_size=self.private_tmp_size,
+            )  # fmt: skip
+        except sandbox_mounts.PlanError as e:
+            raise DCRError(
+                f"no sandbox can be built on this machine: {e}",
+                hint="change c.DCRLocalSpawner.hidden_paths or home_base, or install the hub's Python elsewhere",
+            ) from None
 
     # ----------------------------------------------------------------------------------------------------
     # Policy and accounts

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from other_account import run_as
 from test_local_run import SUMMARY_CELLS, _grant_and_bundle, _wait_state
 
 from dcr_enclave.formats import contract
@@ -129,21 +129,12 @@ def shared_host(make_host: Callable[..., Any]) -> Iterator[Any]:
 
 
 def _as_other(host: Any, op: str, fds: tuple[int, ...] = (), **fields: Any) -> dict[str, Any]:
-    """One request on the host's socket from a process running as another (unprivileged) account."""
+    """One request on the host's socket from a process running as another (unprivileged) account, in the
+    sandbox a researcher's server gets (so it runs wherever the checkout lies)."""
     req = {"op": op, **fields, **({"fds": list(fds)} if fds else {})}
-    proc = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={OTHER_UID}",
-            f"--regid={OTHER_UID}",
-            "--clear-groups",
-            "--",
-            sys.executable,
-            "-c",
-            _AS_OTHER,
-            str(host.socket),
-            json.dumps(req),
-        ],
+    proc = run_as(
+        OTHER_UID,
+        [sys.executable, "-c", _AS_OTHER, str(host.socket), json.dumps(req)],
         pass_fds=fds,
         cwd="/",
         env={"PATH": "/usr/bin:/bin"},

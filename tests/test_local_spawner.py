@@ -49,6 +49,7 @@ from dcr_spawner import sandbox_mounts
 from dcr_spawner.local import (
     MARKER_PREFIX,
     NOT_ISOLATED,
+    SERVER_PACKAGES,
     DCRLocalSpawner,
     account_marker,
     account_name,
@@ -424,12 +425,14 @@ def test_sandbox_cannot_read_store_keys_hub_files_or_other_homes(env: Env) -> No
         for t, v in got.items()
         if v not in ("FileNotFoundError", "PermissionError") and not (v == "listed: " or v == "read: 0 bytes")
     }
-    # /root shows only the path to the Python installation the server runs from, nothing of root's home.
-    if "/root" in leaked and sandbox_mounts.within(os.path.realpath(sys.base_prefix), "/root"):
-        assert (
-            leaked.pop("/root")
-            == "listed: " + Path(os.path.realpath(sys.base_prefix)).relative_to("/root").parts[0]
-        )
+    # /root shows only the way to what the server runs from (the Python installation, a checkout holding
+    # the packages it imports), nothing else of root's home.
+    needed = sandbox_mounts.python_roots() + sandbox_mounts.package_roots(SERVER_PACKAGES)
+    ways = sorted(
+        {Path(n).relative_to("/root").parts[0] for n in needed if sandbox_mounts.within(n, "/root")}
+    )
+    if ways:
+        assert leaked.pop("/root") == "listed: " + ",".join(ways)
     assert leaked == {}, leaked
     assert os.path.exists(env.store / ".keys")  # the host still has them: only the sandbox is blind
 
@@ -520,6 +523,41 @@ def test_hub_refuses_to_start_with_a_store_other_accounts_can_read(
     assert result.returncode != 0 and not result.served
     assert f"the data store of acme/insurance {store} is mode 0755" in result.log
     assert "c.DCRPolicy.datasets['acme/insurance']['store']" in result.log and "chmod go-rwx" in result.log
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        (
+            "hidden_paths = [{python!r}]",
+            "the Python installation, the packages it imports or the user's home",
+        ),
+        (
+            "hidden_paths = [{homes_parent!r}]",
+            "the Python installation, the packages it imports or the user's home",
+        ),
+    ],
+    ids=["python-under-a-hidden-path", "home-base-under-a-hidden-path"],
+)
+def test_hub_refuses_to_start_with_a_layout_no_sandbox_can_be_built_from(
+    tmp_path: Path, setting: str, named: str
+) -> None:
+    """A layout no sandbox could be built from stops the hub at start, naming the paths and the traits to
+    change, instead of failing every user's spawn."""
+    homes = tmp_path / "srv" / "homes"
+    python = os.path.realpath(sys.prefix)
+    line = setting.format(python=python, homes_parent=str(homes.parent))
+    config = f"""
+        import dcr_spawner
+        c.DCRPolicy.datasets = {{}}
+        c.DCRLocalSpawner.home_base = {str(homes)!r}
+        c.DCRLocalSpawner.{line}
+        dcr_spawner.enable(c)
+    """
+    result = Hub(tmp_path / "hub", spawner_class="dcr-local", config=config).run_to_exit()
+    assert result.returncode != 0 and not result.served
+    assert "no sandbox can be built on this machine: cannot hide" in result.log and named in result.log
+    assert "c.DCRLocalSpawner.hidden_paths or home_base" in result.log
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -52,9 +52,16 @@ class DemoProcess:
     """One ``dcr demo`` subprocess."""
 
     def __init__(
-        self, directory: Path, *, port: int | None = None, account_prefix: str | None = None
+        self,
+        directory: Path,
+        *,
+        port: int | None = None,
+        account_prefix: str | None = None,
+        dcr: Path | None = None,
     ) -> None:
         self.dir = Path(directory).absolute()
+        #: The ``dcr`` command to run (another checkout's, for tests about where a checkout lies).
+        self.dcr = dcr or BIN / "dcr"
         self.port = port or free_port()
         self.account_prefix = account_prefix or new_account_prefix()
         self.proc: subprocess.Popen[str] | None = None
@@ -77,7 +84,7 @@ class DemoProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "JPY_", "PYTEST_"))}
         self.proc = subprocess.Popen(
             [
-                str(BIN / "dcr"), "demo", "--dir", str(self.dir), "--port", str(self.port),
+                str(self.dcr), "demo", "--dir", str(self.dir), "--port", str(self.port),
                 "--account-prefix", self.account_prefix,
             ],
             stdin=subprocess.DEVNULL,
