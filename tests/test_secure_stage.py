@@ -13,6 +13,7 @@ import json
 import math
 import os
 import socket
+import subprocess
 import threading
 import time
 from datetime import datetime
@@ -448,3 +449,77 @@ def _claims(token: str) -> str:
 
     body = token.split(".")[1]
     return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+
+
+# -- 7. process titles ------------------------------------------------------------------------------------------
+
+#: As another account: the pids whose name or command line carries the marker, on the /proc it is given.
+_FIND_TITLE = r"""
+import os, sys
+marker, hits = sys.stdin.buffer.read(), []  # not in argv: the probe would find itself
+for d in os.listdir("/proc"):
+    if d.isdigit():
+        for name in ("cmdline", "comm"):
+            try:
+                if marker in open(f"/proc/{d}/{name}", "rb").read():
+                    hits.append(d)
+            except OSError:
+                pass
+print(len(hits), len([d for d in os.listdir("/proc") if d.isdigit()]))
+"""
+
+
+def _seen_by_nobody(marker: str, hidepid: str | None) -> tuple[int, int]:
+    """(processes carrying ``marker``, processes listed) for the unprivileged account 65534 on the host's
+    /proc, or on a /proc mounted with ``hidepid`` (in a mount namespace of its own: the host's stays as is)."""
+    mount = f"mount -t proc -o hidepid={hidepid} proc /proc && " if hidepid else ""
+    probe = f'{mount}exec setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 -I -c "$0"'
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", probe, _FIND_TITLE],
+        input=marker, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    hits, listed = r.stdout.split()
+    return int(hits), int(listed)
+
+
+def test_a_process_title_of_the_job_is_hidden_by_the_proc_setting_the_host_requires(
+    tmp_path, store, host, make_notebook, secret
+):
+    """The kernel writes a value of the real data into its own name and into the command line of a child.
+    Root sees it (the title is really set). An unprivileged account of the machine reads it on a /proc
+    without hidepid -- which is why ``dcr enclave-host`` refuses to start on one -- and sees no process at
+    all but its own on the /proc that setting requires (hidepid=invisible). Researchers' servers have their
+    own /proc (tests/test_local_spawner.py)."""
+    marker = "T" + secret["charges"]
+    cells = [
+        READ + "import ctypes, subprocess, time\n"
+        "title = 'T%d' % round(float(df['charges'].sum()))\n"
+        "ctypes.CDLL(None).prctl(15, title.encode(), 0, 0, 0)\n"
+        "child = subprocess.Popen(['sleep', '60', title])\n"
+        "time.sleep(60)\n"
+    ]
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    nb = make_notebook(cells, workspace=ws.name)
+    job_id, grant, bundle, _key = _grant_and_bundle(store, nb, ws, time_limit=120)
+    host.client.launch(grant, bundle)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(marker.encode() in _proc_text(p) for p in Path("/proc").iterdir() if p.name.isdigit()):
+            assert time.monotonic() < deadline, "the job never set its process title"
+            assert host.client.status(job_id)["state"] not in contract.TERMINAL_STATES
+            time.sleep(0.2)
+        hits, listed = _seen_by_nobody(marker, None)
+        assert hits >= 1 and listed > 10
+        hits, listed = _seen_by_nobody(marker, "invisible")
+        assert hits == 0 and listed == 1  # the probe itself
+    finally:
+        host.client.cancel(job_id)
+
+
+def _proc_text(p: Path) -> bytes:
+    try:
+        return (p / "cmdline").read_bytes() + (p / "comm").read_bytes()
+    except OSError:
+        return b""
