@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from ..formats.errors import DCRError
+from dcr_enclave.formats.errors import DCRError
 
 MOUNTINFO: Final = "/proc/self/mountinfo"
 #: ``hidepid`` values that hide other accounts' processes entirely (``noaccess``/1 still lists their pids).
