@@ -79,13 +79,14 @@ def make_datasets(base: Path, count: int, mib: int) -> tuple[Path, dict[str, str
     store = base / "store"
     inputs = base / "inputs"
     inputs.mkdir()
-    block = os.urandom(1 << 20)
+    # One MiB of CSV text (provider add takes UTF-8 tables): 16,384 lines of 63 hex digits and a newline.
+    block = b"".join(os.urandom(32).hex()[:63].encode() + b"\n" for _ in range(1 << 14))
     versions = {}
     for i in range(count):
         real, synthetic = inputs / f"table{i}.csv", inputs / f"table{i}-synthetic.csv"
-        for path, tag in ((real, b"real"), (synthetic, b"synthetic")):
+        for path, first in ((real, b"0" * 63), (synthetic, b"f" * 63)):
             with open(path, "wb") as f:
-                f.write(tag + b" %d\n" % i)
+                f.write(b"row_%d\n%s\n" % (i, first))  # one column; the two files differ
                 for _ in range(mib):
                     f.write(block)
         ref = f"bench/set{i:02d}"
