@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,31 @@ def test_check_refuses_a_visible_proc_naming_the_fix_unless_allowed(tmp_path: Pa
     assert warning is not None and warning.startswith("WARNING:") and "--allow-visible-processes" in warning
     info.write_text(OTHERS + HIDDEN)
     assert pv.check(False, str(info)) is None
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("hidepid", ["off", "invisible"])
+def test_enclave_host_refuses_to_start_on_a_proc_that_shows_every_process(
+    tmp_path: Path, hidepid: str
+) -> None:
+    """``dcr enclave-host`` on a /proc without hidepid stops before it writes anything, naming the fix; on
+    one with hidepid=invisible it gets past the check (here to the next refusal: the store does not exist).
+    Each run gets a /proc of its own in a private mount namespace: the host's stays as it is."""
+    state = tmp_path / "state"
+    options = "" if hidepid == "off" else "-o hidepid=invisible "
+    cmd = (
+        f'mount -t proc {options}proc /proc && exec "$0" -m dcr_enclave enclave-host --store "$1" '
+        f'--hub-key "$2" --state "$3" --socket "$4"'
+    )
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd, sys.executable,
+         str(tmp_path / "no-store"), str(tmp_path / "hub.pem"), str(state), str(tmp_path / "host.sock")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0
+    if hidepid == "off":
+        assert "hidepid=off" in r.stderr and "refusing to start" in r.stderr, r.stderr
+        assert "hidepid=invisible" in r.stderr and "--allow-visible-processes" in r.stderr
+    else:
+        assert "hidepid" not in r.stderr, r.stderr
+    assert not state.exists() and not (tmp_path / "host.sock").exists()

@@ -10,6 +10,7 @@ from typing import Any
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.jwk import load_jwks_file
+from dcr_enclave.platform import process_visibility
 from dcr_enclave.platform.client import DEFAULT_SOCKET
 from dcr_enclave.platform.host import EnclaveHost, HostConfig
 from dcr_enclave.platform.sandbox_ids import DEFAULT_COUNT, DEFAULT_FIRST
@@ -54,6 +55,12 @@ def register(sub: Any) -> None:
         default=contract.DEFAULT_TIME_QUANTUM,
         help="seconds to which the end of a job under review is rounded up (default %(default)s)",
     )
+    p.add_argument(
+        "--allow-visible-processes",
+        action="store_true",
+        help="start although /proc is not mounted hidepid=invisible, so that every account of this machine can "
+        "read the process titles of enclave jobs; only where no untrusted account can log in (docs/sandbox.md)",
+    )
     p.set_defaults(func=run)
 
 
@@ -82,7 +89,10 @@ def build_host(args: argparse.Namespace) -> EnclaveHost:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    warning = process_visibility.check(args.allow_visible_processes)  # before anything is written
     host = build_host(args)
+    if warning:
+        print(f"enclave host: {warning}", flush=True)
     print(
         f"enclave host: SIMULATED TEE (no hardware memory encryption), image {host.measurement()}", flush=True
     )
