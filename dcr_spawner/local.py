@@ -629,6 +629,9 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
         self._note_progress(40, f"Building the sandbox of {plan.account}")
         try:
             self.proc = Popen(sandbox_mounts.helper_argv(plan, cmd, status_fd=write_end), **kwargs)
+        except BaseException:
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)
         self.pid = self.proc.pid
@@ -680,7 +683,7 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
         JupyterHub itself only polls the server's URL until ``http_timeout``: a server that exits while
         starting (a failing extension, a port taken) would keep the user waiting for all of it.
         """
-        host = self.ip if self.ip not in ("", "0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.ip, self.ip)  # noqa: S104
         deadline = time.monotonic() + self.http_timeout
         delay = 0.02
         while time.monotonic() < deadline:
