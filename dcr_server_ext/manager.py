@@ -311,8 +311,8 @@ class JobManager:
     def _notebook_path(self, path: Any) -> tuple[Path, str]:
         if not isinstance(path, str) or not path.strip():
             raise APIError('"path" must be the notebook\'s path relative to the server root')
-        if "\x00" in path or len(path) > 4096:
-            raise APIError("the notebook path is malformed")
+        if "\x00" in path or len(path) > 4096 or not _encodable(path):
+            raise APIError("the notebook path is malformed (a NUL, a lone surrogate or over 4096 characters)")
         pure = PurePosixPath(path)
         if pure.is_absolute() or ".." in pure.parts:
             raise APIError(f"notebook path {path!r} must be relative to the server root, without '..'")
@@ -323,6 +323,8 @@ class JobManager:
             real = full.resolve(strict=True)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"no notebook at {path!r}") from None
+        except (OSError, RuntimeError) as e:  # a name too long, a loop of links (RuntimeError before 3.13)
+            raise APIError(f"notebook path {path!r} cannot be opened ({type(e).__name__})") from None
         if not real.is_relative_to(self.root):
             raise APIError(f"{path!r} leads outside the server root")
         if not real.is_file():
@@ -666,6 +668,15 @@ class JobManager:
 def _ended(state: str) -> bool:
     """The enclave is done with the job: a terminal state, or outputs held for the provider's review."""
     return state in contract.TERMINAL_STATES or state == "held"
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 form (a lone surrogate has none: ``Path.resolve`` would raise)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_datasets(value: Any) -> list[tuple[str, str]]:
