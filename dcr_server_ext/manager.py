@@ -57,8 +57,8 @@ from .backends.base import Backend, BackendStatus
 from .errors import APIError, Conflict, NotFound, TooLarge, Unavailable
 from .grant_sources import GrantSource
 from .jobkeys import JobKeys
-from .jobstore import JobEnded, JobStore
-from .model import Job
+from .jobstore import JobEnded, JobStore, StateBehind
+from .model import Job, moves_forward
 
 MAX_DATASETS = 50
 #: Result files the backend hands over and what the user's job directory keeps in the clear.
@@ -384,25 +384,36 @@ class JobManager:
             self.log.exception("DCR: following %s failed; the reconciler resumes it", job_id)
 
     async def _apply(self, job_id: str, st: BackendStatus) -> None:
+        """Take one report of the platform. Reports may come stale, replayed, repeated or out of order (a
+        stream opening with a snapshot, a watch replaying the history after a restart): what would move
+        the job back (an earlier state, an earlier cell) is dropped, so the store and the events only
+        ever move forward."""
         job = self.get(job_id)
-        if job.terminal:
+        if job.terminal or st.state not in contract.JOB_STATES:
+            return
+        if st.state != job.state and not moves_forward(job.state, st.state):
+            # An earlier step's report: nothing of it is newer than what is stored (its cell neither).
+            if not _ended(job.state):
+                self._watch(job)
             return
         changes: dict[str, Any] = {}
         if st.enclave and job.enclave != st.enclave:
             changes["enclave"] = st.enclave
-        if st.cells and (st.cell, st.cells) != (job.cell, job.cells):
+        if st.cells and _cell_moves_forward((job.cell, job.cells), (st.cell, st.cells)):
             changes.update(cell=st.cell, cells=st.cells)
         if _ended(st.state):
             if changes:
                 job = self._update(job, **changes)
             await self._finish(job, st)
             return
-        if st.state != job.state and st.state in contract.JOB_STATES:
+        if st.state != job.state:
             changes["state"] = st.state
         if changes:
-            job = self._update(job, **changes)
-        if st.state not in contract.TERMINAL_STATES:
-            self._watch(job)
+            try:
+                job = self._update(job, **changes)
+            except StateBehind:  # another report moved it on meanwhile: keep that one
+                return
+        self._watch(job)
 
     async def _finish(self, job: Job, st: BackendStatus) -> None:
         """Collect the result and open it in the user's space, then record the final state."""
@@ -677,6 +688,15 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _cell_moves_forward(old: tuple[int | None, int | None], new: tuple[int | None, int | None]) -> bool:
+    """Whether cell progress ``new`` is later than ``old`` (a replayed or late cell event is not)."""
+    if new == old:
+        return False
+    if old[0] is None or new[0] is None or old[1] != new[1]:
+        return new[0] is not None  # the first cell, or another count (not seen for one job)
+    return new[0] > old[0]
 
 
 def _parse_datasets(value: Any) -> list[tuple[str, str]]:
