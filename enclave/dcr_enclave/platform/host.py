@@ -481,7 +481,12 @@ class EnclaveHost:
                 self._set(
                     job,
                     state="failed",
-                    failure={"reason": "time limit exceeded", "cell": None, "ename": None},
+                    failure={
+                        "reason": f"time limit of {job.grant.time_limit} s exceeded; the enclave was "
+                        f"stopped {self.cfg.grace_seconds} s after it",
+                        "cell": None,
+                        "ename": None,
+                    },
                 )
         link.join(timeout=5)
         parent.close()
