@@ -220,7 +220,7 @@ class JobsHandler(DCRHandler):
     async def get(self) -> None:
         offset = _query_int(self, "offset", 0, 0, 10**9)
         limit = _query_int(self, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-        jobs, total = self.manager.list(offset, limit)
+        jobs, total = await self.manager.alist(offset, limit)
         self.finish(
             json.dumps({"jobs": [j.to_api() for j in jobs], "total": total, "offset": offset, "limit": limit})
         )
@@ -252,7 +252,7 @@ class JobHandler(DCRHandler):
     @authorized
     @_refusals
     async def get(self, job_id: str) -> None:
-        job = self.manager.get(self.check_job_id(job_id))
+        job = await self.manager.aget(self.check_job_id(job_id))
         self.finish(json.dumps(job.to_api()))
 
 
