@@ -97,7 +97,8 @@ def busy_notebook(seconds: float) -> nbformat.NotebookNode:
 class HostProcess:
     """``python -m dcr_enclave enclave-host`` over a fresh store."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra: list[str]) -> None:
+        self.extra = extra
         self.store = tmp / "store"
         self.keys = self.store / ".keys"
         self.hub_key_path = self.keys / DEV_HUB_KEY_FILE
@@ -113,6 +114,7 @@ class HostProcess:
         cmd = [
             sys.executable, "-m", "dcr_enclave", "enclave-host", "--store", str(self.store),
             "--hub-key", str(self.hub_jwks), "--state", str(self.state), "--socket", str(self.socket),
+            *self.extra,
         ]  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
@@ -300,13 +302,20 @@ def main() -> int:
     parser.add_argument(
         "--bound", type=float, default=1200.0, help="seconds after which a job counts as lost"
     )
+    parser.add_argument(
+        "--host-arg",
+        action="append",
+        default=[],
+        help="an extra argument for `dcr enclave-host`, e.g. --host-arg=--job-nice=0 "
+        "--host-arg=--job-cpu-weight=100 to run the jobs at the servers' priority (for comparison)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the enclave sandbox needs namespaces and a system account")
 
     tmp = Path(tempfile.mkdtemp(prefix="dcr-bench-load-"))
-    host = HostProcess(tmp)
+    host = HostProcess(tmp, args.host_arg)
     server: JupyterServer | None = None
     results: list[Burst] = []
     try:
@@ -329,7 +338,7 @@ def main() -> int:
 
     print()
     print(f"DCR load benchmark: N jobs submitted at once to one server, each kernel busy {args.busy:g} s "
-          f"on a CPU ({os.cpu_count()} CPUs)")  # fmt: skip
+          f"on a CPU ({os.cpu_count()} CPUs); host arguments: {' '.join(args.host_arg) or '(defaults)'}")  # fmt: skip
     missed = False
     for b in results:
         lost = len(b.refused) + len(b.missing)
