@@ -269,3 +269,44 @@ def test_a_stopped_local_run_leaves_nothing(tmp_path, store, make_host, make_not
     assert leftovers(state, job_id) == []
     assert list((state / "spool").iterdir()) == []
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Jobs yield the CPU to the servers and the hub
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_every_job_process_runs_at_the_jobs_lower_priority(tmp_path, store, host, make_notebook):
+    """Every process of a running job (supervisor, sandbox, kernel) runs at the host's job nice value, in a
+    cgroup below the jobs' parent group whose CPU weight is the configured one (where this machine has a
+    cpu controller)."""
+    nb = make_notebook(SLEEPING)
+    job_id, grant, bundle, _key = _grant_and_bundle(store, nb, tmp_path)
+    host.client.launch(grant, bundle)
+    wait_running_last_cell(host.client, job_id, len(SLEEPING))
+    procs = job_processes(job_id)
+    assert len(procs) >= 3, procs
+    assert {os.getpriority(os.PRIO_PROCESS, pid) for pid, _t in procs} == {host.host.cfg.job_nice} == {10}
+    cgroup = JobCgroup(job_id, memory_bytes=0, max_processes=0)
+    if cgroup.cpu_dir is not None:
+        assert {pid for pid, _t in procs} <= set(
+            map(int, (cgroup.cpu_dir / "cgroup.procs").read_text().split())
+        )
+        if cgroup.version == 2:
+            assert (cgroup.cpu_dir.parent / "cpu.weight").read_text().strip() == "10"
+        else:
+            assert (cgroup.cpu_dir.parent / "cpu.shares").read_text().strip() == "102"
+
+
+def test_a_notebook_cannot_raise_its_priority(tmp_path, store, host, make_notebook):
+    """The kernel's account cannot lower its nice value back (no CAP_SYS_NICE, RLIMIT_NICE 0): the attempt
+    fails in the cell with PermissionError and the job fails there."""
+    nb = make_notebook(["import os\nos.setpriority(os.PRIO_PROCESS, 0, 0)"])
+    job_id, grant, bundle, _key = _grant_and_bundle(store, nb, tmp_path)
+    host.client.launch(grant, bundle)
+    deadline = time.monotonic() + 180
+    while (job := host.client.status(job_id))["state"] not in contract.TERMINAL_STATES:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    assert job["state"] == "failed"
+    assert (job["failure"]["cell"], job["failure"]["ename"]) == (0, "PermissionError")

@@ -107,19 +107,26 @@ class Stopped(Exception):
 
 
 def _stop(signum: int, _frame: Any) -> None:
+    # One stop is enough: a second signal must not interrupt the clean-up the first one started.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     raise Stopped(signum)
 
 
 def run(args: argparse.Namespace) -> int:
     # A signal becomes an exception, so that every clean-up below runs (cancel, host shutdown, temp files).
-    handled = (signal.SIGTERM, signal.SIGHUP)
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, _stop) for sig in handled}
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGHUP, _stop)
     try:
         return _run(args)
     except Stopped as e:
-        print(f"local-run: stopped by {e}; the job was cancelled", file=sys.stderr)
+        print(
+            f"local-run: stopped by {e}; its job, if it had started, was cancelled and removed",
+            file=sys.stderr,
+        )
         return 128 + e.signum
     finally:
         for sig, handler in previous.items():
