@@ -559,6 +559,16 @@ async def _until(rig: Rig, job_id: str, done: Callable[[Job], bool]) -> Job:
     raise AssertionError(f"the job never got there: {rig.manager.get(job_id)}")
 
 
+async def _until_announced(rig: Rig, job_id: str, **fields: Any) -> None:
+    """Wait until an event of the job with ``fields`` has been emitted (a change is stored, on the store's
+    thread, before it is emitted)."""
+    for _ in range(2000):
+        if any(e["job_id"] == job_id and fields.items() <= e.items() for e in rig.events):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{fields} was never announced: {rig.events}")
+
+
 def _steps(states: list[str]) -> list[int]:
     return [LIFECYCLE_STEP[s] for s in states]
 
@@ -596,6 +606,7 @@ async def test_states_only_move_forward_whatever_the_platform_reports(make_rig):
     rig.backend.jobs[job.id] = "succeeded"
     rig.backend.feed(job.id, _report("running", 1, 3), _report("succeeded", 2, 3), _report("running"), None)
     done = await _until(rig, job.id, lambda j: j.terminal)
+    await _until_announced(rig, job.id, state="succeeded")
     assert (after.cell, after.cells) == (2, 3)
     assert done.state == "succeeded" and done.receipt
     states = rig.states(job.id)
@@ -612,9 +623,9 @@ async def test_a_restarted_watch_replaying_the_history_moves_nothing_back(make_r
     rig = make_rig()
     job = await rig.manager.submit(NOTEBOOK)
     rig.backend.feed(job.id, _report("launching"), _report("running"), _report("running", 0, 2))
-    await _until(rig, job.id, lambda j: j.cell == 0)
+    await _until_announced(rig, job.id, cell=0)
     rig.backend.feed(job.id, _report("running", 1, 2))
-    await _until(rig, job.id, lambda j: j.cell == 1)
+    await _until_announced(rig, job.id, cell=1)
     await rig.manager.stop()  # the server stops; the job runs on
     rig.backend.streams.pop(job.id)
     seen = len(rig.events)
@@ -639,6 +650,7 @@ async def test_a_restarted_watch_replaying_the_history_moves_nothing_back(make_r
     rig.backend.jobs[job.id] = "succeeded"
     rig.backend.feed(job.id, _report("checking", 1, 2), _report("succeeded", 1, 2), None)
     await _until(rig, job.id, lambda j: j.terminal)
+    await _until_announced(rig, job.id, state="succeeded")
     assert _dedup(rig.states(job.id)[seen:]) == ["checking", "succeeded"]
 
 
