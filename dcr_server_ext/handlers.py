@@ -56,8 +56,10 @@ def _refusals(method: F) -> F:
             await method(self, *args, **kwargs)
         except DCRError as e:
             status = e.status if isinstance(e, APIError) else 400
-            # "%s" keeps a '%' in the message from being read as a format directive by tornado.
-            raise web.HTTPError(status, "%s", str(e)) from None
+            # "%s" keeps a '%' in the message from being read as a format directive by tornado; a lone
+            # surrogate the request carried is escaped, or the server log could not write the message.
+            message = str(e).encode("utf-8", "backslashreplace").decode("utf-8")
+            raise web.HTTPError(status, "%s", message) from None
 
     return cast(F, wrapper)
 
@@ -99,6 +101,9 @@ class DCRHandler(APIHandler):
             doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise APIError(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except RecursionError:
+            # json.loads recurses once per level: a body of 30,000 "[" exhausts the stack.
+            raise APIError("malformed JSON: nested too deeply") from None
         if not isinstance(doc, dict):
             raise APIError(f"the request body must be a JSON object, not {type(doc).__name__}")
         unknown = sorted(set(doc) - set(allowed))
@@ -140,6 +145,8 @@ def _check_notebook_path(path: Any) -> str:
         raise APIError('"path" is empty: give the notebook\'s path relative to the server root')
     if len(path) > MAX_PATH_CHARS or _CONTROL_RE.search(path):
         raise APIError('"path" is too long or contains a control character')
+    if not is_utf8(path):
+        raise APIError('"path" is not valid Unicode (it holds a lone surrogate, e.g. "\\ud800")')
     if path.startswith("/"):
         raise APIError(
             f"notebook path {path!r} is absolute: give it relative to the server root, like 'work/analysis.ipynb'"
@@ -156,6 +163,16 @@ def _check_notebook_path(path: Any) -> str:
     if not path.endswith(".ipynb"):
         raise APIError(f"{path!r} is not a notebook: the path must end in .ipynb")
     return path
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: JSON's ``\\ud800`` escapes decode to lone surrogates, which
+    no file name holds and which the file system calls refuse with ``UnicodeEncodeError``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_datasets(value: Any) -> list[str] | None:
@@ -203,7 +220,7 @@ class JobsHandler(DCRHandler):
     async def get(self) -> None:
         offset = _query_int(self, "offset", 0, 0, 10**9)
         limit = _query_int(self, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-        jobs, total = self.manager.list(offset, limit)
+        jobs, total = await self.manager.alist(offset, limit)
         self.finish(
             json.dumps({"jobs": [j.to_api() for j in jobs], "total": total, "offset": offset, "limit": limit})
         )
@@ -235,7 +252,7 @@ class JobHandler(DCRHandler):
     @authorized
     @_refusals
     async def get(self, job_id: str) -> None:
-        job = self.manager.get(self.check_job_id(job_id))
+        job = await self.manager.aget(self.check_job_id(job_id))
         self.finish(json.dumps(job.to_api()))
 
 

@@ -39,7 +39,7 @@ from dcr_enclave.formats.contract import JOB_STATES, TERMINAL_STATES, check_job_
 from dcr_enclave.formats.errors import DCRError
 
 from .errors import Conflict, NotFound, Unavailable
-from .model import UNFINISHED_STATES, Job
+from .model import UNFINISHED_STATES, Job, may_precede
 
 #: The Alembic scripts (``env.py`` and ``versions/``), shipped as package data.
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -85,6 +85,10 @@ JOBS = sa.Table(
 
 class JobEnded(Conflict):
     """The job has ended (a terminal state): its state is final and the store refuses to change it."""
+
+
+class StateBehind(Conflict):
+    """The job is already past the state asked for: states only move forward (``model.LIFECYCLE_STEP``)."""
 
 
 #: Fields ``update`` may change; ``updated`` is the store's to set, ``id`` and ``created`` never change.
@@ -158,10 +162,11 @@ class JobStore:
         One ``UPDATE ... RETURNING`` statement: concurrent updates of different fields never undo each
         other, and the returned job is exactly the row this update produced.
 
-        A job that has ended keeps its state: changing the state of a job in a terminal state
-        (``contract.TERMINAL_STATES``) raises :class:`JobEnded` and changes nothing. The check is part of
-        the statement, so no writer can slip in between a check and the write. Other fields of an ended
-        job may still be written (the manager records where a job cancelled mid-launch ran).
+        A job's state only moves forward along the lifecycle (``model.LIFECYCLE_STEP``) or stays: setting
+        the state of a job that has ended raises :class:`JobEnded`, an earlier state than the stored one
+        :class:`StateBehind`, and neither changes anything. The check is part of the statement, so no
+        writer can slip in between a check and the write. Other fields of an ended job may still be
+        written (the manager records where a job cancelled mid-launch ran).
         """
         unknown = set(fields) - UPDATABLE_FIELDS
         if unknown:
@@ -173,9 +178,7 @@ class JobStore:
         values = {**fields, "updated": time.time()}
         stmt = sa.update(JOBS).where(JOBS.c.id == job_id)
         if "state" in fields:
-            stmt = stmt.where(
-                sa.or_(JOBS.c.state.not_in(sorted(TERMINAL_STATES)), JOBS.c.state == fields["state"])
-            )
+            stmt = stmt.where(JOBS.c.state.in_(may_precede(fields["state"])))
         stmt = stmt.values(**values).returning(*JOBS.c)
         with self._db(), self._write_engine.begin() as conn:
             row = conn.execute(stmt).one_or_none()
@@ -183,9 +186,13 @@ class JobStore:
             current = self.get(job_id)
             if current is None or "state" not in fields:
                 raise NotFound(f"no job {job_id} in the job store")
-            raise JobEnded(
-                f"job {job_id} has already ended ({current.state}); its state cannot change to "
-                f"{fields['state']!r}"
+            if current.state in TERMINAL_STATES:
+                raise JobEnded(
+                    f"job {job_id} has already ended ({current.state}); its state cannot change to "
+                    f"{fields['state']!r}"
+                )
+            raise StateBehind(
+                f"job {job_id} is already {current.state}; it cannot go back to {fields['state']!r}"
             )
         return _job(row)
 

@@ -38,10 +38,11 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 
@@ -57,10 +58,11 @@ from .backends.base import Backend, BackendStatus
 from .errors import APIError, Conflict, NotFound, TooLarge, Unavailable
 from .grant_sources import GrantSource
 from .jobkeys import JobKeys
-from .jobstore import JobEnded, JobStore
-from .model import Job
+from .jobstore import JobEnded, JobStore, StateBehind
+from .model import Job, moves_forward
 
 MAX_DATASETS = 50
+_T = TypeVar("_T")
 #: Result files the backend hands over and what the user's job directory keeps in the clear.
 RECEIPT_FILES = (contract.RECEIPT_FILE, contract.TOKEN_FILE, contract.SIGNER_JWKS_FILE)
 
@@ -112,6 +114,8 @@ class JobManager:
         self._finishing: set[str] = set()
         #: Jobs whose submission (grant request, launch) is still in progress in this process.
         self._submitting: set[str] = set()
+        #: The one thread the event loop's store calls run on (see ``_db``).
+        self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcr-store")
 
     # -- lifecycle of the manager ---------------------------------------------------------------------------
 
@@ -139,7 +143,7 @@ class JobManager:
 
     async def reconcile(self) -> None:
         """Bring every unfinished job to its backend's truth."""
-        for job in self.store.unfinished():
+        for job in await self._db(self.store.unfinished):
             if job.id in self._watchers or job.id in self._finishing or job.id in self._submitting:
                 continue
             try:
@@ -155,13 +159,13 @@ class JobManager:
             if job.state in ("granted", "launching") and grant.exists():
                 await self._launch(job, grant.read_text())
             else:
-                self._update(
+                await self._aupdate(
                     job, state="failed", failure=_failure("the server stopped before the job was granted")
                 )
             return
         st = await self.backend.status(job)
         if st is None:
-            self._update(
+            await self._aupdate(
                 job, state="failed", failure=_failure("the enclave vanished (its platform has no such job)")
             )
             return
@@ -187,8 +191,8 @@ class JobManager:
             except DCRError as e:
                 raise APIError(e.message, hint=e.hint) from None
             if not wanted:
-                wanted = data_references(manifest, notebook.parent)
-            public = self.keys.create(job_id)
+                wanted = await asyncio.to_thread(data_references, manifest, notebook.parent)
+            public = await asyncio.to_thread(self.keys.create, job_id)
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             self.keys.delete(job_id)
@@ -203,7 +207,7 @@ class JobManager:
             backend=self.backend_name,
         )
         try:
-            self.store.create(job)
+            await self._db(self.store.create, job)
         except BaseException:
             self._forget(job_id)
             raise
@@ -225,48 +229,48 @@ class JobManager:
         except Unavailable as e:
             # The request may have reached the hub (which records the job) before the answer was lost:
             # the job stays, failed, so the user sees what happened.
-            return self._grant_failed(job_id, _failure(str(e)), e)
+            return await self._grant_failed(job_id, _failure(str(e)), e)
         except APIError:
             # Refused (not entitled, over quota, ...): nothing of the submission stays. The record goes only
             # if nothing moved it on: a job cancelled meanwhile keeps its record (the user saw it end).
-            if not self.store.delete(job_id, state="submitted"):
-                return self._ended_meanwhile(job_id, "while its grant was requested")
+            if not await self._db(self.store.delete, job_id, state="submitted"):
+                return await self._ended_meanwhile(job_id, "while its grant was requested")
             self._forget(job_id)
             raise
         except Exception as e:
             self.log.exception("DCR: the grant source failed for %s", job_id)
-            return self._grant_failed(
+            return await self._grant_failed(
                 job_id,
                 _failure(f"the grant service failed ({type(e).__name__})"),
                 Unavailable("the grant service could not be reached; try again"),
             )
-        job = self.get(job_id)
+        job = await self.aget(job_id)
         if job.terminal:  # cancelled while the grant was requested: never launched
-            return self._ended_meanwhile(job_id, "while its grant was requested")
+            return await self._ended_meanwhile(job_id, "while its grant was requested")
         self.emit(job)  # the job's first event: from here on it is a job the user will see through
-        (job_dir / "grant.jwt").write_text(grant)
+        await asyncio.to_thread((job_dir / "grant.jwt").write_text, grant)
         granted = _granted_datasets(grant)
         try:
-            job = self._update(job, state="granted", datasets=granted, grant_id=_grant_id(grant))
+            job = await self._aupdate(job, state="granted", datasets=granted, grant_id=_grant_id(grant))
             await self._launch(job, grant)
         except Unavailable as e:
             # Stored as "granted": the reconciler launches it once the backend answers again.
             self.log.warning("DCR: job %s waits for the backend: %s", job_id, e)
         except JobEnded:
-            return self._ended_meanwhile(job_id, "while it was launched")
-        return self.get(job_id)
+            return await self._ended_meanwhile(job_id, "while it was launched")
+        return await self.aget(job_id)
 
-    def _grant_failed(self, job_id: str, failure: dict[str, Any], error: Unavailable) -> Job:
+    async def _grant_failed(self, job_id: str, failure: dict[str, Any], error: Unavailable) -> Job:
         """Store the job failed (unless a cancel ended it meanwhile) and raise ``error``."""
         try:
-            self._update(self.get(job_id), state="failed", failure=failure)
+            await self._aupdate(await self.aget(job_id), state="failed", failure=failure)
         except JobEnded:
-            return self._ended_meanwhile(job_id, "while its grant was requested")
+            return await self._ended_meanwhile(job_id, "while its grant was requested")
         raise error from None
 
-    def _ended_meanwhile(self, job_id: str, when: str) -> Job:
+    async def _ended_meanwhile(self, job_id: str, when: str) -> Job:
         """The answer to a submission whose job was cancelled before the submission was done with it."""
-        job = self.get(job_id)
+        job = await self.aget(job_id)
         self.log.info("DCR: job %s was %s %s; it is not launched", job_id, job.state, when)
         return job
 
@@ -311,8 +315,8 @@ class JobManager:
     def _notebook_path(self, path: Any) -> tuple[Path, str]:
         if not isinstance(path, str) or not path.strip():
             raise APIError('"path" must be the notebook\'s path relative to the server root')
-        if "\x00" in path or len(path) > 4096:
-            raise APIError("the notebook path is malformed")
+        if "\x00" in path or len(path) > 4096 or not _encodable(path):
+            raise APIError("the notebook path is malformed (a NUL, a lone surrogate or over 4096 characters)")
         pure = PurePosixPath(path)
         if pure.is_absolute() or ".." in pure.parts:
             raise APIError(f"notebook path {path!r} must be relative to the server root, without '..'")
@@ -323,6 +327,8 @@ class JobManager:
             real = full.resolve(strict=True)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"no notebook at {path!r}") from None
+        except (OSError, RuntimeError) as e:  # a name too long, a loop of links (RuntimeError before 3.13)
+            raise APIError(f"notebook path {path!r} cannot be opened ({type(e).__name__})") from None
         if not real.is_relative_to(self.root):
             raise APIError(f"{path!r} leads outside the server root")
         if not real.is_file():
@@ -330,20 +336,20 @@ class JobManager:
         return full, pure.as_posix()
 
     async def _launch(self, job: Job, grant: str) -> None:
-        job = self._update(job, state="launching")
+        job = await self._aupdate(job, state="launching")
         ref = await self.backend.launch(job, grant, self._job_dir(job.id) / "bundle.tar")
-        current = self.get(job.id)
+        current = await self.aget(job.id)
         if current.terminal:
             # Cancelled while the backend launched it: stop what was just started; the job stays cancelled.
             await self._stop_late_launch(current, ref)
             return
-        job = self._update(current, backend_ref=ref)
+        job = await self._aupdate(current, backend_ref=ref)
         self._watch(job)
 
     async def _stop_late_launch(self, job: Job, ref: dict[str, Any]) -> None:
         # Where it ran is recorded first (an ended job's state is final, its other fields are not).
         try:
-            job = self.store.update(job.id, backend_ref=ref)
+            job = await self._db(self.store.update, job.id, backend_ref=ref)
         except DCRError as e:
             self.log.warning("DCR: could not record where the cancelled job %s ran: %s", job.id, e)
             job = replace(job, backend_ref=ref)
@@ -372,7 +378,7 @@ class JobManager:
 
     async def _follow(self, job_id: str) -> None:
         try:
-            async for st in self.backend.progress(self.get(job_id)):
+            async for st in self.backend.progress(await self.aget(job_id)):
                 await self._apply(job_id, st)
         except asyncio.CancelledError:
             raise
@@ -382,25 +388,36 @@ class JobManager:
             self.log.exception("DCR: following %s failed; the reconciler resumes it", job_id)
 
     async def _apply(self, job_id: str, st: BackendStatus) -> None:
-        job = self.get(job_id)
-        if job.terminal:
+        """Take one report of the platform. Reports may come stale, replayed, repeated or out of order (a
+        stream opening with a snapshot, a watch replaying the history after a restart): what would move
+        the job back (an earlier state, an earlier cell) is dropped, so the store and the events only
+        ever move forward."""
+        job = await self.aget(job_id)
+        if job.terminal or st.state not in contract.JOB_STATES:
+            return
+        if st.state != job.state and not moves_forward(job.state, st.state):
+            # An earlier step's report: nothing of it is newer than what is stored (its cell neither).
+            if not _ended(job.state):
+                self._watch(job)
             return
         changes: dict[str, Any] = {}
         if st.enclave and job.enclave != st.enclave:
             changes["enclave"] = st.enclave
-        if st.cells and (st.cell, st.cells) != (job.cell, job.cells):
+        if st.cells and _cell_moves_forward((job.cell, job.cells), (st.cell, st.cells)):
             changes.update(cell=st.cell, cells=st.cells)
         if _ended(st.state):
             if changes:
-                job = self._update(job, **changes)
+                job = await self._aupdate(job, **changes)
             await self._finish(job, st)
             return
-        if st.state != job.state and st.state in contract.JOB_STATES:
+        if st.state != job.state:
             changes["state"] = st.state
         if changes:
-            job = self._update(job, **changes)
-        if st.state not in contract.TERMINAL_STATES:
-            self._watch(job)
+            try:
+                job = await self._aupdate(job, **changes)
+            except StateBehind:  # another report moved it on meanwhile: keep that one
+                return
+        self._watch(job)
 
     async def _finish(self, job: Job, st: BackendStatus) -> None:
         """Collect the result and open it in the user's space, then record the final state."""
@@ -409,7 +426,7 @@ class JobManager:
         self._finishing.add(job.id)
         try:
             if st.state == "cancelled":
-                self._update(job, state="cancelled")
+                await self._aupdate(job, state="cancelled")
                 return
             result = self._job_dir(job.id) / "result"
             if not result.is_dir():
@@ -419,13 +436,13 @@ class JobManager:
                 staging.rename(result)
             if st.state == "failed":
                 failure = st.failure or _read_failure(result) or _failure("the enclave job failed")
-                self._update(job, state="failed", failure=failure)
+                await self._aupdate(job, state="failed", failure=failure)
                 return
             outputs_path = await asyncio.to_thread(self._open_result, job, result, st.state)
             enclave = dict(job.enclave or st.enclave or {})
             # The receipt names the measured enclave whatever the progress stream managed to report.
             enclave["image_digest"] = self._receipt_manifest(job)["enclave"]["image_digest"]
-            self._update(job, state=st.state, outputs_path=outputs_path, receipt=True, enclave=enclave)
+            await self._aupdate(job, state=st.state, outputs_path=outputs_path, receipt=True, enclave=enclave)
             with contextlib.suppress(DCRError):
                 await self.backend.cleanup(job)
         except JobEnded as e:  # cancelled while the result was collected
@@ -434,7 +451,9 @@ class JobManager:
             self.log.warning("DCR: cannot collect %s now: %s (the reconciler retries)", job.id, e)
         except DCRError as e:
             with contextlib.suppress(JobEnded):
-                self._update(job, state="failed", failure=_failure(f"the results could not be opened: {e}"))
+                await self._aupdate(
+                    job, state="failed", failure=_failure(f"the results could not be opened: {e}")
+                )
         finally:
             self._finishing.discard(job.id)
 
@@ -466,8 +485,22 @@ class JobManager:
             raise NotFound(f"no such job: {job_id}")
         return job
 
+    async def aget(self, job_id: Any) -> Job:
+        """:meth:`get` on the store's thread."""
+        if not isinstance(job_id, str) or not contract.JOB_ID_RE.match(job_id):
+            raise NotFound(f"no such job: {job_id!r}")
+        job = await self._db(self.store.get, job_id)
+        if job is None:
+            raise NotFound(f"no such job: {job_id}")
+        return job
+
     def list(self, offset: int, limit: int) -> tuple[list[Job], int]:
         return self.store.list(offset, limit)
+
+    async def alist(self, offset: int, limit: int) -> tuple[builtins.list[Job], int]:
+        """:meth:`list` on the store's thread."""
+        jobs, total = await self._db(self.store.list, offset, limit)
+        return jobs, total
 
     async def cancel(self, job_id: str) -> Job:
         """Stop a job and store it ``cancelled``; answered once the backend has stopped it.
@@ -478,7 +511,7 @@ class JobManager:
         its result: it is finished as the backend says (outputs collected and opened) and the cancel is
         refused with :class:`Conflict` naming the state it ended in.
         """
-        job = self.get(job_id)
+        job = await self.aget(job_id)
         if job.terminal:
             raise Conflict(f"job {job_id} has already ended ({job.state})")
         if job.backend_ref:
@@ -486,7 +519,7 @@ class JobManager:
             # The platform's truth once the cancel is done: a job that had finished was left as it was.
             st = await self.backend.status(job)
             if st is not None and st.state != "cancelled" and _ended(st.state):
-                if self.get(job_id).state != st.state:
+                if (await self.aget(job_id)).state != st.state:
                     await self._apply(job_id, st)
                 raise Conflict(
                     f"job {job_id} had already ended ({st.state}) when the cancel reached it; "
@@ -495,12 +528,12 @@ class JobManager:
         task = self._watchers.pop(job_id, None)
         if task:
             task.cancel()
-        job = self.get(job_id)
+        job = await self.aget(job_id)
         if job.terminal:  # the progress stream stored the backend's own "cancelled" meanwhile
             if job.state == "cancelled":
                 return job
             raise Conflict(f"job {job_id} has already ended ({job.state})")
-        return self._update(job, state="cancelled")
+        return await self._aupdate(job, state="cancelled")
 
     def _outputs_root(self, job: Job) -> Path:
         if not job.outputs_path:
@@ -582,7 +615,7 @@ class JobManager:
         copy in the server root is the user's to open and edit (JupyterLab adds checkpoints beside an
         opened notebook), so it is not what is checked; ``dcr verify`` on that folder checks the copy.
         """
-        job = self.get(job_id)
+        job = await self.aget(job_id)
         result = self._job_dir(job.id) / "result"
         if not job.receipt or not (result / contract.RECEIPT_FILE).is_file():
             raise NotFound(f"job {job_id} has no receipt ({job.state})")
@@ -652,20 +685,54 @@ class JobManager:
     def _job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / contract.check_job_id(job_id)
 
+    async def _db(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """Run a job store call on the store's one thread: the database and the disk never hold up the
+        event loop (the API stays responsive while many jobs report progress), and one thread keeps the
+        store's commits, and so the events emitted after them, in the order the loop asked for them."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._store_thread, partial(fn, *args, **kwargs))
+
+    async def _aupdate(self, job: Job, **changes: Any) -> Job:
+        """:meth:`_update` with the store's write on the store's thread; the event is emitted here."""
+        new = await self._db(self.store.update, job.id, **changes)
+        self._announce(new, changes)
+        return new
+
+    def _announce(self, new: Job, changes: dict[str, Any]) -> None:
+        if "state" in changes or "cell" in changes or "cells" in changes:
+            self.emit(new)
+        if "state" in changes:
+            self.log.info("DCR: job %s is %s", new.id, new.state)
+
     def _update(self, job: Job, **changes: Any) -> Job:
         """Store the change, then tell subscribers. The state of a job that has ended is final: the store
         refuses to change it with :class:`JobEnded`, and nothing is emitted."""
         new = self.store.update(job.id, **changes)
-        if "state" in changes or "cell" in changes or "cells" in changes:
-            self.emit(new)
-        if "state" in changes:
-            self.log.info("DCR: job %s is %s", job.id, new.state)
+        self._announce(new, changes)
         return new
 
 
 def _ended(state: str) -> bool:
     """The enclave is done with the job: a terminal state, or outputs held for the provider's review."""
     return state in contract.TERMINAL_STATES or state == "held"
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 form (a lone surrogate has none: ``Path.resolve`` would raise)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _cell_moves_forward(old: tuple[int | None, int | None], new: tuple[int | None, int | None]) -> bool:
+    """Whether cell progress ``new`` is later than ``old`` (a replayed or late cell event is not)."""
+    if new == old:
+        return False
+    if old[0] is None or new[0] is None or old[1] != new[1]:
+        return new[0] is not None  # the first cell, or another count (not seen for one job)
+    return new[0] > old[0]
 
 
 def _parse_datasets(value: Any) -> list[tuple[str, str]]:

@@ -16,6 +16,25 @@ from dcr_enclave.formats.contract import JOB_STATES, TERMINAL_STATES
 #: States from which the reconciler still has work to do.
 UNFINISHED_STATES = tuple(s for s in JOB_STATES if s not in TERMINAL_STATES and s != "held")
 
+#: Each state's step in the lifecycle (``submitted → granted → launching → running → checking → held``,
+#: then any terminal state): a job only ever moves to a later step. Platforms report in any order (a
+#: progress stream may open with a stale snapshot, a restarted watch replays the history), so the order
+#: is the store's to keep, not theirs.
+LIFECYCLE_STEP: dict[str, int] = {
+    **{s: i for i, s in enumerate(("submitted", "granted", "launching", "running", "checking", "held"))},
+    **dict.fromkeys(TERMINAL_STATES, 6),
+}
+
+
+def moves_forward(old: str, new: str) -> bool:
+    """Whether a job in ``old`` may go to ``new``: a later step (an ended job never changes)."""
+    return old not in TERMINAL_STATES and LIFECYCLE_STEP[new] > LIFECYCLE_STEP[old]
+
+
+def may_precede(new: str) -> list[str]:
+    """The states from which a job may be stored as ``new``: earlier steps, and ``new`` itself."""
+    return sorted(s for s in JOB_STATES if s == new or moves_forward(s, new))
+
 
 @dataclass
 class Job:

@@ -1028,3 +1028,14 @@ def test_manifest_with_a_file_entry_removed_is_refused_before_decryption(
         assert not any("cell" in e for e in events)
     assert _no_plaintext_anywhere([host.state, Path("/dev/shm")], REAL_ROW) == []
     assert _no_plaintext_anywhere([host.state, Path("/dev/shm")], b"fa1cbe11") == []
+
+
+def test_a_time_limit_failure_names_the_limit_and_the_cell(tmp_path, store, host, make_notebook):
+    """A notebook that runs past its grant's time limit fails with a reason naming the limit (a value the
+    grant sets) and the cell the report carries anyway, nothing the notebook chose besides."""
+    nb = make_notebook(["x = 1", "import time\ntime.sleep(600)"])
+    job_id, grant, bundle, _key = _grant_and_bundle(store, nb, tmp_path, time_limit=15)
+    host.client.launch(grant, bundle)
+    job = _wait_state(host.client, job_id, contract.TERMINAL_STATES)
+    assert job["state"] == "failed"
+    assert job["failure"] == {"reason": "time limit of 15 s reached in cell 2", "cell": 1, "ename": None}

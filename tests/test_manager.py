@@ -29,6 +29,7 @@ from typing import Any
 
 import nbformat
 import pytest
+import sqlalchemy as sa
 from receipt_factory import make_receipt, make_signer
 from traitlets import Bool, Enum, TraitError
 from traitlets.config import Config
@@ -47,9 +48,9 @@ from dcr_server_ext.backends.local import LocalBackend
 from dcr_server_ext.errors import Conflict, Unavailable
 from dcr_server_ext.events import job_event
 from dcr_server_ext.grant_sources import DevGrantSource, GrantRefused, GrantSource
-from dcr_server_ext.jobstore import JobStore
+from dcr_server_ext.jobstore import JobEnded, JobStore, StateBehind
 from dcr_server_ext.manager import RECEIPT_FILES, JobManager
-from dcr_server_ext.model import Job
+from dcr_server_ext.model import LIFECYCLE_STEP, Job
 
 #: The stand-in hub's signing key; FakePlatform trusts it as an enclave trusts the hub key it pins.
 HUB_KEY = generate_key()
@@ -124,6 +125,8 @@ class FakePlatform(Backend):
         self.seal_to: dict[str, bytes] = {}
         #: Every call, as (method, job id).
         self.calls: list[tuple[str, str]] = []
+        #: job id -> the reports its progress stream yields, in order (see ``feed``).
+        self.streams: dict[str, asyncio.Queue[BackendStatus | None]] = {}
 
     def _call(self, method: str, job: Job) -> None:
         self.calls.append((method, job.id))
@@ -151,10 +154,17 @@ class FakePlatform(Backend):
         state = self.jobs.get(job.backend_ref.get("platform_job", ""))
         return BackendStatus(state=state, enclave={"kind": "local", "simulated": True}) if state else None
 
+    def feed(self, job_id: str, *reports: BackendStatus | None) -> None:
+        """Queue reports on the job's progress stream (``None`` ends the stream)."""
+        for r in reports:
+            self.streams.setdefault(job_id, asyncio.Queue()).put_nowait(r)
+
     async def progress(self, job: Job) -> AsyncIterator[BackendStatus]:
         self._call("progress", job)
-        await asyncio.Event().wait()  # silent: the tests move jobs through cancel and the reconciler
-        yield BackendStatus(state="running")
+        # Silent unless a test feeds it: most tests move jobs through cancel and the reconciler.
+        queue = self.streams.setdefault(job.id, asyncio.Queue())
+        while (report := await queue.get()) is not None:
+            yield report
 
     async def cancel(self, job: Job) -> None:
         self._call("cancel", job)
@@ -507,7 +517,11 @@ async def test_reconciler_launches_a_granted_job_once(make_rig, stored: str):
     job = await rig.manager.submit(NOTEBOOK)
     assert job.state == "launching" and job.backend_ref == {}
     if stored == "granted":  # as a server that stopped right after storing the grant leaves it
-        job = rig.store.update(job.id, state="granted")
+        # Written behind the store's back: its API never moves a job back (test_states_only_move_forward).
+        with sa.create_engine(f"sqlite:///{rig.data.parent / 'jobs.sqlite'}").begin() as conn:
+            conn.execute(sa.text("UPDATE dcr_jobs SET state = 'granted' WHERE id = :id"), {"id": job.id})
+        job = rig.manager.get(job.id)
+        assert job.state == "granted"
     assert (rig.data / "jobs" / job.id / "grant.jwt").is_file()
     assert rig.backend.jobs == {}
 
@@ -524,6 +538,142 @@ async def test_reconciler_launches_a_granted_job_once(make_rig, stored: str):
     assert len(rig.backend.by_grant) == 1
     assert rig.backend.called("launch") == [job.id] * 3  # twice refused while down, once launched
     assert rig.manager.get(job.id).backend_ref == launched.backend_ref
+
+
+# ---------------------------------------------------------------------------------------------------------
+# States only move forward, whatever the platform reports
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _report(state: str, cell: int | None = None, cells: int | None = None) -> BackendStatus:
+    return BackendStatus(state=state, cell=cell, cells=cells, enclave={"kind": "local", "simulated": True})
+
+
+async def _until(rig: Rig, job_id: str, done: Callable[[Job], bool]) -> Job:
+    """Wait until the stored job satisfies ``done`` (the bound only guards against a hang)."""
+    for _ in range(2000):
+        job = rig.manager.get(job_id)
+        if done(job):
+            return job
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the job never got there: {rig.manager.get(job_id)}")
+
+
+async def _until_announced(rig: Rig, job_id: str, **fields: Any) -> None:
+    """Wait until an event of the job with ``fields`` has been emitted (a change is stored, on the store's
+    thread, before it is emitted)."""
+    for _ in range(2000):
+        if any(e["job_id"] == job_id and fields.items() <= e.items() for e in rig.events):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{fields} was never announced: {rig.events}")
+
+
+def _steps(states: list[str]) -> list[int]:
+    return [LIFECYCLE_STEP[s] for s in states]
+
+
+def _dedup(items: list[Any]) -> list[Any]:
+    return [x for i, x in enumerate(items) if i == 0 or items[i - 1] != x]
+
+
+async def test_states_only_move_forward_whatever_the_platform_reports(make_rig):
+    """The platform's progress stream opens with a stale snapshot (``granted`` while the job is stored
+    ``launching``), then repeats, replays and reorders states and cells: the stored job and the emitted
+    events only ever move forward, through each state once, and cells only count up."""
+    rig = make_rig()
+    job = await rig.manager.submit(NOTEBOOK)
+    assert job.state == "launching"
+    stored: list[tuple[str, int | None]] = []
+    rig.manager.emit = lambda j: (rig.events.append(job_event(j)), stored.append((j.state, j.cell)))
+    rig.backend.feed(
+        job.id,
+        _report("granted"),  # the snapshot the host's stream opens with, taken before its launch
+        _report("launching"),
+        _report("running"),
+        _report("running", 0, 3),
+        _report("launching"),  # replayed
+        _report("running", 2, 3),
+        _report("running", 1, 3),  # late
+        _report("running", 0, 3),  # replayed
+        _report("granted"),
+        _report("checking", 2, 3),
+        _report("running", 2, 3),  # reordered
+        _report("checking", 2, 3),  # repeated
+        _report("launching"),
+    )
+    after = await _until(rig, job.id, lambda j: j.state == "checking")
+    rig.backend.jobs[job.id] = "succeeded"
+    rig.backend.feed(job.id, _report("running", 1, 3), _report("succeeded", 2, 3), _report("running"), None)
+    done = await _until(rig, job.id, lambda j: j.terminal)
+    await _until_announced(rig, job.id, state="succeeded")
+    assert (after.cell, after.cells) == (2, 3)
+    assert done.state == "succeeded" and done.receipt
+    states = rig.states(job.id)
+    assert _steps(states) == sorted(_steps(states)), states
+    assert _dedup(states) == ["submitted", "granted", "launching", "running", "checking", "succeeded"]
+    cells = [c for s, c in stored if c is not None]
+    assert cells == sorted(cells) and _dedup(cells) == [0, 2], stored
+
+
+async def test_a_restarted_watch_replaying_the_history_moves_nothing_back(make_rig):
+    """After a server restart the platform's stream replays the job's whole history (``launching``,
+    ``running``, every cell) before anything new: the running job stays running at its cell, and no event
+    is emitted until something newer arrives; the job then ends as the platform says."""
+    rig = make_rig()
+    job = await rig.manager.submit(NOTEBOOK)
+    rig.backend.feed(job.id, _report("launching"), _report("running"), _report("running", 0, 2))
+    await _until_announced(rig, job.id, cell=0)
+    rig.backend.feed(job.id, _report("running", 1, 2))
+    await _until_announced(rig, job.id, cell=1)
+    await rig.manager.stop()  # the server stops; the job runs on
+    rig.backend.streams.pop(job.id)
+    seen = len(rig.events)
+
+    # The restarted server: the reconciler asks the platform (running) and watches again.
+    rig.backend.feed(
+        job.id,
+        _report("running", 1, 2),  # the snapshot
+        _report("granted"),
+        _report("launching"),
+        _report("running"),
+        _report("running", 0, 2),
+        _report("running", 1, 2),
+    )
+    await rig.manager.reconcile()
+    for _ in range(50):  # let the replay drain
+        await asyncio.sleep(0.01)
+    assert rig.backend.streams[job.id].empty()
+    job = rig.manager.get(job.id)
+    assert (job.state, job.cell, job.cells) == ("running", 1, 2)
+    assert rig.events[seen:] == []
+    rig.backend.jobs[job.id] = "succeeded"
+    rig.backend.feed(job.id, _report("checking", 1, 2), _report("succeeded", 1, 2), None)
+    await _until(rig, job.id, lambda j: j.terminal)
+    await _until_announced(rig, job.id, state="succeeded")
+    assert _dedup(rig.states(job.id)[seen:]) == ["checking", "succeeded"]
+
+
+def test_the_store_refuses_to_move_a_job_back(tmp_path: Path):
+    """The job store keeps the order itself (one statement, no window for a racing writer): an earlier
+    state is refused with StateBehind and nothing changes; the same state, a later one and a terminal
+    one from any unfinished state are taken; an ended job's state is final (JobEnded)."""
+    with JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}") as store:
+        store.create(Job(id="job-" + "1" * 24, notebook="a.ipynb"))
+        job_id = "job-" + "1" * 24
+        store.update(job_id, state="running", cell=1, cells=3)
+        for earlier in ("submitted", "granted", "launching"):
+            with pytest.raises(StateBehind, match=f"already running; it cannot go back to '{earlier}'"):
+                store.update(job_id, state=earlier, cell=0)
+        job = store.get(job_id)
+        assert job is not None and (job.state, job.cell) == ("running", 1)
+        assert store.update(job_id, state="running").state == "running"
+        assert store.update(job_id, state="held").state == "held"
+        with pytest.raises(StateBehind):
+            store.update(job_id, state="checking")
+        assert store.update(job_id, state="released").state == "released"
+        with pytest.raises(JobEnded):
+            store.update(job_id, state="failed")
 
 
 # ---------------------------------------------------------------------------------------------------------

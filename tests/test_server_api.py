@@ -21,6 +21,8 @@ import nbformat
 import pandas as pd
 import psutil
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from jupyter_server.auth import Authorizer
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
@@ -466,6 +468,143 @@ async def test_job_id_and_query_refusals(api, jp_root_dir: Path, dcr_data: Path)
     reply = await api("DELETE", "jobs", validate=False)
     assert reply.code == 405 and reply.error
     assert await _snapshot(api, dcr_data, jp_root_dir) == before
+
+
+async def test_lone_surrogates_and_deep_nesting_are_400(api, jp_root_dir: Path, dcr_data: Path):
+    """A notebook path holding a lone surrogate (JSON ``"\\ud800"``), on submit and dry run, and a body
+    nested 30,000 levels deep, on submit, dry run and cancel, are each a 400 with a JSON message; nothing
+    changes."""
+    _notebook(jp_root_dir, "work/ok.ipynb", ["1"])
+    before = await _snapshot(api, dcr_data, jp_root_dir)
+    deep = b"[" * 30_000 + b"]" * 30_000
+    deep_object = b'{"path": ' + deep + b"}"
+    unknown = "job-" + "0" * 24
+    for params in (None, {"dry_run": "1"}):
+        for body, words in (
+            (b'{"path": "\\ud800.ipynb"}', "surrogate"),
+            (b'{"path": "work/\\udfff/ok.ipynb"}', "surrogate"),
+            (deep, "nested too deeply"),
+            (deep_object, "nested too deeply"),
+        ):
+            reply = await api("POST", "jobs", body=body, params=params)
+            assert reply.code == 400, (body[:40], params, reply.code, reply.body[:300])
+            assert words in reply.error
+    for body in (deep, b'{"\\ud800": 1}'):
+        reply = await api("POST", "jobs", unknown, "cancel", body=body)
+        assert reply.code == 400, (body[:40], reply.code, reply.body[:300])
+        assert reply.error
+    assert await _snapshot(api, dcr_data, jp_root_dir) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Property-based: whatever arrives, a 2xx or a JSON 4xx, and the store unchanged
+# ---------------------------------------------------------------------------------------------------------
+
+#: Examples per property; with the server in-process one example takes a few milliseconds.
+FUZZ_EXAMPLES = 120
+#: All of Unicode, lone surrogates included (Hypothesis leaves them out unless asked, and rarely draws them).
+UNICODE = st.characters(exclude_categories=()) | st.characters(categories=("Cs",))
+TEXT = st.text(UNICODE, max_size=40)
+#: Any JSON value: scalars nested in lists and objects.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(UNICODE, max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+#: Notebook paths: any text, path-like text, and the one real notebook with a twist.
+PATHS = st.one_of(
+    TEXT,
+    st.lists(st.text(UNICODE, min_size=1, max_size=300), min_size=1, max_size=4).map(
+        lambda ps: "/".join(ps) + ".ipynb"
+    ),
+    st.sampled_from(["work/ok.ipynb", "work/ok.ipynb/", "./work/ok.ipynb", "work/ok.IPYNB"]),
+)
+#: JSON text nested up to 40,000 levels (json.loads recurses once per level), bare or as the path.
+DEEP = st.builds(
+    lambda n, wrap: wrap.replace("X", "[" * n + "]" * n),
+    st.integers(1, 40_000),
+    st.sampled_from(["X", '{"path": X}', '{"path": "a.ipynb", "datasets": X}']),
+)
+SUBMIT_BODIES = st.one_of(
+    JSON_VALUES,
+    st.fixed_dictionaries({"path": PATHS}, optional={"datasets": JSON_VALUES}),
+    st.fixed_dictionaries({"path": JSON_VALUES}),
+)
+#: URL path segments: any text without surrogates (a URL carries UTF-8 only).
+SEGMENTS = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
+FUZZ_SETTINGS = settings(
+    max_examples=FUZZ_EXAMPLES,
+    # No deadline: the machine is shared and the server may pause (garbage collection, other tests);
+    # speed is the benchmarks' business, not this test's.
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def _json_4xx_or_2xx(reply: Reply, what: Any) -> None:
+    assert 200 <= reply.code < 300 or 400 <= reply.code < 500, (what, reply.code, reply.body[:300])
+    if reply.code >= 400:
+        assert reply.error, what  # JSON {"error": "..."}
+
+
+def test_any_json_and_any_path_is_2xx_or_json_4xx_and_changes_nothing(
+    api, jp_root_dir: Path, dcr_data: Path, jp_asyncio_loop
+):
+    """Arbitrary JSON bodies and arbitrary Unicode notebook paths on submit, dry run and cancel, and arbitrary
+    path segments and query values on every GET endpoint: each answer is a 2xx or a 4xx with a JSON error,
+    and the store, job directories, keys and outputs folder stay as they were (the only notebook is
+    ``work/ok.ipynb``, which a submit never names exactly)."""
+    _notebook(jp_root_dir, "work/ok.ipynb", ["1"])
+    run = jp_asyncio_loop.run_until_complete
+    before = run(_snapshot(api, dcr_data, jp_root_dir))
+    unknown = "job-" + "0" * 24
+
+    @FUZZ_SETTINGS
+    @given(body=SUBMIT_BODIES | DEEP, dry_run=st.booleans(), raw=st.booleans())
+    def submit(body: Any, dry_run: bool, raw: bool) -> None:
+        assume(not (isinstance(body, dict) and body.get("path") == "work/ok.ipynb" and not dry_run))
+        if isinstance(body, str):  # already JSON text
+            data = body.encode()
+        elif raw:  # UTF-8 as sent, a lone surrogate as the (invalid) bytes it would take
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        else:
+            data = json.dumps(body).encode()
+        params = {"dry_run": "1"} if dry_run else None
+        _json_4xx_or_2xx(run(api("POST", "jobs", body=data, params=params, validate=False)), body)
+        if not dry_run:
+            assert run(_snapshot(api, dcr_data, jp_root_dir)) == before, body
+
+    @FUZZ_SETTINGS
+    @given(body=JSON_VALUES | st.binary(max_size=64) | DEEP, job=st.sampled_from([unknown]) | SEGMENTS)
+    def cancel(body: Any, job: str) -> None:
+        data = (
+            body
+            if isinstance(body, bytes)
+            else (body if isinstance(body, str) else json.dumps(body)).encode()
+        )
+        assume(job not in ("", ".", ".."))
+        _json_4xx_or_2xx(run(api("POST", "jobs", job, "cancel", body=data, validate=False)), (job, body))
+
+    @FUZZ_SETTINGS
+    @given(
+        job=st.sampled_from([unknown]) | SEGMENTS,
+        tail=st.sampled_from(["", "outputs", "receipt", "verify", "outputs/x"]) | SEGMENTS,
+        query=st.dictionaries(st.sampled_from(["offset", "limit", "dry_run", "x"]), SEGMENTS, max_size=3),
+    )
+    def get(job: str, tail: str, query: dict[str, str]) -> None:
+        for parts in (("jobs",), ("datasets",), ("jobs", job), ("jobs", job, tail)):
+            if any(p in ("", ".", "..") for p in parts):
+                continue
+            reply = run(api("GET", *parts, params=query, validate=False))
+            _json_4xx_or_2xx(reply, (parts, query))
+
+    submit()
+    cancel()
+    get()
+    assert run(_snapshot(api, dcr_data, jp_root_dir)) == before
 
 
 async def test_requests_need_authentication_and_xsrf(api, dcr_server, http_server_client, jp_base_url):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ import pytest
 from test_researcher_cli import JupyterServer, cli_runner, write_notebook
 
 from dcr_enclave.formats import contract
+from dcr_server_ext.model import LIFECYCLE_STEP
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -163,6 +165,11 @@ def test_job_survives_server_restart(server, host, when, monkeypatch, tmp_path):
     assert status == 200 and files["files"], files
     assert (server.root / job["outputs_path"] / contract.RECEIPT_FILE).is_file()
     assert wait_gone(procs) == set()
+    # The restarted watch replays the job's history (launching, running, every cell): across both runs of
+    # the server the stored state only ever moved forward.
+    states = re.findall(rf"DCR: job {job_id} is (\w+)", server.log.read_text())
+    steps = [LIFECYCLE_STEP[s] for s in states]
+    assert steps == sorted(steps) and states[-1] == "succeeded", states
     if when == "still-running":
         follower.join(timeout=120)
         code, out, err = waiter["result"]

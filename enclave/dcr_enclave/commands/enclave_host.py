@@ -56,6 +56,23 @@ def register(sub: Any) -> None:
         help="seconds to which the end of a job under review is rounded up (default %(default)s)",
     )
     p.add_argument(
+        "--job-nice",
+        type=int,
+        default=HostConfig.job_nice,
+        choices=range(20),
+        metavar="0-19",
+        help="nice value of every process of a job, so that the servers and the hub stay responsive under "
+        "load (default %(default)s); the job's account cannot lower it",
+    )
+    p.add_argument(
+        "--job-cpu-weight",
+        type=int,
+        default=HostConfig.job_cpu_weight,
+        metavar="1-10000",
+        help="CPU weight of all jobs together against everything else (cgroup v2 scale, default 100 for a "
+        "group; v1 cpu.shares scaled to match; default %(default)s); ignored without a cpu cgroup controller",
+    )
+    p.add_argument(
         "--allow-visible-processes",
         action="store_true",
         help="start although /proc is not mounted hidepid=invisible, so that every account of this machine can "
@@ -81,6 +98,8 @@ def build_host(args: argparse.Namespace) -> EnclaveHost:
         hub_keys=hub_keys,
         sandbox_ids=args.sandbox_ids,
         review_time_quantum=args.review_time_quantum,
+        job_nice=args.job_nice,
+        job_cpu_weight=args.job_cpu_weight,
     )
     host = EnclaveHost(cfg)
     host.prepare()

@@ -3,14 +3,21 @@
 It bundles the notebook, issues a grant with the local development hub key (the one ``dcr provider add``
 pins by default), runs the job on an enclave host (an existing one with ``--host-socket``, else one it
 starts for the duration of the run), and leaves the decrypted outputs and the receipt in ``--out``.
+
+Stopped (Ctrl-C, ``SIGTERM`` as from ``timeout``, ``SIGHUP``) while its job runs, it cancels the job and
+removes what it made: the job's processes, its spool on the host, its temporary files; the exit status is
+128 plus the signal's number. Killed outright (``SIGKILL``), its own enclave host dies with it and so do the
+job's processes (they die with the host); the host started next on that state directory removes the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -91,7 +98,42 @@ def pick_datasets(store: Store, wanted: list[str], referenced: list[tuple[str, s
     return out
 
 
+class Stopped(Exception):
+    """A signal asked ``dcr local-run`` to stop."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame: Any) -> None:
+    # One stop is enough: a second signal must not interrupt the clean-up the first one started.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
 def run(args: argparse.Namespace) -> int:
+    # A signal becomes an exception, so that every clean-up below runs (cancel, host shutdown, temp files).
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGHUP, _stop)
+    try:
+        return _run(args)
+    except Stopped as e:
+        print(
+            f"local-run: stopped by {e}; its job, if it had started, was cancelled and removed",
+            file=sys.stderr,
+        )
+        return 128 + e.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     # Every check on the arguments comes before anything is written (host state, keys, --out).
     if args.out.exists() or args.out.is_symlink():
         raise DCRError(f"{args.out} already exists", hint="choose a new --out directory")
@@ -180,6 +222,28 @@ def _run_job(
     trust: str,
 ) -> int:
     job = client.launch(grant, bundle_path)
+    try:
+        return _follow_job(client, job, job_id, private, out, datasets, trust)
+    except BaseException:
+        # Stopped or failed while the job ran: it must not run on without anyone waiting for it.
+        with contextlib.suppress(DCRError, OSError):
+            client.cancel(job_id)
+        raise
+    finally:
+        # The results are in --out (or the run was stopped): nothing of the job stays on the host.
+        with contextlib.suppress(DCRError, OSError):
+            client.delete(job_id)
+
+
+def _follow_job(
+    client: HostClient,
+    job: dict[str, Any],
+    job_id: str,
+    private: bytes,
+    out: Path,
+    datasets: list[GrantedDataset],
+    trust: str,
+) -> int:
     print(f"job {job['job_id']} on the LOCAL SIMULATED enclave; datasets: " + ", ".join(
         f"{d.key}@{d.version[:19]}" for d in datasets), file=sys.stderr)  # fmt: skip
     final: dict[str, Any] = job

@@ -8,6 +8,14 @@ ends a process of the job, never one of the host, and ``fork`` fails.
 
 Both hierarchies are handled: cgroup v2 where the ``memory`` and ``pids`` controllers are available in
 the unified hierarchy, otherwise v1's ``memory`` and ``pids`` hierarchies.
+
+CPU: the jobs' groups sit below one parent group whose CPU weight (``cpu.weight`` on v2, ``cpu.shares`` on
+v1) is set low, so that all jobs together yield the CPU to the servers, the hub and the host, which run
+outside it at the default weight. Where the ``cpu`` controller is missing the group is left out and the
+host's ``nice`` value alone lowers the jobs' priority.
+
+Every job's processes are in its group, so the host can end a job whose supervisor it lost (a host
+restarted after ``kill -9``): :meth:`JobCgroup.remove` kills whatever is still in the group.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from dcr_enclave.formats.errors import DCRError
 ROOT: Final = Path("/sys/fs/cgroup")
 #: The group under each hierarchy that holds the jobs' groups.
 PARENT: Final = "dcr-enclave"
+#: The default CPU weight of a group on cgroup v2 (v1's ``cpu.shares`` default is 1024 for the same).
+DEFAULT_CPU_WEIGHT: Final = 100
 
 
 def _v2_root(root: Path) -> Path | None:
@@ -35,6 +45,12 @@ def _v2_root(root: Path) -> Path | None:
     return None
 
 
+def _controllers(v2: Path) -> set[str]:
+    with contextlib.suppress(OSError):
+        return set((v2 / "cgroup.controllers").read_text().split())
+    return set()
+
+
 @dataclass
 class JobCgroup:
     """The cgroup(s) of one job: :meth:`create`, start the job with :meth:`enter_command`, :meth:`remove`."""
@@ -43,15 +59,26 @@ class JobCgroup:
     memory_bytes: int
     max_processes: int
     root: Path = ROOT
+    #: The CPU weight of all jobs together, on v2's scale (1 to 10000, default 100); None leaves it as is.
+    cpu_weight: int | None = None
 
     def __post_init__(self) -> None:
         v2 = _v2_root(self.root)
+        #: The job's group in the hierarchy with the ``cpu`` controller, if there is one.
+        self.cpu_dir: Path | None = None
         if v2 is not None:
             self.version = 2
             self.dirs = [v2 / PARENT / self.name]
+            if "cpu" in _controllers(v2):
+                self.cpu_dir = self.dirs[0]
         elif (self.root / "memory").is_dir() and (self.root / "pids").is_dir():
             self.version = 1
             self.dirs = [self.root / "memory" / PARENT / self.name, self.root / "pids" / PARENT / self.name]
+            for hierarchy in ("cpu", "cpu,cpuacct"):
+                if (self.root / hierarchy / "cpu.shares").is_file():
+                    self.cpu_dir = self.root / hierarchy / PARENT / self.name
+                    self.dirs.append(self.cpu_dir)
+                    break
         else:
             raise DCRError(
                 f"no cgroup hierarchy with memory and pids controllers under {self.root}",
@@ -62,22 +89,32 @@ class JobCgroup:
         if self.version == 2:
             parent = self.dirs[0].parent
             parent.mkdir(exist_ok=True)
+            wanted = "+memory +pids" + (" +cpu" if self.cpu_dir else "")
             # Controllers must be enabled for the children of every level down to the job's group.
             for level in (parent.parent, parent):
                 with contextlib.suppress(OSError):
-                    (level / "cgroup.subtree_control").write_text("+memory +pids")
+                    (level / "cgroup.subtree_control").write_text(wanted)
             self.dirs[0].mkdir()
             self._write(self.dirs[0] / "memory.max", self.memory_bytes)
             self._write(self.dirs[0] / "memory.swap.max", 0, optional=True)
             self._write(self.dirs[0] / "pids.max", self.max_processes)
         else:
-            memory, pids = self.dirs
+            memory, pids = self.dirs[:2]
             for d in self.dirs:
                 d.parent.mkdir(exist_ok=True)
                 d.mkdir()
             self._write(memory / "memory.limit_in_bytes", self.memory_bytes)
             self._write(memory / "memory.memsw.limit_in_bytes", self.memory_bytes, optional=True)
             self._write(pids / "pids.max", self.max_processes)
+        if self.cpu_dir is not None and self.cpu_weight is not None:
+            # The parent's weight is what counts against the groups outside it; set at every job so that a
+            # changed configuration applies without removing the parent.
+            for d in (self.cpu_dir.parent, self.cpu_dir):
+                if self.version == 2:
+                    self._write(d / "cpu.weight", self.cpu_weight, optional=True)
+                else:
+                    shares = max(2, self.cpu_weight * 1024 // DEFAULT_CPU_WEIGHT)
+                    self._write(d / "cpu.shares", shares, optional=True)
 
     @staticmethod
     def _write(path: Path, value: int, *, optional: bool = False) -> None:
@@ -115,6 +152,10 @@ class JobCgroup:
     def remove(self, timeout: float = 10.0) -> None:
         """Kill whatever is left in the group and remove it (waits until it is empty)."""
         deadline = time.monotonic() + timeout
+        if self.version == 2:
+            # Kills every member at once, also one forked meanwhile (Linux 5.14 and later).
+            with contextlib.suppress(OSError):
+                (self.dirs[0] / "cgroup.kill").write_text("1")
         while True:
             left = self.pids()
             for pid in left:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import compileall
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -93,6 +94,12 @@ class HostConfig:
     job_memory_overhead: int = 768 * 2**20
     #: Processes (threads included) one job may have at once, counted by its cgroup.
     job_max_processes: int = 512
+    #: The nice value every process of a job runs at (inherited; the sandbox's account cannot lower it):
+    #: under load the user's servers and the hub stay responsive. 0 to 19.
+    job_nice: int = 10
+    #: The CPU weight of all jobs together against everything outside their cgroups (cgroup v2 scale:
+    #: 1 to 10000, default 100; v1 ``cpu.shares`` scaled to match); None: leave it as the system has it.
+    job_cpu_weight: int | None = 10
     #: Under review, a job's end is reported, and written in its receipt, rounded up to this many seconds.
     review_time_quantum: float = contract.DEFAULT_TIME_QUANTUM
     scratch_bytes: int = 2 * 2**30
@@ -120,6 +127,7 @@ class Job:
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     proc: subprocess.Popen[bytes] | None = None
+    thread: threading.Thread | None = None
     cancelled: bool = False
     events: list[dict[str, Any]] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -156,6 +164,7 @@ class EnclaveHost:
         self.lock = threading.Lock()
         self.signer: PrivateKey
         self.server: socketserver.ThreadingUnixStreamServer | None = None
+        self._lock_fd: int | None = None
 
     # -- set-up ---------------------------------------------------------------------------------------------
 
@@ -172,12 +181,18 @@ class EnclaveHost:
             raise DCRError("the enclave host trusts no hub key", hint="pass --hub-key FILE (PEM or JWKS)")
         # The providers' KEKs and conditions: root-only storage, checked again at every key release.
         check_private_dir(self.cfg.keys_dir, 0)
+        if not 0 <= self.cfg.job_nice <= 19:
+            raise DCRError(f"the jobs' nice value must be from 0 to 19, not {self.cfg.job_nice}")
+        if self.cfg.job_cpu_weight is not None and not 1 <= self.cfg.job_cpu_weight <= 10000:
+            raise DCRError(f"the jobs' CPU weight must be from 1 to 10000, not {self.cfg.job_cpu_weight}")
         sd = self.cfg.state_dir
         sd.mkdir(parents=True, exist_ok=True)
         os.chmod(sd, 0o711)
+        self._lock_state()
         for sub, mode in (("spool", 0o700), ("public", 0o755)):
             (sd / sub).mkdir(exist_ok=True)
             os.chmod(sd / sub, mode)
+        self.sweep()
         self.signer = load_or_create_key(sd / "signer.pem", "RS256", owner_only=True)
         _write_public(sd / "public" / "jwks.json", json.dumps(jwks(self.signer), indent=2))
         self.install_image()
@@ -186,6 +201,43 @@ class EnclaveHost:
         self.ledger = GrantLedger(sd / "grants.log")
         self.audit = AuditLog(sd / "audit.log")
         self.broker = KeyBroker(self.cfg.keys_dir, [public_jwk(self.signer)], self.audit, self.ledger)
+
+    def _lock_state(self) -> None:
+        """Hold the state directory for as long as this host runs: the start-up sweep ends every job it
+        finds there, which must never be another running host's."""
+        fd = os.open(self.cfg.state_dir / "host.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DCRError(
+                f"another enclave host is running on the state directory {self.cfg.state_dir}",
+                hint="stop it first, or give this one its own --state "
+                "(`dcr local-run` can use the running host with --host-socket)",
+            ) from None
+        self._lock_fd = fd
+
+    def sweep(self) -> None:
+        """End and remove what jobs of an earlier run of this host left: a host that starts knows no job,
+        so every spool entry is a leftover (a host killed with ``kill -9``, a machine that lost power).
+        Its processes are killed through its cgroup (normally they died with the host: the supervisor
+        has the host's death signalled to it), its empty mount point under the scratch root and its spool
+        (bundle, sealed results) are removed."""
+        for entry in sorted((self.cfg.state_dir / "spool").iterdir()):
+            job_id = entry.name
+            if not contract.JOB_ID_RE.match(job_id):
+                continue
+            killed = 0
+            try:
+                cgroup = JobCgroup(job_id, memory_bytes=0, max_processes=0)
+                killed = len(cgroup.pids())
+                cgroup.remove()
+            except DCRError as e:
+                log.error("job %s left by an earlier run: its cgroup could not be removed: %s", job_id, e)
+            with contextlib.suppress(OSError):
+                (self.cfg.scratch_root / job_id).rmdir()
+            shutil.rmtree(entry, ignore_errors=True)
+            log.warning("job %s was left by an earlier run of the host: ended (%d processes)", job_id, killed)
 
     def install_image(self) -> None:
         """Copy what the enclave runs (:data:`MEASURED_PARTS`) into a root-owned, read-only tree; that tree is
@@ -253,11 +305,23 @@ class EnclaveHost:
         self.server.serve_forever()
 
     def shutdown(self) -> None:
+        """Stop serving, end every job (processes, cgroup, mount point) and release the state directory."""
         if self.server:
             self.server.shutdown()
             self.server.server_close()
+            self.server = None
         for job in list(self.jobs.values()):
+            with job.cond:
+                job.cancelled = job.cancelled or not job.terminal
             self._kill(job)
+        for job in list(self.jobs.values()):
+            if job.thread is not None:
+                job.thread.join(timeout=_KILL_WAIT)
+            # A host that starts knows no job (and sweeps the spool): results not fetched by now are lost.
+            shutil.rmtree(job.spool, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def handle_connection(self, sock: socket.socket) -> None:
         uid = _peer_uid(sock)
@@ -357,7 +421,10 @@ class EnclaveHost:
             shutil.rmtree(spool, ignore_errors=True)
             raise DCRError(f"launch refused: {e}") from None
         self.audit.write("launch", job_id=g.job_id, grant_id=g.grant_id, user=g.user, owner_uid=uid)
-        threading.Thread(target=self._run, args=(job,), daemon=True, name=f"job-{g.job_id}").start()
+        # This thread starts the supervisor and waits for it: the supervisor's parent-death signal is tied
+        # to it, so it must live exactly as long as the job.
+        job.thread = threading.Thread(target=self._run, args=(job,), daemon=True, name=f"job-{g.job_id}")
+        job.thread.start()
         return job
 
     def _verify_grant(self, token: str) -> tuple[Grant, dict[str, Any]]:
@@ -424,6 +491,7 @@ class EnclaveHost:
             + self.cfg.scratch_bytes
             + self.cfg.job_memory_overhead,
             max_processes=self.cfg.job_max_processes,
+            cpu_weight=self.cfg.job_cpu_weight,
         )
         cgroup.create()
         try:
@@ -446,10 +514,16 @@ class EnclaveHost:
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "LANG": "C.UTF-8",
         }
-        cmd = cgroup.enter_command([
-            "unshare", "--mount", "--propagation", "private", "--",
-            sys.executable, "-I", "-B", "-c", _BOOT, str(self.image_dir),
-        ])  # fmt: skip
+        # The supervisor is killed when the host dies (``kill -9`` included): no enclave outlives its
+        # platform. The signal is tied to this thread, which waits for the supervisor below; the sandbox
+        # dies with the supervisor (bwrap --die-with-parent). Everything runs at the jobs' nice value.
+        cmd = [
+            "setpriv", "--pdeathsig", "KILL", "--", "nice", "-n", str(self.cfg.job_nice), "--",
+            *cgroup.enter_command([
+                "unshare", "--mount", "--propagation", "private", "--",
+                sys.executable, "-I", "-B", "-c", _BOOT, str(self.image_dir),
+            ]),
+        ]  # fmt: skip
         # Under the job's lock: a cancel either comes first and nothing starts, or finds the process to kill.
         with job.cond:
             if job.cancelled:
@@ -481,7 +555,12 @@ class EnclaveHost:
                 self._set(
                     job,
                     state="failed",
-                    failure={"reason": "time limit exceeded", "cell": None, "ename": None},
+                    failure={
+                        "reason": f"time limit of {job.grant.time_limit} s exceeded; the enclave was "
+                        f"stopped {self.cfg.grace_seconds} s after it",
+                        "cell": None,
+                        "ename": None,
+                    },
                 )
         link.join(timeout=5)
         parent.close()

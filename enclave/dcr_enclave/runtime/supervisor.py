@@ -179,7 +179,7 @@ class Supervisor:
         result, datasets, conditions = self.run_on_data(g, bundle, spec)
         # The run returns only once the sandbox's whole process tree is dead.
         if result.status != "ok":
-            raise JobFailed({"reason": result.status, "cell": result.cell, "ename": result.ename})
+            raise JobFailed({"reason": failure_reason(result, g), "cell": result.cell, "ename": result.ename})
         review = g.release_mode == "review"
         if not review:  # under review the researcher learns no time but the (rounded) end
             self.state("checking")
@@ -302,6 +302,15 @@ class Supervisor:
             details = canonical_json({"violations": check.details})
             seal_bytes(details, out / contract.SEALED_CHECK_FILE, seal_to, job_id=g.job_id)
         write_receipt_dir(out, manifest, token, platform["jwks"])
+
+
+def failure_reason(result: RunResult, g: Grant) -> str:
+    """The reason a failed run reports. Built only from what the grant sets (the time limit) and the cell
+    index the report carries anyway: nothing else the notebook chooses may reach it."""
+    if result.status == "timeout":
+        where = f"in cell {result.cell + 1}" if result.cell is not None else "before the first cell"
+        return f"time limit of {g.time_limit} s reached {where}"
+    return result.status
 
 
 def mount_scratch(path: Path, size_bytes: int) -> None:
