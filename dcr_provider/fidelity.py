@@ -132,6 +132,13 @@ def _features(df: pd.DataFrame, domains: Sequence[Domain], target: str) -> tuple
     return np.column_stack(cols), categorical
 
 
+def library_seed(seed: int, purpose: int) -> int:
+    """A seed for a library that takes 32-bit seeds (scikit-learn's ``random_state`` must lie in
+    ``[0, 2**32 - 1]``), derived from ``seed`` (any non-negative integer) and a per-use ``purpose`` number, so
+    no caller's seed can be out of the library's range."""
+    return int(np.random.SeedSequence([seed, purpose]).generate_state(1, dtype=np.uint32)[0])
+
+
 def utility(
     train: pd.DataFrame,
     synthetic: pd.DataFrame,
@@ -143,6 +150,7 @@ def utility(
     """Score on ``holdout`` of a model trained on ``synthetic`` and of one trained on ``train`` (real).
 
     Gradient-boosted trees (scikit-learn); R² for a numeric target, accuracy for a categorical one.
+    ``seed`` is any non-negative integer.
     """
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from sklearn.metrics import accuracy_score, r2_score
@@ -162,13 +170,18 @@ def utility(
         return x[keep], y[keep], cat
 
     scores = {}
+    random_state = library_seed(seed, 13)
     xh, yh, cat = xy(holdout)
     for name, frame in (("real", train), ("synthetic", synthetic)):
         x, y, _ = xy(frame)
         if numeric:
-            model: Any = HistGradientBoostingRegressor(categorical_features=cat or None, random_state=seed)
+            model: Any = HistGradientBoostingRegressor(
+                categorical_features=cat or None, random_state=random_state
+            )
         else:
-            model = HistGradientBoostingClassifier(categorical_features=cat or None, random_state=seed)
+            model = HistGradientBoostingClassifier(
+                categorical_features=cat or None, random_state=random_state
+            )
         if len(np.unique(y)) < 2:  # a constant target trains no model; predicting it is the honest baseline
             pred = np.full(len(yh), y[0] if len(y) else 0)
         else:
