@@ -704,6 +704,14 @@ def _bad_cases(tmp: Path, real: Path, schema: Path) -> dict[str, tuple[list[Any]
             add(real, *eps, "--delta", "1"),
             "δ (--delta) must be in (0, 1) for these mechanisms, not 1.0",
         ),
+        "seed negative": (
+            add(real, *eps, "--seed", "-1"),
+            "--seed must be a whole number from 0 to 4294967295, not -1",
+        ),
+        "seed too large": (
+            add(real, *eps, "--seed", str(2**32)),
+            "--seed must be a whole number from 0 to 4294967295, not 4294967296",
+        ),
         # options that do not go together
         "seed with synthetic": (
             add(real, "--synthetic", real, "--seed", "3", synthesize=None),
@@ -817,6 +825,8 @@ BAD_CASES = [
     "epsilon negative",
     "delta zero",
     "delta one",
+    "seed negative",
+    "seed too large",
     "seed with synthetic",
     "schema with synthetic",
     "report with synthetic",
