@@ -29,6 +29,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -309,6 +310,10 @@ def noisy_statistic(
     return {"value": observed, "interval": interval, "noise_dominates": False, "noise_floor": floor}
 
 
+def _tvd_against(q_counts: np.ndarray, p_counts: np.ndarray) -> np.ndarray:
+    return tvd_batch(p_counts, q_counts)
+
+
 def _distance_to(value: float, interval: Sequence[float]) -> list[float]:
     """Interval of ``|x - value|`` for ``x`` in ``interval``."""
     lo, hi = interval
@@ -428,7 +433,7 @@ def researcher_report(
     for j, d in enumerate(domains):
         syn = histogram(sc[:, j], d.size)
         null = syn / max(syn.sum(), 1.0) * max(float(np.clip(noisy[j], 0, None).sum()), 1.0)
-        unc = noisy_statistic(lambda b, q=syn: tvd_batch(b, q), noisy[j], null, scale, rng)
+        unc = noisy_statistic(partial(_tvd_against, syn), noisy[j], null, scale, rng)
         marg[d.name] = unc["value"]
         marg_unc[d.name] = {key: unc[key] for key in ("interval", "noise_dominates", "noise_floor")}
     assoc = []

@@ -60,7 +60,7 @@ def write_marked_copy(job_dir: Path, notebook: str, job_id: str, outputs_path: s
     }
     if (nb.get("nbformat"), nb.get("nbformat_minor", 0)) >= (4, 5):
         cell["id"] = BANNER_CELL_ID
-    metadata = nb.get("metadata") if isinstance(nb.get("metadata"), dict) else {}
+    metadata: dict[str, Any] = nb["metadata"] if isinstance(nb.get("metadata"), dict) else {}
     marked = {
         **nb,
         "cells": [cell, *nb["cells"]],
