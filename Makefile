@@ -27,6 +27,8 @@ LABEXT     := dcr_labextension/labextension/package.json
 LABEXT_SRC := $(wildcard dcr_labextension/src/* dcr_labextension/style/* dcr_labextension/schema/* dcr_labextension/test/*)
 LABEXT_DIR := $(VENV)/share/jupyter/labextensions/@jupyterhub-dcr
 SERVER_CFG := $(VENV)/etc/jupyter/jupyter_server_config.d/dcr_server_ext.json
+# JupyterLab's news/update announcements off (setup.cfg ships the same file in a wheel).
+PAGE_CFG   := $(VENV)/etc/jupyter/labconfig/page_config.d/dcr_labextension.json
 
 $(LABEXT): $(STAMP) dcr_labextension/package.json dcr_labextension/package-lock.json $(LABEXT_SRC)
 	cd dcr_labextension && npm ci --no-audit --no-fund --loglevel=error
@@ -40,7 +42,11 @@ $(SERVER_CFG): jupyter-config/jupyter_server_config.d/dcr_server_ext.json $(STAM
 	mkdir -p $(dir $@)
 	cp $< $@
 
-jupyter: $(LABEXT) $(SERVER_CFG)
+$(PAGE_CFG): jupyter-config/labconfig/page_config.d/dcr_labextension.json $(STAMP)
+	mkdir -p $(dir $@)
+	cp $< $@
+
+jupyter: $(LABEXT) $(SERVER_CFG) $(PAGE_CFG)
 
 # The wheels to install elsewhere: jupyterhub-dcr with the prebuilt extension, and the enclave distribution.
 dist: $(LABEXT)

@@ -9,7 +9,9 @@ Two audiences, and every file says which one it is for:
 - **researchers** (:func:`researcher_report`): computed only from differentially private statistics of the
   real table (Laplace-noised 1- and 2-way histograms from OpenDP, spending the declared report budget) and
   from the synthetic table. It has marginal distances and association differences, no utility check (that
-  needs real rows) and no closest-record distances.
+  needs real rows) and no closest-record distances. Each of its statistics of the real side carries its
+  uncertainty, simulated from the public noise scale (:func:`noisy_statistic`): an interval, or "noise
+  dominates" and no value where noise alone could have produced it.
 
 Distances: a column's marginal distance is the total variation distance between its real and synthetic
 distributions over the column's domain (bins for numbers), between 0 (same) and 1 (disjoint). Association is
@@ -26,7 +28,8 @@ import itertools
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -63,23 +66,38 @@ def histogram(codes: np.ndarray, size: int) -> np.ndarray:
 
 def tvd(p_counts: np.ndarray, q_counts: np.ndarray) -> float:
     """Total variation distance of two (possibly noisy, clipped) count vectors."""
+    return float(tvd_batch(np.asarray(p_counts, dtype=float)[None], np.asarray(q_counts, dtype=float))[0])
+
+
+def tvd_batch(p_counts: np.ndarray, q_counts: np.ndarray) -> np.ndarray:
+    """:func:`tvd` of each row of ``p_counts`` (draws × cells) against ``q_counts``."""
     p = np.clip(p_counts, 0, None)
     q = np.clip(q_counts, 0, None)
-    if p.sum() <= 0 or q.sum() <= 0:
-        return 1.0
-    return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
+    ps = p.sum(axis=-1, keepdims=True)
+    if q.sum() <= 0:
+        return np.ones(p.shape[0])
+    out = 0.5 * np.abs(p / np.where(ps > 0, ps, 1) - q / q.sum()).sum(axis=-1)
+    return np.where(ps[:, 0] > 0, out, 1.0)
 
 
 def cramers_v(table: np.ndarray) -> float:
     """Cramér's V of a contingency table (0: independent, 1: one column determines the other)."""
-    t = np.clip(np.asarray(table, dtype=float), 0, None)
-    t = t[t.sum(axis=1) > 0][:, t.sum(axis=0) > 0]
-    n = t.sum()
-    if n <= 0 or min(t.shape) < 2:
-        return 0.0
-    expected = np.outer(t.sum(axis=1), t.sum(axis=0)) / n
-    chi2 = float(((t - expected) ** 2 / expected).sum())
-    return float(np.sqrt(min(1.0, chi2 / n / (min(t.shape) - 1))))
+    return float(cramers_v_batch(np.asarray(table, dtype=float)[None])[0])
+
+
+def cramers_v_batch(tables: np.ndarray) -> np.ndarray:
+    """:func:`cramers_v` of each table in ``tables`` (draws × rows × columns); negative counts (noise) are
+    clipped to 0, and empty rows and columns do not count."""
+    t = np.clip(np.asarray(tables, dtype=float), 0, None)
+    rows, cols = t.sum(axis=2), t.sum(axis=1)
+    n = rows.sum(axis=1)
+    expected = rows[:, :, None] * cols[:, None, :] / np.where(n > 0, n, 1)[:, None, None]
+    filled = expected > 0
+    chi2 = (np.where(filled, (t - expected) ** 2, 0.0) / np.where(filled, expected, 1.0)).sum(axis=(1, 2))
+    k = np.minimum((rows > 0).sum(axis=1), (cols > 0).sum(axis=1)) - 1
+    ok = (n > 0) & (k >= 1)
+    v2 = chi2 / np.where(ok, n, 1) / np.where(ok, k, 1)
+    return np.where(ok, np.sqrt(np.minimum(1.0, v2)), 0.0)
 
 
 def pair_table(codes: np.ndarray, i: int, j: int, sizes: Sequence[int]) -> np.ndarray:
@@ -132,6 +150,13 @@ def _features(df: pd.DataFrame, domains: Sequence[Domain], target: str) -> tuple
     return np.column_stack(cols), categorical
 
 
+def library_seed(seed: int, purpose: int) -> int:
+    """A seed for a library that takes 32-bit seeds (scikit-learn's ``random_state`` must lie in
+    ``[0, 2**32 - 1]``), derived from ``seed`` (any non-negative integer) and a per-use ``purpose`` number, so
+    no caller's seed can be out of the library's range."""
+    return int(np.random.SeedSequence([seed, purpose]).generate_state(1, dtype=np.uint32)[0])
+
+
 def utility(
     train: pd.DataFrame,
     synthetic: pd.DataFrame,
@@ -143,6 +168,7 @@ def utility(
     """Score on ``holdout`` of a model trained on ``synthetic`` and of one trained on ``train`` (real).
 
     Gradient-boosted trees (scikit-learn); R² for a numeric target, accuracy for a categorical one.
+    ``seed`` is any non-negative integer.
     """
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from sklearn.metrics import accuracy_score, r2_score
@@ -162,13 +188,18 @@ def utility(
         return x[keep], y[keep], cat
 
     scores = {}
+    random_state = library_seed(seed, 13)
     xh, yh, cat = xy(holdout)
     for name, frame in (("real", train), ("synthetic", synthetic)):
         x, y, _ = xy(frame)
         if numeric:
-            model: Any = HistGradientBoostingRegressor(categorical_features=cat or None, random_state=seed)
+            model: Any = HistGradientBoostingRegressor(
+                categorical_features=cat or None, random_state=random_state
+            )
         else:
-            model = HistGradientBoostingClassifier(categorical_features=cat or None, random_state=seed)
+            model = HistGradientBoostingClassifier(
+                categorical_features=cat or None, random_state=random_state
+            )
         if len(np.unique(y)) < 2:  # a constant target trains no model; predicting it is the honest baseline
             pred = np.full(len(yh), y[0] if len(y) else 0)
         else:
@@ -223,6 +254,71 @@ def _sample(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     if len(df) <= n:
         return df
     return df.iloc[np.random.default_rng([seed, 11]).choice(len(df), n, replace=False)].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Uncertainty of statistics of noisy counts
+# ---------------------------------------------------------------------------------------------------------
+
+#: Coverage of the intervals given for DP statistics.
+INTERVAL_LEVEL: Final = 0.95
+#: A DP statistic is given as a number only if it exceeds this quantile of what noise alone produces.
+NOISE_LEVEL: Final = 0.999
+#: Simulated noise draws per statistic (enough to place the NOISE_LEVEL quantile).
+NOISE_DRAWS: Final = 10_000
+
+
+def noisy_statistic(
+    stat: Callable[[np.ndarray], np.ndarray],
+    noisy: np.ndarray,
+    null: np.ndarray,
+    scale: float,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """A statistic of Laplace-noised counts with its uncertainty, from the noise scale alone.
+
+    ``stat`` maps a batch of count arrays (draws × the shape of ``noisy``) to one value each; ``null`` is
+    the counts at which the statistic is 0 (the synthetic distribution for a distance, the product of the
+    margins for an association). Everything here is computed from the noisy counts and the public scale
+    by simulation: post-processing, so it costs no privacy budget.
+
+    * ``noise_floor``: the :data:`NOISE_LEVEL` quantile of the statistic when the truth is ``null`` and only
+      the noise moves it. Noise inflates both measures (noisy cells look like dependence and like distance),
+      so an observed value at or below the floor says nothing: ``value`` and ``interval`` are then ``None``
+      and ``noise_dominates`` is true.
+    * otherwise ``value`` is the statistic of the noisy counts and ``interval`` an approximate
+      :data:`INTERVAL_LEVEL` interval for the statistic of the true counts, clipped to [0, 1]: the union of
+      the basic bootstrap interval (``2·value`` minus the quantiles of the statistic of the noisy counts
+      noised again, which removes the noise's bias to first order), the percentile interval, and ``value ±
+      noise_floor``. Simulated on tables with known statistics, the union covered the true value in every
+      run; each part alone fell short near the floor and near 1.
+    """
+    observed = float(stat(noisy[None])[0])
+    shape = (NOISE_DRAWS, *noisy.shape)
+    floor = float(np.quantile(stat(null[None] + rng.laplace(0.0, scale, shape)), NOISE_LEVEL))
+    if observed <= floor:
+        return {"value": None, "interval": None, "noise_dominates": True, "noise_floor": floor}
+    again = stat(np.clip(noisy, 0, None)[None] + rng.laplace(0.0, scale, shape))
+    tail = (1 - INTERVAL_LEVEL) / 2
+    q_lo, q_hi = np.quantile(again, [tail, 1 - tail])
+    # The widest of three readings: the basic and the percentile bootstrap intervals, and the value plus or
+    # minus what noise alone reaches (noise lifts a weak association and can flatten a strong one, by more
+    # than re-noising shows near the ends of [0, 1]).
+    lo = min(2 * observed - q_hi, q_lo, observed - floor)
+    hi = max(2 * observed - q_lo, q_hi, observed + floor)
+    interval = [float(np.clip(lo, 0, 1)), float(np.clip(hi, 0, 1))]
+    return {"value": observed, "interval": interval, "noise_dominates": False, "noise_floor": floor}
+
+
+def _tvd_against(q_counts: np.ndarray, p_counts: np.ndarray) -> np.ndarray:
+    return tvd_batch(p_counts, q_counts)
+
+
+def _distance_to(value: float, interval: Sequence[float]) -> list[float]:
+    """Interval of ``|x - value|`` for ``x`` in ``interval``."""
+    lo, hi = interval
+    near = 0.0 if lo <= value <= hi else min(abs(lo - value), abs(hi - value))
+    return [near, max(abs(lo - value), abs(hi - value))]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,17 +427,33 @@ def researcher_report(
     for n in [*sizes, *(sizes[i] * sizes[j] for i, j in pairs)]:
         noisy.append(flat[pos : pos + n])
         pos += n
-    marg = {d.name: tvd(noisy[j], histogram(sc[:, j], d.size)) for j, d in enumerate(domains)}
+    scale = k / epsilon
+    rng = np.random.default_rng()  # simulation of public noise only: no secret, no need to repeat
+    marg, marg_unc = {}, {}
+    for j, d in enumerate(domains):
+        syn = histogram(sc[:, j], d.size)
+        null = syn / max(syn.sum(), 1.0) * max(float(np.clip(noisy[j], 0, None).sum()), 1.0)
+        unc = noisy_statistic(partial(_tvd_against, syn), noisy[j], null, scale, rng)
+        marg[d.name] = unc["value"]
+        marg_unc[d.name] = {key: unc[key] for key in ("interval", "noise_dominates", "noise_floor")}
     assoc = []
     for p, (i, j) in enumerate(pairs):
-        vr = cramers_v(noisy[len(domains) + p].reshape(sizes[i], sizes[j]))
+        table = noisy[len(domains) + p].reshape(sizes[i], sizes[j])
+        clipped = np.clip(table, 0, None)
+        null = np.outer(clipped.sum(axis=1), clipped.sum(axis=0)) / max(float(clipped.sum()), 1.0)
+        unc = noisy_statistic(cramers_v_batch, table, null, scale, rng)
         vs = cramers_v(pair_table(sc, i, j, sizes))
+        dominated = unc["noise_dominates"]
         assoc.append(
             {
                 "columns": [domains[i].name, domains[j].name],
-                "real_dp": vr,
+                "real_dp": unc["value"],
+                "real_dp_interval": unc["interval"],
+                "noise_dominates": dominated,
+                "noise_floor": unc["noise_floor"],
                 "synthetic": vs,
-                "difference": abs(vr - vs),
+                "difference": None if dominated else abs(unc["value"] - vs),
+                "difference_interval": None if dominated else _distance_to(vs, unc["interval"]),
             }
         )
     return {
@@ -353,12 +465,19 @@ def researcher_report(
         "noise": {
             "mechanism": "Laplace (OpenDP)",
             "histograms": k,
-            "scale": k / epsilon,
+            "scale": scale,
             "description": "every real count here carries Laplace noise of this scale (typical error ±scale)",
+            "interval_level": INTERVAL_LEVEL,
+            "noise_level": NOISE_LEVEL,
+            "uncertainty": "each statistic of the real side comes with an approximate "
+            f"{INTERVAL_LEVEL:.0%} interval simulated from the noise scale; where the statistic does not "
+            f"exceed what noise alone gives ({NOISE_LEVEL:.1%} quantile: noise_floor), noise dominates and "
+            "no value is given",
         },
         "rows": {"synthetic": len(synthetic)},
         "domains": [d.to_json() for d in domains],
         "marginal_distance": marg,
+        "marginal_distance_uncertainty": marg_unc,
         "association": assoc,
         "utility": {
             "note": "not available: a utility check needs real rows; it is in the provider-only report"
@@ -399,7 +518,9 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
         x = np.arange(len(m["labels"]))
         ax.bar(x - 0.2, m["real"], width=0.4, label=real_label, color="#4c72b0")
         ax.bar(x + 0.2, m["synthetic"], width=0.4, label="synthetic", color="#dd8452")
-        ax.set_title(f"{m['column']} (distance {report['marginal_distance'][m['column']]:.3f})", fontsize=10)
+        dist = report["marginal_distance"][m["column"]]
+        shown = "below the noise" if dist is None else f"distance {dist:.3f}"
+        ax.set_title(f"{m['column']} ({shown})", fontsize=10)
         ax.set_xticks(x, m["labels"], rotation=60, ha="right", fontsize=7)
         ax.legend(fontsize=7)
     for ax in axes.ravel()[len(margs) :]:
@@ -415,8 +536,8 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
         mats["difference"] = np.zeros((len(names), len(names)))
         for a in report["association"]:
             i, j = idx[a["columns"][0]], idx[a["columns"][1]]
-            for key in mats:
-                mats[key][i, j] = mats[key][j, i] = a[key]
+            for key in mats:  # a value noise dominates is left blank (NaN)
+                mats[key][i, j] = mats[key][j, i] = np.nan if a[key] is None else a[key]
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
         for ax, (key, title) in zip(
             axes,
@@ -437,16 +558,23 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
 def _html(report: dict[str, Any]) -> str:
     e = html.escape
     title = f"DCR fidelity report: {report.get('file', '')} ({report['audience']})"
+    uncertain = report.get("marginal_distance_uncertainty", {})
     rows = "".join(
-        f"<tr><td>{e(name)}</td><td>{dist:.4f}</td></tr>"
+        f"<tr><td>{e(name)}</td><td>{_shown(dist, uncertain.get(name), 4)}</td></tr>"
         for name, dist in report["marginal_distance"].items()
     )
-    assoc = sorted(report["association"], key=lambda a: -a["difference"])[:15]
+    # Largest differences first; pairs whose real side noise dominates last (they have no difference).
+    assoc = sorted(report["association"], key=lambda a: (a["difference"] is None, -(a["difference"] or 0.0)))
     real_key = "real_dp" if report["audience"] == RESEARCHERS else "real"
+    level = report.get("noise", {}).get("interval_level")
+    dist_head = "distance" if level is None else f"distance [{level:.0%} interval]"
+    real_head = "real" if level is None else f"real, DP [{level:.0%} interval]"
     arows = "".join(
-        f"<tr><td>{e(a['columns'][0])} × {e(a['columns'][1])}</td><td>{a[real_key]:.3f}</td>"
-        f"<td>{a['synthetic']:.3f}</td><td>{a['difference']:.3f}</td></tr>"
-        for a in assoc
+        f"<tr><td>{e(a['columns'][0])} × {e(a['columns'][1])}</td>"
+        f"<td>{_shown(a[real_key], _uncertainty(a, 'real_dp_interval'), 3)}</td>"
+        f"<td>{a['synthetic']:.3f}</td>"
+        f"<td>{_shown(a['difference'], _uncertainty(a, 'difference_interval'), 3)}</td></tr>"
+        for a in assoc[:15]
     )
     budget = "".join(
         f"<tr><td>{e(str(b['purpose']))}</td><td>{b['epsilon']:.4g}</td><td>{b['delta']:.3g}</td></tr>"
@@ -483,11 +611,32 @@ def _html(report: dict[str, Any]) -> str:
         )
         + "<h2>Marginal distance per column</h2><p>Total variation distance over the column's domain "
         "(0 = same distribution, 1 = disjoint).</p>"
-        f"<table><tr><th>column</th><th>distance</th></tr>{rows}</table>"
+        + (f"<p>{e(report['noise']['uncertainty'])}.</p>" if "noise" in report else "")
+        + f"<table><tr><th>column</th><th>{dist_head}</th></tr>{rows}</table>"
         "<h2>Association differences (largest first)</h2>"
-        f"<table><tr><th>pair</th><th>real</th><th>synthetic</th><th>|difference|</th></tr>{arows}</table>"
+        f"<table><tr><th>pair</th><th>{real_head}</th><th>synthetic</th><th>|difference|</th></tr>{arows}</table>"
         f"<h2>Utility</h2>{util_html}{plots}</body></html>"
     )
+
+
+def _uncertainty(entry: dict[str, Any], interval_key: str) -> dict[str, Any] | None:
+    if "noise_dominates" not in entry:  # the provider-only report: exact statistics
+        return None
+    return {
+        "interval": entry[interval_key],
+        "noise_dominates": entry["noise_dominates"],
+        "noise_floor": entry["noise_floor"],
+    }
+
+
+def _shown(value: float | None, uncertainty: dict[str, Any] | None, digits: int) -> str:
+    """A statistic for the HTML page: the number, its interval, or that noise dominates it."""
+    if uncertainty is None:
+        return f"{value:.{digits}f}"
+    if uncertainty["noise_dominates"] or value is None:
+        return f"noise dominates (noise alone reaches {uncertainty['noise_floor']:.{digits}f}): no estimate"
+    lo, hi = uncertainty["interval"]
+    return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

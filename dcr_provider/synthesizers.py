@@ -55,6 +55,23 @@ FIT_START: Final = 0.1
 SAMPLE_START: Final = 0.8
 #: Seconds between redraws of the elapsed time while a library fit runs.
 FIT_TICK_SECONDS: Final = 0.5
+#: Seeds are below 2**32: numpy's global generator (which SmartNoise uses) and scikit-learn's
+#: ``random_state`` accept nothing larger, and a drawn seed must be one a provider could pass as ``--seed``.
+SEED_LIMIT: Final = 2**32
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` if it is an integer in ``[0, SEED_LIMIT)``; a :class:`DCRError` otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < SEED_LIMIT:
+        raise DCRError(
+            f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, not {seed!r}", hint="e.g. --seed 7"
+        )
+    return int(seed)
+
+
+def draw_seed() -> int:
+    """A fresh seed in the range :func:`check_seed` accepts."""
+    return secrets.randbelow(SEED_LIMIT)
 
 
 class Progress(Protocol):
@@ -127,11 +144,11 @@ class Synthesizer:
             raise DCRError(
                 f"the synthetic file would overwrite the real file {real}", hint="choose another out_dir"
             )
+        rng_seed = check_seed(seed) if seed is not None else draw_seed()
         tick = progress or _no_progress
         declared = load_schema(schema) if schema is not None else None
         tick("reading", 0.0)
         df, table_schema = read_table(real, declared, max_bytes)
-        rng_seed = seed if seed is not None else secrets.randbits(63)
         rng = np.random.default_rng(rng_seed)
         domains, spends, rows, codes, eps_report = self._generate(
             df, table_schema, epsilon, delta, report_epsilon, rng_seed, tick
@@ -360,7 +377,7 @@ class _MarginalMechanism(Synthesizer):
         # Each code is its own bin: the domain is fixed here, so SmartNoise learns nothing from the data.
         transformer = TableTransformer([BinTransformer(bins=k, lower=-0.5, upper=k - 0.5) for k in sizes])
         model = self._model(epsilon, delta)
-        np.random.seed(seed % 2**32)  # SmartNoise selects and samples with numpy's global generator
+        np.random.seed(check_seed(seed))  # SmartNoise selects and samples with numpy's global generator
         with (
             _FitProgress(tick, f"fitting {self.name}", self._steps()) as log,
             contextlib.redirect_stdout(log),

@@ -56,6 +56,7 @@ from dcr_enclave.verify.trust import TrustAnchors
 
 from .backends.base import Backend, BackendStatus
 from .errors import APIError, Conflict, NotFound, TooLarge, Unavailable
+from .executed import write_marked_copy
 from .grant_sources import GrantSource
 from .jobkeys import JobKeys
 from .jobstore import JobEnded, JobStore, StateBehind
@@ -472,6 +473,8 @@ class JobManager:
         sealed = result / contract.SEALED_OUTPUTS_FILE
         if state != "held" and sealed.is_file():
             open_dir(sealed, staging / contract.OUTPUTS_DIR, self.keys.private(job.id), job.id)
+            # Beside outputs/: a copy named and marked as the run on the real data (see executed.py).
+            write_marked_copy(staging, job.notebook, job.id, rel)
         staging.rename(dest)
         return rel
 

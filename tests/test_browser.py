@@ -107,14 +107,21 @@ def test_submit_watch_open_and_verify(demo: DemoProcess, page: Page, refusals: l
     jobs panel shows the job moving forward through the lifecycle (never backwards) to ``succeeded`` while
     its progress bar advances cell by cell to all code cells; "Open notebook" opens the executed notebook,
     which read the real file (it prints the real file's digest where the sandbox run printed the synthetic
-    file's) and shows the plot; "Receipt" shows every check passing (the same checks the server's verify API
-    reports) and the simulation banner."""
+    file's) and shows the plot, in a tab named ``analysis.enclave-<8 hex>.ipynb`` under a banner naming the
+    job; the banner's "View receipt" shows every check passing (the same checks the server's verify API
+    reports) and the simulation banner. JupyterLab never asked about Jupyter news."""
     token = demo.token(USER)
     cells = _code_cells(demo, token, "analysis.ipynb")
     real, synthetic = _digest(demo, "real"), _digest(demo, "synthetic")
     assert real != synthetic
 
     lab.open_notebook(page, demo.url, USER, "analysis.ipynb")
+    # A clean room suggests fetching nothing from outside: JupyterLab never asks about Jupyter news.
+    page_config = page.evaluate(
+        "() => JSON.parse(document.getElementById('jupyter-config-data').textContent)"
+    )
+    assert "@jupyterlab/apputils-extension:announcements" in page_config["disabledExtensions"]
+    expect(page.get_by_text("official Jupyter news")).to_have_count(0)
     lab.dismiss_notifications(page)
     lab.run_all_cells(page)
     notebook = lab.current_notebook(page)
@@ -146,14 +153,25 @@ def test_submit_watch_open_and_verify(demo: DemoProcess, page: Page, refusals: l
     lab.ARTIFACTS.mkdir(exist_ok=True)
     page.locator('[data-testid="dcr-jobs-panel"]').screenshot(path=str(lab.ARTIFACTS / "jobs-panel.png"))
 
-    # The executed notebook: the enclave's run on the real file, with its plot.
+    # The executed notebook: the enclave's run on the real file, with its plot, in a tab of its own name
+    # under a banner that names the job and opens its receipt.
+    copy_name = f"analysis.enclave-{job_id[4:12]}.ipynb"
     item.locator('[data-testid="dcr-open-notebook"]').click()
     page.wait_for_function(
         "p => { const t = document.querySelector('#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current');"
         " return !!t && (t.getAttribute('title') || '').includes(p); }",
-        arg=f"{job_id}/outputs/analysis.ipynb",
+        arg=f"{job_id}/{copy_name}",
     )
+    tab = page.locator("#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current")
+    expect(tab.locator(".lm-TabBar-tabLabel")).to_have_text(copy_name)
+    expect(tab).to_have_class(re.compile(r"\bjp-DCR-enclave-tab\b"))
     executed = lab.current_notebook(page)
+    banner = executed.locator('[data-testid="dcr-enclave-banner"]')
+    expect(banner).to_have_attribute("data-job-id", job_id)
+    expect(banner).to_contain_text(f"Executed in the enclave on the real data — job {job_id}")
+    first_cell = executed.locator(".jp-Cell").first
+    expect(first_cell).to_contain_text("Executed in the enclave on the real data")
+    expect(first_cell).to_contain_text(job_id)
     image = executed.locator(".jp-OutputArea-output img").first
     expect(image).to_be_visible()
     assert image.evaluate("img => img.complete && img.naturalWidth > 0 && img.naturalHeight > 0")
@@ -161,8 +179,9 @@ def test_submit_watch_open_and_verify(demo: DemoProcess, page: Page, refusals: l
     assert f"{data.PATIENTS.rows} rows, columns: " in shown
     assert f"sha256 of the file: {real}" in shown and synthetic not in shown, shown
 
-    # The receipt: every check of `dcr verify`, run by the server against the enclave host's key.
-    item.locator('[data-testid="dcr-view-receipt"]').click()
+    # The receipt: every check of `dcr verify`, run by the server against the enclave host's key, opened
+    # from the executed notebook's banner.
+    banner.locator('[data-testid="dcr-banner-receipt"]').click()
     receipt = page.locator('[data-testid="dcr-receipt"]').filter(has_text=job_id)
     expect(receipt.locator('[data-testid="dcr-receipt-verdict"]')).to_have_attribute("data-verified", "true")
     expect(receipt.locator('[data-testid="dcr-simulation-banner"]')).to_be_visible()

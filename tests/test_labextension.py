@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,7 +101,9 @@ def test_wheel_carries_the_prebuilt_extension_and_installs_it_where_jupyterlab_l
     assert packed.pop("install.json") == (REPO / "dcr_labextension" / "install.json").read_bytes()
     assert packed == built
     assert json.loads(packed["package.json"])["name"] == EXTENSION
-    assert "jupyterhub_dcr-0.1.0.data/data/etc/jupyter/jupyter_server_config.d/dcr_server_ext.json" in names
+    etc = "jupyterhub_dcr-0.1.0.data/data/etc/jupyter"
+    assert f"{etc}/jupyter_server_config.d/dcr_server_ext.json" in names
+    assert f"{etc}/labconfig/page_config.d/dcr_labextension.json" in names
 
     prefix = tmp_path / "prefix"
     r = _pip("install", "--no-deps", "--no-index", "--ignore-installed", "--prefix", str(prefix), str(wheel))
@@ -153,3 +156,60 @@ def test_a_wheel_of_a_checkout_without_the_built_extension_is_refused(tmp_path: 
     assert editable.returncode == 0, editable.stdout + editable.stderr
     with zipfile.ZipFile(tmp_path / "editable" / editable.stdout.split()[-1]) as z:
         assert not [n for n in z.namelist() if "labextensions" in n]
+
+
+#: The JupyterLab plugin that asks "Would you like to get notified about official Jupyter news?".
+ANNOUNCEMENTS = "@jupyterlab/apputils-extension:announcements"
+
+
+def test_served_jupyterlab_announces_nothing_from_outside(tmp_path: Path) -> None:
+    """JupyterLab as this environment serves it (the configuration the package installs, nothing passed on
+    the command line): the page config names the announcements plugin disabled, so no new user is asked
+    about Jupyter news and the page neither fetches the news feed nor checks for updates."""
+    from hub_harness import free_port
+
+    port, token = free_port(), "t" * 32
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "user-config"),  # no personal config in the way
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "HOME": str(tmp_path),
+    }
+    env.pop("JUPYTER_CONFIG_PATH", None)
+    server = subprocess.Popen(
+        [JUPYTER, "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        page = _get_when_up(f"{base}/lab?token={token}", server)
+        found = re.search(
+            r'<script id="jupyter-config-data" type="application/json">(.*?)</script>', page, re.S
+        )
+        assert found, page[:2000]
+        config = json.loads(found.group(1))
+        assert ANNOUNCEMENTS in config["disabledExtensions"], config["disabledExtensions"]  # served as a list
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _get_when_up(url: str, server: subprocess.Popen[str]) -> str:
+    """The body of ``url`` once the server answers it; fails with the server's log if it exits first."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + 120  # a start-up deadline, not a timing assertion
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 - http on loopback, built here
+                return r.read().decode()
+        except (urllib.error.URLError, ConnectionError):
+            if server.poll() is not None:
+                log = server.stderr.read() if server.stderr else ""
+                raise AssertionError(f"jupyter lab exited: {log}") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

@@ -59,7 +59,20 @@ HUB_THUMBPRINT = thumbprint(HUB_JWKS[0])
 VERSION = sha256_bytes(b"acme/insurance, version 1")
 NOTEBOOK = "work/analysis.ipynb"
 REFUSAL = "no dataset acme/nope is available to you"
-OUTPUTS = {"result.txt": b"rows=1338\n", "figures/note.txt": b"no figure\n"}
+#: The executed notebook as an enclave hands it back (the submitted one is work/analysis.ipynb).
+EXECUTED = nbformat.v4.new_notebook(
+    cells=[
+        nbformat.v4.new_markdown_cell("# Charges"),
+        nbformat.v4.new_code_cell(
+            "print(len(df))", outputs=[nbformat.v4.new_output("stream", name="stdout", text="1338\n")]
+        ),
+    ]
+)
+OUTPUTS = {
+    "result.txt": b"rows=1338\n",
+    "figures/note.txt": b"no figure\n",
+    "analysis.ipynb": nbformat.writes(EXECUTED).encode(),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,6 +348,53 @@ def test_a_class_that_is_missing_or_of_the_wrong_kind_is_refused(trait: str, val
 # ---------------------------------------------------------------------------------------------------------
 # A cancel racing the submission
 # ---------------------------------------------------------------------------------------------------------
+
+
+async def test_the_executed_notebook_opens_under_its_own_name_with_a_banner(make_rig):
+    """A finished job's folder holds, beside the receipt and outputs/ (exactly the enclave's bytes, so `dcr
+    verify` is undisturbed), ``analysis.enclave-<8 hex of the job id>.ipynb``: a valid notebook whose first
+    cell says it ran on the real data in the enclave, names the job and links the receipt, followed by the
+    executed cells unchanged, with ``metadata.dcr`` naming the job."""
+    rig = make_rig()
+    job = await rig.manager.submit(NOTEBOOK)
+    rig.backend.jobs[job.id] = "succeeded"
+    await rig.manager.stop()  # nobody follows the job: the reconciler finds it finished and opens it
+    await rig.manager.reconcile()
+    done = rig.manager.get(job.id)
+    assert done.state == "succeeded"
+    folder = rig.root / done.outputs_path
+    name = f"analysis.enclave-{job.id[4:12]}.ipynb"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*RECEIPT_FILES, contract.OUTPUTS_DIR, name])
+    outputs = folder / contract.OUTPUTS_DIR
+    assert {p.relative_to(outputs).as_posix(): p.read_bytes() for p in outputs.rglob("*") if p.is_file()} == (
+        OUTPUTS
+    )
+    marked = nbformat.reads((folder / name).read_text(), as_version=4)
+    nbformat.validate(marked)
+    banner, *cells = marked.cells
+    assert banner.cell_type == "markdown" and banner.metadata == {"dcr": {"banner": True}}
+    assert "Executed in the enclave on the real data" in banner.source and job.id in banner.source
+    assert "[receipt.json](receipt.json)" in banner.source
+    assert f"dcr verify dcr-jobs/{job.id}" in banner.source
+    assert cells == EXECUTED.cells
+    assert marked.metadata["dcr"] == {
+        "job_id": job.id,
+        "executed_in_enclave": True,
+        "original": "outputs/analysis.ipynb",
+    }
+
+
+def test_no_marked_copy_without_an_executed_notebook(tmp_path: Path):
+    """Outputs without the notebook (the run deleted it) or with one that is not JSON get no marked copy,
+    and nothing is written."""
+    from dcr_server_ext.executed import write_marked_copy
+
+    job_id = "job-" + "ab" * 12
+    (tmp_path / "outputs").mkdir()
+    assert write_marked_copy(tmp_path, "work/analysis.ipynb", job_id, "dcr-jobs/x") is None
+    (tmp_path / "outputs" / "analysis.ipynb").write_text("not json")
+    assert write_marked_copy(tmp_path, "work/analysis.ipynb", job_id, "dcr-jobs/x") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
 
 
 async def test_cancel_while_the_grant_is_requested_never_launches(make_rig):

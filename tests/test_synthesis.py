@@ -462,6 +462,125 @@ def test_parquet_round_trip(work: Path, insurance_real: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The researcher-facing report: every DP statistic with its uncertainty
+# ---------------------------------------------------------------------------------------------------------
+
+REGIONS = ["north", "east", "south", "west"]
+PLANS = ["a", "b", "c", "d"]
+
+
+def _known_table(rows: int = 2000) -> tuple[pd.DataFrame, list[Any]]:
+    """Seven categorical columns drawn with a fixed seed: ``plan`` follows ``region`` for 95 % of the rows
+    (Cramér's V ≈ 0.94); every other pair is independent by construction (sex, region and w-z are drawn
+    separately). Seven columns make 28 histograms, as the demo's patients table does."""
+    from dcr_provider.domain import declared_domain
+
+    rng = np.random.default_rng(20260417)
+    region = rng.integers(0, 4, rows)
+    plan = np.where(rng.random(rows) < 0.95, region, rng.integers(0, 4, rows))
+    frame = pd.DataFrame(
+        {
+            "sex": rng.choice(["f", "m"], rows),
+            "region": np.array(REGIONS)[region],
+            "plan": np.array(PLANS)[plan],
+            **{c: rng.choice(["p", "q", "r"], rows) for c in "wxyz"},
+        }
+    )
+    columns = [
+        {"name": "sex", "type": "categorical", "categories": ["f", "m"]},
+        {"name": "region", "type": "categorical", "categories": REGIONS},
+        {"name": "plan", "type": "categorical", "categories": PLANS},
+        *({"name": c, "type": "categorical", "categories": ["p", "q", "r"]} for c in "wxyz"),
+    ]
+    domains = [declared_domain(c) for c in schema_from_json({"columns": columns}).columns]
+    return frame, domains
+
+
+def _exact_v(frame: pd.DataFrame, domains: list[Any], a: str, b: str) -> float:
+    names = [d.name for d in domains]
+    codes = encode(frame, domains)
+    return fidelity.cramers_v(
+        fidelity.pair_table(codes, names.index(a), names.index(b), [d.size for d in domains])
+    )
+
+
+def test_noise_dominated_associations_show_no_number(tmp_path: Path) -> None:
+    """At the demo's report budget (ε = 0.2 over 28 histograms: Laplace scale 140 per cell), independent
+    columns get no association value: the report says noise dominates and gives the level noise alone
+    reaches, in the JSON and on the HTML page (the issue: sex × region "0.776 real vs 0.052 synthetic").
+
+    Each independent pair escapes the check only when its noisy value exceeds the 99.9 % quantile of the
+    noise-only values (chance 10⁻³), so at most one of the 20 independent pairs may (a miss of two or more
+    has chance < 2·10⁻⁴)."""
+    frame, domains = _known_table()
+    synthetic = frame.assign(plan=np.random.default_rng(3).permutation(frame["plan"].to_numpy()))
+    report = fidelity.researcher_report(frame, synthetic, domains, {"file": "known.csv"}, 0.2)
+    assert report["noise"]["scale"] == pytest.approx(140)
+    independent = [a for a in report["association"] if set(a["columns"]) != {"region", "plan"}]
+    assert len(independent) == 20
+    dominated = [a for a in independent if a["noise_dominates"]]
+    assert len(dominated) >= 19, [a for a in independent if not a["noise_dominates"]]
+    for a in dominated:
+        assert a["real_dp"] is None and a["real_dp_interval"] is None and a["difference"] is None
+        assert 0 < a["noise_floor"] <= 1
+    for a in report["association"]:  # every value comes with its interval
+        assert a["noise_dominates"] or a["real_dp_interval"][0] <= a["real_dp"] <= a["real_dp_interval"][1]
+    (_, html_path) = fidelity.write_report(report, tmp_path)
+    page = html_path.read_text()
+    assert "noise dominates (noise alone reaches" in page
+    row = re.search(r"<tr><td>sex × region</td>.*?</tr>", page)
+    if any(a["columns"] == ["sex", "region"] for a in dominated):
+        assert row is not None and "no estimate" in row.group(0), page
+
+
+def test_a_strong_association_gets_an_interval_that_excludes_zero(tmp_path: Path) -> None:
+    """region × plan (V ≈ 0.94 in the real rows) at ε = 1 (scale 28): a value, with a 95 % interval that
+    excludes 0 and holds the exact V of the real rows; the synthetic table lost the association (plan shuffled),
+    and the difference's interval says so (excludes 0). The interval is conservative (it joins three
+    readings, see fidelity.noisy_statistic): in 45 simulated reports it always held the exact V."""
+    frame, domains = _known_table()
+    synthetic = frame.assign(plan=np.random.default_rng(3).permutation(frame["plan"].to_numpy()))
+    report = fidelity.researcher_report(frame, synthetic, domains, {"file": "known.csv"}, 1.0)
+    (pair,) = [a for a in report["association"] if a["columns"] == ["region", "plan"]]
+    exact = _exact_v(frame, domains, "region", "plan")
+    assert exact > 0.9
+    assert pair["noise_dominates"] is False
+    lo, hi = pair["real_dp_interval"]
+    assert 0 < lo <= pair["real_dp"] <= hi <= 1
+    assert lo <= exact <= hi
+    d_lo, d_hi = pair["difference_interval"]
+    assert 0 < d_lo <= pair["difference"] <= d_hi
+    (_, html_path) = fidelity.write_report(report, tmp_path)
+    row = re.search(r"<tr><td>region × plan</td>.*?</tr>", html_path.read_text())
+    assert row is not None and f"{pair['real_dp']:.3f} [{lo:.3f}, {hi:.3f}]" in row.group(0)
+
+
+def test_marginal_distances_carry_their_uncertainty() -> None:
+    """Against a synthetic table with the real marginals (rows shuffled), the true distances are 0 and the
+    report says noise dominates them (at most one of seven may escape, chance < 10⁻⁴ for two); against one
+    whose ``plan`` is all "a" (true distance ≈ 0.78: 1 less the share of "a") it gives a value whose interval
+    holds the true distance and not 0."""
+    frame, domains = _known_table()
+    same = frame.sample(frac=1, random_state=5).reset_index(drop=True)
+    report = fidelity.researcher_report(frame, same, domains, {"file": "known.csv"}, 1.0)
+    uncertain = report["marginal_distance_uncertainty"]
+    assert sum(u["noise_dominates"] for u in uncertain.values()) >= 6, uncertain
+    for name, u in uncertain.items():
+        assert (report["marginal_distance"][name] is None) == u["noise_dominates"]
+
+    flat = frame.assign(plan="a")
+    report = fidelity.researcher_report(frame, flat, domains, {"file": "known.csv"}, 1.0)
+    exact = fidelity.tvd(
+        fidelity.histogram(encode(frame, domains)[:, 2], 4),
+        fidelity.histogram(encode(flat, domains)[:, 2], 4),
+    )
+    u = report["marginal_distance_uncertainty"]["plan"]
+    assert exact > 0.7 and u["noise_dominates"] is False
+    lo, hi = u["interval"]
+    assert 0 < lo <= exact <= hi and lo <= report["marginal_distance"]["plan"] <= hi
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Entry points, progress
 # ---------------------------------------------------------------------------------------------------------
 
@@ -704,6 +823,14 @@ def _bad_cases(tmp: Path, real: Path, schema: Path) -> dict[str, tuple[list[Any]
             add(real, *eps, "--delta", "1"),
             "δ (--delta) must be in (0, 1) for these mechanisms, not 1.0",
         ),
+        "seed negative": (
+            add(real, *eps, "--seed", "-1"),
+            "--seed must be a whole number from 0 to 4294967295, not -1",
+        ),
+        "seed too large": (
+            add(real, *eps, "--seed", str(2**32)),
+            "--seed must be a whole number from 0 to 4294967295, not 4294967296",
+        ),
         # options that do not go together
         "seed with synthetic": (
             add(real, "--synthetic", real, "--seed", "3", synthesize=None),
@@ -817,6 +944,8 @@ BAD_CASES = [
     "epsilon negative",
     "delta zero",
     "delta one",
+    "seed negative",
+    "seed too large",
     "seed with synthetic",
     "schema with synthetic",
     "report with synthetic",

@@ -24,7 +24,8 @@ import { baseName, failureText, stateLabel } from './format';
 import { enclaveIcon } from './icons';
 import { JobsModel } from './jobs';
 import { PANEL_ID, createSidebar } from './jobspanel';
-import { IJobView, executedNotebookPath } from './model';
+import { markEnclaveRun } from './banner';
+import { IJobView, JOB_ID_RE, enclaveOutputOfCopy, executedNotebookPath } from './model';
 import { createReceiptWidget } from './receipt';
 import { submitNotebook } from './submit';
 
@@ -59,16 +60,27 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const model = new JobsModel(client, serviceManager.events ?? null);
 
     const openNotebook = (path: string): void => {
-      void commands.execute('docmanager:open', { path }).then(widget => {
-        // Only the tooltip: a document's tab label is its file name (changing it renames the file).
-        if (widget instanceof Widget) {
-          widget.title.caption = `${path}\nThe notebook as the enclave executed it`;
-        }
-      });
+      // A job that ended before marked copies existed has only the enclave's own notebook under outputs/.
+      const fallback = enclaveOutputOfCopy(path);
+      void serviceManager.contents
+        .get(path, { content: false })
+        .then(
+          () => path,
+          () => fallback ?? path
+        )
+        .then(found => commands.execute('docmanager:open', { path: found }))
+        .then(widget => {
+          // Only the tooltip: a document's tab label is its file name (changing it renames the file).
+          if (widget instanceof Widget) {
+            widget.title.caption = `${path}\nThe notebook as the enclave executed it, on the real data`;
+          }
+        });
     };
     const viewReceipt = (jobId: string): void => {
       void commands.execute(CommandIDs.openReceipt, { jobId });
     };
+    // Every notebook that ran in the enclave, however it is opened, says so over its cells.
+    tracker.widgetAdded.connect((_, panel) => markEnclaveRun(panel, viewReceipt));
 
     const sidebar = createSidebar(model, client, { openNotebook, viewReceipt });
     shell.add(sidebar, 'left', { rank: 650 });
@@ -107,7 +119,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
         typeof args.jobId === 'string' && args.jobId ? `Receipt of ${args.jobId}` : 'Open Enclave Receipt',
       execute: args => {
         const jobId = typeof args.jobId === 'string' ? args.jobId : '';
-        if (!/^job-[0-9a-f]{24}$/.test(jobId)) {
+        if (!JOB_ID_RE.test(jobId)) {
           return;
         }
         const id = `dcr-receipt-${jobId}`;

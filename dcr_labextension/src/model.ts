@@ -52,7 +52,7 @@ const RANK: Readonly<Record<JobState, number>> = {
   cancelled: 6
 };
 
-const JOB_ID_RE = /^job-[0-9a-f]{24}$/;
+export const JOB_ID_RE = /^job-[0-9a-f]{24}$/;
 
 /** What the panel shows for one job. */
 export interface IJobView {
@@ -348,13 +348,60 @@ export function canCancel(view: IJobView): boolean {
 }
 
 /**
- * Where the executed notebook is in the server root once the outputs are there:
- * `<outputs_path>/outputs/<notebook's name>` (the enclave runs the notebook in its own directory).
+ * The name of the executed notebook's marked copy, which the server writes beside the outputs
+ * (dcr_server_ext/executed.py): `analysis.ipynb` of `job-1a2b3c4d…` → `analysis.enclave-1a2b3c4d.ipynb`,
+ * so its tab can never be mistaken for the notebook that was submitted.
+ */
+export function executedCopyName(notebook: string, jobId: string): string {
+  const name = notebook.split('/').pop() as string;
+  const stem = name.includes('.') ? name.slice(0, name.lastIndexOf('.')) : name;
+  return `${stem}.enclave-${jobId.replace(/^job-/, '').slice(0, 8)}.ipynb`;
+}
+
+/**
+ * Where the executed notebook to open is in the server root once the outputs are there: the marked copy,
+ * `<outputs_path>/<stem>.enclave-<8 hex>.ipynb` (see `executedCopyName`).
  */
 export function executedNotebookPath(job: IJob): string | null {
   if (!job.outputs_path) {
     return null;
   }
+  return `${job.outputs_path}/${executedCopyName(job.notebook, job.id)}`;
+}
+
+/**
+ * The notebook exactly as the enclave returned it, `<outputs_path>/outputs/<notebook's name>` (the enclave
+ * runs the notebook in its own directory): opened when a job finished before marked copies existed.
+ */
+export function enclaveOutputNotebookPath(job: IJob): string | null {
+  if (!job.outputs_path) {
+    return null;
+  }
   const name = job.notebook.split('/').pop() as string;
   return `${job.outputs_path}/outputs/${name}`;
+}
+
+/** What a notebook's metadata says about an enclave run: the job it came from, or null for any other. */
+export function enclaveRunOf(metadata: unknown): { jobId: string } | null {
+  if (typeof metadata !== 'object' || metadata === null) {
+    return null;
+  }
+  const dcr = (metadata as Record<string, unknown>).dcr;
+  if (typeof dcr !== 'object' || dcr === null) {
+    return null;
+  }
+  const { job_id: jobId, executed_in_enclave: executed } = dcr as Record<string, unknown>;
+  return executed === true && typeof jobId === 'string' && JOB_ID_RE.test(jobId) ? { jobId } : null;
+}
+
+/**
+ * For the path of a marked copy (`…/job-<id>/<stem>.enclave-<8 hex>.ipynb`), the enclave's own notebook
+ * beside it (`…/job-<id>/outputs/<stem>.ipynb`); null for any other path.
+ */
+export function enclaveOutputOfCopy(path: string): string | null {
+  const m = /^(.*\/)?(job-([0-9a-f]{24}))\/([^/]+)\.enclave-([0-9a-f]{8})\.ipynb$/.exec(path);
+  if (!m || !m[3].startsWith(m[5])) {
+    return null;
+  }
+  return `${m[1] ?? ''}${m[2]}/outputs/${m[4]}.ipynb`;
 }

@@ -11,7 +11,11 @@ import {
   TERMINAL_STATES,
   canCancel,
   elapsedMs,
+  enclaveOutputNotebookPath,
+  enclaveOutputOfCopy,
+  enclaveRunOf,
   endedBy,
+  executedCopyName,
   executedNotebookPath,
   formatElapsed,
   orderedJobs,
@@ -209,7 +213,8 @@ describe('unknown ids and stale records', () => {
     s = reduce(s, { type: 'job', job: done });
     expect(s.byId[a].stale).toBe(false);
     expect(s.byId[a].job).toBe(done);
-    expect(executedNotebookPath(done)).toBe(`dcr-jobs/${a}/outputs/analysis.ipynb`);
+    expect(executedNotebookPath(done)).toBe(`dcr-jobs/${a}/analysis.enclave-${a.slice(4, 12)}.ipynb`);
+    expect(enclaveOutputNotebookPath(done)).toBe(`dcr-jobs/${a}/outputs/analysis.ipynb`);
   });
 
   it('a job that is running is not stale even when its record is behind', () => {
@@ -325,5 +330,41 @@ describe('progress and time', () => {
     expect(formatElapsed(7_900)).toBe('0:07');
     expect(formatElapsed(12 * 60_000 + 3_000)).toBe('12:03');
     expect(formatElapsed(3_723_000)).toBe('1:02:03');
+  });
+});
+
+describe('the executed notebook: a name and a banner of its own', () => {
+  const id = 'job-1a2b3c4d' + '0'.repeat(16);
+
+  it('names the marked copy after the notebook and the job, never like the notebook itself', () => {
+    expect(executedCopyName('work/analysis.ipynb', id)).toBe('analysis.enclave-1a2b3c4d.ipynb');
+    expect(executedCopyName('my.study.ipynb', id)).toBe('my.study.enclave-1a2b3c4d.ipynb');
+    const done = record(id, { state: 'succeeded', outputs_path: `dcr-jobs/${id}`, receipt: true });
+    const path = executedNotebookPath(done) as string;
+    expect(path).toBe(`dcr-jobs/${id}/analysis.enclave-1a2b3c4d.ipynb`);
+    expect(path.split('/').pop()).not.toBe('analysis.ipynb');
+    expect(executedNotebookPath(record(id, { state: 'running' }))).toBeNull();
+  });
+
+  it("finds the enclave's own notebook beside a marked copy, for jobs that ended before copies existed", () => {
+    expect(enclaveOutputOfCopy(`dcr-jobs/${id}/analysis.enclave-1a2b3c4d.ipynb`)).toBe(
+      `dcr-jobs/${id}/outputs/analysis.ipynb`
+    );
+    expect(enclaveOutputOfCopy(`${id}/a b.enclave-1a2b3c4d.ipynb`)).toBe(`${id}/outputs/a b.ipynb`);
+    // the hex must be the job's, and only marked copies map
+    expect(enclaveOutputOfCopy(`dcr-jobs/${id}/analysis.enclave-ffffffff.ipynb`)).toBeNull();
+    expect(enclaveOutputOfCopy(`dcr-jobs/${id}/outputs/analysis.ipynb`)).toBeNull();
+    expect(enclaveOutputOfCopy('analysis.ipynb')).toBeNull();
+  });
+
+  it('reads the enclave run from notebook metadata, and nothing else as one', () => {
+    expect(enclaveRunOf({ dcr: { job_id: id, executed_in_enclave: true } })).toEqual({ jobId: id });
+    expect(enclaveRunOf({ dcr: { job_id: id, executed_in_enclave: false } })).toBeNull();
+    expect(enclaveRunOf({ dcr: { job_id: 'job-1', executed_in_enclave: true } })).toBeNull();
+    expect(enclaveRunOf({ dcr: { job_id: '../x', executed_in_enclave: true } })).toBeNull();
+    expect(enclaveRunOf({ dcr: undefined })).toBeNull();
+    expect(enclaveRunOf({ kernelspec: {} })).toBeNull();
+    expect(enclaveRunOf(null)).toBeNull();
+    expect(enclaveRunOf('dcr')).toBeNull();
   });
 });

@@ -172,10 +172,8 @@ def wait_idle(page: Page, timeout: float = 120_000) -> None:
 
 
 def dismiss_notifications(page: Page) -> None:
-    """Answer JupyterLab's "news" question and close the toasts (they cover part of a screenshot)."""
-    no = page.locator(".jp-toast-button", has_text=re.compile(r"^No$"))
-    if no.count():
-        no.first.click()
+    """Close the toasts (they cover part of a screenshot). JupyterLab's "news" question never comes: DCR
+    disables its announcements plugin (tests/test_browser.py checks that)."""
     close = page.locator(".jp-Notification-Toast-Close:visible")
     for _ in range(20):
         if not close.count():
