@@ -79,9 +79,11 @@ def make_checkout(at: Path) -> Path:
     (site / "dcr_checkout.pth").write_text(
         f"import dcr_checkout_finder\nimport site; site.addsitedir({this_site!r})\n"
     )
-    # The built JupyterLab extension and the server extension's enable file, as `make jupyter` installs them.
-    for name in ("share", "etc"):
-        (venv / name).symlink_to(Path(sys.prefix) / name)
+    # JupyterLab's application, the built extension and the server extension's enable file, inside the
+    # virtualenv as `make jupyter` installs them (a server's sandbox reaches nothing of this checkout's).
+    shutil.copytree(Path(sys.prefix) / "share" / "jupyter", venv / "share" / "jupyter")
+    shutil.copytree(Path(sys.prefix) / "etc" / "jupyter", venv / "etc" / "jupyter")
+    (venv / "share" / "jupyterhub").symlink_to(Path(sys.prefix) / "share" / "jupyterhub")  # the hub's own
     python = venv / "bin" / "python"
     for script, module in (("dcr", "dcr_enclave"), ("jupyterhub-singleuser", "jupyterhub.singleuser")):
         # The /bin/sh preamble pip writes when the interpreter's path holds a space.
