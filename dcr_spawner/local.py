@@ -11,9 +11,13 @@ own mount namespace in which:
   private (stores and keys root-only ``0700``, homes ``0700``);
 - ``/tmp`` and ``/dev/shm`` are private to the server.
 
+Each server also gets a PID namespace and a ``/proc`` of its own: it sees its own processes only (its
+kernels, terminals, ``ps``), none of other users, of the hub or of enclave jobs.
+
 The view is built by :mod:`dcr_spawner.sandbox_mounts`, which runs as root as the first process of the
-sandbox, drops to the account for good and then ``exec``\\ s the server, so the server keeps the pid the
-hub signals and polls. When the hub is not root, every server runs as the hub's own account (in an
+sandbox, starts the server as the account in the new namespaces and stays as the process the hub signals
+and polls (its exit is the server's). A sandbox that cannot be built, or a server that exits while
+starting, fails the spawn at once with the reason on the user's page. When the hub is not root, every server runs as the hub's own account (in an
 unprivileged user namespace that still gives it a private ``/data`` where the kernel allows one) and the
 spawner says loudly -- in the hub log, in the server log, in the environment and in a notice file in the
 home -- that users are **not** isolated from each other.

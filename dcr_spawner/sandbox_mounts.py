@@ -10,9 +10,11 @@ Two halves live here:
   installation the server runs from) and which account the server runs as. :func:`build_plan` looks the
   facts up on this machine (:func:`host_path`, :func:`closed_ancestor`) and calls it.
 - :func:`main` runs as the first process of the sandbox (``python -I -S sandbox_mounts.py PLAN -- CMD...``,
-  started by :class:`dcr_spawner.local.DCRLocalSpawner`). It enters a new mount namespace, builds the view
-  from the plan (:func:`apply`), drops to the account and ``exec``\\ s the single-user server, so the
-  server keeps this process's pid: JupyterHub's signals and polling reach the server itself.
+  started by :class:`dcr_spawner.local.DCRLocalSpawner`). It enters new mount and PID namespaces, builds
+  the view from the plan (:func:`apply`) and forks the PID namespace's init, which mounts the namespace's
+  own ``/proc``, drops to the account and starts the single-user server. This process stays as the one
+  JupyterHub knows: it passes the hub's signals on and exits as the server does, and its death ends the
+  namespace, so the hub's signals and polling still follow the server.
 
 As root (``mode="root"``) the namespace is a plain mount namespace of the host's user namespace and the
 process switches to the user's own uid/gid before the server starts. Not as root (``mode="userns"``) it is
