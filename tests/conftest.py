@@ -12,6 +12,9 @@ Fixtures:
 - ``make_host``: starts such hosts on demand, ``make_host(name, **HostConfig overrides)``; each is shut down
   after the test (``host`` is ``make_host()``).
 - ``make_notebook``: writes a notebook from a list of code-cell sources into a fresh workspace directory.
+- ``demo_seed``: one real first run of ``dcr demo`` per session (it generates and synthesizes the demo's
+  data, then is stopped); the modules that start a demo begin from a copy of its directory
+  (``browser.demo_process.copy_demo_data``), so the suite synthesizes the demo's data once.
 
 - pytest-jupyter's server fixtures (``jp_fetch``, ``jp_ws_fetch``, ``jp_serverapp``, ``jp_root_dir``, ...),
   loaded here for the whole suite.
@@ -41,6 +44,27 @@ from dcr_enclave.platform.client import HostClient
 from dcr_enclave.platform.host import EnclaveHost, HostConfig
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
+
+
+@dataclass(frozen=True)
+class DemoSeed:
+    #: The stopped demo's directory: data, store, keys, reports, state (copy it, never start it again).
+    dir: Path
+    #: What that first run printed.
+    output: str
+
+
+@pytest.fixture(scope="session")
+def demo_seed(tmp_path_factory: pytest.TempPathFactory) -> DemoSeed:
+    from browser.demo_process import DemoProcess
+
+    d = DemoProcess(tmp_path_factory.mktemp("demo-seed") / "demo")
+    try:
+        d.start()
+    finally:
+        d.close()
+    return DemoSeed(d.dir, d.output)
+
 
 #: The project's public test data, in ``shared/`` beside the checkout (never copied into it).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 import nbformat
 import pytest
 from browser import lab
-from browser.demo_process import DemoProcess
+from browser.demo_process import DemoProcess, copy_demo_data
+from conftest import DemoSeed
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
 from dcr_demo import data
@@ -47,8 +48,8 @@ def jp_server_cleanup() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoProcess]:
-    d = DemoProcess(tmp_path_factory.mktemp("browser-demo") / "demo")
+def demo(tmp_path_factory: pytest.TempPathFactory, demo_seed: DemoSeed) -> Iterator[DemoProcess]:
+    d = DemoProcess(copy_demo_data(demo_seed.dir, tmp_path_factory.mktemp("browser-demo") / "demo"))
     try:
         yield d.start()
     finally:

@@ -10,8 +10,8 @@ third-party packages of this checkout's virtualenv, and the ``dcr`` command a us
 for her JupyterLab page, and runs code in a kernel of her server: it sees its synthetic data, its own home,
 and none of the demo's store, keys or other homes.
 
-The first case synthesizes the demo's data; the later ones start from a copy of it (the demo reuses data it
-finds, re-registering it for the enclave of the checkout that runs).
+Each case starts from a copy of the data the session's first demo run made (``demo_seed``): the demo reuses
+data it finds, re-registering it for the enclave of the checkout that runs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from browser.demo_process import DemoProcess
+from browser.demo_process import DemoProcess, copy_demo_data
+from conftest import DemoSeed
 from hub_harness import KernelResult, _execute
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -116,36 +117,25 @@ PLACES = [
     ("tmp-with-spaces", "/tmp", "my dcr checkout {}"),
     ("root", "/root", "dcr-checkout-{}"),
 ]
-_prepared: list[Path] = []
 
 
 @pytest.fixture(params=PLACES, ids=[p[0] for p in PLACES])
-def checkout(request: pytest.FixtureRequest) -> Iterator[Path]:
+def checkout(request: pytest.FixtureRequest, demo_seed: DemoSeed) -> Iterator[Path]:
     _name, parent, pattern = request.param
     at = Path(parent) / pattern.format(secrets.token_hex(3))
     at.mkdir(mode=0o755)
     try:
         make_checkout(at)
-        if _prepared:  # the data the first case synthesized, without anything of its run
-            shutil.copytree(
-                _prepared[0], at / ".demo", ignore=shutil.ignore_patterns("homes", "logs", "run", "*.lock")
-            )
+        copy_demo_data(demo_seed.dir, at / ".demo")
         yield at
     finally:
         shutil.rmtree(at, ignore_errors=True)
-        if _prepared and not _prepared[0].exists():
-            _prepared.clear()
 
 
-def test_the_demo_serves_jupyterlab_from_a_checkout_anywhere(checkout: Path, tmp_path: Path) -> None:
+def test_the_demo_serves_jupyterlab_from_a_checkout_anywhere(checkout: Path) -> None:
     demo = DemoProcess(checkout / ".demo", dcr=checkout / ".venv" / "bin" / "dcr")
     try:
         demo.start()
-        if not _prepared:
-            keep = tmp_path.parent / "prepared-demo"
-            shutil.rmtree(keep, ignore_errors=True)
-            shutil.copytree(demo.dir, keep, ignore=shutil.ignore_patterns("homes", "logs", "run", "*.lock"))
-            _prepared.append(keep)
         session = demo.login("alice")
         session.get(f"{demo.url}/hub/spawn", timeout=60)  # where the login form sends her: her server starts
         deadline = time.monotonic() + 180

@@ -22,7 +22,8 @@ from pathlib import Path
 import nbformat
 import pytest
 import requests
-from browser.demo_process import BIN, READY_LINE, DemoError, DemoProcess, free_port
+from browser.demo_process import BIN, READY_LINE, DemoError, DemoProcess, copy_demo_data, free_port
+from conftest import DemoSeed
 
 from dcr_demo import data
 from dcr_demo import prepare as prepare_module
@@ -51,8 +52,8 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo(demo_dir: Path) -> Iterator[DemoProcess]:
-    d = DemoProcess(demo_dir)
+def demo(demo_dir: Path, demo_seed: DemoSeed) -> Iterator[DemoProcess]:
+    d = DemoProcess(copy_demo_data(demo_seed.dir, demo_dir))
     try:
         yield d.start()
     finally:
@@ -62,6 +63,16 @@ def demo(demo_dir: Path) -> Iterator[DemoProcess]:
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_first_run_generates_the_data_and_synthesizes_it(demo_seed: DemoSeed) -> None:
+    """The session's first demo run (the one every demo of the suite starts from a copy of) generated each
+    real table and made its DP synthetic version with MST and a researchers' fidelity report."""
+    for table in data.TABLES:
+        assert f"generated the real table {table.ref}" in demo_seed.output
+        assert f"making the DP synthetic version of {table.ref} with MST" in demo_seed.output
+    assert demo_seed.output.count("fidelity report for researchers") == len(data.TABLES)
+    assert READY_LINE in demo_seed.output
 
 
 def test_demo_prints_url_and_logins_and_the_hub_answers(demo: DemoProcess) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +32,18 @@ BIN = Path(sys.executable).parent
 READY_LINE = "DCR demo is running"
 USERS = ("alice", "bob", "carol")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "held"})
+
+
+#: What a copy of a demo directory leaves out: what belongs to one run (its researchers' homes, logs, socket
+#: and lock), not the data, store, keys and state that later runs reuse.
+RUN_ONLY = shutil.ignore_patterns("homes", "logs", "run", "*.lock")
+
+
+def copy_demo_data(prepared: Path, dest: Path) -> Path:
+    """A demo directory at ``dest`` holding the data ``prepared`` (a stopped demo's directory) made, so that
+    the next ``dcr demo`` there reuses it instead of synthesizing it again."""
+    shutil.copytree(prepared, dest, ignore=RUN_ONLY)
+    return dest
 
 
 class DemoError(RuntimeError):
