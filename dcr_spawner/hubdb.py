@@ -16,10 +16,12 @@ Times are integer Unix seconds (UTC) so both databases compare them the same way
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -158,6 +160,8 @@ class HubDB:
                 hint="give a file, e.g. sqlite:////srv/jupyterhub/dcr-hub.sqlite",
             )
         self.url = parsed.render_as_string(hide_password=True)
+        if parsed.get_backend_name() == "sqlite" and parsed.database:
+            _owner_only(Path(parsed.database))
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if parsed.get_backend_name() == "postgresql":
             kwargs["pool_pre_ping"] = True
@@ -365,6 +369,20 @@ class HubDB:
                 )
                 for r in rows
             ]
+
+
+def _owner_only(path: Path) -> None:
+    """Create the SQLite file owner-only before SQLite would create it with the umask's mode (0644), and
+    take other accounts' access away from one an earlier version created: it holds every job's record."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        return  # no such directory: SQLite's own error says so when the hub connects
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

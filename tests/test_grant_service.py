@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import shutil
 import stat
 import textwrap
@@ -358,6 +359,24 @@ def test_records_database_checks(db_url: str, tmp_path: Path) -> None:
     with pytest.raises(DCRError, match="schema version 99"):
         again.setup()
     again.dispose()
+
+
+def test_a_records_file_is_owner_only(tmp_path: Path) -> None:
+    """The SQLite file of the hub's records is created 0600 whatever the umask (it holds every job's
+    record), and one left readable by an earlier version loses other accounts' access when opened."""
+    old_umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.sqlite"
+        db = HubDB(f"sqlite:///{fresh}")
+        db.setup()
+        db.dispose()
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+        earlier = tmp_path / "earlier.sqlite"
+        earlier.touch(mode=0o644)
+        HubDB(f"sqlite:///{earlier}").dispose()
+        assert stat.S_IMODE(earlier.stat().st_mode) == 0o600
+    finally:
+        os.umask(old_umask)
 
 
 def test_records_database_url_is_checked(tmp_path: Path) -> None:

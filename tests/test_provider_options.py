@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def test_each_documented_combination_succeeds(
     if reports == NO_REPORT:
         assert "fidelity report" not in out
         return
+    # What is computed from the real rows is the provider's alone; the researchers' report may be published.
+    for f in report_dir.iterdir():
+        mode = stat.S_IMODE(f.stat().st_mode)
+        assert mode == (0o600 if ".fidelity-provider-only." in f.name else 0o644), (f.name, oct(mode))
     provider = json.loads((report_dir / "real.fidelity-provider-only.json").read_text())
     assert provider["audience"] == "provider-only"
     utility = provider["utility"]

@@ -427,13 +427,27 @@ def _protection(
     return outputs, protection, reports
 
 
+#: In the file name of a report computed from the real rows (``<file>.fidelity-provider-only.json``).
+PROVIDER_ONLY_MARK: Final = ".fidelity-provider-only."
+
+
 def _deliver_reports(reports: list[Path], dest: Path) -> list[Path]:
-    """Move report files into ``dest`` (created if missing), each replacing any older file atomically."""
+    """Move report files into ``dest`` (created if missing), each replacing any older file atomically.
+
+    A provider-only report is computed from the real rows (closest-record distances among them), so it is
+    written owner-only (0600) wherever ``dest`` lies; the researcher-facing ones are meant to be published
+    (0644).
+    """
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for r in reports:
         tmp = dest / f".{r.name}.tmp"
-        shutil.copyfile(r, tmp)
+        tmp.unlink(missing_ok=True)
+        mode = 0o600 if PROVIDER_ONLY_MARK in r.name else 0o644
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        with os.fdopen(fd, "wb") as f, open(r, "rb") as src:
+            shutil.copyfileobj(src, f)
+        os.chmod(tmp, mode)  # whatever the umask
         target = dest / r.name
         tmp.replace(target)
         out.append(target)
