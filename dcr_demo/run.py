@@ -27,8 +27,7 @@ from typing import IO, Final
 
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.platform.client import HostClient
-from dcr_enclave.platform.process_visibility import MOUNTINFO
-from dcr_enclave.platform.process_visibility import processes_hidden as _hidden
+from dcr_enclave.platform.process_visibility import hidden_here
 
 from . import data
 from .prepare import GROUPS, PROVIDER_ACCOUNT, RESEARCHERS, Demo, Say, entitled_datasets, repo_root
@@ -80,12 +79,6 @@ def descendants(pid: int) -> dict[int, str]:
         found[p] = table[p][1]
         todo.extend(children[p])
     return found
-
-
-def processes_hidden() -> bool:
-    """Whether this machine's /proc hides processes from other accounts (else the demo's host is told to
-    start anyway, and the banner says so)."""
-    return _hidden(Path(MOUNTINFO).read_text())
 
 
 class DemoProcesses:
@@ -145,7 +138,7 @@ class DemoProcesses:
                 sys.executable, "-m", "dcr_enclave", "enclave-host",
                 "--store", str(layout.store), "--hub-key", str(layout.hub_jwks),
                 "--state", str(layout.host_state), "--socket", str(layout.socket),
-                *(["--allow-visible-processes"] if not processes_hidden() else []),
+                *(["--allow-visible-processes"] if not hidden_here() else []),
             ],
             layout.host_log,
             layout.root,
@@ -226,7 +219,7 @@ class DemoProcesses:
             f"  Enclave: the local SIMULATED TEE (no hardware memory encryption), socket {d.layout.socket}",
             *(
                 []
-                if processes_hidden()
+                if hidden_here()
                 else [
                     "  Note: /proc is not mounted hidepid=invisible, so every account of this machine can read the "
                     "enclave jobs' process titles (researchers cannot: their servers have their own /proc); "

@@ -38,6 +38,7 @@ from jupyterhub import orm
 from jupyterhub.objects import Hub as HubObject
 from jupyterhub.user import User
 from test_local_run import _grant_and_bundle
+from test_secure_stage import titled
 from traitlets import TraitError
 from traitlets.config import Config
 
@@ -331,7 +332,7 @@ def test_each_server_sees_only_its_own_processes(
     assert terminal.status_code == 200, terminal.text
     try:
         deadline = time.monotonic() + 120
-        while not _titled(marker):  # root on the host sees the title: the job really set it
+        while not titled(marker):  # root on the host sees the title: the job really set it
             assert time.monotonic() < deadline, "the enclave job never set its process title"
             assert host.client.status(job_id)["state"] not in contract.TERMINAL_STATES
             time.sleep(0.2)
@@ -354,21 +355,6 @@ def test_each_server_sees_only_its_own_processes(
     finally:
         host.client.cancel(job_id)
         env.hub.server_api(env.alice, "DELETE", f"api/terminals/{terminal.json()['name']}", token=alice)
-
-
-def _titled(marker: str) -> bool:
-    """Whether any process on the host (as root sees them) carries ``marker`` in its name or command line."""
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if (
-                    marker.encode()
-                    in Path(f"/proc/{d}/cmdline").read_bytes() + Path(f"/proc/{d}/comm").read_bytes()
-                ):
-                    return True
-            except OSError:
-                continue
-    return False
 
 
 def test_sandbox_cannot_read_store_keys_hub_files_or_other_homes(env: Env) -> None:

@@ -55,6 +55,11 @@ def processes_hidden(mountinfo: str) -> bool:
     return proc_hidepid(mountinfo) in HIDING
 
 
+def hidden_here(mountinfo_path: str = MOUNTINFO) -> bool:
+    """:func:`processes_hidden` for this process's ``/proc``."""
+    return processes_hidden(Path(mountinfo_path).read_text())
+
+
 def check(allow_visible: bool, mountinfo_path: str = MOUNTINFO) -> str | None:
     """Refuse to run enclave jobs on a machine whose ``/proc`` shows them to every account.
 
