@@ -12,10 +12,12 @@ import json
 import os
 import pwd
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,7 @@ import pytest
 
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.runtime.kernel_layout import KERNEL_MOUNT, WORK_MOUNT, SandboxSpec
-from dcr_enclave.runtime.kernel_process import check_sandbox
+from dcr_enclave.runtime.kernel_process import check_sandbox, lock_kernel_dir, make_kernel_dir
 from dcr_enclave.runtime.notebook_run import NotebookRun, RunResult, run_notebook
 
 pytestmark = pytest.mark.root
@@ -607,3 +609,53 @@ def test_cancel_while_on_ready_holds_the_run_runs_no_cell(make_job: Callable[...
     assert cells == []
     assert not (job.spec.workdir / NB_DIR / "ran.txt").exists()
     assert sandbox and not set(sandbox) & set(_account_processes(job.spec.uid))
+
+
+def test_taking_the_socket_directory_never_hides_the_connection_file(account: Account) -> None:
+    """While the supervisor takes the kernel's socket directory, a kernel still starting up re-reads its
+    connection file: at no instant may the account lose sight of it (else the kernel dies at start)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="dcr-lock-"))  # under /tmp: the account can traverse to it
+    os.chmod(run_dir, 0o755)
+    rounds = 2000
+    # The watcher runs as the account until its stdin closes, counting the stats the directory refused.
+    watcher = (
+        "import os, select, sys\n"
+        "misses = 0\n"
+        "print('ready', flush=True)\n"
+        "while not select.select([sys.stdin], [], [], 0)[0]:\n"
+        "    for _ in range(2000):\n"
+        "        try:\n"
+        "            os.stat(sys.argv[1])\n"
+        "        except PermissionError:\n"
+        "            misses += 1\n"
+        "        except FileNotFoundError:\n"
+        "            pass\n"
+        "print(misses)\n"
+    )
+
+    def as_account() -> None:
+        os.setgid(account.gid)
+        os.setuid(account.uid)
+
+    kernel_dir = make_kernel_dir(run_dir, account.uid, account.gid)
+    (kernel_dir / "kernel.json").write_text("{}")
+    os.chown(kernel_dir / "kernel.json", account.uid, account.gid)
+    os.chmod(kernel_dir / "kernel.json", 0o400)
+    proc = subprocess.Popen(
+        ["/usr/bin/python3", "-c", watcher, str(kernel_dir / "kernel.json")],
+        preexec_fn=as_account,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        for _ in range(rounds):
+            lock_kernel_dir(kernel_dir)
+            assert os.stat(kernel_dir).st_uid == 0
+            # Hand the directory back as a new run finds it, in an order that never hides the file itself.
+            os.chown(kernel_dir, account.uid, account.gid)
+            os.chmod(kernel_dir, 0o700)
+    finally:
+        out, _ = proc.communicate(timeout=30)
+        shutil.rmtree(run_dir)
+    assert int(out) == 0

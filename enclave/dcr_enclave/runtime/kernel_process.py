@@ -259,6 +259,10 @@ def lock_kernel_dir(kernel_dir: Path) -> None:
     (as root, in the host's view) can only reach this kernel. Anything but a socket or the connection
     file in it refuses the run.
     """
+    # The kernel may still be starting and re-reading its connection file: at no instant may the directory
+    # be closed to the account. Open it first, take it, then set the mode again (the account could have
+    # changed it between the two; as root's it no longer can).
+    os.chmod(kernel_dir, 0o755, follow_symlinks=False)
     os.chown(kernel_dir, 0, 0, follow_symlinks=False)
     os.chmod(kernel_dir, 0o755, follow_symlinks=False)
     for entry in os.scandir(kernel_dir):

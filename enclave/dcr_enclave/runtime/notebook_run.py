@@ -357,7 +357,7 @@ class NotebookRun:
             await asyncio.gather(work, return_exceptions=True)
             with self._lock:
                 reason = self._reason
-            if reason is None and not self._started:
+            if reason in (None, "disconnected") and not self._started:  # no cell ran: the kernel failed
                 raise DCRError(
                     "the kernel died while starting in the sandbox: " + sandbox.stderr_tail(),
                     hint="does check_sandbox() pass with this spec? is memory_bytes too small for a kernel?",
@@ -430,7 +430,7 @@ class NotebookRun:
         except RuntimeError:
             with self._lock:
                 reason = self._reason
-            if reason is not None:
+            if reason not in (None, "disconnected"):  # cancelled or out of time while starting
                 return RunResult(reason)
             raise DCRError(
                 "the kernel did not start in the sandbox: " + self._require_sandbox().stderr_tail(),
