@@ -126,7 +126,7 @@ class DCRExtension(ExtensionApp):
     ).tag(config=True)
 
     grant_source_class = PluginClass(
-        default_value="dcr_server_ext.grant_sources.DevGrantSource",
+        default_value="dcr_server_ext.grant_sources.DevGrantSource",  # outside a hub; see the @default
         klass=GrantSource,
         help="""Where each job's grant (a JWT signed by the hub) comes from. A subclass of
         :class:`dcr_server_ext.grant_sources.GrantSource`, given as the class or its dotted import path;
@@ -134,8 +134,10 @@ class DCRExtension(ExtensionApp):
         own settings from its own traits (``c.<ClassName>.*``).
 
         ``dcr_server_ext.grant_sources.HubGrantSource`` asks the hub's grant service (in production: it
-        alone holds the hub key and the policy). ``dcr_server_ext.grant_sources.DevGrantSource`` (the
-        default) signs grants with a local development key, for tests, demos and single-machine trials.
+        alone holds the hub key and the policy); it is the default of a server JupyterHub started (one with
+        ``JUPYTERHUB_API_URL`` in its environment), and the DCR spawners set it on every server they start.
+        ``dcr_server_ext.grant_sources.DevGrantSource`` (the default outside a hub) signs grants with a
+        local development key, for tests and single-machine trials.
         Paths into ``dcr_server_ext.grants``, the module's former name, are still accepted.
 
         Example::
@@ -343,6 +345,14 @@ class DCRExtension(ExtensionApp):
         return list(proposal["value"])
 
     # -- defaults and validation ----------------------------------------------------------------------------
+
+    @default("grant_source_class")
+    def _default_grant_source(self) -> str:
+        # A server started by a hub asks that hub: the development key would sign grants no real
+        # provider's condition accepts, and every Submit would fail at key release.
+        if os.environ.get("JUPYTERHUB_API_URL"):
+            return "dcr_server_ext.grant_sources.HubGrantSource"
+        return "dcr_server_ext.grant_sources.DevGrantSource"
 
     @default("data_dir")
     def _default_data_dir(self) -> str:

@@ -193,6 +193,7 @@ class GrantService:
                 granted = self._entitled_datasets(user, groups, req.datasets)
             except Refusal as r:
                 first = r
+            self._note_ended_jobs(user, now)
             usage = self.db.usage(user, [d.key for d in granted], now)
             per_minute = self.policy.quota("grant_requests_per_minute")
             if usage.requests_last_minute >= per_minute:
@@ -261,12 +262,21 @@ class GrantService:
             out.append(GrantedDataset(spec.provider, spec.dataset, spec.version, spec.release))
         return out
 
+    def _note_ended_jobs(self, user: str, now: int) -> None:
+        """Ask the platform which of the user's running jobs have ended, so they stop counting at once (a
+        job that failed in a second must not hold a quota slot until its time limit)."""
+        unended = self.db.unended_grants(user, now)
+        if unended:
+            ended = self.policy.platform().ended(unended)
+            if ended:
+                self.db.record_ends(ended & set(unended), now)
+
     def _check_quotas(self, usage: Usage) -> None:
         concurrent = self.policy.quota("concurrent_jobs_per_user")
         if usage.running_jobs >= concurrent:
             raise Refusal(
                 429,
-                f"you have {concurrent} job(s) within their time limit, the most allowed at once; "
+                f"you have {concurrent} job(s) running, the most allowed at once; "
                 "try again when one has ended",
             )
         per_day = self.policy.quota("jobs_per_day_per_user")

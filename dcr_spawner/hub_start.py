@@ -37,6 +37,7 @@ from traitlets.config import Config
 from dcr_enclave.formats.errors import DCRError
 
 from .grant_service import SETTINGS_KEY, GrantService, GrantsHandler, routes
+from .platform import make_server_args
 from .policy import DCRPolicy, Entitlement
 
 _active: DCRPolicy | None = None
@@ -74,6 +75,15 @@ class PolicySpawnerMixin:
         """The user's entitled datasets now (group membership as it is in the hub's database)."""
         groups = {g.name for g in self.user.groups}
         return self._policy().entitled(self.user.name, groups)
+
+    def dcr_server_config(self) -> dict[str, dict[str, Any]]:
+        """What the server needs to talk to this hub and its enclave platform (the hub's grant service,
+        never the development one; the backend; the trust anchors). A spawner may add settings of its own."""
+        return self._policy().platform().server_config()
+
+    def get_args(self) -> list[str]:
+        # Last, so they outrank c.Spawner.args and every configuration file the server reads.
+        return [*super().get_args(), *make_server_args(self.dcr_server_config())]  # type: ignore[misc]
 
 
 def grant_handlers() -> list[tuple[str, type, dict[str, Any]]]:
@@ -137,6 +147,9 @@ def _on_hub_handlers(change: Any) -> None:
         policy = DCRPolicy(parent=app)
         groups = {g.name for g in app.db.query(orm.Group)}
         service = GrantService.start(policy, groups)
+        platform = policy.platform()
+        platform.check_at_start()
+        platform.check_datasets(policy, service.hub_key.thumbprint)
         check = getattr(app.spawner_class, "dcr_check_at_start", None)
         if callable(check):
             check(app, policy)  # the spawner's own config, checked now rather than at the first spawn

@@ -83,6 +83,14 @@ class JobDataset(Base):
     __table_args__ = (Index("ix_dcr_hub_job_datasets_dataset_time", "dataset", "issued_at"),)
 
 
+class JobEnd(Base):
+    """When the hub learnt from the platform that a granted job had ended (it stops counting as running)."""
+
+    __tablename__ = "dcr_hub_job_ends"
+    grant_id: Mapped[str] = mapped_column(ForeignKey("dcr_hub_jobs.grant_id"), primary_key=True)
+    ended_at: Mapped[int] = mapped_column(BigInteger)
+
+
 class AuditRecord(Base):
     """One audit event: a grant issued or refused, an output approved or rejected, ..."""
 
@@ -299,7 +307,12 @@ class HubDB:
                     AuditRecord.event.startswith("grant."),
                 )
             )
-            running = s.scalar(select(func.count()).where(JobRecord.user == user, JobRecord.ends_at > now))
+            ended = select(JobEnd.grant_id)
+            running = s.scalar(
+                select(func.count()).where(
+                    JobRecord.user == user, JobRecord.ends_at > now, JobRecord.grant_id.not_in(ended)
+                )
+            )
             today = s.scalar(
                 select(func.count()).where(JobRecord.user == user, JobRecord.issued_at > day_ago(now))
             )
@@ -317,6 +330,22 @@ class HubDB:
             jobs_last_day=int(today or 0),
             dataset_jobs_last_day={ref: per_dataset.get(ref, 0) for ref in wanted},
         )
+
+    def unended_grants(self, user: str, now: int) -> list[str]:
+        """Grant ids of the user's jobs within their time limit that the hub has not seen end."""
+        with self.session() as s:
+            q = select(JobRecord.grant_id).where(
+                JobRecord.user == user,
+                JobRecord.ends_at > now,
+                JobRecord.grant_id.not_in(select(JobEnd.grant_id)),
+            )
+            return [str(g) for g in s.scalars(q)]
+
+    def record_ends(self, grant_ids: Iterable[str], at: int) -> None:
+        """Note that these granted jobs have ended (idempotent)."""
+        with self.session() as s:
+            known = set(s.scalars(select(JobEnd.grant_id).where(JobEnd.grant_id.in_(list(grant_ids)))))
+            s.add_all(JobEnd(grant_id=g, ended_at=at) for g in set(grant_ids) - known)
 
     def job_exists(self, job_id: str) -> bool:
         with self.session() as s:

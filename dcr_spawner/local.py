@@ -36,6 +36,7 @@ import re
 import secrets
 import shlex
 import stat
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -405,7 +406,7 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
         """Plan a sandbox for a would-be user now, so that a layout no sandbox can be built from (the Python
         installation or the home base under a hidden path) stops the hub instead of every spawn."""
         home = f"{self.home_base}/{self.account_prefix}start-check"
-        needed = self._needed_paths()
+        needed = self._needed_paths(policy)
         try:
             sandbox_mounts.build_plan(
                 mode="root" if self.isolated else "userns", account="start-check", uid=65534, gid=65534,
@@ -505,9 +506,11 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
     # ----------------------------------------------------------------------------------------------------
     # The sandbox
 
-    def _needed_paths(self) -> list[str]:
+    def _needed_paths(self, policy: DCRPolicy) -> list[str]:
         found = sandbox_mounts.python_roots() + sandbox_mounts.package_roots(SERVER_PACKAGES)
         found += [os.path.realpath(p) for p in self.readable_paths]
+        # The enclave host's socket directory and the trust anchors the server is pointed at.
+        found += [os.path.realpath(p) for p in policy.platform().server_paths()]
         return sorted(set(found))
 
     def _hidden(self, policy: DCRPolicy, needed: Iterable[str], home: str) -> list[str]:
@@ -543,7 +546,7 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
             self.log.warning("%s (spawning %s)", NOT_ISOLATED, self.user.name)
             account = self.shared_account()
         self.account = account
-        needed = self._needed_paths()
+        needed = self._needed_paths(policy)
         try:
             plan = sandbox_mounts.build_plan(
                 mode="root" if self.isolated else "userns",
@@ -571,11 +574,24 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
         env["USER"] = env["LOGNAME"] = account.name
         env["HOME"] = account.home
         env["SHELL"] = account.shell
+        # `dcr`, `jupyter` and the server's Python come first on PATH in kernels and terminals, whatever
+        # PATH the hub itself was started with (a service manager's is minimal).
+        bindir = os.path.dirname(sys.executable)
+        rest = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p and p != bindir]
+        env["PATH"] = os.pathsep.join([bindir, *rest])
         env["DCR_SANDBOX"] = "local"
         env["DCR_ISOLATION"] = "account" if self.isolated else "none"
         if not self.isolated:
             env["DCR_ISOLATION_WARNING"] = NOT_ISOLATED
         return env
+
+    def dcr_server_config(self) -> dict[str, dict[str, Any]]:
+        config = super().dcr_server_config()
+        # Terminals start the account's shell without -l: a login shell's /etc/profile would reset PATH
+        # and lose `dcr` (what it adds for a session, the hub has already set in the environment).
+        shell = self.account.shell if self.account is not None else self.account_shell
+        config.setdefault("ServerApp", {})["terminado_settings"] = {"shell_command": shlex.quote(shell)}
+        return config
 
     async def move_certs(self, paths: dict[str, str]) -> dict[str, str]:
         """Internal SSL: copy the server's key and certificates into the account's home.

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from jupyterhub.traitlets import ByteSpecification
-from traitlets import Dict, Integer, TraitError, Unicode, validate
+from traitlets import Dict, Integer, TraitError, Type, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from dcr_enclave.formats import contract
@@ -566,6 +566,38 @@ class DCRPolicy(LoggingConfigurable):
         and keep the password out of this file (use a ~/.pgpass or PGPASSWORD in the hub's environment).
         """,
     ).tag(config=True)
+
+    platform_class = Type(
+        default_value="dcr_spawner.platform.LocalEnclaveHost",
+        klass="dcr_spawner.platform.EnclavePlatform",
+        help="""Where the hub's granted jobs run: a subclass of
+        :class:`dcr_spawner.platform.EnclavePlatform`, given as the class or its dotted import path; it
+        reads its own settings from ``c.<ClassName>.*``. The DCR spawners hand every server they start
+        what the platform says servers need (the hub's grant service, the backend and its address, the
+        trust anchors and enclave digests receipts are verified against), and the grant service asks it
+        which jobs have ended, so that a failed job stops counting against the concurrent-jobs quota.
+        ``dcr_spawner.platform.LocalEnclaveHost`` (the default) is this machine's ``dcr enclave-host``.
+
+        Example::
+
+            c.DCRPolicy.platform_class = "dcr_spawner.platform.LocalEnclaveHost"
+            c.LocalEnclaveHost.socket_path = "/run/dcr/enclave-host.sock"
+            c.LocalEnclaveHost.trust_jwks = ["/var/lib/dcr/enclave-host/public/jwks.json"]
+            c.LocalEnclaveHost.enclave_digests = ["sha256:4f0c...e1"]
+
+        Security: the platform's settings decide where researchers' servers send bundles and which
+        receipts they call verified; the class runs inside the hub: use only platforms you installed.
+        """,
+    ).tag(config=True)
+
+    _platform: Any = None
+
+    def platform(self) -> Any:
+        """The configured :class:`~dcr_spawner.platform.EnclavePlatform` (made once, with this policy's
+        configuration)."""
+        if self._platform is None:
+            self._platform = self.platform_class(parent=self)
+        return self._platform
 
     @validate("datasets")
     def _check_datasets(self, proposal: Any) -> dict[str, Any]:

@@ -13,10 +13,10 @@ import stat
 import textwrap
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import nbformat
 import pytest
@@ -45,6 +45,7 @@ from dcr_spawner import DCRPolicy, GrantService
 from dcr_spawner.grant_service import Refusal
 from dcr_spawner.hubdb import GrantedJob, HubDB, Meta
 from dcr_spawner.hubkey import load_or_create_hub_key
+from dcr_spawner.platform import EnclavePlatform
 
 #: The service clock starts now: grants issued at T0 verify against the real clock.
 T0 = int(time.time())
@@ -308,6 +309,36 @@ def test_quotas(make_service: Callable[..., Clocked]) -> None:
     assert r.status == 429 and "globex/visits has had 4" in r.message
     refused = c.service.db.events(event="grant.refused")
     assert [(e.user, e.status) for e in refused] == [("alice", 429), ("alice", 429), ("dave", 429)]
+
+
+class EndedPlatform(EnclavePlatform):
+    """A platform that reports the grants a test names as ended (and remembers what the hub asked)."""
+
+    ended_grants: ClassVar[set[str]] = set()
+    asked: ClassVar[list[list[str]]] = []
+
+    def ended(self, grant_ids: Sequence[str]) -> set[str]:
+        EndedPlatform.asked.append(sorted(grant_ids))
+        return set(grant_ids) & self.ended_grants
+
+
+def test_a_job_that_ended_stops_counting_at_once(make_service: Callable[..., Clocked]) -> None:
+    """The hub asks the platform (swapped through c.DCRPolicy.platform_class) which of the user's running
+    jobs have ended: an ended job frees its concurrent-jobs slot at once, a job not yet ended (or one the
+    platform cannot tell about) keeps counting until its time limit; each end is recorded once."""
+    EndedPlatform.ended_grants, EndedPlatform.asked = set(), []
+    c = make_service(quotas={"concurrent_jobs_per_user": 1}, platform_class=EndedPlatform)
+    ins = ["acme/insurance"]
+    first = c.issue("alice", set(), _body(ins))["grant_id"]
+    assert c.refused("alice", set(), _body(ins)).status == 429  # the first still runs
+    assert EndedPlatform.asked[-1] == [first]
+    EndedPlatform.ended_grants = {first}  # e.g. it failed in its first cell
+    second = c.issue("alice", set(), _body(ins))["grant_id"]
+    assert EndedPlatform.asked[-1] == [first]
+    r = c.refused("alice", set(), _body(ins))
+    assert r.status == 429 and "running" in r.message
+    assert EndedPlatform.asked[-1] == [second]  # an ended job is never asked about again
+    assert c.service.db.unended_grants("alice", c.now[0]) == [second]
 
 
 def test_request_rate_limit(make_service: Callable[..., Clocked]) -> None:

@@ -261,6 +261,47 @@ def test_contents_api_lists_only_entitled_datasets(env: Env) -> None:
     assert r.status_code == 404
 
 
+def test_servers_ask_the_hub_for_grants_and_find_dcr_in_terminals(env: Env) -> None:
+    """A server started by the DCR spawner uses the hub's grant service, never the development one: its
+    dataset list is the hub's answer for its user. In a JupyterLab terminal (a real terminal through the
+    proxy) `dcr` is on PATH, from the hub's own installation."""
+    token = env.tokens[env.bob]
+    r = env.hub.server_api(env.bob, "GET", "dcr/api/datasets", token=token)
+    assert r.status_code == 200, r.text
+    assert [f"{d['provider']}/{d['dataset']}" for d in r.json()["datasets"]] == [
+        "beta/claims",
+        "gamma/public",
+    ]
+
+    r = env.hub.server_api(env.bob, "POST", "api/terminals", token=token)
+    assert r.status_code == 200, r.text
+    name = r.json()["name"]
+    ws_url = env.hub.server_url(env.bob).replace("http", "ws", 1) + f"terminals/websocket/{name}"
+
+    async def ask() -> str:
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+
+        conn = await websocket_connect(HTTPRequest(ws_url, headers={"Authorization": f"token {token}"}))
+        conn.write_message(json.dumps(["stdin", "echo DCR-AT=$(command -v dcr)\r"]))
+        seen = ""
+        deadline = time.monotonic() + 30
+        while "DCR-AT=/" not in seen and time.monotonic() < deadline:
+            msg = await asyncio.wait_for(conn.read_message(), timeout=30)
+            if msg is None:
+                break
+            kind, *rest = json.loads(msg)
+            if kind == "stdout":
+                seen += rest[0]
+        conn.close()
+        return seen
+
+    seen = asyncio.run(ask())
+    env.hub.server_api(env.bob, "DELETE", f"api/terminals/{name}", token=token)
+    expected = os.path.join(os.path.dirname(sys.executable), "dcr")
+    assert f"DCR-AT={expected}" in seen, seen
+
+
 def test_server_runs_as_its_own_unprivileged_account(env: Env) -> None:
     """Each server (and its kernels) runs as the user's own account created by the spawner: its uid and
     private group, no capabilities, no_new_privs, HOME its own 0700 directory under the home base."""

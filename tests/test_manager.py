@@ -47,7 +47,7 @@ from dcr_server_ext.backends.base import Backend, BackendStatus
 from dcr_server_ext.backends.local import LocalBackend
 from dcr_server_ext.errors import Conflict, Unavailable
 from dcr_server_ext.events import job_event
-from dcr_server_ext.grant_sources import DevGrantSource, GrantRefused, GrantSource
+from dcr_server_ext.grant_sources import DevGrantSource, GrantRefused, GrantSource, HubGrantSource
 from dcr_server_ext.jobstore import JobEnded, JobStore, StateBehind
 from dcr_server_ext.manager import RECEIPT_FILES, JobManager
 from dcr_server_ext.model import LIFECYCLE_STEP, Job
@@ -277,6 +277,14 @@ def test_defaults_are_the_local_backend_and_the_development_grant_source():
     assert type(backend) is LocalBackend and type(grants) is DevGrantSource
     assert backend.parent is app and grants.parent is app
     assert app.make_backend() is not backend
+
+
+def test_a_server_started_by_a_hub_asks_the_hub_for_grants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under JupyterHub (``JUPYTERHUB_API_URL`` set) the default grant source is the hub's grant service,
+    never the development key; an explicit setting still wins."""
+    monkeypatch.setenv("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api")
+    assert DCRExtension().grant_source_class is HubGrantSource
+    assert DCRExtension(grant_source_class=DevGrantSource).grant_source_class is DevGrantSource
 
 
 @pytest.mark.parametrize(
