@@ -536,20 +536,11 @@ def write_skeleton(layout: Layout) -> Path:
     return path
 
 
-def server_config(layout: Layout, enclave_digest: str) -> dict[str, Any]:
-    """``jupyter_server_config.json`` of the single-user servers: the DCR server extension's settings, with
-    the enclave host's signer and the enclave code (``enclave_digest``) receipts must come from."""
-    dcr: dict[str, Any] = {
-        "grant_source_class": "dcr_server_ext.grant_sources.HubGrantSource",
-        "backend_class": "dcr_server_ext.backends.local.LocalBackend",
-        "trust_jwks": [str(layout.host_jwks)],
-        "enclave_digests": [enclave_digest],
-    }
-    return {
-        "ServerApp": {"jpserver_extensions": {"dcr_server_ext": True}},
-        "DCRExtension": dcr,
-        "LocalBackend": {"socket_path": str(layout.socket)},
-    }
+def server_config() -> dict[str, Any]:
+    """``jupyter_server_config.json`` of the single-user servers: the DCR server extension switched on. What
+    it talks to and verifies against (the hub's grants, the enclave host, its signer and digest), the
+    spawner hands every server from the hub's platform settings (``c.LocalEnclaveHost``)."""
+    return {"ServerApp": {"jpserver_extensions": {"dcr_server_ext": True}}}
 
 
 @dataclass(frozen=True)
@@ -565,7 +556,13 @@ def entitled_datasets(user: str) -> list[str]:
 
 
 def hub_config(
-    layout: Layout, state: DemoState, ports: Ports, proxy: str, account_prefix: str, skeleton: Path
+    layout: Layout,
+    state: DemoState,
+    ports: Ports,
+    proxy: str,
+    account_prefix: str,
+    skeleton: Path,
+    enclave_digest: str,
 ) -> str:
     """The demo's ``jupyterhub_config.py``."""
     datasets: dict[str, dict[str, Any]] = {
@@ -584,7 +581,7 @@ def hub_config(
         if report.is_file():
             datasets[t.ref]["fidelity_report"] = str(report)
     users = sorted({u for members in GROUPS.values() for u in members})
-    readable = [str(layout.server_config), str(layout.run), str(layout.host_jwks.parent)]
+    readable = [str(layout.server_config)]  # the enclave host's socket and signer: from c.LocalEnclaveHost
     hub = layout.hub
     lines = [
         '"""DCR demo hub, written by `dcr demo` at every start (edits are overwritten)."""',
@@ -632,6 +629,12 @@ def hub_config(
         f"c.DCRPolicy.hub_key_file = {str(layout.hub_key)!r}",
         f"c.DCRPolicy.airlock_key_file = {str(hub / 'dcr-airlock.key')!r}",
         f"c.DCRPolicy.db_url = {'sqlite:///' + str(hub / 'dcr-hub.sqlite')!r}",
+        "",
+        "# The local enclave host (SIMULATED): every server submits there and verifies receipts against its",
+        "# published signer and the enclave code the providers' conditions name",
+        f"c.LocalEnclaveHost.socket_path = {str(layout.socket)!r}",
+        f"c.LocalEnclaveHost.trust_jwks = {[str(layout.host_jwks)]!r}",
+        f"c.LocalEnclaveHost.enclave_digests = {[enclave_digest]!r}",
         "dcr_spawner.enable(c)",
         "",
     ]
@@ -684,11 +687,11 @@ def prepare(root: Path, port: int, proxy: str | None, account_prefix: str, say: 
         skeleton = write_skeleton(layout)
         write_atomic(
             layout.server_config / "jupyter_server_config.json",
-            json.dumps(server_config(layout, measurement), indent=2) + "\n",
+            json.dumps(server_config(), indent=2) + "\n",
             0o644,
         )
         ports = Ports(port, free_port(), free_port())
-        config = hub_config(layout, state, ports, proxy_cmd, account_prefix, skeleton)
+        config = hub_config(layout, state, ports, proxy_cmd, account_prefix, skeleton, measurement)
         write_atomic(layout.hub_config, config, 0o600)
     except BaseException:
         os.close(lock_fd)

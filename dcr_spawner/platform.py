@@ -73,9 +73,9 @@ def _world_readable(path: Path) -> str | None:
         return "is not a regular file"
     if not st.st_mode & stat.S_IROTH:
         return f"is mode {stat.S_IMODE(st.st_mode):04o}: the servers' accounts cannot read it"
-    for parent in path.parents:
-        if not os.stat(parent).st_mode & stat.S_IXOTH:
-            return f"lies under {parent}, which other accounts cannot enter"
+    # Directories above are shown to a sandbox wherever they are (server_paths); the file's own must open.
+    if not os.stat(path.parent).st_mode & stat.S_IXOTH:
+        return f"is in {path.parent}, which other accounts cannot enter"
     return None
 
 

@@ -166,14 +166,22 @@ def test_fidelity_reports_are_linked_and_served_to_entitled_researchers_only(dem
 
 
 def test_enclave_host_answers_and_is_the_receipts_trust_anchor(demo: DemoProcess) -> None:
-    """The enclave host answers on the demo's socket, and the single-user servers' configuration pins its
-    published JWKS as the receipts' trust anchor and points the local backend at that socket."""
+    """The enclave host answers on the demo's socket, and what the hub's platform hands every server pins
+    its published JWKS as the receipts' trust anchor, its image digest, and points the local backend at
+    that socket, with the hub's grant service."""
+    from traitlets.config import PyFileConfigLoader
+
+    from dcr_spawner.platform import LocalEnclaveHost
+
     sock = demo.dir / "run" / "enclave-host.sock"
     client = HostClient(sock, timeout=10)
-    assert client.ping()
-    config = json.loads((demo.dir / "server-config" / "jupyter_server_config.json").read_text())
+    pong = client.ping()
+    hub_config = demo.dir / "hub" / "jupyterhub_config.py"
+    loaded = PyFileConfigLoader(hub_config.name, str(hub_config.parent)).load_config()
+    config = LocalEnclaveHost(config=loaded).server_config()
     assert config["LocalBackend"]["socket_path"] == str(sock)
     assert config["DCRExtension"]["grant_source_class"] == "dcr_server_ext.grant_sources.HubGrantSource"
+    assert config["DCRExtension"]["enclave_digests"] == [pong["image_digest"]]
     jwks_file = Path(config["DCRExtension"]["trust_jwks"][0])
     assert json.loads(jwks_file.read_text())["keys"] == client.jwks()["keys"]
 
