@@ -2,8 +2,8 @@
 
 Launches are idempotent by grant, jobs are private to the account that launched them, the key broker
 refuses every key request that is not a fresh answer to its own challenge for the right job, bad requests
-on the socket are answered with an error while the host keeps serving, and a sandbox that cannot be built
-stops a job before any key is asked for.
+on the socket are answered with an error while the host keeps serving, a sandbox that cannot be built
+stops a job before any key is asked for, and root (the hub) learns which of its grants have ended.
 """
 
 from __future__ import annotations
@@ -467,7 +467,7 @@ def test_launch_with_a_bundle_that_is_not_a_regular_file(tmp_path, store, host, 
 def test_sandbox_that_cannot_be_built_stops_the_job_before_any_key(tmp_path, store, make_host, make_notebook):
     """When the kernel sandbox cannot be built (here the host's scratch root is too deep for the kernel's
     unix sockets), the supervisor refuses before asking for a key: the job fails with a reason naming the
-    sandbox, and the audit log has no key release or refusal for it."""
+    sandbox, and the audit log has no key release or refusal for it, only its launch and its end."""
     deep = tmp_path / ("scratch-" + "d" * 60)
     host = make_host(scratch_root=deep)
     nb = make_notebook(SUMMARY_CELLS)
@@ -477,7 +477,92 @@ def test_sandbox_that_cannot_be_built_stops_the_job_before_any_key(tmp_path, sto
     assert job["state"] == "failed"
     assert "sandbox" in job["failure"]["reason"], job
     events = [e for e in _audit(host) if e.get("job_id") == job_id]
-    assert [e["event"] for e in events] == ["launch"]
+    assert [e["event"] for e in events] == ["launch", "end"]
+    assert (events[1]["state"], events[1]["reason_code"]) == ("failed", "enclave_failed")
     out = tmp_path / "result"
     host.client.result(job_id, out)
     assert sorted(p.name for p in out.iterdir()) == [contract.FAILURE_FILE]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grant states, for the hub's quota
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _launched(store: Any, host: Any, nb: Path, tmp: Path) -> tuple[str, str]:
+    """Launch a job of ``nb``; its job id and grant id."""
+    tmp.mkdir()
+    job_id, grant, bundle, _key = _grant_and_bundle(store, nb, tmp)
+    return job_id, host.client.launch(grant, bundle)["grant_id"]
+
+
+@pytest.mark.slow
+def test_grant_states_tell_root_which_grants_have_ended(
+    tmp_path, store, make_host, shared_host, make_notebook, monkeypatch
+):
+    """``grant_states`` answers root, for each grant id: ``unused`` (never launched here), ``running`` (its
+    job has not ended) or ``ended`` (its job failed, was cancelled or deleted, or the host restarted since
+    its launch). Another account gets the same refusal whatever it asks; malformed requests are refused
+    and change nothing. A job the host cannot start ends at once (failed, ``host_error``) instead of
+    counting as running for ever. The stopped host leaves its socket path alone once a file replaced it."""
+    host = shared_host
+
+    def no_sandbox_id() -> tuple[int, int]:
+        raise DCRError("no sandbox id left")
+
+    monkeypatch.setattr(host.host.sandbox_ids, "allocate", no_sandbox_id)
+    broken_job, broken = _launched(store, host, make_notebook(SLEEP_CELLS), tmp_path / "broken")
+    job = _wait_state(host.client, broken_job, contract.TERMINAL_STATES)
+    assert job["failure"]["reason"] == "the enclave host could not run the job", job
+    monkeypatch.undo()
+    cancelled_job, cancelled = _launched(store, host, make_notebook(SLEEP_CELLS), tmp_path / "a")
+    stopped_job, stopped = _launched(store, host, make_notebook(SLEEP_CELLS), tmp_path / "b")
+    unused = _grant_id(_grant_and_bundle(store, make_notebook(SLEEP_CELLS), tmp_path)[1])
+    ids = [broken, cancelled, stopped, unused]
+    assert host.client.grant_states(ids) == {
+        broken: "ended",
+        cancelled: "running",
+        stopped: "running",
+        unused: "unused",
+    }
+
+    refused = {"ok": False, "error": "not allowed: grant states are answered only to root"}
+    assert _as_other(host, "grant_states", grant_ids=ids) == refused
+    assert _as_other(host, "grant_states", grant_ids="everything") == refused
+    before = [(host.state / f).read_bytes() for f in ("grants.log", "audit.log")]
+    for bad, message in [
+        ("not a list", "a list of strings"),
+        ([cancelled, 7], "a list of strings"),
+        (None, "a list of strings"),
+        ([f"g{i}" for i in range(1001)], "at most 1000 grant ids, not 1001"),
+    ]:
+        with pytest.raises(DCRError, match=message):
+            host.client.call("grant_states", **({} if bad is None else {"grant_ids": bad}))
+    assert [(host.state / f).read_bytes() for f in ("grants.log", "audit.log")] == before
+    assert sorted(host.host.jobs) == sorted([broken_job, cancelled_job, stopped_job])
+    many = [f"g{i}" for i in range(1000)]
+    assert host.client.grant_states(many) == dict.fromkeys(many, "unused")
+
+    host.client.cancel(cancelled_job)
+    host.client.delete(cancelled_job)
+    assert host.client.grant_states(ids)[cancelled] == "ended"
+
+    # Stopped with a job running; its socket path was replaced meanwhile, and stays as it was replaced.
+    host.socket.unlink()
+    host.socket.write_text("not the host's")
+    host.host.shutdown()
+    assert host.socket.read_text() == "not the host's"
+    host.socket.unlink()
+    again = make_host(socket_path=host.socket)
+    assert again.client.grant_states(ids) == {
+        broken: "ended",
+        cancelled: "ended",
+        stopped: "ended",
+        unused: "unused",
+    }
+    ends = [(e["job_id"], e["state"], e.get("reason_code")) for e in _audit(again) if e["event"] == "end"]
+    assert sorted(ends) == sorted([
+        (broken_job, "failed", "host_error"),
+        (cancelled_job, "cancelled", None),
+        (stopped_job, "failed", "host_stopped"),
+    ])  # fmt: skip

@@ -3,15 +3,18 @@
 A real ``dcr enclave-host`` (a subprocess) is killed with ``kill -9`` while jobs run on real kernels; a real
 ``dcr local-run`` is stopped with ``SIGTERM`` (what ``timeout`` sends) or killed with ``SIGKILL`` while its
 job runs. Each job's processes (supervisor, sandbox, kernel) are read from the job's cgroup while it runs
-and identified by pid *and* start time, so a recycled pid is never taken for a survivor. The waits below
-only bound a hang; nothing here measures how fast anything happens.
+and identified by pid *and* start time, so a recycled pid is never taken for a survivor. A host stopped
+with SIGTERM removes its socket; every job event is one line of its log. The waits below only bound a
+hang; nothing here measures how fast anything happens.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,16 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_local_run import _grant_and_bundle
+from test_local_run import _grant_and_bundle, _wait_state
 from test_secure_stage import READ
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import GrantedDataset
 from dcr_enclave.formats.jwk import public_jwk
+from dcr_enclave.formats.sealing import generate_keypair
+from dcr_enclave.pack.bundle_builder import build_bundle
+from dcr_enclave.pack.grant_issuer import issue_grant
 from dcr_enclave.pack.signing_keys import load_or_create_key
+from dcr_enclave.pack.store import Store
 from dcr_enclave.platform.cgroups import JobCgroup
 from dcr_enclave.platform.client import HostClient
 from dcr_enclave.platform.host import EnclaveHost, HostConfig
+from dcr_enclave.platform.measure import save_cache
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -99,6 +108,12 @@ class HostProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> HostClient:
+        cache = self.state / "measure-cache.json"
+        if not cache.exists():
+            # The file digests this process took (the store's condition measured the environment): the
+            # host starts without hashing the whole environment again.
+            self.state.mkdir(parents=True, exist_ok=True)
+            save_cache(cache)
         cmd = [
             sys.executable, "-m", "dcr_enclave", "enclave-host", "--store", str(self.store.root),
             "--hub-key", str(self.hub_key_file), "--state", str(self.state), "--socket", str(self.socket),
@@ -124,6 +139,11 @@ class HostProcess:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=120)
 
+    def events(self, job_id: str) -> list[str]:
+        """The host's log lines about a job, from ``event=`` on."""
+        lines = self.log.read_text().splitlines()
+        return [line.split(" job=", 1)[1] for line in lines if f" dcr_enclave.host job={job_id} " in line]
+
 
 @pytest.fixture
 def host_process(tmp_path: Path, store: Any) -> Iterator[HostProcess]:
@@ -138,15 +158,17 @@ def test_kill_9_of_the_host_ends_its_jobs_and_the_restart_removes_the_rest(
 ):
     """``kill -9`` of the enclave host with two jobs running on their kernels: every process of both jobs
     (supervisor, sandbox, kernel) ends without the host's help, and the restarted host removes their
-    spools, mount points and cgroups before it serves; it knows neither job."""
+    spools, mount points and cgroups before it serves; it knows neither job, and logs (and audits) the end
+    of each, failed because the host died: one launch, one key release and one end line per job."""
     client = host_process.start()
-    jobs = []
+    jobs, grants = [], {}
     for name in ("a", "b"):
         nb = make_notebook(SLEEPING, workspace=f"ws-{name}")
         (tmp_path / name).mkdir()
         job_id, grant, bundle, _key = _grant_and_bundle(store, nb, tmp_path / name)
-        client.launch(grant, bundle)
+        grants[job_id] = client.launch(grant, bundle)["grant_id"]
         jobs.append(job_id)
+    version = Store(store.root).versions(store.provider, store.dataset)[-1].version
     procs: set[Proc] = set()
     for job_id in jobs:
         wait_running_last_cell(client, job_id, len(SLEEPING))
@@ -162,17 +184,93 @@ def test_kill_9_of_the_host_ends_its_jobs_and_the_restart_removes_the_rest(
         assert leftovers(host_process.state, job_id) == []
         with pytest.raises(DCRError, match="no such job"):
             client.status(job_id)
+        # The restart records the end the dead host could not, once.
+        assert host_process.events(job_id) == [
+            f"{job_id} event=launch user=tester uid=0 grant={grants[job_id]}",
+            f"{job_id} event=key_released user=tester grant={grants[job_id]} dataset=acme/insurance "
+            f"version={version}",
+            f"{job_id} event=end grant={grants[job_id]} state=failed reason=host_died",
+        ]
     assert list((host_process.state / "spool").iterdir()) == []
     assert host_process.stop() == 0
 
 
+def test_a_host_logs_each_job_event_once_publishes_its_digest_and_removes_its_socket(
+    tmp_path, store, host_process, make_notebook, run_cli, insurance_real, insurance_synthetic
+):
+    """A real host logs one line per job event, ``job=<id> event=<name>`` and ids, user, dataset, state and
+    fixed reason codes only: one launch, one key release per dataset and one end (with the final state, and
+    for a failure its reason code). Nothing the notebook chose (an output file's name, an exception's message)
+    is in its log. ``--print-measurement`` prints the digest the running host reports in ``ping`` and writes
+    to ``STATE/public/image-digest``; stopped with SIGTERM, the host exits 0 and its socket is gone."""
+    code, _o, err = run_cli(
+        "provider", "add", "--store", store.root, "--provider", store.provider, "--dataset", "claims",
+        "--real", insurance_real, "--synthetic", insurance_synthetic,
+    )  # fmt: skip
+    assert code == 0, err
+    marker = f"chosen{secrets.token_hex(4)}"
+    versions = {d: Store(store.root).versions(store.provider, d)[-1].version for d in ("insurance", "claims")}
+    ok_nb = make_notebook([f"open('{marker}.csv', 'w').write('x')"], workspace="ok")
+    ok_bundle = build_bundle(ok_nb, tmp_path / "ok.tar")
+    ok_job = contract.new_job_id()
+    ok_grant = issue_grant(
+        load_or_create_key(store.hub_key_path), user="tester", job_id=ok_job, bundle_digest=ok_bundle.digest,
+        datasets=[GrantedDataset(store.provider, d, v, "auto") for d, v in versions.items()],
+        output_public_key=generate_keypair()[1],
+    )  # fmt: skip
+    bad_nb = make_notebook([f"raise ValueError('{marker}')"], workspace="bad")
+    bad_job, bad_grant, bad_bundle, _key = _grant_and_bundle(store, bad_nb, tmp_path)
+
+    client = host_process.start()
+    grants = {ok_job: client.launch(ok_grant, tmp_path / "ok.tar")["grant_id"]}
+    grants[bad_job] = client.launch(bad_grant, bad_bundle)["grant_id"]
+    assert _wait_state(client, ok_job, contract.TERMINAL_STATES)["state"] == "succeeded"
+    assert _wait_state(client, bad_job, contract.TERMINAL_STATES)["state"] == "failed"
+
+    digest = client.ping()["image_digest"]
+    public = host_process.state / "public" / "image-digest"
+    assert public.read_text() == digest + "\n"
+    assert stat.S_IMODE(public.stat().st_mode) == 0o644
+    printed = subprocess.run(
+        [sys.executable, "-m", "dcr_enclave", "enclave-host", "--print-measurement", "--state",
+         str(host_process.state)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert (printed.returncode, printed.stdout, printed.stderr) == (0, digest + "\n", "")
+
+    assert host_process.stop(signal.SIGTERM) == 0
+    assert not host_process.socket.exists() and not host_process.socket.is_symlink()
+    launch = "event=launch user=tester uid=0 grant={}"
+    assert host_process.events(ok_job) == [
+        f"{ok_job} " + launch.format(grants[ok_job]),
+        *(
+            f"{ok_job} event=key_released user=tester grant={grants[ok_job]} dataset=acme/{d} version={v}"
+            for d, v in versions.items()
+        ),
+        f"{ok_job} event=end user=tester grant={grants[ok_job]} state=succeeded",
+    ]
+    assert host_process.events(bad_job) == [
+        f"{bad_job} " + launch.format(grants[bad_job]),
+        f"{bad_job} event=key_released user=tester grant={grants[bad_job]} dataset=acme/insurance "
+        f"version={versions['insurance']}",
+        f"{bad_job} event=end user=tester grant={grants[bad_job]} state=failed reason=cell_failed",
+    ]
+    assert marker not in host_process.log.read_text()
+
+
 def test_a_starting_host_ends_and_removes_what_an_earlier_run_left(tmp_path, make_host):
     """What a host that died left (a job's process still in its cgroup, its mount point and spool) is ended
-    and removed by the next host started on that state directory, before it serves."""
+    and removed by the next host started on that state directory, before it serves. The job's end is
+    recorded (failed, ``host_died``); a job whose end the dead host had recorded gets no second one."""
     state = tmp_path / "sweep-state"
-    job_id = contract.new_job_id()
+    job_id, done_id = contract.new_job_id(), contract.new_job_id()
     (state / "spool" / job_id / "out").mkdir(parents=True)
     (state / "spool" / job_id / "bundle.tar").write_bytes(b"left behind")
+    (state / "spool" / done_id / "out").mkdir(parents=True)
+    (state / "spool" / done_id / "ended").touch()
+    (state / "grants.log").write_text(
+        "".join(json.dumps({"grant_id": f"grant-{j}", "job_id": j}) + "\n" for j in (job_id, done_id))
+    )
     (SCRATCH_ROOT / job_id).mkdir(parents=True)
     cgroup = JobCgroup(job_id, memory_bytes=256 << 20, max_processes=16)
     cgroup.create()
@@ -187,6 +285,12 @@ def test_a_starting_host_ends_and_removes_what_an_earlier_run_left(tmp_path, mak
         assert survivor.wait(timeout=30) == -signal.SIGKILL
         assert alive(procs) == set()
         assert leftovers(state, job_id) == []
+        assert list((state / "spool").iterdir()) == []
+        audit = [json.loads(line) for line in (state / "audit.log").read_text().splitlines()]
+        assert [{k: v for k, v in e.items() if k != "time"} for e in audit] == [
+            {"event": "end", "job_id": job_id, "grant_id": f"grant-{job_id}", "state": "failed",
+             "reason_code": "host_died"},
+        ]  # fmt: skip
     finally:
         if survivor.poll() is None:
             survivor.kill()

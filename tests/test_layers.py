@@ -173,8 +173,17 @@ def test_the_default_environment_is_the_isolated_interpreters_import_path() -> N
 
 
 @pytest.mark.root
-def test_the_host_image_holds_formats_and_runtime_and_its_digest_is_the_providers_default(host) -> None:
+def test_the_host_image_holds_formats_and_runtime_and_its_digest_is_the_providers_default(
+    host, run_cli
+) -> None:
+    """The image holds the measured parts; its digest is the providers' default, the one ``ping`` reports,
+    the one the host publishes in ``STATE/public/image-digest`` and the one ``dcr enclave-host
+    --print-measurement`` prints without any other option."""
     image = host.host.image_dir / "dcr_enclave"
     assert sorted(p.name for p in image.iterdir() if p.name != "__pycache__") == sorted(MEASURED_PARTS)
     assert host.host.measurement() == measure.current_measurement()
     assert host.client.ping()["image_digest"] == host.host.measurement()
+    assert (host.state / "public" / "image-digest").read_text() == host.host.measurement() + "\n"
+    assert run_cli("enclave-host", "--print-measurement") == (0, host.host.measurement() + "\n", "")
+    code, _out, err = run_cli("enclave-host", "--store", host.state)
+    assert code == 2 and "the following arguments are required: --hub-key" in err, err

@@ -7,6 +7,7 @@ enclave host from its measured, read-only install.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -809,11 +810,15 @@ def test_collect_applies_the_grant_output_limits(tmp_path, make_notebook, limits
     assert not any("4449" in v or "600" in v or "1200" in v for v in violations)
 
 
-def test_output_violations_never_name_files(tmp_path, store, host, make_notebook, run_cli, insurance_real):
+def test_output_violations_never_name_files(
+    tmp_path, store, host, make_notebook, run_cli, insurance_real, caplog
+):
     """A notebook (in review mode) that names a symbolic link, a file of a refused type and a file with a
     control character after a value of the real data gets its outputs rejected; the value appears nowhere:
-    not in receipt.json, the host's job status and failure reason, the audit log or anything in the host's
-    state directory. The receipt still verifies."""
+    not in receipt.json, the host's job status and failure reason, the audit log, the host's log (whose end
+    line carries the fixed reason code) or anything in the host's state directory. The receipt still
+    verifies."""
+    caplog.set_level(logging.INFO, logger="dcr_enclave.host")
     row = insurance_real.read_text().splitlines()[1]
     secret = row.replace(",", "_")
     charges = row.rsplit(",", 1)[1]
@@ -853,7 +858,10 @@ def test_output_violations_never_name_files(tmp_path, store, host, make_notebook
         assert value not in json.dumps(host.client.status(job_id))
         assert value not in json.dumps(host.client.jobs())
         assert value not in (host.state / "audit.log").read_text()
+        assert value not in caplog.text
         assert _no_plaintext_anywhere([host.state, out], value.encode()) == []
+    ends = [r.getMessage() for r in caplog.records if f"job={job_id} event=end " in r.getMessage()]
+    assert len(ends) == 1 and ends[0].endswith(" state=failed reason=outputs_refused"), ends
     code, text, _ = run_cli(
         "verify", out, "--trust", host.jwks_path, "--enclave-digest", host.host.measurement()
     )

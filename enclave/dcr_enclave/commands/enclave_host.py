@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from dcr_enclave.formats.jwk import load_jwks_file
 from dcr_enclave.platform import process_visibility
 from dcr_enclave.platform.client import DEFAULT_SOCKET
 from dcr_enclave.platform.host import EnclaveHost, HostConfig
+from dcr_enclave.platform.measure import current_measurement, load_cache
 from dcr_enclave.platform.sandbox_ids import DEFAULT_COUNT, DEFAULT_FIRST
 
 DEFAULT_STATE = "/var/lib/dcr/enclave-host"
@@ -25,17 +28,26 @@ def register(sub: Any) -> None:
         description=(
             "The local stand-in for Google Confidential Space: runs enclave jobs from a measured, read-only "
             "install, signs simulated attestation tokens, and releases providers' data keys under their "
-            "conditions. Must run as root."
+            "conditions. Must run as root. Its image digest is also in STATE/public/image-digest once it runs."
         ),
     )
-    p.add_argument("--store", required=True, type=Path, help="the providers' encrypted dataset store")
+    p.add_argument(
+        "--print-measurement",
+        action="store_true",
+        help="print the image digest (sha256:...) a host started now from this install would report, and "
+        "exit; needs no root and no other option (a digest cache in --state that this account owns makes "
+        "it faster)",
+    )
+    p.add_argument(
+        "--store", type=Path, help="the providers' encrypted dataset store (required to run the host)"
+    )
     p.add_argument("--keys", type=Path, help="the providers' key material (default: STORE/.keys)")
     p.add_argument(
         "--hub-key",
         action="append",
-        required=True,
         type=Path,
-        help="public key (PEM or JWKS) of a hub whose grants this host accepts; repeatable",
+        help="public key (PEM or JWKS) of a hub whose grants this host accepts; repeatable (at least one "
+        "is required to run the host)",
     )
     p.add_argument(
         "--state", type=Path, default=Path(DEFAULT_STATE), help=f"state directory (default {DEFAULT_STATE})"
@@ -78,7 +90,7 @@ def register(sub: Any) -> None:
         help="start although /proc is not mounted hidepid=invisible, so that every account of this machine can "
         "read the process titles of enclave jobs; only where no untrusted account can log in (docs/sandbox.md)",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, usage_error=p.error)
 
 
 def parse_id_range(text: str) -> tuple[int, int]:
@@ -106,7 +118,26 @@ def build_host(args: argparse.Namespace) -> EnclaveHost:
     return host
 
 
+def print_measurement(state: Path) -> int:
+    """Print what a host started now with this interpreter and package would report as its image digest
+    (:func:`~dcr_enclave.platform.measure.current_measurement`: the measured parts of this package and the
+    interpreter's environment, as the host copies and measures them at start)."""
+    cache = state / "measure-cache.json"
+    with contextlib.suppress(OSError):
+        st = cache.stat()
+        # Only a cache this account wrote (the host's own, for root): anyone else's could make it lie.
+        if st.st_uid == os.geteuid() and not st.st_mode & 0o022:
+            load_cache(cache)
+    print(current_measurement(), flush=True)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.print_measurement:
+        return print_measurement(args.state)
+    missing = [o for o, v in (("--store", args.store), ("--hub-key", args.hub_key)) if not v]
+    if missing:
+        args.usage_error(f"the following arguments are required: {', '.join(missing)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     warning = process_visibility.check(args.allow_visible_processes)  # before anything is written
     host = build_host(args)

@@ -10,14 +10,17 @@ A data key leaves the broker only when all of these hold, checked in this order:
 4. the provider's condition (compiled to CEL, :mod:`dcr_enclave.platform.condition_cel`) holds for the token's
    claims and the grant's values.
 
-Every release and every refusal is appended to the audit log. In Google Cloud the same decision is made by
-STS (token), a Workload Identity Pool condition (the compiled CEL) and Cloud KMS (the unwrap).
+Every release and every refusal is appended to the audit log, and logged (see :class:`AuditLog`). In Google
+Cloud the same decision is made by STS (token), a Workload Identity Pool condition (the compiled CEL) and
+Cloud KMS (the unwrap).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -43,8 +46,44 @@ class _Challenge:
     expires: float
 
 
+#: The enclave host's log (stderr under ``dcr enclave-host``): one line per audit record.
+log = logging.getLogger("dcr_enclave.host")
+
+#: The audit fields a log line carries, as ``key=value`` in this order: identifiers, the hub user, dataset
+#: references, states and fixed reason codes. Everything else (free-text refusal reasons, digests) stays
+#: in the owner-only audit file: nothing a notebook chooses may reach the log.
+LOGGED_FIELDS: tuple[tuple[str, str], ...] = (
+    ("user", "user"),
+    ("owner_uid", "uid"),
+    ("grant_id", "grant"),
+    ("dataset", "dataset"),
+    ("version", "version"),
+    ("state", "state"),
+    ("reason_code", "reason"),
+)
+#: Values logged as they are; any other value is logged JSON-quoted, so a line stays one line of pairs.
+_PLAIN = re.compile(r"[A-Za-z0-9._:@+/-]{1,200}")
+
+
+def log_line(event: str, fields: dict[str, Any]) -> str:
+    """``job=<id> event=<event> user=... grant=... dataset=<provider>/<dataset> version=... state=...
+    reason=...``: the pairs present in ``fields``, in :data:`LOGGED_FIELDS` order."""
+    fields = dict(fields)
+    if "provider" in fields and "dataset" in fields:
+        fields["dataset"] = f"{fields['provider']}/{fields['dataset']}"
+    pairs = [("job", fields.get("job_id")), ("event", event)]
+    pairs += [(key, fields[name]) for name, key in LOGGED_FIELDS if fields.get(name) is not None]
+    return " ".join(f"{k}={_log_value(v)}" for k, v in pairs)
+
+
+def _log_value(value: Any) -> str:
+    text = str(value)
+    return text if _PLAIN.fullmatch(text) else json.dumps(text[:200])
+
+
 class AuditLog:
-    """Append-only JSON-lines log, owner-only; one line per decision."""
+    """Append-only JSON-lines log, owner-only; one line per decision or job event, each also logged
+    (:func:`log_line`) to the host's log."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -60,6 +99,7 @@ class AuditLog:
                 os.write(fd, line.encode())
             finally:
                 os.close(fd)
+        log.log(logging.WARNING if event == "key_refused" else logging.INFO, "%s", log_line(event, fields))
 
 
 class KeyBroker:

@@ -72,6 +72,13 @@ class HostClient:
         """Remove a finished job's results from the host (idempotent)."""
         return self.call("delete", job_id=job_id)["job"]
 
+    def grant_states(self, grant_ids: list[str]) -> dict[str, str]:
+        """Root only (the hub's quota): each grant id's state on this host, at most 1000 ids a call.
+
+        ``"unused"``: never launched here (it may still be); ``"running"``: its job has not ended;
+        ``"ended"``: its job ended (held included), or the host no longer knows it (restarted)."""
+        return self.call("grant_states", grant_ids=list(grant_ids))["states"]
+
     def watch(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Yield the job's current state, then each change as it happens, ending with the final state."""
         with self._connect(None) as s:

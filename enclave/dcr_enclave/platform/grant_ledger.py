@@ -38,6 +38,11 @@ class GrantLedger:
         with self._lock:
             return self._jobs.get(grant_id)
 
+    def grant_for(self, job_id: str) -> str | None:
+        """The grant recorded for a job (a scan: for the start-up sweep's few leftovers)."""
+        with self._lock:
+            return next((g for g, j in self._jobs.items() if j == job_id), None)
+
     def record(self, grant_id: str, job_id: str) -> None:
         """Record a grant's launch; DCRError if it was launched before (for whatever job)."""
         with self._lock:

@@ -12,7 +12,11 @@ It is a **simulation**: the same code paths and process isolation, no memory enc
 
 Clients talk to it on a unix socket with one JSON object per line (see :mod:`dcr_enclave.platform.client`).
 Launching needs a grant signed by a hub key the host trusts; every other request about a job is answered
-only to root or the account that launched it (checked with ``SO_PEERCRED``).
+only to root or the account that launched it (checked with ``SO_PEERCRED``), and ``grant_states`` only to
+root.
+
+Each job event (launch, key release, end) is an audit record and one log line,
+``job=<id> event=<name> key=value ...`` (see :func:`dcr_enclave.platform.broker.log_line`).
 """
 
 from __future__ import annotations
@@ -62,10 +66,40 @@ from dcr_enclave.platform.measure import (
 from dcr_enclave.platform.sandbox_ids import DEFAULT_COUNT, DEFAULT_FIRST, SandboxIds
 from dcr_enclave.platform.signer import local_claims, sign_token
 
-log = logging.getLogger("dcr.enclave_host")
+log = logging.getLogger("dcr_enclave.host")
 
 #: Bundles larger than this are refused at launch.
 MAX_BUNDLE_BYTES = 2 * 2**30
+#: Grant ids one ``grant_states`` request may ask about.
+MAX_GRANT_STATES = 1000
+#: Written into a job's spool when its end is recorded: the start-up sweep records no second end for it.
+_ENDED_MARK = "ended"
+
+
+class EndReason:
+    """The fixed reason codes a failed job's ``end`` record and log line carry instead of its failure's
+    text (a supervisor reports failures after the notebook ran)."""
+
+    #: The host stopped the enclave past the grant's time limit.
+    TIME_LIMIT = "time_limit"
+    #: A process of the job was killed at the job's memory limit.
+    MEMORY_LIMIT = "memory_limit"
+    #: The output check refused the outputs.
+    OUTPUTS_REFUSED = "outputs_refused"
+    #: The supervisor reported a failure that names a cell (an exception, or the time limit, in it).
+    CELL_FAILED = "cell_failed"
+    #: The supervisor reported any other failure (grant, bundle, sandbox, key release, outputs).
+    ENCLAVE_FAILED = "enclave_failed"
+    #: The supervisor ended without a receipt or a report.
+    ENCLAVE_EXIT = "enclave_exit"
+    #: The host could not start or follow the job (an error of the host's own).
+    HOST_ERROR = "host_error"
+    #: The host was stopped while the job ran (it ends every job).
+    HOST_STOPPED = "host_stopped"
+    #: The host died while the job ran; its next start ended what was left.
+    HOST_DIED = "host_died"
+
+
 #: The supervisor is started from the measured image with nothing from the caller's environment.
 #: jsonschema's optional format checkers: the enclave validates no formats, and importing them costs up to
 #: a second per launch (``rfc3987_syntax`` builds a grammar on import). Marked absent in the supervisor.
@@ -124,6 +158,9 @@ class Job:
     state: str = "granted"
     cell: list[int] | None = None
     failure: dict[str, Any] | None = None
+    #: The :class:`EndReason` of a failure, for the job's ``end`` record only (not in its public status).
+    failure_code: str | None = None
+    end_recorded: bool = False
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     proc: subprocess.Popen[bytes] | None = None
@@ -164,6 +201,8 @@ class EnclaveHost:
         self.lock = threading.Lock()
         self.signer: PrivateKey
         self.server: socketserver.ThreadingUnixStreamServer | None = None
+        #: (device, inode) of the socket this host bound: the one it removes when it stops.
+        self._bound: tuple[int, int] | None = None
         self._lock_fd: int | None = None
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -192,14 +231,16 @@ class EnclaveHost:
         for sub, mode in (("spool", 0o700), ("public", 0o755)):
             (sd / sub).mkdir(exist_ok=True)
             os.chmod(sd / sub, mode)
+        self.ledger = GrantLedger(sd / "grants.log")
+        self.audit = AuditLog(sd / "audit.log")
         self.sweep()
         self.signer = load_or_create_key(sd / "signer.pem", "RS256", owner_only=True)
         _write_public(sd / "public" / "jwks.json", json.dumps(jwks(self.signer), indent=2))
         self.install_image()
         self.environment = self.measure_environment()
+        # Published so that an admin or a provider can pin it before any job runs.
+        _write_public(sd / "public" / "image-digest", self.measurement() + "\n")
         self.sandbox_ids = SandboxIds(sd / "next-sandbox-id", *self.cfg.sandbox_ids)
-        self.ledger = GrantLedger(sd / "grants.log")
-        self.audit = AuditLog(sd / "audit.log")
         self.broker = KeyBroker(self.cfg.keys_dir, [public_jwk(self.signer)], self.audit, self.ledger)
 
     def _lock_state(self) -> None:
@@ -222,7 +263,8 @@ class EnclaveHost:
         so every spool entry is a leftover (a host killed with ``kill -9``, a machine that lost power).
         Its processes are killed through its cgroup (normally they died with the host: the supervisor
         has the host's death signalled to it), its empty mount point under the scratch root and its spool
-        (bundle, sealed results) are removed."""
+        (bundle, sealed results) are removed. A job whose end was not recorded gets its ``end`` record
+        (failed, :attr:`EndReason.HOST_DIED`)."""
         for entry in sorted((self.cfg.state_dir / "spool").iterdir()):
             job_id = entry.name
             if not contract.JOB_ID_RE.match(job_id):
@@ -236,8 +278,14 @@ class EnclaveHost:
                 log.error("job %s left by an earlier run: its cgroup could not be removed: %s", job_id, e)
             with contextlib.suppress(OSError):
                 (self.cfg.scratch_root / job_id).rmdir()
+            ended = (entry / _ENDED_MARK).exists()
             shutil.rmtree(entry, ignore_errors=True)
             log.warning("job %s was left by an earlier run of the host: ended (%d processes)", job_id, killed)
+            # A spool without a ledger record is a launch that never completed: it has no launch record.
+            if not ended and (grant_id := self.ledger.grant_for(job_id)) is not None:
+                self.audit.write(
+                    "end", job_id=job_id, grant_id=grant_id, state="failed", reason_code=EndReason.HOST_DIED
+                )
 
     def install_image(self) -> None:
         """Copy what the enclave runs (:data:`MEASURED_PARTS`) into a root-owned, read-only tree; that tree is
@@ -298,6 +346,8 @@ class EnclaveHost:
 
         self.server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
         self.server.daemon_threads = True
+        st = path.lstat()
+        self._bound = (st.st_dev, st.st_ino)
         # Anyone on the machine may connect: launching needs a hub-signed grant and job requests are
         # answered only to their owner (SO_PEERCRED).
         os.chmod(path, 0o666)
@@ -305,15 +355,22 @@ class EnclaveHost:
         self.server.serve_forever()
 
     def shutdown(self) -> None:
-        """Stop serving, end every job (processes, cgroup, mount point) and release the state directory."""
+        """Stop serving and remove the socket, end every job (processes, cgroup, mount point; an ``end``
+        record for each that ran) and release the state directory."""
         if self.server:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+            self._remove_socket()
         for job in list(self.jobs.values()):
             with job.cond:
-                job.cancelled = job.cancelled or not job.terminal
+                running = not job.terminal
+                job.cancelled = job.cancelled or running
             self._kill(job)
+            if running:
+                # Its clients learn it from the next host, which does not know the job: it failed.
+                job.failure_code = EndReason.HOST_STOPPED
+                self._record_end(job, "failed")
         for job in list(self.jobs.values()):
             if job.thread is not None:
                 job.thread.join(timeout=_KILL_WAIT)
@@ -322,6 +379,15 @@ class EnclaveHost:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _remove_socket(self) -> None:
+        """Unlink the socket path if it still is the socket this host bound (never what replaced it)."""
+        path = self.cfg.socket_path
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._bound:
+                path.unlink()
+        self._bound = None
 
     def handle_connection(self, sock: socket.socket) -> None:
         uid = _peer_uid(sock)
@@ -376,7 +442,31 @@ class EnclaveHost:
             with self.lock:
                 mine = [j.public() for j in self.jobs.values() if uid in (0, j.owner_uid)]
             return {"ok": True, "jobs": mine}
+        if op == "grant_states":
+            return {"ok": True, "states": self.grant_states(msg.get("grant_ids"), uid)}
         raise DCRError(f"unknown request {op!r}")
+
+    def grant_states(self, grant_ids: Any, uid: int) -> dict[str, str]:
+        """For the hub's quota (root only): where each grant is on this host.
+
+        ``unused``: never launched here (it may still be); ``running``: its job is known and has not
+        ended; ``ended``: its job ended (``held`` included: the enclave's part is over), or the grant was
+        launched here and its job is no longer known (a host that restarts has ended its jobs)."""
+        if uid != 0:  # the same answer whatever was asked
+            raise DCRError("not allowed: grant states are answered only to root")
+        if not isinstance(grant_ids, list) or not all(isinstance(g, str) for g in grant_ids):
+            raise DCRError("grant_states needs grant_ids: a list of strings")
+        if len(grant_ids) > MAX_GRANT_STATES:
+            raise DCRError(f"grant_states takes at most {MAX_GRANT_STATES} grant ids, not {len(grant_ids)}")
+        with self.lock:
+            jobs = {g: self.jobs[j] for g in grant_ids if (j := self.by_grant.get(g)) is not None}
+        states = {}
+        for g in grant_ids:
+            if (job := jobs.get(g)) is not None:
+                states[g] = "ended" if job.terminal else "running"
+            else:
+                states[g] = "ended" if self.ledger.job_for(g) is not None else "unused"
+        return states
 
     def _job_for(self, msg: dict[str, Any], uid: int) -> Job:
         job_id = msg.get("job_id")
@@ -461,11 +551,33 @@ class EnclaveHost:
         with job.cond:
             if job.terminal and "state" in changes:
                 return  # an ended job stays as it ended (a late progress message, a cancel after the end)
+            state = changes.get("state")
+            if state in contract.TERMINAL_STATES or state == "held":
+                self._record_end(job, state)  # before anyone can read the end
             for k, v in changes.items():
                 setattr(job, k, v)
             job.updated = time.time()
             job.events.append({"job_id": job.job_id, **{k: v for k, v in changes.items() if k != "proc"}})
             job.cond.notify_all()
+
+    def _record_end(self, job: Job, state: str) -> None:
+        """The job's one ``end`` audit record (and log line): ids, user, final state and, for a failure,
+        its :class:`EndReason`; a mark in its spool tells the start-up sweep that the end is recorded."""
+        with job.cond:
+            if job.end_recorded:
+                return
+            job.end_recorded = True
+            code = {"reason_code": job.failure_code or EndReason.ENCLAVE_EXIT} if state == "failed" else {}
+            self.audit.write(
+                "end",
+                job_id=job.job_id,
+                grant_id=job.grant.grant_id,
+                user=job.grant.user,
+                state=state,
+                **code,
+            )
+            with contextlib.suppress(OSError):
+                (job.spool / _ENDED_MARK).touch()
 
     def _launch_env(self, job: Job) -> dict[str, str]:
         e = contract.ENV
@@ -482,22 +594,38 @@ class EnclaveHost:
         }
 
     def _run(self, job: Job) -> None:
-        env = self._launch_env(job)
-        job.image_digest = self.measurement()
-        job.sandbox_uid = self.sandbox_ids.allocate()[0]
-        cgroup = JobCgroup(
-            job.job_id,
-            memory_bytes=(job.grant.memory_bytes or 0)
-            + self.cfg.scratch_bytes
-            + self.cfg.job_memory_overhead,
-            max_processes=self.cfg.job_max_processes,
-            cpu_weight=self.cfg.job_cpu_weight,
-        )
-        cgroup.create()
         try:
-            self._run_in(job, env, cgroup)
-        finally:
-            cgroup.remove()
+            env = self._launch_env(job)
+            job.image_digest = self.measurement()
+            job.sandbox_uid = self.sandbox_ids.allocate()[0]
+            cgroup = JobCgroup(
+                job.job_id,
+                memory_bytes=(job.grant.memory_bytes or 0)
+                + self.cfg.scratch_bytes
+                + self.cfg.job_memory_overhead,
+                max_processes=self.cfg.job_max_processes,
+                cpu_weight=self.cfg.job_cpu_weight,
+            )
+            cgroup.create()
+            try:
+                self._run_in(job, env, cgroup)
+            finally:
+                cgroup.remove()
+        except Exception as e:
+            # Without this the job would stay launched for ever (its grant "running" to the hub's quota).
+            # The host's own messages only: its errors name ids and paths it chose.
+            log.error(
+                "job %s: the host failed to run it: %s",
+                job.job_id,
+                e if isinstance(e, DCRError) else type(e).__name__,
+            )
+            self._kill(job)
+            if not job.terminal and not job.cancelled:
+                failure = {"reason": "the enclave host could not run the job", "cell": None, "ename": None}
+                job.failure_code = EndReason.HOST_ERROR
+                with contextlib.suppress(OSError):
+                    _write_public(job.spool / "out" / contract.FAILURE_FILE, json.dumps(failure))
+                self._set(job, state="failed", failure=failure)
 
     def _run_in(self, job: Job, env: dict[str, str], cgroup: JobCgroup) -> None:
         # The mount point is empty in the host's namespace: the tmpfs exists only in the supervisor's.
@@ -552,6 +680,7 @@ class EnclaveHost:
             self._kill(job)
             rc = proc.wait()
             if not job.terminal:
+                job.failure_code = EndReason.TIME_LIMIT
                 self._set(
                     job,
                     state="failed",
@@ -571,6 +700,7 @@ class EnclaveHost:
             return
         if out_of_memory and not job.failure:
             job.failure = {"reason": "the job reached its memory limit", "cell": None, "ename": None}
+            job.failure_code = EndReason.MEMORY_LIMIT
         self._wait_for_quantum(job)
         if job.terminal or job.cancelled:
             return
@@ -584,6 +714,7 @@ class EnclaveHost:
                 self._set(job, state="held")
             else:
                 v = "; ".join(receipt["output_check"]["violations"])
+                job.failure_code = EndReason.OUTPUTS_REFUSED
                 self._set(
                     job,
                     state="failed",
@@ -680,6 +811,9 @@ class EnclaveHost:
                 "ename": ename if isinstance(ename, str) and ename.isidentifier() else None,
             }
             job.failure = failure
+            job.failure_code = (
+                EndReason.CELL_FAILED if failure["cell"] is not None else EndReason.ENCLAVE_FAILED
+            )
 
     def cancel(self, job: Job) -> Job:
         with job.cond:
@@ -687,8 +821,8 @@ class EnclaveHost:
                 return job
             job.cancelled = True
         self._kill(job)
+        self.audit.write("cancel", job_id=job.job_id)  # before the end it causes
         self._set(job, state="cancelled")
-        self.audit.write("cancel", job_id=job.job_id)
         return job
 
     def delete(self, job: Job) -> Job:
