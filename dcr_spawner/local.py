@@ -35,6 +35,7 @@ import pwd
 import re
 import secrets
 import shlex
+import shutil
 import stat
 import sys
 import time
@@ -125,6 +126,15 @@ def _lock() -> asyncio.Lock:
     if _useradd_lock is None:
         _useradd_lock = asyncio.Lock()
     return _useradd_lock
+
+
+def system_tool(name: str) -> str:
+    """The path of an administration tool such as ``useradd``: found on PATH, else in the system's sbin
+    directories (which a service manager's or a non-login root shell's PATH may leave out)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+    if found is None:
+        raise DCRError(f"{name} is not installed", hint="apt-get install passwd")
+    return found
 
 
 def _mode(st: os.stat_result) -> str:
@@ -462,7 +472,7 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
                 ensure_home_base(self.home_base, True)
                 self.log.info("DCR: creating system account %s for hub user %s", name, self.user.name)
                 await self._run(
-                    self._useradd,
+                    system_tool(self._useradd),
                     "--comment", marker,
                     "--home-dir", home,
                     "--no-create-home",

@@ -13,8 +13,8 @@ The test reads the guide and does what it says, in its order:
 What differs from a real machine, and only that: every path of the guide lives under a scratch directory
 (``/opt/dcr/venv`` is this checkout's virtualenv); the hub's ports are free loopback ports; the login is
 JupyterHub's DummyAuthenticator (there is no identity provider here), the researchers' accounts get a
-unique prefix and a scratch home base, and the proxy is this checkout's configurable-http-proxy; the enclave
-host is told ``--allow-visible-processes`` where this machine's ``/proc`` is not ``hidepid=invisible``
+unique prefix and a scratch home base, and the proxy is this checkout's configurable-http-proxy; the test's admin
+API token is a JupyterHub service; the enclave host is told ``--allow-visible-processes`` where this machine's ``/proc`` is not ``hidepid=invisible``
 (the guide's ``sh`` step the test cannot take). These lines are appended to the guide's configuration, which
 is otherwise unchanged.
 
@@ -45,6 +45,7 @@ from hub_harness import PASSWORD, REPO, Hub, chp_command, delete_account, free_p
 
 from dcr_enclave.pack.store import Store
 from dcr_enclave.platform.process_visibility import hidden_here
+from dcr_spawner.hubdb import HubDB
 from dcr_spawner.platform import LocalEnclaveHost
 
 GUIDE = REPO / "docs" / "install.md"
@@ -216,6 +217,12 @@ def install(tmp_path: Path) -> Iterator[dict[str, object]]:
             ]
         )
         hub = GuideHub(move.path("/var/lib/dcr/hub"), config_text, units["dcr-hub"], test_lines)
+        # The harness's admin service (a token the test uses to make the researchers' API tokens).
+        hub.test_lines += "\n" + "\n".join(
+            line
+            for line in hub.base_config().splitlines()
+            if line.startswith(("c.JupyterHub.services", "c.JupyterHub.load_roles"))
+        )
         hub.port, hub.hub_port, hub.proxy_api_port = ports["8000"], ports["8081"], ports["8001"]
         hub.start()
         yield {
@@ -261,7 +268,7 @@ def test_the_install_guide_brings_up_a_working_hub(install: dict[str, object]) -
     # alice, entitled through her group, runs a notebook on the real file; her server was told nothing.
     alice = hub.new_token("alice")
     hub.spawn("alice", session=hub.login("alice"))
-    r = hub.server_api("alice", "PUT", "analysis.ipynb", token=alice, json_body=_notebook(data))
+    r = hub.server_api("alice", "PUT", "api/contents/analysis.ipynb", token=alice, json_body=_notebook(data))
     assert r.status_code in (200, 201), r.text
     r = hub.server_api("alice", "POST", "dcr/api/jobs", token=alice, json_body={"path": "analysis.ipynb"})
     assert r.status_code == 201, r.text
@@ -284,7 +291,9 @@ def test_the_install_guide_brings_up_a_working_hub(install: dict[str, object]) -
 
     # Her receipt verifies offline with exactly the anchors the guide pins, and in her server too.
     r = hub.server_api("alice", "GET", f"dcr/api/jobs/{job_id}/verify", token=alice)
-    assert r.status_code == 200 and r.json()["ok"], r.text
+    verdict = r.json()
+    assert r.status_code == 200 and verdict["verified"] is True, r.text
+    assert all(c["passed"] for c in verdict["checks"]), verdict
     home = Path(hub.server_env("alice")["HOME"])
     verify = subprocess.run(
         [
@@ -299,7 +308,7 @@ def test_the_install_guide_brings_up_a_working_hub(install: dict[str, object]) -
     # bob is not entitled: refused, naming the dataset.
     bob = hub.new_token("bob")
     hub.spawn("bob", session=hub.login("bob"))
-    r = hub.server_api("bob", "PUT", "analysis.ipynb", token=bob, json_body=_notebook(data))
+    r = hub.server_api("bob", "PUT", "api/contents/analysis.ipynb", token=bob, json_body=_notebook(data))
     r = hub.server_api(
         "bob",
         "POST",
@@ -308,13 +317,15 @@ def test_the_install_guide_brings_up_a_working_hub(install: dict[str, object]) -
         json_body={"path": "analysis.ipynb", "datasets": ["acme/insurance"]},
     )
     assert r.status_code == 403, r.text
-    assert "acme/insurance" in r.json()["message"]
+    assert "acme/insurance" in r.json()["error"], r.text
 
     # The hub can tell that alice's job ended (her concurrency slot is free at once).
-    grant_id = job.get("grant_id")
+    records = HubDB("sqlite:///" + str(move.path("/var/lib/dcr/hub/dcr-hub.sqlite")))
+    granted = records.job(job_id)
+    records.dispose()
+    assert granted is not None and granted.user == "alice"
     platform = LocalEnclaveHost(socket_path=str(install["socket"]))
-    if grant_id:
-        assert platform.ended([grant_id]) == {grant_id}
+    assert platform.ended([granted.grant_id, "never-launched"]) == {granted.grant_id}
 
     # The enclave host logged the job's events, and removes its socket when it stops.
     host = install["host"]
