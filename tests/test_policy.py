@@ -493,12 +493,12 @@ def test_enable_adds_the_routes_once_and_keeps_others() -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _bad_unknown_dataset(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+def _bad_unknown_dataset(s: Stores, tmp: Path, reports: dict[str, Path]) -> tuple[str, list[str]]:
     d = {"acme/claims": dataset_entry(s.insurance, s.root, users=["alice"])}
     return policy_config(d), ["provider 'acme'", "dataset 'claims'", "has no dataset acme/claims"]
 
 
-def _bad_unknown_version(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+def _bad_unknown_version(s: Stores, tmp: Path, reports: dict[str, Path]) -> tuple[str, list[str]]:
     d = _datasets(s)
     d["acme/insurance"] = {**d["acme/insurance"], "version": NO_SUCH_VERSION}
     return policy_config(d), [
@@ -508,13 +508,13 @@ def _bad_unknown_version(s: Stores, tmp: Path) -> tuple[str, list[str]]:
     ]
 
 
-def _bad_missing_group(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+def _bad_missing_group(s: Stores, tmp: Path, reports: dict[str, Path]) -> tuple[str, list[str]]:
     d = _datasets(s)
     d["globex/visits"] = dataset_entry(s.visits, s.root, groups=["nurses"], release="auto")
     return policy_config(d), ["provider 'globex'", "dataset 'visits'", "['entitled']['groups']", "'nurses'"]
 
 
-def _bad_missing_synthetic(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+def _bad_missing_synthetic(s: Stores, tmp: Path, reports: dict[str, Path]) -> tuple[str, list[str]]:
     store = tmp / "store"
     shutil.copytree(s.root, store, symlinks=True)
     m = s.visits
@@ -523,7 +523,7 @@ def _bad_missing_synthetic(s: Stores, tmp: Path) -> tuple[str, list[str]]:
     return policy_config(d), ["dataset 'visits'", "synthetic file visits.csv is missing"]
 
 
-def _bad_hub_key(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+def _bad_hub_key(s: Stores, tmp: Path, reports: dict[str, Path]) -> tuple[str, list[str]]:
     key = tmp / "hub-key.pem"
     key.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
     os.chmod(key, 0o600)
@@ -533,14 +533,14 @@ def _bad_hub_key(s: Stores, tmp: Path) -> tuple[str, list[str]]:
     ]
 
 
-def _bad_release(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+def _bad_release(s: Stores, tmp: Path, reports: dict[str, Path]) -> tuple[str, list[str]]:
     d = _datasets(s)
     d["acme/insurance"] = {**d["acme/insurance"], "release": "whenever"}
     return policy_config(d), ["dataset 'insurance'", "['release']", "'whenever' is not a release mode"]
 
 
-def _bad_fidelity_report(s: Stores, tmp: Path) -> tuple[str, list[str]]:
-    provider_only = write_fidelity_reports(tmp / "reports")["provider-only.html"]
+def _bad_fidelity_report(s: Stores, tmp: Path, reports: dict[str, Path]) -> tuple[str, list[str]]:
+    provider_only = reports["provider-only.html"]
     d = _datasets(s)
     d["acme/insurance"] = {**d["acme/insurance"], "fidelity_report": str(provider_only)}
     return policy_config(d), [
@@ -550,7 +550,7 @@ def _bad_fidelity_report(s: Stores, tmp: Path) -> tuple[str, list[str]]:
     ]
 
 
-def _bad_reviewers_group(s: Stores, tmp: Path) -> tuple[str, list[str]]:
+def _bad_reviewers_group(s: Stores, tmp: Path, reports: dict[str, Path]) -> tuple[str, list[str]]:
     providers = {"acme": {"reviewers": {"groups": ["auditors"]}}, "globex": {}}
     return policy_config(_datasets(s), providers=providers), [
         "provider 'acme'",
@@ -574,10 +574,12 @@ def _bad_reviewers_group(s: Stores, tmp: Path) -> tuple[str, list[str]]:
     ],
     ids=lambda f: f.__name__.removeprefix("_bad_"),
 )
-def test_hub_refuses_to_start_on_bad_policy(stores: Stores, tmp_path: Path, case: Any) -> None:
+def test_hub_refuses_to_start_on_bad_policy(
+    stores: Stores, tmp_path: Path, reports: dict[str, Path], case: Any
+) -> None:
     """A real JupyterHub with a bad DCR policy exits with a non-zero status before it serves, and its
     output names the provider, dataset and trait at fault."""
-    config, expected = case(stores, tmp_path)
+    config, expected = case(stores, tmp_path, reports)
     hub = Hub(tmp_path / "hub", config=config, groups={"analysts": ["bob"], "researchers": ["alice"]})
     result = hub.run_to_exit()
     assert result.returncode != 0
