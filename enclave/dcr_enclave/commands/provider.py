@@ -385,11 +385,11 @@ def check_synthetic_names(reals: list[Path], names: list[str]) -> list[str | Non
             check_file_name(name)
         except DCRError as e:
             raise DCRError(f"--synthetic-name {name!r}: {e.message}", hint=e.hint) from None
-        want = _format_suffix(real.name)
-        if _format_suffix(name) != want:
+        suffix = Path(real.name).suffix
+        if _format_suffix(name) != _format_suffix(real.name):
+            ending = f"end in {suffix}" if suffix else "end without a suffix"
             raise DCRError(
-                f"--synthetic-name {name!r} does not end in {Path(real.name).suffix or '(no suffix)'} like "
-                f"the real file {real.name}",
+                f"--synthetic-name {name!r} does not {ending} like the real file {real.name}",
                 hint="the file keeps its format; researchers' code opens it by this name in the sandbox and "
                 "in the enclave alike",
             )
