@@ -320,7 +320,7 @@ def _refusal(status: int, location: str | None, body: bytes) -> ServerError:
     if not message:
         message = body.decode("utf-8", "replace").strip().splitlines()[0][:300] if body.strip() else ""
     hint = None
-    if status in (401, 403):
+    if status == 401 or (status == 403 and _credentials_refused(message)):
         hint = "the server refused the token: check --token, JUPYTER_TOKEN or JUPYTERHUB_API_TOKEN"
     elif 300 <= status < 400:
         message = message or f"redirected to {location}"
@@ -330,6 +330,13 @@ def _refusal(status: int, location: str | None, body: bytes) -> ServerError:
     elif status == 404 and not isinstance(doc, dict):
         hint = "is the DCR server extension enabled on this server (jupyter server extension list)?"
     return ServerError(status, _clean(message) or "(no message)", hint=hint)
+
+
+def _credentials_refused(message: str) -> bool:
+    """Whether a 403 is the server refusing the request's credentials (jupyter_server's own answers: the
+    bare reason phrase when the token is not accepted, or the authorizer's refusal), not a refusal the
+    request earned with a valid token, such as the hub's policy answer that names the datasets."""
+    return message in ("", "Forbidden") or message.startswith("User is not authorized")
 
 
 # -- waiting for a job ----------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ In production the hub's grant service issues grants (it alone holds the hub key 
 development source below signs grants itself with a local key that the enclave host is told to trust;
 it exists for tests, demos and a provider trying DCR on one machine, and says so in the log.
 
+Each source can also answer a **dry run** (:meth:`GrantSource.check`): the same policy questions as a grant
+request, for the server's submission preview, without a grant being signed or recorded.
+
 Each source also lists the datasets the user may submit with (:meth:`GrantSource.datasets`, shown by the
 JupyterLab extension): the hub's view of the user's entitlements, or every dataset of the local store.
 Every entry has the shape of :func:`dataset_entry`.
@@ -163,6 +166,13 @@ class GrantSource(LoggingConfigurable):
         for "every dataset this user is entitled to". Refusals raise :class:`GrantRefused`."""
         raise NotImplementedError
 
+    async def check(self, *, bundle_digest: str, datasets: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Ask what :meth:`request` would be answered for a job with this bundle and these datasets, without
+        a grant being signed or recorded: the granted datasets (``{"provider", "dataset", "version",
+        "release"}``), or the refusal :meth:`request` would raise (same status, same message). Sources that
+        cannot tell raise :class:`NotSupported`."""
+        raise NotSupported(f"{type(self).__name__} cannot check a submission without granting it")
+
     async def datasets(self) -> list[dict[str, Any]]:
         """The datasets this user may ask grants for, each shaped by :func:`dataset_entry`, sorted by
         provider and dataset. Sources that cannot tell raise :class:`NotSupported` (501)."""
@@ -254,6 +264,9 @@ class DevGrantSource(GrantSource):
     ) -> str:
         return await asyncio.to_thread(self._issue, job_id, bundle_digest, datasets, output_public_key)
 
+    async def check(self, *, bundle_digest: str, datasets: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        return [d.to_json() for d in await asyncio.to_thread(self._granted, datasets)]
+
     async def datasets(self) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self._list_datasets)
 
@@ -272,13 +285,14 @@ class DevGrantSource(GrantSource):
                     out.append(_from_manifest(versions[-1], self.release))
         return out
 
-    def _issue(self, job_id: str, bundle_digest: str, wanted: list[tuple[str, str]], public: bytes) -> str:
+    def _granted(self, wanted: list[tuple[str, str]]) -> list[GrantedDataset]:
+        """The datasets a development grant names: the newest unretired version of each one wanted (or of
+        every dataset in the store)."""
         if not self.key_file or not self.store:
             raise GrantRefused(
                 "the development grant source is not configured",
                 hint="set c.DevGrantSource.key_file and c.DevGrantSource.store",
             )
-        self.log.warning("DCR: signing a grant with the LOCAL DEVELOPMENT hub key (not for production)")
         store = Store(Path(self.store))
         pairs = wanted or [(p, d) for p in store.providers() for d in store.datasets(p)]
         granted = []
@@ -289,6 +303,11 @@ class DevGrantSource(GrantSource):
             granted.append(GrantedDataset(provider, dataset, versions[-1].version, self.release))
         if not granted:
             raise GrantRefused("there is no dataset to grant")
+        return granted
+
+    def _issue(self, job_id: str, bundle_digest: str, wanted: list[tuple[str, str]], public: bytes) -> str:
+        granted = self._granted(wanted)
+        self.log.warning("DCR: signing a grant with the LOCAL DEVELOPMENT hub key (not for production)")
         try:
             return issue_grant(
                 read_private_key(self.key_file),
@@ -385,6 +404,25 @@ class HubGrantSource(GrantSource):
         self.log.info("DCR: grant %s from the hub for %s", doc.get("grant_id"), job_id)
         return str(doc["grant"])
 
+    async def check(self, *, bundle_digest: str, datasets: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """``POST {api_url}/dcr/grants`` with ``"dry_run": true``: the hub runs every check of a grant
+        request (entitlement, versions, quotas, request rate) and answers what it would grant, or the
+        refusal the real request would get; it signs and records nothing."""
+        body = {
+            "bundle_digest": bundle_digest,
+            "datasets": [f"{p}/{d}" for p, d in datasets],
+            "dry_run": True,
+        }
+        try:
+            doc = await self._call(
+                "POST", "/dcr/grants", body, expect=200, field="datasets", what="the dry run"
+            )
+        except GrantRefused as e:
+            if e.status == 400 and "dry_run" in e.message:  # a hub from before dry runs
+                raise NotSupported("the hub does not answer dry runs") from None
+            raise
+        return [d for d in doc["datasets"] if isinstance(d, dict)]
+
     async def datasets(self) -> list[dict[str, Any]]:
         """``GET {api_url}/dcr/datasets``: the hub's list of the datasets this server's user is entitled to."""
         doc = await self._call(
@@ -428,11 +466,18 @@ class HubGrantSource(GrantSource):
         except ValueError:
             doc = {}
         message = str(doc.get("error", "")) if isinstance(doc, dict) else ""
+        if resp.code == 401:
+            # The hub rejected this server's own token: not the caller's credential (their request reached
+            # this server), and nothing they can fix by sending another token.
+            raise GrantRefused(
+                f"the hub did not accept this server's own API token for {what}",
+                hint="restart your server from the hub's home page; if that does not help, tell the hub's "
+                "administrator",
+            )
         if 400 <= resp.code < 500:
+            # 403 not entitled, 429 over quota, ...: the hub's answer (which says what to do) is passed on.
             refused = GrantRefused(message or f"the hub refused {what} (HTTP {resp.code})")
-            # 403 not entitled, 429 over quota, ...: the hub's answer is passed on, except that a token the
-            # hub rejects (401) is not the browser's credential failing: it reaches the browser as 403.
-            refused.status = 403 if resp.code == 401 else resp.code
+            refused.status = resp.code
             raise refused
         if resp.code != expect or not isinstance(doc, dict) or field not in doc:
             raise Unavailable(

@@ -20,7 +20,8 @@ may have recorded the job before the answer was lost.
 Events (``EVENT_SCHEMA_ID``) carry the state and cell *i* of *n* only, never data.
 
 The manager also answers the JupyterLab extension's questions that are not about one submission: what a
-submission would bundle (:meth:`JobManager.preview`), which datasets the user may use
+submission would bundle and whether its grant would be given (:meth:`JobManager.preview`, the grant source's
+dry run), which datasets the user may use
 (:meth:`JobManager.datasets`) and whether a job's receipt verifies against the deployment's trust anchors
 (:meth:`JobManager.verify`, the checks of ``dcr verify``).
 """
@@ -57,7 +58,7 @@ from dcr_enclave.verify.trust import TrustAnchors
 from .backends.base import Backend, BackendStatus
 from .errors import APIError, Conflict, NotFound, TooLarge, Unavailable
 from .executed import write_marked_copy
-from .grant_sources import GrantSource
+from .grant_sources import GrantSource, NotSupported
 from .jobkeys import JobKeys
 from .jobstore import JobEnded, JobStore, StateBehind
 from .model import Job, moves_forward
@@ -284,7 +285,11 @@ class JobManager:
         """What :meth:`submit` would bundle and ask the grant for, without storing or granting anything.
 
         The workspace is walked and hashed exactly as for a submission (same patterns, same limits, same
-        refusals), so the digest shown is the one the job will carry if the files do not change.
+        refusals), so the digest shown is the one the job will carry if the files do not change. The grant
+        source is then asked the same policy questions as a submission's grant request, as a dry run
+        (nothing signed or recorded): a refusal is raised with the status and message :meth:`submit` would
+        give (an unreachable grant service is 503, as for a submission), and ``grant`` lists the datasets
+        that would be granted (``None`` when the source cannot answer dry runs).
         """
         notebook, rel = self._notebook_path(path)
         wanted = _parse_datasets(datasets)
@@ -301,6 +306,17 @@ class JobManager:
         if not wanted:
             wanted = await asyncio.to_thread(data_references, manifest, notebook.parent)
             source = "references" if wanted else "entitled"
+        try:
+            granted: builtins.list[dict[str, Any]] | None = await self.grants.check(
+                bundle_digest=manifest.digest, datasets=wanted
+            )
+        except NotSupported:
+            granted = None
+        except APIError:
+            raise  # the refusal a submission would get (Unavailable included), in its words
+        except Exception as e:
+            self.log.exception("DCR: the grant source failed on a dry run")
+            raise Unavailable(f"the grant service failed ({type(e).__name__}); try again") from None
         return {
             "notebook": rel,
             "bundle": {
@@ -311,6 +327,7 @@ class JobManager:
             "files": [{"path": f.path, "size": f.size} for f in manifest.files],
             "datasets": [f"{p}/{d}" for p, d in wanted],
             "datasets_from": source,
+            "grant": None if granted is None else {"datasets": [_granted_entry(d) for d in granted]},
         }
 
     def _notebook_path(self, path: Any) -> tuple[Path, str]:
@@ -750,6 +767,11 @@ def _parse_datasets(value: Any) -> list[tuple[str, str]]:
         provider, dataset = item.split("/")
         out.append((contract.check_name(provider, "provider"), contract.check_name(dataset, "dataset")))
     return sorted(set(out))
+
+
+def _granted_entry(d: dict[str, Any]) -> dict[str, Any]:
+    """One dataset a dry run says would be granted, in the shape of the job's ``datasets``."""
+    return {k: d.get(k) for k in ("provider", "dataset", "version", "release")}
 
 
 def _grant_claims(grant: str) -> dict[str, Any]:

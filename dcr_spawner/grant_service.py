@@ -7,7 +7,9 @@ under the hub's API prefix (through ``JupyterHub.extra_handlers``):
   ``{"job_id", "bundle_digest", "datasets": ["provider/dataset", ...] (empty: every entitled dataset),
   "output_public_key": "<base64url X25519>"}`` -> ``201 {"grant", "grant_id", "job_id", "expires_at",
   "datasets", "hub_key_thumbprint"}``. Refusals are ``400/401/403/409/429 {"error": "..."}`` and every one
-  is written to the audit log.
+  is written to the audit log. With ``"dry_run": true`` (``job_id`` and ``output_public_key`` then
+  optional) the same checks run and the answer is ``200`` with what would be granted, or the refusal the
+  real request would get; nothing is signed or recorded.
 - ``GET /hub/api/dcr/jwks`` -- public: the hub key's JWKS and thumbprint, for enclaves and providers.
 - ``GET /hub/api/dcr/datasets`` -- the caller's entitled datasets (provider, version, protection, ε, files,
   and the link to the fidelity report when the policy names one).
@@ -35,7 +37,7 @@ import base64
 import binascii
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,12 +52,12 @@ from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import DIGEST_RE
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import GrantedDataset
-from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.grant_issuer import build_grant, issue_grant
 from dcr_enclave.pack.store import Store
 
 from .hubdb import GrantedJob, HubDB, Usage
 from .hubkey import AirlockKey, HubKey, load_or_create_airlock_key, load_or_create_hub_key
-from .policy import DCRPolicy, PolicyError
+from .policy import DCRPolicy, PolicyError, parse_provider
 
 #: The key in the hub's tornado settings under which the running service is found.
 SETTINGS_KEY: Final = "dcr_grant_service"
@@ -84,14 +86,29 @@ class Refusal(Exception):
 
 @dataclass
 class GrantRequest:
-    job_id: str
+    #: ``None`` only in a dry run that names no job (the server's preview has none yet).
+    job_id: str | None
     bundle_digest: str
     datasets: list[str]
-    output_public_key: bytes
+    #: ``None`` only in a dry run that sends no key.
+    output_public_key: bytes | None
+    dry_run: bool = False
 
 
 def _b64url_decode(value: str) -> bytes:
     return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+def is_dry_run(body: bytes) -> bool:
+    """Whether ``body`` asks for a dry run (``"dry_run": true``), even if it is otherwise malformed: a dry
+    run's refusals are answered, not recorded."""
+    if len(body) > MAX_BODY_BYTES:
+        return False
+    try:
+        doc = json.loads(body or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("dry_run") is True
 
 
 def parse_request(body: bytes) -> GrantRequest:
@@ -104,11 +121,16 @@ def parse_request(body: bytes) -> GrantRequest:
         raise Refusal(400, "the request body is not JSON") from None
     if not isinstance(doc, dict):
         raise Refusal(400, "the request body must be a JSON object")
-    unknown = set(doc) - {"job_id", "bundle_digest", "datasets", "output_public_key"}
+    unknown = set(doc) - {"job_id", "bundle_digest", "datasets", "output_public_key", "dry_run"}
     if unknown:
         raise Refusal(400, f"unknown field(s) {sorted(unknown)}")
+    dry_run = doc.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise Refusal(400, '"dry_run" must be true or false')
     job_id = doc.get("job_id")
-    if not isinstance(job_id, str) or not contract.JOB_ID_RE.match(job_id):
+    if not (dry_run and job_id is None) and (
+        not isinstance(job_id, str) or not contract.JOB_ID_RE.match(job_id)
+    ):
         raise Refusal(400, '"job_id" must look like job-<24 hex digits>')
     digest = doc.get("bundle_digest")
     if not isinstance(digest, str) or not DIGEST_RE.match(digest):
@@ -119,13 +141,22 @@ def parse_request(body: bytes) -> GrantRequest:
     if len(datasets) > MAX_DATASETS_PER_JOB:
         raise Refusal(400, f"a job may name at most {MAX_DATASETS_PER_JOB} datasets")
     key = doc.get("output_public_key")
-    try:
-        raw = _b64url_decode(key) if isinstance(key, str) and len(key) <= 64 else b""
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != 32:
-        raise Refusal(400, '"output_public_key" must be a base64url 32-byte X25519 public key')
-    return GrantRequest(job_id, digest, list(dict.fromkeys(datasets)), raw)
+    raw: bytes | None = None
+    if not (dry_run and key is None):
+        try:
+            raw = _b64url_decode(key) if isinstance(key, str) and len(key) <= 64 else b""
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise Refusal(400, '"output_public_key" must be a base64url 32-byte X25519 public key')
+    return GrantRequest(job_id, digest, list(dict.fromkeys(datasets)), raw, dry_run)
+
+
+def _shown(refs: list[str], limit: int = 10) -> str:
+    """The dataset names of a refusal as the researcher wrote them, bounded (a request may name 100)."""
+    names = [r if len(r) <= 130 else r[:127] + "..." for r in refs[:limit]]
+    more = f" and {len(refs) - limit} more" if len(refs) > limit else ""
+    return ", ".join(names) + more
 
 
 def _iso(ts: int) -> str:
@@ -182,9 +213,14 @@ class GrantService:
 
         One read transaction for every count, one write transaction for the grant: the rate limit comes
         first (malformed requests count too), then the request's shape, the entitlement, the quotas.
+
+        A dry run (``"dry_run": true``) runs the same checks in the same order and answers what would be
+        granted, or raises the same :class:`Refusal`; it signs nothing and writes nothing (no job, no audit
+        entry, and it does not count toward the request rate).
         """
         now = int(self.clock())
         req: GrantRequest | None = None
+        dry_run = is_dry_run(body)
         try:
             first: Refusal | None = None
             granted: list[GrantedDataset] = []
@@ -206,15 +242,18 @@ class GrantService:
                 raise first
             assert req is not None
             self._check_quotas(usage)
+            if req.dry_run:
+                return self._would_grant(user, req, granted, now)
             return self._grant(user, req, granted, now, remote)
         except Refusal as r:
-            self.refuse(
-                r,
-                user=user,
-                job_id=req.job_id if req else None,
-                datasets=req.datasets if req else [],
-                remote=remote,
-            )
+            if not dry_run:
+                self.refuse(
+                    r,
+                    user=user,
+                    job_id=req.job_id if req else None,
+                    datasets=req.datasets if req else [],
+                    remote=remote,
+                )
             raise
 
     def refuse(
@@ -243,13 +282,18 @@ class GrantService:
 
     def _entitled_datasets(self, user: str, groups: set[str], wanted: list[str]) -> list[GrantedDataset]:
         entitled = self.policy.entitled_refs(user, groups)
-        if not entitled:
-            raise Refusal(403, "you are not entitled to any dataset")
         if wanted:
-            # Unknown and not-entitled datasets get the same answer: the reply does not reveal what exists.
+            # Unknown and not-entitled datasets get the same answer: the reply names only what was asked
+            # for, so it does not reveal what exists.
             outside = [ref for ref in wanted if ref not in entitled]
             if outside:
-                raise Refusal(403, f"you are not entitled to {', '.join(outside)}")
+                raise self._not_entitled(outside)
+        elif not entitled:
+            raise Refusal(
+                403,
+                "you are not entitled to any dataset: ask the hub's administrator for access to the "
+                "datasets you need",
+            )
         refs = wanted or entitled
         out = []
         for ref in refs:
@@ -271,6 +315,33 @@ class GrantService:
             if ended:
                 self.db.record_ends(ended & set(unended), now)
 
+    def _not_entitled(self, refs: list[str]) -> Refusal:
+        """The refusal for datasets the user asked for and may not use, saying whom to ask.
+
+        The provider is named when ``c.DCRPolicy.providers`` gives the provider part of a name a display
+        name, whether or not the dataset exists: the answer for ``acme/secret`` and ``acme/no-such`` is the
+        same.
+        """
+        declared = {
+            p: parse_provider(p, spec).name
+            for p, spec in self.policy.providers.items()
+            if isinstance(spec, Mapping) and "name" in spec
+        }
+        by_provider: dict[str, list[str]] = {}
+        for ref in refs:
+            name = declared.get(ref.partition("/")[0])
+            if name is not None:
+                by_provider.setdefault(name, []).append(ref)
+        who = ""
+        if len(by_provider) == 1 and sum(map(len, by_provider.values())) == len(refs):
+            who = f" (data provider: {next(iter(by_provider))})"
+        elif by_provider:
+            each = "; ".join(f"{name} for {_shown(r)}" for name, r in by_provider.items())
+            who = f" (data providers: {each})"
+        return Refusal(
+            403, f"you are not entitled to {_shown(refs)}: ask the hub's administrator for access{who}"
+        )
+
     def _check_quotas(self, usage: Usage) -> None:
         concurrent = self.policy.quota("concurrent_jobs_per_user")
         if usage.running_jobs >= concurrent:
@@ -289,10 +360,43 @@ class GrantService:
                     429, f"{ref} has had {per_dataset} job(s) in the last 24 hours, the most allowed"
                 )
 
+    def _would_grant(
+        self, user: str, req: GrantRequest, datasets: list[GrantedDataset], now: int
+    ) -> dict[str, Any]:
+        """A dry run's answer: what :meth:`_grant` would sign, checked the same way, nothing signed or
+        recorded. A job id it names must still be free (job ids are single-use)."""
+        policy = self.policy
+        if req.job_id is not None and self.db.job_exists(req.job_id):
+            raise Refusal(409, f"job {req.job_id} already has a grant")
+        try:
+            g = build_grant(
+                user=user,
+                job_id=req.job_id or contract.new_job_id(),
+                bundle_digest=req.bundle_digest,
+                datasets=datasets,
+                output_public_key=req.output_public_key or bytes(32),
+                output_limits=policy.limits(),
+                time_limit=policy.time_limit,
+                memory_bytes=policy.memory_limit,
+                now=now,
+            )
+        except DCRError as e:
+            raise Refusal(400, f"grant refused: {e}") from None
+        return {
+            "dry_run": True,
+            "user": user,
+            "datasets": [d.to_json() for d in g.datasets],
+            "output_limits": g.output_limits.to_json(),
+            "time_limit": g.time_limit,
+            "memory_bytes": g.memory_bytes,
+            "hub_key_thumbprint": self.hub_key.thumbprint,
+        }
+
     def _grant(
         self, user: str, req: GrantRequest, datasets: list[GrantedDataset], now: int, remote: str
     ) -> dict[str, Any]:
         policy = self.policy
+        assert req.job_id is not None and req.output_public_key is not None
         grant_id = contract.new_grant_id()
         review = any(d.release == "review" for d in datasets)
         try:
@@ -475,8 +579,12 @@ class GrantsHandler(_DCRHandler):
         try:
             doc = await service.run(service.issue, user.name, groups, self.request.body, remote=remote)
         except Refusal as r:
-            self.log.info("DCR: grant refused to %s (%d): %s", user.name, r.status, r.message)
+            what = "dry run" if is_dry_run(self.request.body) else "grant"
+            self.log.info("DCR: %s refused to %s (%d): %s", what, user.name, r.status, r.message)
             return self._json(r.status, {"error": r.message}, r.headers)
+        if doc.get("dry_run"):
+            self.log.debug("DCR: dry run for %s: would grant %d dataset(s)", user.name, len(doc["datasets"]))
+            return self._json(200, doc)
         self.log.info("DCR: grant %s issued to %s for %s", doc["grant_id"], user.name, doc["job_id"])
         self._json(201, doc)
 

@@ -17,7 +17,8 @@ kernels, terminals, ``ps``), none of other users, of the hub or of enclave jobs.
 The view is built by :mod:`dcr_spawner.sandbox_mounts`, which runs as root as the first process of the
 sandbox, starts the server as the account in the new namespaces and stays as the process the hub signals
 and polls (its exit is the server's). A sandbox that cannot be built, or a server that exits while
-starting, fails the spawn at once with the reason on the user's page. When the hub is not root, every server runs as the hub's own account (in an
+starting, fails the spawn at once with the reason on the user's page (for a server, its exit status and its
+own last error lines, which the helper keeps from its stderr; secrets masked). When the hub is not root, every server runs as the hub's own account (in an
 unprivileged user namespace that still gives it a private ``/data`` where the kernel allows one) and the
 spawner says loudly -- in the hub log, in the server log, in the environment and in a notice file in the
 home -- that users are **not** isolated from each other.
@@ -217,6 +218,62 @@ def ensure_home(home: str, uid: int, gid: int) -> None:
         )
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(home, 0o700)
+
+
+#: A line of jupyter_server's log at level error or critical (``[E 2025-01-31 12:00:00.000 ServerApp] ...``),
+#: or the last line of a Python traceback (``ValueError: ...``).
+_ERROR_LINE_RE: Final = re.compile(r"^\[[EC] [^\]]*\]\s*|^(?=[A-Za-z_][\w.]*(?:Error|Exception|Exit)\b:?)")
+_LOG_PREFIX_RE: Final = re.compile(r"^\[[A-Z] [^\]]*\]\s*")
+_ANSI_RE: Final = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+#: ``token=...``, ``Authorization: token ...`` and the like, wherever a server prints them.
+_SECRET_RE: Final = re.compile(
+    r"(?i)\b(token|secret|password|passwd|api[_-]?key|authorization)(\s*[=:]\s*(?:token\s+|bearer\s+)?)"
+    r"(?=[^\s&'\",;]*\d)[^\s&'\",;]{8,}"
+)
+#: Environment variables whose values are masked in what a failed server's output shows.
+_SECRET_ENV_RE: Final = re.compile(r"(?i)TOKEN|SECRET|PASSWORD|KEY|COOKIE|CREDENTIAL")
+MAX_ERROR_LINES: Final = 3
+MAX_ERROR_CHARS: Final = 600
+
+
+def _secret_values(env: dict[str, str]) -> list[str]:
+    """The values of the server's environment that must never be shown (its hub token, any secret)."""
+    return [v for k, v in env.items() if _SECRET_ENV_RE.search(k) and len(v) >= 6]
+
+
+def _read_available(fd: int) -> bytes:
+    """What a non-blocking pipe holds now (the helper has exited: all it wrote, bounded by its tail)."""
+    out = b""
+    while len(out) < 2 * sandbox_mounts.TAIL_BYTES:
+        try:
+            chunk = os.read(fd, sandbox_mounts.TAIL_BYTES)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def last_error_lines(raw: bytes, hidden: Iterable[str] = ()) -> str:
+    """The server's own last words, fit for the user's page: its last error-level log lines (or, without
+    any, its last lines), log prefixes and escape sequences removed, ``hidden`` values and anything that looks
+    like a token or password masked, at most :data:`MAX_ERROR_LINES` lines and :data:`MAX_ERROR_CHARS`
+    characters."""
+    text = raw.decode("utf-8", errors="replace")
+    for value in sorted(set(hidden), key=len, reverse=True):
+        text = text.replace(value, "[hidden]")
+    lines = [_ANSI_RE.sub("", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if lines and len(raw) >= sandbox_mounts.TAIL_BYTES:
+        lines = lines[1:]  # the first line of a full tail is cut somewhere in the middle
+    errors = [line for line in lines if _ERROR_LINE_RE.match(line)]
+    chosen = (errors or lines)[-MAX_ERROR_LINES:]
+    cleaned = [_SECRET_RE.sub(r"\1\2[hidden]", _LOG_PREFIX_RE.sub("", line)) for line in chosen]
+    said = " / ".join(cleaned)
+    return said if len(said) <= MAX_ERROR_CHARS else "..." + said[-(MAX_ERROR_CHARS - 3) :]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -651,29 +708,38 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
             shlex.join(cmd),
         )
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        # The server's last stderr bytes, should it exit before it listens (read by _wait_listening).
+        tail_read, tail_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         kwargs: dict[str, Any] = {"start_new_session": True, **self.popen_kwargs}
         # The helper switches accounts itself after building the namespace; nothing may run before it.
         kwargs["preexec_fn"] = None
         kwargs["env"] = env
-        kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), write_end)
+        kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), write_end, tail_write)
         self._note_progress(40, f"Building the sandbox of {plan.account}")
         try:
-            self.proc = Popen(sandbox_mounts.helper_argv(plan, cmd, status_fd=write_end), **kwargs)
+            argv = sandbox_mounts.helper_argv(plan, cmd, status_fd=write_end, tail_fd=tail_write)
+            self.proc = Popen(argv, **kwargs)
         except BaseException:
             os.close(read_end)
+            os.close(tail_read)
             raise
         finally:
             os.close(write_end)
+            os.close(tail_write)
         self.pid = self.proc.pid
-        with open(read_end, "rb") as status:
-            reason = (await asyncio.get_running_loop().run_in_executor(None, status.read)).decode(
-                errors="replace"
-            )
-        if reason:
-            await self._reap()
-            raise SpawnFailed(reason.strip(), hint="an administrator finds the details in the hub's log")
-        self._note_progress(70, f"Starting JupyterLab as {plan.account}")
-        await self._wait_listening()
+        try:
+            with open(read_end, "rb") as status:
+                reason = (await asyncio.get_running_loop().run_in_executor(None, status.read)).decode(
+                    errors="replace"
+                )
+            if reason:
+                await self._reap()
+                raise SpawnFailed(reason.strip(), hint="an administrator finds the details in the hub's log")
+            self._note_progress(70, f"Starting JupyterLab as {plan.account}")
+            await self._wait_listening(tail_read, hidden=_secret_values(env))
+        finally:
+            # Once the server listens (or the spawn has failed) its later output is only the hub log's.
+            os.close(tail_read)
         return (self.ip or "127.0.0.1", self.port)
 
     # ----------------------------------------------------------------------------------------------------
@@ -707,8 +773,10 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
             await asyncio.sleep(0.05)
         return None
 
-    async def _wait_listening(self) -> None:
-        """Return once the server accepts connections; raise at once if its process ends first.
+    async def _wait_listening(self, tail: int | None = None, hidden: Iterable[str] = ()) -> None:
+        """Return once the server accepts connections; raise at once if its process ends first, with the
+        last error lines the server wrote (read from ``tail``, the sandbox helper's copy of the end of its
+        stderr; the values in ``hidden`` are masked in them).
 
         JupyterHub itself only polls the server's URL until ``http_timeout``: a server that exits while
         starting (a failing extension, a port taken) would keep the user waiting for all of it.
@@ -719,9 +787,11 @@ class DCRLocalSpawner(PolicySpawnerMixin, LocalProcessSpawner):
         while time.monotonic() < deadline:
             code = self.proc.poll()
             if code is not None:
+                said = last_error_lines(_read_available(tail), hidden) if tail is not None else ""
                 raise SpawnFailed(
-                    f"the server of {self.user.name} stopped while starting (exit status {code})",
-                    hint="an administrator finds its output in the hub's log",
+                    f"the server of {self.user.name} stopped while starting (exit status {code})"
+                    + (f": {said}" if said else ""),
+                    hint="an administrator finds its full output in the hub's log",
                 )
             try:
                 _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, self.port), 1)

@@ -429,7 +429,8 @@ class DCRPolicy(LoggingConfigurable):
         ``"review"`` datasets (hub user names and JupyterHub group names).
 
         Optional: when empty (the default) providers are implicit in the dataset keys, shown by their
-        key, and name no reviewers. Once set, every provider of a dataset must be declared here and every
+        key, and name no reviewers. A display name is also what a researcher refused a dataset of the
+        provider is told to ask besides the hub's administrator. Once set, every provider of a dataset must be declared here and every
         declared provider must have a dataset; the hub refuses to start otherwise, or when a reviewers'
         group does not exist in the hub (declare groups with ``c.JupyterHub.load_groups``).
 
@@ -445,7 +446,9 @@ class DCRPolicy(LoggingConfigurable):
         Security: reviewers decide what leaves the enclave for the provider's datasets under review, and
         whoever can change a reviewers' group in the hub (admins, ``admin:groups`` tokens) changes who
         decides. Name only people the provider chose, and keep them out of the groups entitled to run
-        jobs on the same datasets where the provider wants the four-eyes principle.
+        jobs on the same datasets where the provider wants the four-eyes principle. A display name is shown
+        to any user who asks for a dataset under the provider's key (whether or not that dataset exists):
+        it reveals that the provider is on this hub, never which datasets it offers.
         """,
     ).tag(config=True)
 

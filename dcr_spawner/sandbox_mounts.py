@@ -32,9 +32,11 @@ import contextlib
 import ctypes
 import json
 import os
+import select
 import signal
 import stat
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -363,13 +365,19 @@ def _check_files(files: Sequence[DataFile]) -> None:
         seen.add(f.target)
 
 
-def helper_argv(plan: MountPlan, cmd: Sequence[str], status_fd: int | None = None) -> list[str]:
+def helper_argv(
+    plan: MountPlan, cmd: Sequence[str], status_fd: int | None = None, tail_fd: int | None = None
+) -> list[str]:
     """The command line that builds the sandbox from ``plan`` and then runs ``cmd`` in it; a reason the
-    sandbox cannot start is written to ``status_fd`` (an inherited pipe) as well as to stderr."""
+    sandbox cannot start is written to ``status_fd`` (an inherited pipe) as well as to stderr. With
+    ``tail_fd`` (another inherited pipe) the server's stderr passes through the helper, on to the helper's
+    own stderr, and the last :data:`TAIL_BYTES` of it are written to ``tail_fd`` when the server has exited
+    (what the hub shows when a server stops while starting)."""
     # -I: no environment variable or user site changes what this root process imports; -S: no site
     # packages at all (the script needs the standard library only, and starts ~30 ms faster).
     status = ["--status-fd", str(status_fd)] if status_fd is not None else []
-    return [sys.executable, "-I", "-S", os.path.abspath(__file__), plan.to_json(), *status, "--", *cmd]
+    tail = ["--tail-fd", str(tail_fd)] if tail_fd is not None else []
+    return [sys.executable, "-I", "-S", os.path.abspath(__file__), plan.to_json(), *status, *tail, "--", *cmd]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -581,6 +589,96 @@ class Status:
             self.fd = None
 
 
+#: How much of the server's stderr the helper keeps, and hands to ``--tail-fd`` when the server has exited.
+TAIL_BYTES: Final = 4096
+#: How long the helper waits, once the server has exited, for its stderr to end (descendants may hold it).
+TAIL_WAIT_SECONDS: Final = 2.0
+
+
+class StderrTail:
+    """The server's stderr, passed on to this process's stderr as it comes, its last bytes kept.
+
+    Pumped by :func:`_wait_pumping` in this process's own loop: after ``unshare(CLONE_NEWPID)`` it can no
+    longer start a thread. The pipe is read whenever it has data, so the server never blocks on it, and
+    memory is bounded by :data:`TAIL_BYTES` whatever the server writes.
+    """
+
+    def __init__(self, read_fd: int) -> None:
+        self.fd: int | None = read_fd
+        os.set_blocking(read_fd, False)
+        self.kept = bytearray()
+        self.forward = True
+
+    def pump(self) -> None:
+        """Read what the pipe holds now; close it at end of file."""
+        while self.fd is not None:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                os.close(self.fd)
+                self.fd = None
+                return
+            self.kept += chunk
+            del self.kept[:-TAIL_BYTES]
+            view = memoryview(chunk)
+            while self.forward and view:
+                try:
+                    view = view[os.write(2, view) :]
+                except InterruptedError:
+                    continue
+                except OSError:
+                    self.forward = False  # the hub's log is gone: keep draining, so the server never blocks
+
+    def hand_over(self, fd: int) -> None:
+        """Write what was kept to ``fd`` (the hub's pipe), then close both."""
+        data = bytes(self.kept[-TAIL_BYTES:])
+        with contextlib.suppress(OSError):  # the hub stopped listening (the server had started): fine
+            while data:
+                data = data[os.write(fd, data) :]
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _wait_pumping(child: int, tail: StderrTail) -> int:
+    """:func:`_wait_for` while pumping ``tail``; then the rest of the server's stderr, until it ends or
+    :data:`TAIL_WAIT_SECONDS` have passed (descendants outside a PID namespace may hold it open)."""
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)  # a child's exit (SIGCHLD) wakes the select below
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+    code: int | None = None
+    deadline = None
+    while True:
+        while code is None:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:  # not expected: the child is ours until reaped here
+                code, deadline = 1, time.monotonic()
+                break
+            if pid == 0:
+                break
+            if pid == child:
+                code = os.waitstatus_to_exitcode(status)
+                deadline = time.monotonic() + TAIL_WAIT_SECONDS
+        if code is not None and (tail.fd is None or time.monotonic() >= (deadline or 0.0)):
+            return code
+        timeout = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        watched = [wake_read] + ([tail.fd] if tail.fd is not None else [])
+        ready, _, _ = select.select(watched, [], [], timeout)
+        if wake_read in ready:
+            with contextlib.suppress(OSError):
+                os.read(wake_read, 512)
+        tail.pump()
+
+
 def _log(msg: str) -> None:
     sys.stderr.write(f"[dcr-sandbox] {msg}\n")
     sys.stderr.flush()
@@ -646,10 +744,12 @@ def _parent_gone(lifeline: int) -> bool:
         return False
 
 
-def _init(plan: MountPlan, cmd: list[str], status: Status, lifeline: int, own_pids: bool) -> int:
+def _init(
+    plan: MountPlan, cmd: list[str], status: Status, lifeline: int, own_pids: bool, stderr: int | None = None
+) -> int:
     """The first process of the server's PID namespace: mounts its /proc, becomes the account, starts the
-    server, passes signals on to it, reaps orphans, and ends the namespace (every process in it) with the
-    server's own exit."""
+    server (its stderr on ``stderr`` when given), passes signals on to it, reaps orphans, and ends the
+    namespace (every process in it) with the server's own exit."""
     if own_pids:
         try:
             _mount_proc()
@@ -678,32 +778,41 @@ def _init(plan: MountPlan, cmd: list[str], status: Status, lifeline: int, own_pi
         for sig in FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
         try:
+            if stderr is not None:
+                os.dup2(stderr, 2)
+                os.close(stderr)
             os.execvpe(cmd[0], cmd, os.environ)  # noqa: S606 -- the server, as the account
         except OSError as e:
             status.fail(f"cannot run {cmd[0]!r} as {plan.account}: {e.strerror}")
         os._exit(127)
+    if stderr is not None:
+        os.close(stderr)
     status.close()
     _forward_to(server)
     return _wait_for(server)
 
 
 def main(argv: Sequence[str]) -> int:
-    """``sandbox_mounts.py PLAN_JSON [--status-fd N] -- COMMAND [ARGS...]``
+    """``sandbox_mounts.py PLAN_JSON [--status-fd N] [--tail-fd N] -- COMMAND [ARGS...]``
 
     1. Build the view: new mount and PID namespaces, the plan's mounts (:func:`apply`).
     2. Fork the namespace's init (:func:`_init`): its own ``/proc``, the account, then the server.
     3. Stay as the process the hub knows: pass its signals on, and exit as the server did. Killing this
        process kills the namespace (the init's parent-death signal), so no server outlives what the hub
-       watches.
+       watches. With ``--tail-fd``, pass the server's stderr on to this process's and, once the server
+       has exited, write its last bytes there (:class:`StderrTail`).
     """
     args = list(argv[1:])
-    status_fd = None
-    if len(args) > 2 and args[1] == "--status-fd" and args[2].isdigit():
-        status_fd = int(args.pop(2))
+    fds: dict[str, int] = {}
+    while len(args) > 2 and args[1] in ("--status-fd", "--tail-fd") and args[2].isdigit():
+        fds[args[1]] = int(args.pop(2))
         args.pop(1)
+    status_fd, tail_fd = fds.get("--status-fd"), fds.get("--tail-fd")
     if len(args) < 3 or args[1] != "--":
-        _log("usage: sandbox_mounts.py PLAN_JSON [--status-fd N] -- COMMAND [ARGS...]")
+        _log("usage: sandbox_mounts.py PLAN_JSON [--status-fd N] [--tail-fd N] -- COMMAND [ARGS...]")
         return 2
+    if tail_fd is not None:
+        os.set_inheritable(tail_fd, False)
     status = Status(status_fd)
     try:
         plan = MountPlan.from_json(args[0])
@@ -725,18 +834,28 @@ def main(argv: Sequence[str]) -> int:
             f"{DATA_ROOT} and users are NOT isolated from each other"
         )
     lifeline, held = os.pipe()  # this process holds the write end until it exits
+    err_read, err_write = os.pipe() if tail_fd is not None else (None, None)
     child = os.fork()
     if child == 0:
         os.close(held)
+        if err_read is not None and tail_fd is not None:
+            os.close(err_read)
+            os.close(tail_fd)
         code = 1
         try:
-            code = _init(plan, cmd, status, lifeline, own_pids)
+            code = _init(plan, cmd, status, lifeline, own_pids, err_write)
         finally:
             os._exit(code & 0xFF if code >= 0 else 128 - code)
     os.close(lifeline)
     status.close()
     _forward_to(child)
-    return _exit_like(_wait_for(child))
+    if err_read is None or err_write is None or tail_fd is None:
+        return _exit_like(_wait_for(child))
+    os.close(err_write)
+    tail = StderrTail(err_read)
+    code = _wait_pumping(child, tail)
+    tail.hand_over(tail_fd)
+    return _exit_like(code)
 
 
 def data_files(entitlements: Iterable[Any]) -> list[DataFile]:

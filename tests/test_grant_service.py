@@ -223,21 +223,31 @@ def test_malformed_requests_are_refused_and_recorded(
     assert (event.event, event.status, event.reason) == ("grant.refused", 400, r.message)
 
 
+ADMIN = "ask the hub's administrator for access"
+
+
 def test_entitlement_refusals_do_not_reveal_datasets(make_service: Callable[..., Clocked]) -> None:
-    """Without entitlement the answer is 403; a dataset that does not exist and one that exists but is not
-    entitled get the same kind of answer; each refusal is recorded with the datasets asked for."""
+    """Without entitlement the answer is 403 naming the datasets asked for and whom to ask; a dataset that
+    does not exist and one that exists but is not entitled get the same answer; each refusal is recorded
+    with the datasets asked for."""
     c = make_service()
-    assert c.refused("carol", set(), _body()).message == "you are not entitled to any dataset"
+    assert c.refused("carol", set(), _body()).message == (
+        "you are not entitled to any dataset: ask the hub's administrator for access to the datasets you need"
+    )
+    # A user entitled to nothing who names datasets is told which ones, like anyone else.
+    assert c.refused("carol", set(), _body(["acme/insurance"])).message == (
+        f"you are not entitled to acme/insurance: {ADMIN}"
+    )
     other = c.refused("bob", {"analysts"}, _body(["globex/visits"]))
     missing = c.refused("bob", {"analysts"}, _body(["acme/none"]))
     assert (other.status, missing.status) == (403, 403)
-    assert other.message == "you are not entitled to globex/visits"
-    assert missing.message == "you are not entitled to acme/none"
+    assert other.message == f"you are not entitled to globex/visits: {ADMIN}"
+    assert missing.message == f"you are not entitled to acme/none: {ADMIN}"
     # An entitled dataset asked for beside one that is not: the whole request is refused, naming only the
     # one outside the entitlement, in whatever order they come.
     for wanted in (["acme/insurance", "globex/visits"], ["globex/visits", "acme/insurance"]):
         mixed = c.refused("bob", {"analysts"}, _body(wanted))
-        assert (mixed.status, mixed.message) == (403, "you are not entitled to globex/visits")
+        assert (mixed.status, mixed.message) == (403, f"you are not entitled to globex/visits: {ADMIN}")
     events = c.service.db.events(user="bob")
     assert [e.detail["datasets"] for e in events] == [
         ["globex/visits"],
@@ -246,6 +256,69 @@ def test_entitlement_refusals_do_not_reveal_datasets(make_service: Callable[...,
         ["globex/visits", "acme/insurance"],
     ]
     assert c.service.db.job_exists("job-" + "0" * 24) is False
+
+
+def test_refusals_name_the_declared_provider(make_service: Callable[..., Clocked]) -> None:
+    """With c.DCRPolicy.providers giving display names, a refusal names the provider of each dataset asked
+    for, whether or not that dataset exists (the same answer for both); a provider declared without a
+    display name and an unknown provider add nothing."""
+    c = make_service(providers={"acme": {"name": "ACME Insurance"}, "globex": {}})
+    secret = c.refused("carol", set(), _body(["acme/insurance"]))
+    none = c.refused("carol", set(), _body(["acme/no-such"]))
+    assert (
+        secret.message == f"you are not entitled to acme/insurance: {ADMIN} (data provider: ACME Insurance)"
+    )
+    assert none.message == secret.message.replace("acme/insurance", "acme/no-such")
+    assert c.refused("carol", set(), _body(["globex/visits"])).message == (
+        f"you are not entitled to globex/visits: {ADMIN}"
+    )
+    mixed = c.refused("carol", set(), _body(["acme/insurance", "initech/tps"]))
+    assert mixed.message == (
+        f"you are not entitled to acme/insurance, initech/tps: {ADMIN} "
+        "(data providers: ACME Insurance for acme/insurance)"
+    )
+
+
+def test_dry_run_answers_as_the_real_request_and_records_nothing(
+    make_service: Callable[..., Clocked],
+) -> None:
+    """A dry run (``"dry_run": true``, no job id or key needed) answers 200 with what would be granted, or
+    raises the very refusal the real request gets (entitlement, quotas); it records no job and no audit
+    entry and does not count toward the request rate, which it still enforces."""
+    c = make_service(quotas={"concurrent_jobs_per_user": 1, "grant_requests_per_minute": 3})
+    dry = {"bundle_digest": BUNDLE, "datasets": ["globex/visits"], "dry_run": True}
+    out = c.issue("bob", {"researchers"}, dry)
+    assert out["dry_run"] is True and out["user"] == "bob"
+    version = c.service.policy.spec("globex/visits").version  # type: ignore[union-attr]
+    assert out["datasets"] == [
+        {"provider": "globex", "dataset": "visits", "version": version, "release": "auto"}
+    ]
+    assert out["hub_key_thumbprint"] == c.service.hub_key.thumbprint and "grant" not in out
+    for user, groups, datasets in (("carol", set(), ["acme/insurance"]), ("carol", set(), [])):
+        as_dry = c.refused(user, groups, {**dry, "datasets": datasets})
+        real = c.refused(user, groups, _body(datasets))
+        assert as_dry.status == real.status == 403 and as_dry.message == real.message
+    assert [e.event for e in c.service.db.events()] == ["grant.refused", "grant.refused"]  # the real ones
+    assert c.service.db.usage("bob", [], c.now[0]).jobs_last_day == 0
+
+    granted = _body(["globex/visits"])
+    c.issue("bob", {"researchers"}, granted)
+    over_dry = c.refused("bob", {"researchers"}, dry)
+    over = c.refused("bob", {"researchers"}, _body(["globex/visits"]))
+    assert (over_dry.status, over_dry.message) == (over.status, over.message) and over.status == 429
+    # bob has made 2 real requests this minute (the limit is 3): dry runs do not count, so none tips him
+    # over, and once a real request does, the dry run gets the same 429 with Retry-After.
+    assert c.refused("bob", {"researchers"}, dry).status == 429 and "at once" in over_dry.message
+    c.refused("bob", {"researchers"}, _body(["globex/visits"]))
+    rate = c.refused("bob", {"researchers"}, dry)
+    assert (rate.status, rate.headers) == (429, {"Retry-After": "60"})
+    assert len(c.service.db.events(user="bob")) == 3
+    assert c.service.db.usage("bob", [], c.now[0]).jobs_last_day == 1
+    # A job id a dry run names must still be free; a malformed dry run is answered, not recorded.
+    taken = c.refused("dave", {"researchers"}, {**dry, "job_id": granted["job_id"]})
+    assert (taken.status, taken.message) == (409, f"job {granted['job_id']} already has a grant")
+    assert c.refused("dave", set(), {**dry, "bundle_digest": "md5:0"}).status == 400
+    assert c.service.db.events(user="dave") == []
 
 
 def test_job_ids_are_granted_once(make_service: Callable[..., Clocked]) -> None:
@@ -559,7 +632,7 @@ def _refusal_cases() -> list[tuple[str, Callable[[RealHub], tuple[requests.Respo
     return [
         ("no token", no_token, 401, "no valid hub API token"),
         ("invalid token", bad_token, 401, "no valid hub API token"),
-        ("not entitled", not_entitled, 403, "not entitled to any dataset"),
+        ("not entitled", not_entitled, 403, f"not entitled to acme/insurance: {ADMIN}"),
         ("outside the entitlement", outside_entitlement, 403, "not entitled to globex/visits"),
         ("service token", service_token, 403, "a service token cannot"),
         ("token without users:activity", narrowed_token, 403, "lacks users:activity"),
@@ -783,6 +856,69 @@ def test_server_extension_gets_grants_from_the_hub(real_hub: RealHub, alice_serv
     db.dispose()
 
 
+def test_server_dry_run_asks_the_hub_and_records_nothing(
+    real_hub: RealHub, alice_server: dict[str, str]
+) -> None:
+    """Alice's real server's dry run (``POST /dcr/api/jobs?dry_run=1``) asks the hub the grant's policy
+    questions: for a dataset she is not entitled to it answers the status and message the real submission
+    gets, for an entitled one 200 with the hub's versions and release modes; the hub's records (jobs and
+    audit log) are unchanged by either dry run."""
+    hub = real_hub.hub
+    token = hub.new_token("alice")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("import pandas as pd\npd.read_csv('/data/globex/visits/visits.csv')")
+    ]
+    r = hub.server_api("alice", "PUT", "api/contents/dry", token=token, json_body={"type": "directory"})
+    assert r.status_code in (200, 201), r.text
+    r = hub.server_api(
+        "alice",
+        "PUT",
+        "api/contents/dry/dry.ipynb",
+        token=token,
+        json_body={"type": "notebook", "content": nb},
+    )
+    assert r.status_code in (200, 201), r.text
+
+    def records() -> tuple[int, int]:
+        db = real_hub.db
+        try:
+            return len(db.events(limit=100_000)), db.usage("alice", [], int(time.time())).jobs_last_day
+        finally:
+            db.dispose()
+
+    def submit(datasets: list[str] | None, dry_run: bool) -> requests.Response:
+        body: dict[str, Any] = {"path": "dry/dry.ipynb"}
+        if datasets is not None:
+            body["datasets"] = datasets
+        path = "dcr/api/jobs" + ("?dry_run=1" if dry_run else "")
+        return hub.server_api("alice", "POST", path, token=token, json_body=body)
+
+    before = records()
+    dry = submit(["acme/secret"], dry_run=True)
+    assert records() == before
+    real = submit(["acme/secret"], dry_run=False)
+    assert (dry.status_code, dry.json()) == (real.status_code, real.json())
+    assert real.status_code == 403
+    assert real.json()["error"] == f"you are not entitled to acme/secret: {ADMIN}"
+
+    before = records()
+    ok = submit(None, dry_run=True)  # the dataset the notebook mentions
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["datasets"] == ["globex/visits"]
+    assert ok.json()["grant"] == {
+        "datasets": [
+            {
+                "provider": "globex",
+                "dataset": "visits",
+                "version": real_hub.stores.visits.version,
+                "release": "auto",
+            }
+        ]
+    }
+    assert records() == before
+
+
 def test_server_extension_lists_the_fidelity_report_link(
     real_hub: RealHub, alice_server: dict[str, str]
 ) -> None:
@@ -828,7 +964,10 @@ def test_hub_grant_source_maps_answers(real_hub: RealHub, monkeypatch: pytest.Mo
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "0" * 32)
     with pytest.raises(GrantRefused) as bad_token:
         request(contract.new_job_id(), [])
+    # The hub's 401 is about this server's own token: said so, with what to do, not passed on as a 401.
     assert bad_token.value.status == 403
+    assert "did not accept this server's own API token" in str(bad_token.value)
+    assert "restart your server" in str(bad_token.value)
 
     monkeypatch.setenv("JUPYTERHUB_API_URL", f"http://127.0.0.1:{free_port()}/hub/api")
     with pytest.raises(Unavailable):

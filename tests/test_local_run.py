@@ -1047,3 +1047,52 @@ def test_a_time_limit_failure_names_the_limit_and_the_cell(tmp_path, store, host
     job = _wait_state(host.client, job_id, contract.TERMINAL_STATES)
     assert job["state"] == "failed"
     assert job["failure"] == {"reason": "time limit of 15 s reached in cell 2", "cell": 1, "ename": None}
+
+
+def test_a_chosen_synthetic_name_is_the_name_in_both_stages(
+    tmp_path, make_notebook, run_cli, insurance_real, insurance_synthetic
+):
+    """`dcr provider add --synthetic-name claims.csv`: the store holds the synthetic file (and the encrypted
+    real one) under that name, the hub shows it in the sandbox at /data/acme/insurance/claims.csv, and a
+    notebook reading that very path under `dcr local-run` reads the real rows; the real file's own name
+    appears in neither stage."""
+    from traitlets.config import Config
+
+    from dcr_spawner.policy import DCRPolicy
+
+    root = tmp_path / "store"
+    code, out, err = run_cli(
+        "provider", "add", "--store", root, "--provider", "acme", "--dataset", "insurance",
+        "--real", insurance_real, "--synthetic", insurance_synthetic, "--synthetic-name", "claims.csv",
+        "--release", "auto",
+    )  # fmt: skip
+    assert code == 0, err
+    (manifest,) = Store(root).versions("acme", "insurance")
+    assert [f.name for f in manifest.files] == ["claims.csv"]
+    vdir = Store(root).version_dir("acme", "insurance", manifest.version)
+    assert sorted(p.name for p in (vdir / "synthetic").iterdir()) == ["claims.csv"]
+    assert (vdir / "synthetic" / "claims.csv").read_bytes() == insurance_synthetic.read_bytes()
+    assert sorted(p.name for p in (vdir / "real").iterdir()) == ["claims.csv.dcrenc"]
+    assert insurance_real.name not in (vdir / "manifest.json").read_text()
+
+    # Programming stage: the hub's policy (from the printed snippet) shows the file under that name.
+    section = out[out.index("# ---") : out.index("}\n\n") + 1]
+    config = Config()
+    exec(section, {"c": config})  # noqa: S102 -- the snippet as jupyterhub_config.py runs it
+    policy = DCRPolicy(config=config)
+    entry = policy.datasets["acme/insurance"]
+    policy.datasets = {"acme/insurance": {**entry, "entitled": {"users": ["alice"]}}}
+    policy.validate_against_hub(set())
+    (entitlement,) = policy.entitled("alice", set())
+    assert entitlement.data_paths() == {"/data/acme/insurance/claims.csv": vdir / "synthetic" / "claims.csv"}
+
+    # Secure stage: the same path holds the real rows.
+    nb = make_notebook(["import pandas as pd\ndf = pd.read_csv('/data/acme/insurance/claims.csv')\nlen(df)"])
+    run_out = tmp_path / "out"
+    code, _o, err = run_cli(
+        "local-run", nb, "--store", root, "--out", run_out, "--host-state", tmp_path / "host-state"
+    )
+    assert code == 0, err
+    executed = nbformat.read(run_out / "outputs" / nb.name, as_version=4)
+    assert executed.cells[0].outputs[0]["data"]["text/plain"] == str(len(pd.read_csv(insurance_real)))
+    assert len(pd.read_csv(insurance_real)) != len(pd.read_csv(insurance_synthetic))

@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 from cryptography.hazmat.primitives import serialization
+from traitlets.config import Config
 
 import dcr_enclave.platform
 from dcr_enclave.commands import main as cli
@@ -27,6 +28,7 @@ from dcr_enclave.pack.store import DEV_HUB_KEY_FILE, Store, expected_version
 from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
 from dcr_enclave.platform.key_store import KeyDirectory
 from dcr_enclave.platform.measure import current_measurement
+from dcr_spawner.policy import DCRPolicy
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "insurance"
 REAL = DATA / "real.csv"
@@ -128,8 +130,12 @@ def test_add_prints_hub_snippet_and_condition(added: tuple[Path, str]) -> None:
             "store": str(root),
             "synthetic": {"real.csv": manifest.file("real.csv").synthetic_sha256},
             "release": "review",
+            "entitled": {"users": [], "groups": []},
+            "description": "",
         }
     }
+    assert "'entitled': {'users': [], 'groups': []},  # who may use it: fill in" in section
+    assert "fidelity_report" not in section  # none was written
     keys = KeyDirectory(root / ".keys")
     condition = keys.read_condition("acme", "insurance")
     assert condition is not None
@@ -438,6 +444,69 @@ def test_bad_input_is_refused_and_changes_nothing(
     assert code != 0
     assert err.startswith("dcr: error:") and message in err, err
     assert _listing(store) == before
+
+
+def test_synthetic_name_refusals_change_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--synthetic-name must be a plain file name (no path, not hidden, a dataset file name's characters)
+    with the real file's suffix, one per --real, distinct; each refusal says which and what to do, and
+    leaves the store (which holds a version already) exactly as it was."""
+    store = tmp_path / "store"
+    code, _, err = _dcr(capsys, *_add_args(store))
+    assert code == 0, err
+    before = _listing(store)
+    second = tmp_path / "second.csv"
+    second.write_bytes(REAL.read_bytes()[:3000])
+    two = ("--real", second, "--synthetic", SYNTHETIC)
+    cases = {
+        ("sub/claims.csv",): "is a path, not a file name",
+        ("../claims.csv",): "is a path, not a file name",
+        (".claims.csv",): "is a hidden name",
+        ("cl aims.csv",): "invalid dataset file name",
+        ("claims.parquet",): "does not end in .csv like the real file real.csv",
+        ("claims",): "does not end in .csv",
+        ("a.csv", "b.csv"): "2 --synthetic-name for 1 --real files",
+    }
+    for names, message in cases.items():
+        extra = [a for n in names for a in ("--synthetic-name", n)]
+        code, _, err = _dcr(capsys, *_add_args(store, extra=tuple(extra)))
+        assert code != 0 and err.startswith("dcr: error:") and message in err, (names, err)
+        assert _listing(store) == before, names
+    clash = ("--synthetic-name", "real.csv", "--synthetic-name", "real.csv")
+    code, _, err = _dcr(capsys, *_add_args(store, extra=(*two, *clash)))
+    assert code != 0 and "two files of the dataset would be named 'real.csv'" in err, err
+    # One name for two files: which file it is for would be a guess.
+    code, _, err = _dcr(capsys, *_add_args(store, extra=(*two, "--synthetic-name", "x.csv")))
+    assert code != 0 and "2 --real files" in err
+    assert _listing(store) == before
+
+
+def test_synthetic_name_names_the_file_in_the_store_and_the_snippet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --synthetic-name the file is stored, listed in the manifest and printed in the hub snippet under
+    the chosen name, and the real file decrypts under it; the real file's name is recorded nowhere. The
+    printed snippet, with --description, loads into DCRPolicy as it is."""
+    store = tmp_path / "store"
+    extra = ("--synthetic-name", "claims.csv", "--description", "Insurance charges, 1,338 people")
+    code, out, err = _dcr(capsys, *_add_args(store, extra=extra))
+    assert code == 0, err
+    manifest = _only_version(Store(store))
+    assert [f.name for f in manifest.files] == ["claims.csv"]
+    assert Store(store).synthetic_path(manifest, "claims.csv").read_bytes() == SYNTHETIC.read_bytes()
+    keys = KeyDirectory(store / ".keys")
+    assert _decrypted_digests(Store(store), manifest, keys, tmp_path / "plain") == {
+        "claims.csv": "sha256:" + hashlib.sha256(REAL.read_bytes()).hexdigest()
+    }
+    vdir = Store(store).version_dir("acme", "insurance", manifest.version)
+    assert all("real.csv" not in p.name for p in vdir.rglob("*"))
+    assert "real.csv" not in (vdir / "manifest.json").read_text()
+    section = out[out.index("# ---") : out.index("}\n\n") + 1]
+    config = Config()
+    exec(section, {"c": config})  # noqa: S102 -- what the admin pastes into jupyterhub_config.py
+    entry = DCRPolicy(config=config).datasets["acme/insurance"]
+    assert entry["synthetic"] == {"claims.csv": manifest.file("claims.csv").synthetic_sha256}
+    assert entry["description"] == "Insurance charges, 1,338 people"
+    assert entry["entitled"] == {"users": [], "groups": []}
 
 
 def test_bad_input_into_a_new_store_creates_nothing(

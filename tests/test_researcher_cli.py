@@ -392,14 +392,22 @@ def test_bad_token_is_a_clear_error(jupyter_server, dcr):
 
 
 def test_server_refusals_are_printed_verbatim(jupyter_server, dcr):
-    """Refusals (unknown job, a path that is not a notebook, a notebook that does not exist) print the
-    server's own message and exit non-zero; nothing is stored."""
+    """Refusals (unknown job, a path that is not a notebook, a notebook that does not exist, a grant the
+    grant source refuses with 403) print the server's own message, without a hint about the token, and exit
+    non-zero; nothing is stored."""
     server = jupyter_server
     (server.root / "notes.txt").write_text("not a notebook")
+    write_notebook(server.root / "ok.ipynb", ["1 + 1"])
     cases = [
         (("job", "job-" + "0" * 24), "GET", "dcr/api/jobs/job-" + "0" * 24, None),
         (("submit", "notes.txt"), "POST", "dcr/api/jobs", {"path": "notes.txt"}),
         (("submit", "missing.ipynb"), "POST", "dcr/api/jobs", {"path": "missing.ipynb"}),
+        (
+            ("submit", "ok.ipynb", "--dataset", "acme/nope"),
+            "POST",
+            "dcr/api/jobs",
+            {"path": "ok.ipynb", "datasets": ["acme/nope"]},
+        ),
     ]
     for args, method, path, body in cases:
         code, out, err = dcr(*args, *conn(server))
@@ -407,6 +415,7 @@ def test_server_refusals_are_printed_verbatim(jupyter_server, dcr):
         assert code != 0 and out == "", args
         assert isinstance(message, dict)
         assert err.strip() == f"dcr: error: HTTP {status}: {message['error']}", args
+    assert status == 403 and "acme/nope" in message["error"]  # the last case: a policy refusal, not the token
     assert server.api("GET", "dcr/api/jobs")[1]["total"] == 0
 
 

@@ -1030,10 +1030,11 @@ def test_datasets_come_from_the_real_hub(store, tmp_path: Path, monkeypatch):
 
 
 async def test_dry_run_shows_what_would_be_submitted_and_changes_nothing(
-    api, jp_root_dir: Path, dcr_data: Path
+    api, store, jp_root_dir: Path, dcr_data: Path
 ):
     """POST /dcr/api/jobs?dry_run=1 walks and hashes the workspace as a submission would (same digest as
-    the bundle planner, same files and sizes, the /data datasets the notebook mentions) and stores,
+    the bundle planner, same files and sizes, the /data datasets the notebook mentions), asks the grant
+    source what it would grant (a refusal answered with the submission's status and message) and stores,
     grants and launches nothing; a bad flag, an oversized workspace and named datasets are handled as for
     a submission."""
     from dcr_enclave.pack.bundle_builder import plan_bundle
@@ -1061,19 +1062,23 @@ async def test_dry_run_shows_what_would_be_submitted_and_changes_nothing(
         "helper.py": (root / "work" / "helper.py").stat().st_size,
     }
     assert preview["datasets"] == ["acme/insurance"] and preview["datasets_from"] == "references"
+    version = Store(store.root).versions("acme", "insurance")[-1].version
+    granted = {"provider": "acme", "dataset": "insurance", "version": version, "release": "auto"}
+    assert preview["grant"] == {"datasets": [granted]}
 
-    named = await api(
-        "POST",
-        "jobs",
-        params={"dry_run": "true"},
-        body={"path": "work/analysis.ipynb", "datasets": ["acme/other"]},
-    )
-    assert named.code == 200 and named.json["datasets"] == ["acme/other"]
-    assert named.json["datasets_from"] == "request"
+    # The grant source's refusal, exactly as the submission gets it (status and message).
+    body = {"path": "work/analysis.ipynb", "datasets": ["acme/other"]}
+    named = await api("POST", "jobs", params={"dry_run": "true"}, body=body)
+    assert named.code == 403 and named.error == "no dataset acme/other is available to you"
+    real = await api("POST", "jobs", body=body)
+    assert (real.code, real.error) == (named.code, named.error)
+    named = await api("POST", "jobs", params={"dry_run": "1"}, body={**body, "datasets": ["acme/insurance"]})
+    assert named.code == 200 and named.json["datasets_from"] == "request"
 
     _notebook(root, "plain/plain.ipynb", ["1 + 1"])
     plain = await api("POST", "jobs", params={"dry_run": "1"}, body={"path": "plain/plain.ipynb"})
     assert plain.json["datasets"] == [] and plain.json["datasets_from"] == "entitled"
+    assert granted in plain.json["grant"]["datasets"]  # every dataset of the development store
 
     _notebook(root, "big/analysis.ipynb", ["1"])
     for i in range(MAX_BUNDLE_FILES + 2):

@@ -5,6 +5,10 @@ spawner is configured so that every sandbox fails: a directory the servers must 
 the sandbox's first process cannot build the view and exits. The reason travels from that process to the
 spawner (a status pipe) and from the spawner to JupyterHub's progress events, which the spawn-pending page
 shows. Checked through the progress API and in Chromium after a login through the hub's form.
+
+Users named ``*-ext-*`` get a sandbox that builds, and a server whose DCR extension refuses its
+configuration (a trust file it cannot read) and exits: the spawn fails with the server's own last error
+line, which the sandbox helper kept from the server's stderr (a bounded tail, secrets masked).
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from browser import lab
 from hub_harness import PASSWORD, Hub, delete_account
 from playwright.sync_api import expect, sync_playwright
 
-from dcr_spawner.local import account_name
+from dcr_spawner.local import account_name, last_error_lines
 
 pytestmark = pytest.mark.root  # system accounts and namespaces (run, never skipped)
 
 MISSING = f"/tmp/dcr-absent-{secrets.token_hex(4)}"  # never created: the point of the test
+#: A trust file the DCR extension cannot read (absent), given to the servers of "*-ext-*" users.
+UNREADABLE = f"/nonexistent-dcr-{secrets.token_hex(4)}/jwks.json"
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +51,16 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
             if "-slow-" in spawner.user.name:
                 import asyncio
                 await asyncio.sleep(2)
+            # Users named "*-ext-*" get a sandbox, and a server whose DCR extension refuses to start.
+            if "-ext-" in spawner.user.name:
+                spawner.readable_paths = []
+                spawner.args = ["--DCRExtension.trust_jwks={UNREADABLE}"]
 
         c.Spawner.pre_spawn_hook = slow_start
         dcr_spawner.enable(c)
     """
     h = Hub(base / "hub", spawner_class="dcr-local", config=config)
-    users = [f"dcrfail-{n}-{secrets.token_hex(2)}" for n in ("api", "web", "slow")]
+    users = [f"dcrfail-{n}-{secrets.token_hex(2)}" for n in ("api", "web", "slow", "ext")]
     try:
         h.start()
         for u in users:
@@ -118,3 +128,45 @@ def test_the_page_shows_the_reason_within_seconds(
         expect(shown).to_contain_text("cannot build the sandbox")
         lab.ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(lab.ARTIFACTS / f"spawn-failure-{which}.png"))
+
+
+def test_a_server_that_stops_while_starting_shows_its_last_error(hub: Hub) -> None:
+    """The sandbox builds but the server exits while starting (its DCR extension cannot read a trust file):
+    the spawn fails at once (the start request or the progress stream the spawn-pending page reads) with the
+    exit status and the server's own error line, not a bare status or a timeout; the hub's log has the
+    server's full output."""
+    user = hub.users[3]  # type: ignore[attr-defined]
+    session = hub.login(user)
+    r = session.post(f"{hub.url}/hub/api/users/{user}/server", json={}, timeout=60)
+    if r.status_code == 500:
+        message = r.json()["message"]
+    else:
+        assert r.status_code == 202, r.text
+        events = _progress(hub, session, user)
+        assert events[-1]["failed"] is True, events
+        message = events[-1]["message"]
+    assert f"the server of {user} stopped while starting (exit status 1): " in message, message
+    assert "Bad DCR configuration, the server stops" in message and UNREADABLE in message, message
+    assert "cannot build the sandbox" not in message
+    assert len(message) < 1000
+    assert "Bad DCR configuration, the server stops" in hub.log()  # still passed on to the hub's log
+
+
+def test_last_error_lines_are_bounded_and_masked() -> None:
+    """What a failed server's output shows: its last error-level lines without log prefixes or escape
+    sequences (its last lines when none is an error), the server's secret values and anything shaped like
+    a token masked, at most three lines and 600 characters."""
+    hub_token = secrets.token_hex(16)
+    out = (
+        "[I 2025-01-31 12:00:00.000 ServerApp] starting\n"
+        f"[W 2025-01-31 12:00:00.001 ServerApp] talking to the hub with {hub_token}\n"
+        "\x1b[31m[C 2025-01-31 12:00:00.002 ServerApp]\x1b[0m Bad DCR configuration: no /x\n"
+        "[I 2025-01-31 12:00:00.003 ServerApp] http://127.0.0.1:1/?token=0123456789abcdef stopping\n"
+    ).encode()
+    assert last_error_lines(out, [hub_token]) == "Bad DCR configuration: no /x"
+    plain = last_error_lines(out.replace(b"[C ", b"[I "), [hub_token])
+    assert hub_token not in plain and "0123456789abcdef" not in plain and "token=[hidden]" in plain
+    assert plain.count(" / ") == 2 and "starting" not in plain
+    noisy = last_error_lines(("ValueError: " + "x" * 5000 + "\n").encode() * 3)
+    assert len(noisy) <= 600 and noisy.startswith("...")
+    assert last_error_lines(b"") == ""

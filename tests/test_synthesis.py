@@ -319,6 +319,7 @@ def outlier_run(
                 "provider", "add", "--store", str(store), "--provider", "acme", "--dataset", "insurance",
                 "--real", str(real), "--synthesize", "mst", "--epsilon", "1", "--schema", str(schema),
                 "--seed", "5", "--report", str(reports), "--report-epsilon", "0.2",
+                "--description", "Health insurance charges",
             ]
         )  # fmt: skip
     assert code == 0, err.getvalue()
@@ -340,6 +341,56 @@ def test_cli_records_the_privacy_parameters(
     code, listing, _ = run_cli("provider", "list", "--store", store)
     assert code == 0
     assert listing.splitlines()[1].split()[3:6] == ["dp", "(mst)", "1"]
+
+
+def test_printed_hub_snippet_loads_into_the_policy(
+    outlier_run: tuple[Path, Path, str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hub snippet `provider add` prints, run as jupyterhub_config.py runs it, loads into DCRPolicy and
+    passes the hub's start checks as it is: it names the researcher-facing report just written (never the
+    provider-only one), the --description, and an empty `entitled` placeholder, about which the hub warns
+    at start."""
+    from traitlets.config import Config
+
+    from dcr_spawner.policy import DCRPolicy
+
+    _store, reports, out, _ = outlier_run
+    section = out[out.index("# ---") : out.index("}\n\n") + 1]
+    assert "# who may use it: fill in" in section
+    config = Config()
+    exec(section, {"c": config})  # noqa: S102 -- the snippet as jupyterhub_config.py runs it
+    policy = DCRPolicy(config=config)
+    entry = policy.datasets["acme/insurance"]
+    assert entry["entitled"] == {"users": [], "groups": []}
+    assert entry["description"] == "Health insurance charges"
+    assert entry["fidelity_report"] == str((reports / "insurance.fidelity-researchers.html").resolve())
+    with caplog.at_level("WARNING"):
+        policy.validate_against_hub(set())  # the report is read and checked: for researchers, this version
+    assert "nobody is entitled to acme/insurance" in caplog.text
+    assert policy.fidelity_report("acme/insurance") is not None
+
+
+def test_a_chosen_name_is_what_the_synthesizer_and_its_reports_see(
+    work: Path, insurance_real: Path, schema_file: Path, run_cli: Callable[..., CliResult]
+) -> None:
+    """--synthesize with --synthetic-name: the synthetic file and the (provider-only) reports are made under
+    the chosen name, never the real file's; the snippet names no report (only researcher-facing ones are)."""
+    store, reports = work / "named-store", work / "named-reports"
+    code, out, err = run_cli(
+        "provider", "add", "--store", store, "--provider", "acme", "--dataset", "insurance",
+        "--real", insurance_real, "--synthesize", "random", "--schema", schema_file, "--seed", "3",
+        "--synthetic-name", "claims.csv", "--report", reports,
+    )  # fmt: skip
+    assert code == 0, err
+    (manifest,) = Store(store).versions("acme", "insurance")
+    assert [f.name for f in manifest.files] == ["claims.csv"]
+    assert sorted(p.name for p in reports.iterdir()) == [
+        "claims.fidelity-provider-only.html",
+        "claims.fidelity-provider-only.json",
+    ]
+    assert json.loads((reports / "claims.fidelity-provider-only.json").read_text())["file"] == "claims.csv"
+    assert insurance_real.name not in (reports / "claims.fidelity-provider-only.html").read_text()
+    assert "fidelity_report" not in out
 
 
 def test_planted_outlier_appears_nowhere(outlier_run: tuple[Path, Path, str, str]) -> None:

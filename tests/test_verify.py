@@ -39,6 +39,7 @@ from dcr_enclave.formats import contract
 from dcr_enclave.formats.attestation import format_timestamp
 from dcr_enclave.formats.digests import canonical_json, sha256_bytes
 from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.jwk import public_jwk, thumbprint
 from dcr_enclave.formats.receipt import VIOLATION_KINDS, ReceiptManifest
 from dcr_enclave.pack.signing_keys import generate_key
 from dcr_enclave.runtime.receipt_writer import output_entries, write_receipt_dir
@@ -273,6 +274,55 @@ def test_attested_launch_env_must_match_manifest(
     res = verify(r.dir, *pin(r))
     assert res.code == 1
     assert res.failed == {check}
+
+
+def test_hub_key_pins_the_hub_that_granted_the_job(tmp_path: Path, signer: Signer, verify: Any) -> None:
+    """--hub-key (a thumbprint, or the hub's JWKS as /hub/api/dcr/jwks serves it, repeatable) adds the check
+    'pinned hub key': it passes when the attested hub key thumbprint is pinned, and fails, naming both, when
+    it is not; without --hub-key there is no such check, only a note."""
+    hub = generate_key()
+    hub_jwk = public_jwk(hub)
+    r = make_receipt(tmp_path / "r", signer, manifest_overrides={"hub_key_thumbprint": thumbprint(hub_jwk)})
+    jwks_file = tmp_path / "hub-jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [hub_jwk], "thumbprint": thumbprint(hub_jwk)}))
+    other = thumbprint(public_jwk(generate_key()))
+
+    unpinned = verify(r.dir, *pin(r))
+    assert unpinned.code == 0 and "pinned hub key" not in unpinned.checks
+    assert "note: pin the hub whose grants you accept with --hub-key" in unpinned.out
+    for pins in (["--hub-key", thumbprint(hub_jwk)], ["--hub-key", other, "--hub-key", jwks_file]):
+        ok = verify(r.dir, *pin(r), *pins)
+        assert ok.code == 0, ok.out
+        assert ok.detail("pinned hub key").startswith(f"{thumbprint(hub_jwk)} is a pinned hub key")
+        assert "--hub-key" not in ok.out
+    wrong = verify(r.dir, *pin(r), "--hub-key", other)
+    assert wrong.code == 1 and wrong.failed == {"pinned hub key"}
+    assert wrong.detail("pinned hub key") == (
+        f"the job's grant was verified with hub key {thumbprint(hub_jwk)}, which is not one of the pinned "
+        f"hub keys ({other}): another hub authorised this job"
+    )
+    assert "receipt NOT verified: 1 of" in wrong.out
+
+
+def test_hub_key_refuses_what_is_not_a_hub_public_key(
+    receipt: Receipt, verify: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--hub-key takes what --trust takes and refuses the same way (exit 2, naming --hub-key): the hub's
+    private key file, a malformed thumbprint, a missing file."""
+    private = tmp_path / "dcr-hub-key.pem"
+    private.write_bytes(
+        generate_key().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    for value, message in (
+        (private, "--hub-key"),
+        ("sha256:xyz", "is not a key thumbprint"),
+        (tmp_path / "missing.json", "cannot read the file"),
+    ):
+        r = verify(receipt.dir, *pin(receipt), "--hub-key", value)
+        assert r.code == 2 and message in r.err and "--hub-key" in r.err, (value, r.err)
+    assert "holds a private key" in verify(receipt.dir, *pin(receipt), "--hub-key", private).err
 
 
 # ---------------------------------------------------------------------------------------------------------

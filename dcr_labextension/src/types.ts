@@ -74,6 +74,8 @@ export interface ISubmitPreview {
   files: { path: string; size: number }[];
   datasets: string[];
   datasets_from: 'request' | 'references' | 'entitled';
+  /** What the hub's dry run says it would grant; null when the grant source cannot answer dry runs. */
+  grant?: { datasets: IJobDataset[] } | null;
 }
 
 /** One file of a dataset as the sandbox and the enclave both see it. */

@@ -2,8 +2,12 @@
 
 ``add`` validates the real and synthetic files, computes the content-addressed version, encrypts the real
 files into the store under a fresh data key (wrapped under the provider's KEK), copies the synthetic files
-under the real files' names, writes the manifest and the provider's key-release condition, and prints the
-two things people copy elsewhere: the hub-side snippet for ``jupyterhub_config.py`` and the condition.
+under the same names, writes the manifest and the provider's key-release condition, and prints the two
+things people copy elsewhere: the hub-side snippet for ``jupyterhub_config.py`` (with an ``entitled``
+placeholder the admin fills in, the ``description`` and the researcher-facing fidelity report just written)
+and the condition. Each file has one name in both stages, ``/data/<provider>/<dataset>/<name>``: the real
+file's, or the one ``--synthetic-name`` gives (the real file is then encrypted, and decrypted in the
+enclave, under that name too, so the notebook opens the same path in the sandbox and in the enclave).
 The manifest carries an HMAC over its file list under a key derived from the data key, which the enclave
 checks before decrypting (see :mod:`dcr_enclave.formats.dataset`). Adding content that is already in the store
 changes nothing, unless its manifest predates that MAC (schema v1): then the version is rebuilt with it.
@@ -37,7 +41,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from dcr_enclave.formats.contract import check_name
+from dcr_enclave.formats.contract import check_file_name, check_name
 from dcr_enclave.formats.dataset import PROTECTION_KINDS, DatasetVersion, Protection
 from dcr_enclave.formats.digests import check_digest
 from dcr_enclave.formats.errors import DCRError
@@ -72,7 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="add a dataset version to a store",
         description="Encrypt real files into the store, beside their synthetic version, and print the hub "
         "configuration snippet and the provider's key-release condition. Pair every --real with a "
-        "--synthetic, in order; each file keeps the real file's name in both stages.",
+        "--synthetic, in order; each file keeps the real file's name in both stages (in the sandbox and in "
+        "the enclave) unless --synthetic-name gives it another.",
     )
     add.add_argument("--store", type=Path, required=True, metavar="DIR", help="the dataset store directory")
     add.add_argument("--provider", required=True, metavar="NAME", help="provider name, e.g. acme")
@@ -85,6 +90,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="FILE",
         help="its synthetic version, made by the provider (CSV/Parquet: same column names and types)",
+    )
+    add.add_argument(
+        "--synthetic-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the file name researchers see, /data/PROVIDER/DATASET/NAME, in the sandbox and in the enclave "
+        "alike (default: the real file's name); one per --real, in order; a plain file name with the real "
+        "file's suffix (e.g. claims.csv)",
+    )
+    add.add_argument(
+        "--description",
+        metavar="TEXT",
+        help="what the dataset is, for the datasets view researchers see (printed into the hub snippet)",
     )
     add.add_argument(
         "--synthesize",
@@ -328,6 +347,62 @@ def hub_key_thumbprints(path: Path) -> list[str]:
     return [thumbprint(k) for k in load_jwks_file(path, "hub key file")]
 
 
+#: Suffixes naming the same format (a Parquet file may be called either).
+_SAME_FORMAT = {".pq": ".parquet"}
+
+
+def _format_suffix(name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    return _SAME_FORMAT.get(suffix, suffix)
+
+
+def check_synthetic_names(reals: list[Path], names: list[str]) -> list[str | None]:
+    """The file name of each --real file (``None``: the real file's own), from ``--synthetic-name``.
+
+    Refuses, before anything is read or written, a count that does not match the --real files, a name that
+    is not a plain file name (a path, a hidden name, characters a dataset file name may not hold), a name
+    whose suffix is not the real file's (the notebook reads the file by name with the format's reader in
+    both stages), and two files of the dataset with the same name.
+    """
+    if not names:
+        return [None] * len(reals)
+    if len(names) != len(reals):
+        raise DCRError(
+            f"{len(names)} --synthetic-name for {len(reals)} --real files",
+            hint="give one --synthetic-name per --real, in the same order, or none",
+        )
+    for real, name in zip(reals, names, strict=True):
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise DCRError(
+                f"--synthetic-name {name!r} is a path, not a file name",
+                hint="give the name alone, e.g. claims.csv: the file appears at /data/PROVIDER/DATASET/NAME",
+            )
+        if name.startswith("."):
+            raise DCRError(
+                f"--synthetic-name {name!r} is a hidden name", hint="start it with a letter or a digit"
+            )
+        try:
+            check_file_name(name)
+        except DCRError as e:
+            raise DCRError(f"--synthetic-name {name!r}: {e.message}", hint=e.hint) from None
+        suffix = Path(real.name).suffix
+        if _format_suffix(name) != _format_suffix(real.name):
+            ending = f"end in {suffix}" if suffix else "end without a suffix"
+            raise DCRError(
+                f"--synthetic-name {name!r} does not {ending} like the real file {real.name}",
+                hint="the file keeps its format; researchers' code opens it by this name in the sandbox and "
+                "in the enclave alike",
+            )
+    final = [n or r.name for r, n in zip(reals, names, strict=True)]
+    twice = sorted({n for n in final if final.count(n) > 1})
+    if twice:
+        raise DCRError(
+            f"two files of the dataset would be named {', '.join(map(repr, twice))}",
+            hint="give each --real its own --synthetic-name",
+        )
+    return list(names)
+
+
 def _check_synthesis_args(args: argparse.Namespace) -> None:
     if args.synthesize is None:
         if len(args.real) != len(args.synthetic):
@@ -364,10 +439,12 @@ def _check_report_dir(report: Path) -> None:
 
 
 def synthesize_files(
-    args: argparse.Namespace, work: Path, progress: TerminalProgress
+    args: argparse.Namespace, work: Path, progress: TerminalProgress, names: list[str | None] | None = None
 ) -> tuple[list[Path], Protection, list[Path]]:
     """Run the chosen synthesizer on every --real file into ``work``; the budget is split evenly over files.
 
+    A file given another name (``names``) is shown to the synthesizer under that name (a link in ``work``),
+    so its output and its reports name the file as researchers will see it, never the real file's name.
     Returns the synthetic files (in --real order), the protection for the manifest and the report files.
     """
     synthesizer = load_synthesizer(args.synthesize)
@@ -376,6 +453,12 @@ def synthesize_files(
     for i, real in enumerate(args.real):
         out_dir = work / str(i)
         out_dir.mkdir()
+        name = names[i] if names else None
+        if name is not None:
+            (work / f"as-{i}").mkdir()
+            link = work / f"as-{i}" / name
+            link.symlink_to(real.resolve())
+            real = link
         try:
             result = _call_synthesizer(synthesizer, args, real, out_dir, k, progress)
         finally:
@@ -429,6 +512,8 @@ def _protection(
 
 #: In the file name of a report computed from the real rows (``<file>.fidelity-provider-only.json``).
 PROVIDER_ONLY_MARK: Final = ".fidelity-provider-only."
+#: In the file name of a researcher-facing report (``<file>.fidelity-researchers.html``).
+RESEARCHERS_MARK: Final = ".fidelity-researchers."
 
 
 def _deliver_reports(reports: list[Path], dest: Path) -> list[Path]:
@@ -469,6 +554,7 @@ def _run_add(args: argparse.Namespace, work: Path) -> int:
     check_chunk_size(args.chunk_size)
     if args.max_bytes <= 0:
         raise DCRError("--max-bytes must be positive")
+    names = check_synthetic_names(list(args.real), list(args.synthetic_name))
     progress = TerminalProgress()
     reports: list[Path] = []
     if args.synthesize is None:
@@ -490,13 +576,14 @@ def _run_add(args: argparse.Namespace, work: Path) -> int:
     if args.synthesize is not None:
         check_name(args.provider, "provider")
         check_name(args.dataset, "dataset")
-        synthetic, protection, reports = synthesize_files(args, work, progress)
+        synthetic, protection, reports = synthesize_files(args, work, progress, names)
     prepared = store.prepare(
         args.provider,
         args.dataset,
         list(zip(args.real, synthetic, strict=True)),
         protection,
         args.max_bytes,
+        names=names,
     )
     if args.synthesize is None:
         for real, syn in zip(args.real, synthetic, strict=True):
@@ -511,7 +598,7 @@ def _run_add(args: argparse.Namespace, work: Path) -> int:
             f"{existing.ref} version {existing.version} is already in the store {store.root}; nothing changed."
         )
         print()
-        print(hub_snippet(store, existing, args.release))
+        print(hub_snippet(store, existing, args.release, description=args.description))
         return 0
 
     if thumbprints is None:  # the local development hub key, created on first use
@@ -552,22 +639,47 @@ def _run_add(args: argparse.Namespace, work: Path) -> int:
         print(f"  synthetic: {p.mechanism or 'dp'}, ε = {p.epsilon:g}{delta} (differentially private)")
     elif args.synthesize is not None:
         print(f"  synthetic: {p.mechanism} (drawn from the declared schema alone)")
+    for_researchers: list[Path] = []
     if reports:
         for r in _deliver_reports(reports, args.report):
             audience = "provider only" if "provider-only" in r.name else "for researchers (DP statistics)"
             print(f"  fidelity report ({audience}): {r}")
+            if RESEARCHERS_MARK in r.name:
+                for_researchers.append(r.resolve())
     print()
-    print(hub_snippet(store, manifest, args.release))
+    print(hub_snippet(store, manifest, args.release, description=args.description, reports=for_researchers))
     print()
     print(condition_text(condition, condition_path, hub_key_file, dev=args.hub_key is None))
     return 0
 
 
-def hub_snippet(store: Store, manifest: DatasetVersion, release: str) -> str:
-    """The ``jupyterhub_config.py`` lines that make the hub offer this dataset version."""
+def hub_snippet(
+    store: Store,
+    manifest: DatasetVersion,
+    release: str,
+    *,
+    description: str | None = None,
+    reports: list[Path] | None = None,
+) -> str:
+    """The ``jupyterhub_config.py`` lines that make the hub offer this dataset version.
+
+    ``entitled`` is an empty placeholder the admin must fill in (the hub warns at start about a dataset
+    nobody is entitled to). ``reports`` are the researcher-facing fidelity reports just written (never the
+    provider-only ones): the first HTML one (else the first) is named as ``fidelity_report``.
+    """
     p = manifest.protection
     protection = p.kind + (f", ε={p.epsilon:g}" if p.epsilon is not None else "")
     synthetic = "".join(f"            {f.name!r}: {f.synthetic_sha256!r},\n" for f in manifest.files)
+    shown = [r for r in reports or [] if RESEARCHERS_MARK in r.name]
+    shown.sort(key=lambda r: r.suffix.lower() != ".html")
+    report = ""
+    if shown:
+        report = (
+            "        # The researcher-facing fidelity report just written (DP statistics); the hub serves it to\n"
+            "        # entitled users. Never name the provider-only report (computed from the real rows).\n"
+            f"        'fidelity_report': {str(shown[0])!r},\n"
+        )
+    about = "what the dataset is, shown to researchers" + ("" if description else ": fill in")
     return (
         f"{_RULE}\n"
         f"# Hub side: add to jupyterhub_config.py (merge into c.DCRPolicy.datasets if it already lists\n"
@@ -585,6 +697,11 @@ def hub_snippet(store: Store, manifest: DatasetVersion, release: str) -> str:
         f"        }},\n"
         f"        # 'review': every output waits for the provider's approval; 'auto': released at once.\n"
         f"        'release': {release!r},\n"
+        f"        # Hub user names and JupyterHub groups (which must exist in the hub). Until you fill this in,\n"
+        f"        # nobody may use the dataset (the hub logs a warning at start).\n"
+        f"        'entitled': {{'users': [], 'groups': []}},  # who may use it: fill in\n"
+        f"        'description': {description or ''!r},  # {about}\n"
+        f"{report}"
         f"    }},\n"
         f"}}"
     )

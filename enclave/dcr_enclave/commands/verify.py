@@ -5,6 +5,11 @@ JWKS/JWK/PEM public key file) and ``--trust-root`` pins a root CA certificate fo
 :mod:`dcr_enclave.verify.trust` with the rules the server extension applies to its trust anchors. Every
 check prints one line, ``PASS name: detail`` or ``FAIL name: detail``. Exit status: 0 when every check
 passes, 1 when any fails, 2 for usage errors (a trust anchor refused included).
+
+``--hub-key`` pins the hub whose grants the verifier accepts: the receipt's token attests the thumbprint of
+the hub key the enclave verified the job's grant with, and the check "pinned hub key" fails unless it is
+one of the pinned keys (given like ``--trust``: ``sha256:<thumbprint>`` or a JWKS/JWK/PEM public key file,
+such as the hub's ``/hub/api/dcr/jwks``).
 """
 
 from __future__ import annotations
@@ -16,8 +21,18 @@ from typing import Any
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import check_digest
 from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.jwk import thumbprint
 from dcr_enclave.verify.receipt import check_receipt_dir
 from dcr_enclave.verify.trust import CLI_ROOT_OPTION, CLI_SIGNER_OPTION, load_trust_anchors
+
+HUB_KEY_OPTION = "--hub-key"
+
+
+def hub_key_pins(entries: list[str], base_dir: Path) -> list[str]:
+    """The thumbprints ``--hub-key`` pins: given as ``sha256:...``, or of the public keys in the files given
+    (parsed like ``--trust``: a private key, a certificate or a key for encryption is refused)."""
+    anchors = load_trust_anchors(entries, (), signer_option=HUB_KEY_OPTION, base_dir=base_dir)
+    return list(dict.fromkeys([*anchors.thumbprints, *(thumbprint(k) for k in anchors.keys)]))
 
 
 def register(subparsers: Any) -> None:
@@ -59,6 +74,17 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument(
+        HUB_KEY_OPTION,
+        action="append",
+        default=[],
+        metavar="FILE|sha256:THUMBPRINT",
+        help=(
+            "a hub key whose grants you accept: sha256:<RFC 7638 thumbprint> or a JWKS/JWK/PEM public key "
+            "file (e.g. the hub's /hub/api/dcr/jwks); the hub key the enclave verified the job's grant with, "
+            "as the token attests it, must be one of them; repeatable"
+        ),
+    )
+    p.add_argument(
         "--require-hardware",
         action="store_true",
         help="fail unless the token comes from a hardware TEE (rejects the local simulation)",
@@ -80,12 +106,14 @@ def run(args: argparse.Namespace) -> int:
     # relative to the current directory here.
     anchors = load_trust_anchors(args.trust, args.trust_root, base_dir=Path.cwd())
     digests = [check_digest(d, f"--enclave-digest {d!r}") for d in args.enclave_digest]
+    hub_keys = hub_key_pins(args.hub_key, Path.cwd())
     checks = check_receipt_dir(
         directory,
         trusted_keys=anchors.keys,
         trusted_thumbprints=anchors.thumbprints,
         trust_root_pem=anchors.roots_pem,
         expected_enclave_digests=digests,
+        expected_hub_keys=hub_keys,
         require_hardware=args.require_hardware,
         issuers={contract.GOOGLE_ISSUER, contract.LOCAL_ISSUER},
         audience=contract.RECEIPT_AUDIENCE,
@@ -96,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     failed = [c for c in checks if not c.passed]
     if not digests:
         print("note: pin the enclave code you expect with --enclave-digest sha256:...")
+    if not hub_keys:
+        print("note: pin the hub whose grants you accept with --hub-key FILE|sha256:...")
     if failed:
         print(f"receipt NOT verified: {len(failed)} of {len(checks)} checks failed")
         return 1

@@ -4,7 +4,10 @@ Layout::
 
     STORE/<provider>/<dataset>/<version hex>/manifest.json
                                             /real/<name>.dcrenc      encrypted real file
-                                            /synthetic/<name>        synthetic file, same name as the real one
+                                            /synthetic/<name>        synthetic file, under the same name
+
+``<name>`` is the file's one name in both stages (``/data/<provider>/<dataset>/<name>``): the real file's,
+or the one the provider chose (``dcr provider add --synthetic-name``); the real file is encrypted under it.
 
 The enclave reads a store through this class only (it never writes one); providers add and retire versions
 with :class:`dcr_enclave.pack.store.Store`, which extends it.

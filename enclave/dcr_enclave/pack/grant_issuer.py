@@ -14,6 +14,45 @@ from dcr_enclave.formats.grant import Grant, GrantedDataset, OutputLimits
 from dcr_enclave.formats.jwk import PrivateKey, key_alg, public_jwk
 
 
+def build_grant(
+    *,
+    user: str,
+    job_id: str,
+    bundle_digest: str,
+    datasets: list[GrantedDataset],
+    output_public_key: bytes,
+    output_limits: OutputLimits | None = None,
+    time_limit: int = 3600,
+    memory_bytes: int = 4 * 2**30,
+    airlock_public_key: bytes | None = None,
+    grant_id: str | None = None,
+    now: int | None = None,
+) -> Grant:
+    """The grant for one job, checked but not signed (the hub's dry run stops here); it expires shortly
+    after the job's time limit."""
+    contract.check_job_id(job_id)
+    check_digest(bundle_digest, "bundle digest")
+    if len(output_public_key) != 32:
+        raise DCRError("the job's output public key must be a 32-byte X25519 key")
+    if not datasets:
+        raise DCRError("a grant must name at least one dataset")
+    iat = int(time.time()) if now is None else now
+    return Grant(
+        grant_id=grant_id or contract.new_grant_id(),
+        user=user,
+        job_id=job_id,
+        bundle_digest=bundle_digest,
+        datasets=tuple(datasets),
+        output_public_key=_b64(output_public_key),
+        output_limits=output_limits or OutputLimits(),
+        time_limit=time_limit,
+        memory_bytes=memory_bytes,
+        airlock_public_key=_b64(airlock_public_key) if airlock_public_key else None,
+        issued_at=iat,
+        expires_at=iat + time_limit + 600,
+    )
+
+
 def issue_grant(
     key: PrivateKey,
     *,
@@ -29,27 +68,19 @@ def issue_grant(
     grant_id: str | None = None,
     now: int | None = None,
 ) -> str:
-    """Sign a grant for one job; it expires shortly after the job's time limit."""
-    contract.check_job_id(job_id)
-    check_digest(bundle_digest, "bundle digest")
-    if len(output_public_key) != 32:
-        raise DCRError("the job's output public key must be a 32-byte X25519 key")
-    if not datasets:
-        raise DCRError("a grant must name at least one dataset")
-    iat = int(time.time()) if now is None else now
-    g = Grant(
-        grant_id=grant_id or contract.new_grant_id(),
+    """Sign a grant for one job (see :func:`build_grant`)."""
+    g = build_grant(
         user=user,
         job_id=job_id,
         bundle_digest=bundle_digest,
-        datasets=tuple(datasets),
-        output_public_key=_b64(output_public_key),
-        output_limits=output_limits or OutputLimits(),
+        datasets=datasets,
+        output_public_key=output_public_key,
+        output_limits=output_limits,
         time_limit=time_limit,
         memory_bytes=memory_bytes,
-        airlock_public_key=_b64(airlock_public_key) if airlock_public_key else None,
-        issued_at=iat,
-        expires_at=iat + time_limit + 600,
+        airlock_public_key=airlock_public_key,
+        grant_id=grant_id,
+        now=now,
     )
     kid = public_jwk(key)["kid"]
     return jwt.encode(

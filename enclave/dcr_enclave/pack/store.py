@@ -4,7 +4,7 @@ Layout::
 
     STORE/<provider>/<dataset>/<version hex>/manifest.json
                                             /real/<name>.dcrenc      encrypted real file
-                                            /synthetic/<name>        synthetic file, same name as the real one
+                                            /synthetic/<name>        synthetic file, under the same name
     STORE/.keys/                             default keys directory (owner-only; see dcr_enclave.platform.key_store)
 
 A version directory is immutable once it exists (except the manifest's ``retired`` flag, which is not part
@@ -259,24 +259,35 @@ class Store(StoreLayout):
         files: Sequence[tuple[str | Path, str | Path]],
         protection: Protection,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        names: Sequence[str | None] | None = None,
     ) -> PreparedVersion:
-        """Validate ``(real, synthetic)`` input pairs and compute the version; writes nothing."""
+        """Validate ``(real, synthetic)`` input pairs and compute the version; writes nothing.
+
+        Each file's name -- the one name it has in both stages, ``/data/<provider>/<dataset>/<name>`` in the
+        sandbox (synthetic) and in the enclave (real) -- is the real file's, unless ``names`` gives another
+        for that pair (``None`` keeps the real file's).
+        """
         check_name(provider, "provider")
         check_name(dataset, "dataset")
         if not files:
             raise DCRError(
                 "a dataset version needs at least one file", hint="pass --real FILE --synthetic FILE"
             )
+        if names is not None and len(names) != len(files):
+            raise DCRError(f"{len(names)} file names given for {len(files)} file pairs")
         entries: dict[str, tuple[str, InputFile, InputFile]] = {}
-        for real_path, synthetic_path in files:
-            name = Path(real_path).name
+        for i, (real_path, synthetic_path) in enumerate(files):
+            chosen = names[i] if names is not None else None
+            name = chosen if chosen is not None else Path(real_path).name
             try:
                 check_file_name(name)
             except DCRError as e:
-                raise DCRError(f"real file {real_path}: {e.message}", hint=e.hint) from None
+                what = f"file name {chosen!r}" if chosen is not None else f"real file {real_path}"
+                raise DCRError(f"{what}: {e.message}", hint=e.hint) from None
             if name in entries:
                 raise DCRError(
-                    f"two real files are named {name!r}", hint="a dataset's file names must be unique"
+                    f"two files of the dataset would be named {name!r}",
+                    hint="a dataset's file names must be unique",
                 )
             real = inspect_input(real_path, "real file", max_bytes)
             synthetic = inspect_input(synthetic_path, "synthetic file", max_bytes)

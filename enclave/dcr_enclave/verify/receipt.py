@@ -2,8 +2,9 @@
 
 :func:`check_receipt_dir` reports every check, passed or failed, without raising: the manifest's schema and
 invariants, the attestation token (signature against a pinned key or a chain to a pinned root, issuer,
-audience, nonce = the manifest's sha256, platform claims), the pinned enclave measurement and every output
-file's digest.
+audience, nonce = the manifest's sha256, platform claims), the pinned enclave measurement, optionally the
+pinned hub key (the attested thumbprint of the key the enclave verified the job's grant with) and every
+output file's digest.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def check_receipt_dir(
     trusted_thumbprints: Collection[str] = (),
     trust_root_pem: bytes | None = None,
     expected_enclave_digests: Collection[str] = (),
+    expected_hub_keys: Collection[str] = (),
     require_hardware: bool = False,
     issuers: Collection[str] = (contract.GOOGLE_ISSUER, contract.LOCAL_ISSUER),
     audience: str = contract.RECEIPT_AUDIENCE,
@@ -213,12 +215,16 @@ def check_receipt_dir(
     Trust comes only from the arguments: ``trusted_keys`` (JWKs), ``trusted_thumbprints`` (RFC 7638; the
     key itself may then come from the receipt's ``signer-jwks.json``, but only a key with a pinned
     thumbprint is used) and ``trust_root_pem`` (root certificates for ``x5c`` tokens). ``exp`` is not
-    checked: receipts are verified long after their tokens expire.
+    checked: receipts are verified long after their tokens expire. With ``expected_hub_keys`` (RFC 7638
+    thumbprints) the check "pinned hub key" requires the hub key the enclave verified the job's grant with,
+    as the token attests it, to be one of them.
     """
     for t in trusted_thumbprints:
         check_digest(t, "a pinned key thumbprint")
     for t in expected_enclave_digests:
         check_digest(t, "an expected enclave digest")
+    for t in expected_hub_keys:
+        check_digest(t, "a pinned hub key thumbprint")
     if not trusted_keys and not trusted_thumbprints and not trust_root_pem:
         raise DCRError(
             "no trust anchor pinned", hint="pin the signer's key or thumbprint, or a root certificate"
@@ -313,6 +319,7 @@ def check_receipt_dir(
             issuers=issuers,
             audience=audience,
             expected_enclave_digests=expected_enclave_digests,
+            expected_hub_keys=expected_hub_keys,
             require_hardware=require_hardware,
         )
     )
@@ -353,6 +360,7 @@ def _claim_checks(
     issuers: Collection[str],
     audience: str,
     expected_enclave_digests: Collection[str],
+    expected_hub_keys: Collection[str] = (),
     require_hardware: bool,
 ) -> list[Check]:
     """The checks that read the verified claims; each fails as 'not checked' without them."""
@@ -421,6 +429,22 @@ def _claim_checks(
             )
         return f"{claims.image_digest} is an expected enclave"
 
+    def pinned_hub_key() -> str:
+        assert claims is not None
+        # The attested launch environment names the key the enclave verified the grant with (the manifest
+        # copies it; the "hub key" check holds the two together).
+        attested = claims.attested_env(contract.ENV.HUB_KEY_THUMBPRINT)
+        if attested is None:
+            raise DCRError(
+                f"the token attests no {contract.ENV.HUB_KEY_THUMBPRINT}: no hub key can be pinned"
+            )
+        if attested not in expected_hub_keys:
+            raise DCRError(
+                f"the job's grant was verified with hub key {attested}, which is not one of the pinned hub "
+                f"keys ({_list(sorted(expected_hub_keys))}): another hub authorised this job"
+            )
+        return f"{attested} is a pinned hub key (attested {contract.ENV.HUB_KEY_THUMBPRINT})"
+
     def platform() -> str:
         assert claims is not None
         detail = check_platform(claims)
@@ -459,6 +483,8 @@ def _claim_checks(
     run("hub key", env_check(contract.ENV.HUB_KEY_THUMBPRINT, "hub_key_thumbprint"), needs_manifest=True)
     run("job id", env_check(contract.ENV.JOB_ID, "job_id"), needs_manifest=True)
     run("pinned enclave digest", pinned_digest)
+    if expected_hub_keys:
+        run("pinned hub key", pinned_hub_key)
     run("platform", platform)
     if require_hardware:
         run("hardware", hardware)
