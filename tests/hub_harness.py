@@ -437,6 +437,15 @@ class Hub:
             allow_redirects=False,
         )
 
+    def put_notebook(self, user: str, path: str, sources: Iterable[str], *, token: str) -> None:
+        """Write a notebook of these code cells at ``path`` in ``user``'s server (its contents API)."""
+        import nbformat
+
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(src) for src in sources]
+        body = {"type": "notebook", "content": nb}
+        self._ok(self.server_api(user, "PUT", f"api/contents/{path}", token=token, json_body=body), 200, 201)
+
     def run_code(self, user: str, code: str, *, token: str, timeout: float = 120) -> KernelResult:
         """Run ``code`` in a new kernel of ``user``'s server (REST + websocket), then shut the kernel down."""
         r = self.server_api(user, "POST", "api/kernels", token=token, json_body={})

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import nbformat
 import pytest
 import requests
 from hub_harness import (
@@ -808,18 +807,12 @@ def test_server_extension_gets_grants_from_the_hub(real_hub: RealHub, alice_serv
     message."""
     hub = real_hub.hub
     token = hub.new_token("alice")
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell("import pandas as pd\ndf = pd.read_csv('/data/acme/insurance/real.csv')")
-    ]
-    r = hub.server_api(
+    hub.put_notebook(
         "alice",
-        "PUT",
-        "api/contents/analysis.ipynb",
+        "analysis.ipynb",
+        ["import pandas as pd\ndf = pd.read_csv('/data/acme/insurance/real.csv')"],
         token=token,
-        json_body={"type": "notebook", "content": nb},
     )
-    assert r.status_code in (200, 201), r.text
 
     r = hub.server_api(
         "alice",
@@ -865,20 +858,14 @@ def test_server_dry_run_asks_the_hub_and_records_nothing(
     audit log) are unchanged by either dry run."""
     hub = real_hub.hub
     token = hub.new_token("alice")
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell("import pandas as pd\npd.read_csv('/data/globex/visits/visits.csv')")
-    ]
     r = hub.server_api("alice", "PUT", "api/contents/dry", token=token, json_body={"type": "directory"})
     assert r.status_code in (200, 201), r.text
-    r = hub.server_api(
+    hub.put_notebook(
         "alice",
-        "PUT",
-        "api/contents/dry/dry.ipynb",
+        "dry/dry.ipynb",
+        ["import pandas as pd\npd.read_csv('/data/globex/visits/visits.csv')"],
         token=token,
-        json_body={"type": "notebook", "content": nb},
     )
-    assert r.status_code in (200, 201), r.text
 
     def records() -> tuple[int, int]:
         db = real_hub.db

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from typing import Any
 
 import jwt
 
@@ -53,39 +54,17 @@ def build_grant(
     )
 
 
-def issue_grant(
-    key: PrivateKey,
-    *,
-    user: str,
-    job_id: str,
-    bundle_digest: str,
-    datasets: list[GrantedDataset],
-    output_public_key: bytes,
-    output_limits: OutputLimits | None = None,
-    time_limit: int = 3600,
-    memory_bytes: int = 4 * 2**30,
-    airlock_public_key: bytes | None = None,
-    grant_id: str | None = None,
-    now: int | None = None,
-) -> str:
-    """Sign a grant for one job (see :func:`build_grant`)."""
-    g = build_grant(
-        user=user,
-        job_id=job_id,
-        bundle_digest=bundle_digest,
-        datasets=datasets,
-        output_public_key=output_public_key,
-        output_limits=output_limits,
-        time_limit=time_limit,
-        memory_bytes=memory_bytes,
-        airlock_public_key=airlock_public_key,
-        grant_id=grant_id,
-        now=now,
-    )
+def sign_grant(key: PrivateKey, grant: Grant) -> str:
+    """The grant as a JWT signed with the hub's ``key`` (its RFC 7638 thumbprint as ``kid``)."""
     kid = public_jwk(key)["kid"]
     return jwt.encode(
-        g.claims(), key, algorithm=key_alg(key), headers={"typ": contract.GRANT_TYP, "kid": kid}
+        grant.claims(), key, algorithm=key_alg(key), headers={"typ": contract.GRANT_TYP, "kid": kid}
     )
+
+
+def issue_grant(key: PrivateKey, **fields: Any) -> str:
+    """Build (:func:`build_grant`, which takes the same keyword arguments and checks them) and sign a grant."""
+    return sign_grant(key, build_grant(**fields))
 
 
 def _b64(b: bytes) -> str:
