@@ -77,8 +77,10 @@ demo: system-deps $(STAMP) $(CHP) jupyter
 	$(BIN)/python -c 'import jupyterlab' 2>/dev/null || $(BIN)/python -m pip install --quiet "jupyterlab>=4.2,<5"
 	$(BIN)/dcr demo --dir $(DEMO) $(DEMO_ARGS)
 
+# The whole suite, in two lanes side by side (tests/lanes.py): the modules that only compute beside
+# everything else. PYTEST_ARGS go to both; naming test files runs just those: make test PYTEST_ARGS=tests/x.py
 test: system-deps $(STAMP) $(CHP) jupyter
-	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python tests/lanes.py $(PYTEST_ARGS)
 
 # The fast lane while developing: every test that needs neither root nor minutes (the markers `root` and
 # `slow`, declared in pyproject.toml), with the 20 slowest printed. Needs the virtualenv and the built

@@ -16,10 +16,7 @@ from __future__ import annotations
 import json
 import math
 import stat
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -30,16 +27,7 @@ from dcr_enclave.pack.store import Store
 from dcr_provider.schema import schema_from_json
 from dcr_provider.tables import read_table
 
-DCR = Path(sys.executable).parent / "dcr"
-
-
-@dataclass(frozen=True)
-class Run:
-    tmp: Path
-    code: int
-    out: str
-    err: str
-
+CliResult = tuple[int, str, str]
 
 #: Public bounds of the insurance population (not read off the data), coarse bins to keep the fits short.
 SCHEMA = """
@@ -70,52 +58,10 @@ COMBINATIONS = [
 ]
 
 
-def _args(tmp: Path, real: Path, synthesizer: str, seeded: bool, reports: str) -> list[str]:
-    """The command line of one combination, as a provider would type it (the store and reports in ``tmp``)."""
-    schema = tmp / "insurance.schema.yaml"
-    schema.write_text(SCHEMA)
-    args: list[str | Path] = [
-        "provider", "add", "--store", tmp / "store", "--provider", "acme", "--dataset", "insurance",
-        "--real", real, "--synthesize", synthesizer, "--schema", schema,
-    ]  # fmt: skip
-    if synthesizer != "random":
-        args += ["--epsilon", "1"]
-    if seeded:
-        args += ["--seed", "7"]
-    if reports != NO_REPORT:
-        args += ["--report", tmp / "reports"]
-    if reports == BOTH_REPORTS:
-        args += ["--report-epsilon", "0.2"]
-    return [str(a) for a in args]
-
-
-@pytest.fixture(scope="module")
-def runs(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, insurance_real: Path
-) -> dict[tuple[str, bool, str], Run]:
-    """The real `dcr` run of every selected combination, two at a time (each is one CPU-bound process),
-    keyed by its parameters; each test below then checks its own."""
-    names = ("synthesizer", "seeded", "reports")
-    wanted = [
-        tuple(item.callspec.params[n] for n in names)
-        for item in request.session.items
-        if getattr(item, "originalname", "") == "test_each_documented_combination_succeeds"
-    ]
-
-    def one(params: tuple[str, bool, str]) -> Run:
-        tmp = tmp_path_factory.mktemp("combination")
-        done = subprocess.run(
-            [str(DCR), *_args(tmp, insurance_real, *params)], capture_output=True, text=True, timeout=600
-        )
-        return Run(tmp, done.returncode, done.stdout, done.stderr)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(wanted, pool.map(one, wanted), strict=True))  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(("synthesizer", "seeded", "reports"), COMBINATIONS)
 def test_each_documented_combination_succeeds(
-    runs: dict[tuple[str, bool, str], Run],
+    tmp_path: Path,
+    run_cli: Callable[..., CliResult],
     insurance_real: Path,
     synthesizer: str,
     seeded: bool,
@@ -125,9 +71,23 @@ def test_each_documented_combination_succeeds(
     ones); the synthetic file has the real columns and every value inside the declared domains; the report
     directory holds exactly the reports the options asked for (none without --report), each naming its
     audience, the provider-only one with finite utility scores."""
-    run = runs[(synthesizer, seeded, reports)]
-    store, report_dir = run.tmp / "store", run.tmp / "reports"
-    code, out, err = run.code, run.out, run.err
+    schema = tmp_path / "insurance.schema.yaml"
+    schema.write_text(SCHEMA)
+    store, report_dir = tmp_path / "store", tmp_path / "reports"
+    args: list[str | Path] = [
+        "provider", "add", "--store", store, "--provider", "acme", "--dataset", "insurance",
+        "--real", insurance_real, "--synthesize", synthesizer, "--schema", schema,
+    ]  # fmt: skip
+    if synthesizer != "random":
+        args += ["--epsilon", "1"]
+    if seeded:
+        args += ["--seed", "7"]
+    if reports != NO_REPORT:
+        args += ["--report", report_dir]
+    if reports == BOTH_REPORTS:
+        args += ["--report-epsilon", "0.2"]
+
+    code, out, err = run_cli(*args)
 
     assert code == 0, err
     (manifest,) = Store(store).versions("acme", "insurance")

@@ -1,0 +1,86 @@
+"""Run the whole suite as ``make test`` does: in two lanes side by side, one per core.
+
+The **CPU lane** holds the modules that only compute (synthesis, dataset registration, file formats): they
+start no hub, enclave host, account, server or browser, so they cannot disturb what the other lane
+observes. Its numerical libraries use one thread each, so it keeps to one core. The **main lane** runs
+everything else, its output streamed as usual; the CPU lane's output follows when both are done. The
+exit status is the first failing lane's (a lane that selected no test does not fail the run).
+
+Arguments are passed to pytest in both lanes (``make test PYTEST_ARGS="-x"``). Arguments that name test
+files or directories run one ordinary pytest over exactly those instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+#: Modules that only compute (no hub, host, account, server or browser): about a third of the suite's time.
+CPU_LANE = (
+    "test_synthesis.py",
+    "test_provider_options.py",
+    "test_provider.py",
+    "test_provider_versions.py",
+    "test_dataset_files_mac.py",
+    "test_streamcrypt.py",
+    "test_attestation.py",
+    "test_sealing.py",
+    "test_verify.py",
+    "test_kube_spawner.py",
+)
+NO_TESTS = 5  # pytest's exit status when a selection holds no test
+
+
+def names_tests(arg: str) -> bool:
+    return not arg.startswith("-") and Path(arg.split("::", 1)[0]).exists()
+
+
+def main(argv: list[str]) -> int:
+    pytest = [sys.executable, "-m", "pytest"]
+    if any(names_tests(a) for a in argv):
+        return subprocess.call([*pytest, "--durations=25", *argv])
+    cpu_files = [str(HERE / name) for name in CPU_LANE]
+    basetemp = tempfile.mkdtemp(prefix="dcr-cpu-lane-")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile() as log:
+        cpu = subprocess.Popen(
+            [
+                *pytest,
+                "-p",
+                "no:cacheprovider",
+                f"--basetemp={basetemp}",
+                "--durations=10",
+                *cpu_files,
+                *argv,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            ignore = [f"--ignore={f}" for f in cpu_files]
+            main_status = subprocess.call([*pytest, "--durations=25", *ignore, *argv])
+            cpu_status = cpu.wait()
+        finally:
+            if cpu.poll() is None:  # interrupted: do not leave the other lane running
+                cpu.kill()
+                cpu.wait()
+        log.seek(0)
+        sys.stdout.flush()
+        print(f"\n{'=' * 30} the CPU lane ({', '.join(CPU_LANE)}) {'=' * 30}", flush=True)
+        shutil.copyfileobj(log, sys.stdout.buffer)
+        sys.stdout.flush()
+    shutil.rmtree(basetemp, ignore_errors=True)
+    statuses = [s for s in (main_status, cpu_status) if s != NO_TESTS]
+    if not statuses:
+        return NO_TESTS
+    return next((s for s in statuses if s != 0), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
