@@ -1,8 +1,9 @@
 """Run the whole suite as ``make test`` does: in two lanes side by side, one per core.
 
-The **CPU lane** holds the modules that only compute (synthesis, dataset registration, file formats): they
-start no hub, enclave host, account, server or browser, so they cannot disturb what the other lane
-observes. Its numerical libraries use one thread each, so it keeps to one core. The **main lane** runs
+The **CPU lane** holds the modules that mostly compute (synthesis, dataset registration, file formats, the
+policy and grant service): they start no enclave host, account, researcher server or browser (at most a
+hub or a database of their own on free ports), and look at nothing machine-wide, so the two lanes cannot
+disturb what the other observes. Its numerical libraries use one thread each, so it keeps to one core. The **main lane** runs
 everything else, its output streamed as usual; the CPU lane's output follows when both are done. The
 exit status is the first failing lane's (a lane that selected no test does not fail the run).
 
@@ -20,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-#: Modules that only compute (no hub, host, account, server or browser): about a third of the suite's time.
+#: Modules that mostly compute and look at nothing machine-wide: about 40 % of the suite's time.
 CPU_LANE = (
     "test_synthesis.py",
     "test_provider_options.py",
@@ -32,6 +33,11 @@ CPU_LANE = (
     "test_sealing.py",
     "test_verify.py",
     "test_kube_spawner.py",
+    # Hubs and databases of their own on free ports, nothing the other lane looks at.
+    "test_policy.py",
+    "test_grant_service.py",
+    "test_layers.py",
+    "test_manager.py",
 )
 NO_TESTS = 5  # pytest's exit status when a selection holds no test
 
