@@ -27,8 +27,10 @@ used. Outside a hub (tests, tools) arming does nothing.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
+from jinja2 import ChoiceLoader, FileSystemLoader
 from jupyterhub import orm
 from jupyterhub.apihandlers.base import API404
 from traitlets import TraitError
@@ -36,7 +38,10 @@ from traitlets.config import Config
 
 from dcr_enclave.formats.errors import DCRError
 
-from .grant_service import SETTINGS_KEY, GrantService, GrantsHandler, routes
+from . import airlock_views
+from .airlock import Airlock
+from .grant_service import SETTINGS_KEY, GrantService, GrantsHandler
+from .grant_service import routes as grant_routes
 from .platform import make_server_args
 from .policy import DCRPolicy, Entitlement
 
@@ -86,8 +91,13 @@ class PolicySpawnerMixin:
         return [*super().get_args(), *make_server_args(self.dcr_server_config())]  # type: ignore[misc]
 
 
+def routes() -> list[tuple[str, type, dict[str, Any]]]:
+    """Every DCR route in the hub, relative to its prefix: the grant service's and the airlock's."""
+    return [*grant_routes(), *airlock_views.routes()]
+
+
 def grant_handlers() -> list[tuple[str, type, dict[str, Any]]]:
-    """The grant service's routes for ``c.JupyterHub.extra_handlers``; also arms the start hook."""
+    """DCR's routes for ``c.JupyterHub.extra_handlers``; also arms the start hook."""
     arm_start_hook()
     return routes()
 
@@ -149,6 +159,7 @@ def _on_hub_handlers(change: Any) -> None:
         service = GrantService.start(policy, groups)
         platform = policy.platform()
         platform.check_at_start()
+        airlock = Airlock.start(policy, service, platform)
         platform.check_datasets(policy, service.hub_key.thumbprint)
         check = getattr(app.spawner_class, "dcr_check_at_start", None)
         if callable(check):
@@ -167,5 +178,20 @@ def _on_hub_handlers(change: Any) -> None:
             "DCR: grant service routes added for %s (dcr_spawner.enable(c) not called)", spawner.__name__
         )
     app.tornado_settings[SETTINGS_KEY] = service
+    app.tornado_settings[airlock_views.SETTINGS_KEY] = airlock
+    add_templates(app.tornado_settings)
     app.tornado_settings["dcr_policy"] = policy
     set_active_policy(policy)
+
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def add_templates(settings: dict[str, Any]) -> None:
+    """Let the hub's template environments find DCR's pages (after the hub's own, which they extend)."""
+    for key in ("jinja2_env", "jinja2_env_sync"):
+        env = settings.get(key)
+        if env is None or getattr(env, "_dcr_templates", False):
+            continue
+        env.loader = ChoiceLoader([env.loader, FileSystemLoader(str(TEMPLATES))])
+        env._dcr_templates = True
