@@ -77,6 +77,7 @@ JOBS = sa.Table(
     sa.Column("outputs_path", sa.Text, nullable=True),
     sa.Column("receipt", sa.Boolean, nullable=False),
     sa.Column("enclave", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("review", sa.JSON(none_as_null=True), nullable=True),
     # ``id`` breaks ties between jobs created in the same instant, so pages never overlap or skip.
     sa.Index("ix_dcr_jobs_created", "created", "id"),
     sa.Index("ix_dcr_jobs_state", "state"),
@@ -217,6 +218,12 @@ class JobStore:
             .where(JOBS.c.state.in_(UNFINISHED_STATES))
             .order_by(JOBS.c.created.asc(), JOBS.c.id.asc())
         )
+        with self._db(), self._engine.connect() as conn:
+            return [_job(r) for r in conn.execute(stmt)]
+
+    def held(self) -> builtins.list[Job]:
+        """Jobs whose outputs wait in the hub's airlock (``held``), oldest first."""
+        stmt = sa.select(JOBS).where(JOBS.c.state == "held").order_by(JOBS.c.created.asc(), JOBS.c.id.asc())
         with self._db(), self._engine.connect() as conn:
             return [_job(r) for r in conn.execute(stmt)]
 
