@@ -38,6 +38,8 @@ CPU_LANE = (
     "test_grant_service.py",
     "test_layers.py",
     "test_manager.py",
+    "test_airlock.py",
+    "test_airlock_hub.py",
 )
 NO_TESTS = 5  # pytest's exit status when a selection holds no test
 

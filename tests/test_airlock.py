@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import secrets
 import tarfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,13 +20,11 @@ from typing import Any
 
 import pytest
 from hub_harness import PostgresServer, Stores, dataset_entry, make_stores
-from receipt_factory import IMAGE_DIGEST, Signer, make_signer, receipt_claims
+from receipt_factory import IMAGE_DIGEST, Signer, held_result_tar, make_signer
 
 from dcr_enclave.formats import contract, sealing
-from dcr_enclave.formats.digests import canonical_json, sha256_bytes
-from dcr_enclave.formats.receipt import build_manifest, make_reveal, output_commitment
+from dcr_enclave.formats.digests import sha256_bytes
 from dcr_enclave.formats.unsealing import open_dir, open_file
-from dcr_enclave.runtime.receipt_writer import output_entries, write_receipt_dir
 from dcr_enclave.verify.receipt import open_commitment
 from dcr_enclave.verify.trust import TrustAnchors
 from dcr_spawner import DCRPolicy, GrantService
@@ -82,68 +79,17 @@ class Setup:
         return self.service.issue(user, {"analysts"}, json.dumps(doc).encode()), private
 
     def held_result(
-        self,
-        granted: dict[str, Any],
-        outputs: dict[str, bytes] | None = None,
-        *,
-        sealed_outputs: dict[str, bytes] | None = None,
-        decision: str = "held",
-        seal_to: bytes | None = None,
+        self, granted: dict[str, Any], outputs: dict[str, bytes] | None = None, **kw: Any
     ) -> bytes:
-        """The tar a researcher's server sends: an attested held receipt and the files sealed to the
-        airlock (``sealed_outputs`` seals other bytes than the receipt commits to: a forgery)."""
-        outputs = OUTPUTS if outputs is None else outputs
-        job_id = granted["job_id"]
-        work = self.tmp / f"held-{secrets.token_hex(4)}"
-        out_dir = work / "outputs"
-        for rel, data in outputs.items():
-            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            (out_dir / rel).write_bytes(data)
-        entries = output_entries(out_dir)
-        reveal = make_reveal(entries, secrets.token_bytes(32))
-        claims = json.loads(base64.urlsafe_b64decode(granted["grant"].split(".")[1] + "=="))
-        manifest = build_manifest(
-            job_id=job_id,
-            notebook="analysis.ipynb",
-            bundle_digest=BUNDLE,
-            enclave_kind="local",
-            image_digest=IMAGE_DIGEST,
-            hub_key_thumbprint=self.service.hub_key.thumbprint,
-            grant_token=granted["grant"],
-            grant_claims=claims,
-            datasets=[
-                {
-                    "provider": d["provider"],
-                    "dataset": d["dataset"],
-                    "version": d["version"],
-                    "files": [{"name": "real.csv", "ciphertext_sha256": sha256_bytes(b"c")}],
-                }
-                for d in granted["datasets"]
-            ],
-            output_policy=sha256_bytes(b"limits"),
-            conditions={},
-            outputs=[] if decision == "held" else entries,
-            violations=[],
-            release_mode="review",
-            decision=decision,
-            started_at=1_700_000_000,
-            finished_at=1_700_000_060,
-            outputs_commitment=output_commitment(reveal) if decision == "held" else None,
+        return held_result_tar(
+            self.tmp,
+            granted,
+            self.signer,
+            hub_thumbprint=self.service.hub_key.thumbprint,
+            airlock_public=self.airlock.key.public,
+            outputs=OUTPUTS if outputs is None else outputs,
+            **kw,
         )
-        result = work / "result"
-        target = seal_to or self.airlock.key.public
-        write_receipt_dir(result, manifest, self.signer.sign(receipt_claims(manifest)), self.signer.jwks())
-        forged = work / "forged"
-        for rel, data in (sealed_outputs or {}).items():
-            (forged / rel).parent.mkdir(parents=True, exist_ok=True)
-            (forged / rel).write_bytes(data)
-        sealing.seal_dir(
-            forged if sealed_outputs else out_dir, result / contract.SEALED_OUTPUTS_FILE, target, job_id
-        )
-        sealing.seal_bytes(
-            canonical_json(reveal), result / contract.SEALED_REVEAL_FILE, target, job_id=job_id
-        )
-        return tar_of(result)
 
 
 def tar_of(d: Path, names: list[str] | None = None) -> bytes:
