@@ -6,8 +6,10 @@ the hub application's ``handlers`` trait is assigned once, in ``init_handlers()`
 users, groups, roles and tokens are loaded and before the tornado application is built. The hook
 (:func:`arm_start_hook`) observes that assignment; then it validates the policy against the stores and the
 hub's groups, starts the grant service (keys, records database), runs the configured spawner's
-``dcr_check_at_start`` and adds the grant routes if ``enable(c)`` did not. Any refusal stops the hub
-(``app.exit(1)``) before it listens, with a line naming provider, dataset and trait.
+``dcr_check_at_start`` and adds the grant routes if ``enable(c)`` did not, and the audit views' routes
+(:mod:`dcr_spawner.audit_views`) and their templates; it starts the periodic copy of the platform's job
+events into the audit trail (``c.<Platform>.audit_interval``). Any refusal stops the hub (``app.exit(1)``)
+before it listens, with a line naming provider, dataset and trait.
 
 Finding the application takes two ways, because the hook is armed from two places:
 
@@ -26,21 +28,27 @@ used. Outside a hub (tests, tools) arming does nothing.
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 from jupyterhub import orm
 from jupyterhub.apihandlers.base import API404
+from tornado.ioloop import PeriodicCallback
 from traitlets import TraitError
 from traitlets.config import Config
 
 from dcr_enclave.formats.errors import DCRError
 
+from .audit import ingest_platform_events
 from .grant_service import SETTINGS_KEY, GrantService, GrantsHandler, routes
 from .platform import make_server_args
 from .policy import DCRPolicy, Entitlement
 
 _active: DCRPolicy | None = None
+#: The audit page's template (``dcr_audit.html``), added to the hub's template search path.
+TEMPLATES = str(Path(__file__).parent / "templates")
 
 
 def set_active_policy(policy: DCRPolicy | None) -> None:
@@ -102,6 +110,9 @@ def enable(c: Config) -> None:
     ours = grant_handlers()
     paths = {h[0] for h in ours}
     c.JupyterHub.extra_handlers = [h for h in existing if h[0] not in paths] + ours
+    templates = list(c.JupyterHub.template_paths) if "template_paths" in c.JupyterHub else []
+    if TEMPLATES not in templates:
+        c.JupyterHub.template_paths = [*templates, TEMPLATES]
 
 
 def arm_start_hook() -> None:
@@ -166,6 +177,37 @@ def _on_hub_handlers(change: Any) -> None:
         app.log.info(
             "DCR: grant service routes added for %s (dcr_spawner.enable(c) not called)", spawner.__name__
         )
+    _add_audit_views(app, handlers)
     app.tornado_settings[SETTINGS_KEY] = service
     app.tornado_settings["dcr_policy"] = policy
     set_active_policy(policy)
+    interval = float(getattr(platform, "audit_interval", 0) or 0)
+    if interval > 0:
+        ingest = PeriodicCallback(lambda: _ingest(app, service), interval * 1000)
+        ingest.start()
+        app.tornado_settings["dcr_audit_ingest"] = ingest
+
+
+def _add_audit_views(app: Any, handlers: list[Any]) -> None:
+    """The audit views' routes (before the hub's API 404) and their template."""
+    from .audit_views import AuditAPIHandler
+    from .audit_views import routes as audit_routes
+
+    if not any(h[1] is AuditAPIHandler for h in handlers):
+        at = next((i for i, h in enumerate(handlers) if h[1] is API404), 0)
+        handlers[at:at] = app.add_url_prefix(app.hub_prefix, audit_routes())
+    # enable(c) puts the template in c.JupyterHub.template_paths; a hub that only names a DCR spawner
+    # built its template loader already, without it.
+    for env in (app.tornado_settings.get("jinja2_env"), app.tornado_settings.get("jinja2_env_sync")):
+        loaders = getattr(getattr(env, "loader", None), "loaders", [])
+        paths = getattr(loaders[-1], "searchpath", None) if loaders else None
+        if isinstance(paths, list) and TEMPLATES not in paths:
+            paths.append(TEMPLATES)
+
+
+async def _ingest(app: Any, service: GrantService) -> None:
+    """One periodic copy of the platform's job events into the audit trail, off the event loop."""
+    try:
+        await asyncio.to_thread(ingest_platform_events, service.db, service.policy.platform())
+    except Exception:  # a database outage: logged, retried at the next interval
+        app.log.exception("DCR: copying the enclave platform's events into the audit trail failed")
