@@ -431,6 +431,42 @@ def test_platform_events_are_recorded_once(service: GrantService) -> None:
     assert service.db.verify_audit().ok
 
 
+def test_the_host_journal_pages_and_survives_restarts(tmp_path: Path) -> None:
+    """The enclave host's journal (owner-only JSON lines): structured fields only, a sequence over the
+    whole file, a new run id at each start with the same journal id, a torn last line cut off; readers page
+    with a cursor, a cursor of another journal reads from the start, a cursor past the end is refused."""
+    from dcr_enclave.platform.journal import HostJournal
+
+    path = tmp_path / "events.jsonl"
+    j = HostJournal(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    j.append("launch", job_id="job-1", grant_id="g1", user="u", datasets=["acme/x"], owner_uid=0)
+    j.append("cancel", job_id="job-1")  # not a journalled event
+    j.append("key_refused", job_id="job-1", provider="acme", dataset="x", version="v", reason="free text",
+             reason_code="condition")  # fmt: skip
+    docs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [d["event"] for d in docs] == ["launch", "key_refused"]
+    assert "owner_uid" not in docs[0] and "reason" not in docs[1] and "version" not in docs[1]
+    assert docs[1]["dataset"] == "acme/x" and docs[1]["reason_code"] == "condition"
+    with path.open("ab") as f:
+        f.write(b'{"torn": ')  # a host killed mid-write
+    again = HostJournal(path)
+    assert (again.journal_id, again.seq) == (j.journal_id, 2) and again.run_id != j.run_id
+    for i in range(5):
+        again.append("end", job_id=f"job-{i}", state="succeeded")
+    first = again.read(None, limit=3)
+    assert [e["seq"] for e in first["events"]] == [1, 2, 3] and first["more"] is True
+    rest = again.read(first["cursor"])
+    assert [e["seq"] for e in rest["events"]] == [4, 5, 6, 7] and rest["more"] is False
+    assert {e["run"] for e in rest["events"]} == {again.run_id}
+    assert again.read(rest["cursor"]) == {"events": [], "cursor": rest["cursor"], "more": False}
+    assert len(again.read("otherjournal:3:120")["events"]) == 7
+    with pytest.raises(Exception, match="past the end"):
+        again.read(f"{again.journal_id}:99:99999")
+    with pytest.raises(Exception, match="malformed"):
+        again.read("nonsense")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The audit API and page of a real hub
 # ---------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from dcr_enclave.formats.grant import verify_grant
 from dcr_enclave.platform.condition import KeyReleaseCondition
 from dcr_enclave.platform.condition_cel import evaluate
 from dcr_enclave.platform.grant_ledger import GrantLedger
-from dcr_enclave.platform.journal import HostJournal, journal_fields
+from dcr_enclave.platform.journal import HostJournal
 from dcr_enclave.platform.key_store import KeyDirectory, check_private_dir
 from dcr_enclave.verify.token import verify_token
 
@@ -122,7 +122,7 @@ class AuditLog:
             finally:
                 os.close(fd)
             if self.journal is not None:
-                self.journal.append(event, **journal_fields(fields))
+                self.journal.append(event, **fields)
         log.log(logging.WARNING if event == "key_refused" else logging.INFO, "%s", log_line(event, fields))
 
 

@@ -106,7 +106,7 @@ class HostJournal:
         if event not in EVENTS:
             return
         with self._lock:
-            doc = {k: v for k, v in fields.items() if k in FIELDS and v is not None}
+            doc = {k: v for k, v in journal_fields(fields).items() if v is not None}
             doc.update(
                 journal=self.journal_id, run=self.run_id, seq=self.seq + 1, time=time.time(), event=event
             )
