@@ -56,6 +56,8 @@ CSV_COLUMNS: Final = (
 )
 
 _ingest_lock = threading.Lock()
+#: The last failure to read the platform's events, per database object (so it is logged once).
+_last_error: dict[int, str] = {}
 
 
 def _text(value: Any, limit: int = 255) -> str | None:
@@ -124,8 +126,12 @@ def ingest_platform_events(db: HubDB, platform: Any, *, max_pages: int = MAX_PAG
             try:
                 page = platform.audit_events(cursor)
             except DCRError as e:
-                log.warning("DCR: cannot read the enclave platform's job events: %s", e)
+                # Said once per distinct failure (the periodic read would repeat it every few seconds).
+                level = logging.DEBUG if _last_error.get(id(db)) == str(e) else logging.WARNING
+                _last_error[id(db)] = str(e)
+                log.log(level, "DCR: cannot read the enclave platform's job events: %s", e)
                 return recorded
+            _last_error.pop(id(db), None)
             if page is None:
                 return recorded
             events, new_cursor, more = page
