@@ -256,6 +256,7 @@ class Airlock:
                 job_id=job_id,
                 grant_id=job.grant_id,
                 reason=r.message,
+                datasets=[ref for ref, _, _ in job.datasets],
             )
             raise
         self._keep(job_id, files)

@@ -36,6 +36,7 @@ CPU_LANE = (
     # Hubs and databases of their own on free ports, nothing the other lane looks at.
     "test_policy.py",
     "test_grant_service.py",
+    "test_audit.py",
     "test_layers.py",
     "test_manager.py",
     "test_airlock.py",
