@@ -144,7 +144,7 @@ class AuditPageHandler(BaseHandler):
         api = url_path_join(self.hub.base_url, API_PREFIX.lstrip("/"), "audit")
         query = "&" + urlencode({"provider": provider}) if provider else ""
         html = await self.render_template(
-            "dcr_audit.html",
+            "dcr-audit.html",
             verification=got["verification"],
             head=got["head"],
             events=[event_json(e, base) for e in reversed(got["events"])],
