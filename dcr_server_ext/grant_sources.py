@@ -184,6 +184,10 @@ class GrantSource(LoggingConfigurable):
         """Hand a held result to the airlock; the review status (see ``model.Job.review``)."""
         raise NotSupported(f"{type(self).__name__} has no airlock: held outputs cannot be reviewed")
 
+    async def airlock_deliver_failure(self, job_id: str, sealed: bytes) -> dict[str, Any]:
+        """Hand a failed run's sealed detail to the airlock, for reviewers who may release it."""
+        raise NotSupported(f"{type(self).__name__} has no airlock: held outputs cannot be reviewed")
+
     async def airlock_status(self, job_id: str) -> dict[str, Any]:
         raise NotSupported(f"{type(self).__name__} has no airlock: held outputs cannot be reviewed")
 
@@ -452,6 +456,14 @@ class HubGrantSource(GrantSource):
             "POST", f"/dcr/airlock/jobs/{job_id}", result, "application/x-tar", "the held result's delivery"
         )
         return self._answer(resp, expect=(200, 201), field="status", what="the held result's delivery")
+
+    async def airlock_deliver_failure(self, job_id: str, sealed: bytes) -> dict[str, Any]:
+        """``POST {api_url}/dcr/airlock/jobs/<id>/failure``: a failed run's detail as the enclave sealed it."""
+        what = "the failure detail's delivery"
+        resp = await self._send(
+            "POST", f"/dcr/airlock/jobs/{job_id}/failure", sealed, "application/octet-stream", what
+        )
+        return self._answer(resp, expect=(200, 201), field="status", what=what)
 
     async def airlock_status(self, job_id: str) -> dict[str, Any]:
         """``GET {api_url}/dcr/airlock/jobs/<id>``: who decides, how far they are, the outcome."""

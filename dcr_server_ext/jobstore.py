@@ -221,11 +221,21 @@ class JobStore:
         with self._db(), self._engine.connect() as conn:
             return [_job(r) for r in conn.execute(stmt)]
 
-    def held(self) -> builtins.list[Job]:
-        """Jobs whose outputs wait in the hub's airlock (``held``), oldest first."""
-        stmt = sa.select(JOBS).where(JOBS.c.state == "held").order_by(JOBS.c.created.asc(), JOBS.c.id.asc())
+    def in_review(self) -> builtins.list[Job]:
+        """Jobs the hub's airlock has (or should have) and has not decided: ``held`` jobs, and failed ones
+        whose sealed failure detail waits for the reviewers; oldest first."""
+        stmt = (
+            sa.select(JOBS)
+            .where(
+                sa.or_(JOBS.c.state == "held", sa.and_(JOBS.c.state == "failed", JOBS.c.review.is_not(None)))
+            )
+            .order_by(JOBS.c.created.asc(), JOBS.c.id.asc())
+        )
         with self._db(), self._engine.connect() as conn:
-            return [_job(r) for r in conn.execute(stmt)]
+            jobs = [_job(r) for r in conn.execute(stmt)]
+        return [
+            j for j in jobs if j.state == "held" or (j.review or {}).get("status") in ("unsent", "waiting")
+        ]
 
     def count(self) -> int:
         with self._db(), self._engine.connect() as conn:

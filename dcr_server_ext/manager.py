@@ -85,6 +85,8 @@ HELD_RESULT_FILES = (
 )
 #: Largest released result (two sealed files) taken from the hub.
 MAX_RELEASE_BYTES = 2**31
+#: Largest released failure detail, and how much of its message and traceback a job keeps.
+MAX_FAILURE_DETAIL = 2 * 2**20
 
 
 class NoTrustAnchors(Unavailable):
@@ -476,7 +478,14 @@ class JobManager:
                 staging.rename(result)
             if st.state == "failed":
                 failure = st.failure or _read_failure(result) or _failure("the enclave job failed")
-                await self._aupdate(job, state="failed", failure=failure)
+                # The enclave sealed the run's full failure (its traceback) to the airlock: the provider's
+                # reviewers may release it to the researcher.
+                detail = (result / contract.SEALED_FAILURE_FILE).is_file()
+                extra = {"review": unsent_review()} if detail else {}
+                job = await self._aupdate(job, state="failed", failure=failure, **extra)
+                if detail:
+                    self._finishing.discard(job.id)
+                    await self.airlock_step(job)
                 return
             outputs_path = await asyncio.to_thread(self._open_result, job, result, st.state)
             enclave = dict(job.enclave or st.enclave or {})
@@ -530,7 +539,7 @@ class JobManager:
         while True:
             await asyncio.sleep(self.airlock_poll_interval)
             try:
-                for job in await self._db(self.store.held):
+                for job in await self._db(self.store.in_review):
                     await self.airlock_step(job)
             except Exception:  # keep polling; one bad pass must not stop the loop
                 self.log.exception("DCR: airlock pass failed")
@@ -544,7 +553,12 @@ class JobManager:
         try:
             review = dict(job.review or unsent_review())
             try:
-                if review.get("status", "unsent") == "unsent":
+                if review.get("status", "unsent") == "unsent" and job.state == "failed":
+                    sealed = self._job_dir(job.id) / "result" / contract.SEALED_FAILURE_FILE
+                    data = await asyncio.to_thread(sealed.read_bytes)
+                    doc = await self.grants.airlock_deliver_failure(job.id, data)
+                    self.log.info("DCR: the failure detail of %s is in the hub's airlock", job.id)
+                elif review.get("status", "unsent") == "unsent":
                     body = await asyncio.to_thread(self._held_result_tar, job)
                     doc = await self.grants.airlock_deliver(job.id, body)
                     self.log.info("DCR: the held result of %s is in the hub's airlock", job.id)
@@ -561,7 +575,13 @@ class JobManager:
                 self.log.warning("DCR: the airlock cannot be asked about %s now: %s", job.id, e)
                 return
             new = _review(doc)
-            if new["status"] == "released":
+            if job.state == "failed":  # the failure's detail: the job stays failed whatever is decided
+                if new["status"] == "released":
+                    detail = await self._take_failure_detail(job)
+                    await self._aupdate(job, review=new, failure={**(job.failure or {}), "detail": detail})
+                elif new != job.review:
+                    await self._aupdate(job, review=new)
+            elif new["status"] == "released":
                 await self._take_release(job, new)
             elif new["status"] == "rejected":
                 reason = "the reviewers rejected the outputs" + (
@@ -598,6 +618,32 @@ class JobManager:
                 if p.is_file() and not p.is_symlink():
                     tf.add(p, arcname=name, recursive=False)
         return buf.getvalue()
+
+    async def _take_failure_detail(self, job: Job) -> dict[str, str]:
+        """The released failure detail, opened with the job's key: the exception message and traceback."""
+        payload = await self.grants.airlock_release(job.id)
+
+        def opened() -> dict[str, str]:
+            with tempfile.TemporaryDirectory(dir=self._job_dir(job.id)) as scratch:
+                d = Path(scratch)
+                try:
+                    with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tf:
+                        member = tf.getmember(contract.SEALED_FAILURE_FILE)
+                        data = tf.extractfile(member)
+                        assert data is not None
+                        (d / "sealed").write_bytes(data.read(MAX_FAILURE_DETAIL))
+                except (tarfile.TarError, KeyError):
+                    raise DCRError("the released failure detail is not the expected archive") from None
+                open_file(d / "sealed", d / "detail.json", self.keys.private(job.id), job_id=job.id)
+                doc = json.loads((d / "detail.json").read_bytes())
+            if not isinstance(doc, dict):
+                raise DCRError("the released failure detail is not a JSON object")
+            return {
+                "evalue": str(doc.get("evalue", ""))[:MAX_FAILURE_DETAIL],
+                "traceback": _traceback_text(doc.get("traceback"))[:MAX_FAILURE_DETAIL],
+            }
+
+        return await asyncio.to_thread(opened)
 
     async def _take_release(self, job: Job, review: dict[str, Any]) -> None:
         payload = await self.grants.airlock_release(job.id)
@@ -903,6 +949,12 @@ def _review(doc: dict[str, Any]) -> dict[str, Any]:
         "decided_at": text(doc.get("decided_at")),
         "note": None,
     }
+
+
+def _traceback_text(value: Any) -> str:
+    if isinstance(value, list):
+        return "\n".join(str(v) for v in value)
+    return str(value or "")
 
 
 def _check_released(result: Path, outputs: Path) -> None:

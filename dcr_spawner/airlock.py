@@ -59,14 +59,17 @@ from .policy import DCRPolicy, PolicyError
 #: Files a held result may hold, and the ones it must.
 RECEIPT_NAMES: Final = (contract.RECEIPT_FILE, contract.TOKEN_FILE, contract.SIGNER_JWKS_FILE)
 REQUIRED_NAMES: Final = (*RECEIPT_NAMES, contract.SEALED_OUTPUTS_FILE, contract.SEALED_REVEAL_FILE)
-OPTIONAL_NAMES: Final = (
-    contract.SEALED_CHECK_FILE,
-    getattr(contract, "SEALED_FAILURE_FILE", "failure-detail.sealed"),
-)
+#: A failed run's full detail (cell, exception, traceback), sealed to the airlock by the enclave.
+FAILURE_NAME: Final = getattr(contract, "SEALED_FAILURE_FILE", "failure-detail.sealed")
+OPTIONAL_NAMES: Final = (contract.SEALED_CHECK_FILE, FAILURE_NAME)
 ALLOWED_NAMES: Final = frozenset((*REQUIRED_NAMES, *OPTIONAL_NAMES))
 #: Re-sealed to the job's key on release (the researcher's server fetches these two).
 RELEASED_OUTPUTS: Final = "released-" + contract.SEALED_OUTPUTS_FILE
 RELEASED_REVEAL: Final = "released-" + contract.SEALED_REVEAL_FILE
+RELEASED_FAILURE: Final = "released-" + FAILURE_NAME
+#: Largest failure detail the airlock takes (the enclave bounds the traceback it seals).
+MAX_FAILURE_BYTES: Final = 2 * 2**20
+KINDS: Final = ("outputs", "failure")
 #: Room for sealing and tar overhead above the grant's output byte limit.
 OVERHEAD_BYTES: Final = 8 * 2**20
 MAX_COMMENT: Final = 4000
@@ -101,6 +104,9 @@ class HeldRecord(Base):
     notebook: Mapped[str] = mapped_column(Text, default="")
     decided_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     comment: Mapped[str] = mapped_column(Text, default="")
+    #: ``outputs`` (a held job's outputs, checked against its receipt) or ``failure`` (a failed run's sealed
+    #: detail, which no receipt attests: the researcher may see it only once reviewers release it).
+    kind: Mapped[str] = mapped_column(String(16), default="outputs")
 
 
 class ReviewRecord(Base):
@@ -145,6 +151,7 @@ class HeldJob:
     decided_at: int | None
     comment: str
     reviews: tuple[Review, ...]
+    kind: str = "outputs"
 
     @property
     def approvers(self) -> list[str]:
@@ -295,6 +302,58 @@ class Airlock:
             job_id=job_id,
             grant_id=job.grant_id,
             detail={"datasets": [ref for ref, _, _ in job.datasets], "receipt": receipt_digest},
+        )
+        held = self.held(job_id)
+        assert held is not None
+        return held
+
+    def receive_failure(self, user: str, job_id: str, body: bytes) -> HeldJob:
+        """Keep a failed run's sealed detail (its traceback) for reviewers, who may release it to the
+        researcher. No receipt attests it; it must open with the airlock key for this job id."""
+        job = self._own_job(user, job_id)
+        if len(body) > MAX_FAILURE_BYTES:
+            raise AirlockRefusal(413, f"the failure detail is larger than {MAX_FAILURE_BYTES} bytes")
+        digest = sha256_bytes(body)
+        existing = self.held(job_id)
+        if existing is not None:
+            with self.db.session() as s:
+                row = s.get(HeldRecord, job_id)
+                same = row is not None and row.receipt_digest == digest
+            if same:
+                return existing
+            raise AirlockRefusal(409, f"the airlock already holds another result of job {job_id}")
+        try:
+            doc = json.loads(self._open({FAILURE_NAME: body}, FAILURE_NAME, job_id, tar=False))
+            if not isinstance(doc, dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            raise AirlockRefusal(400, "the failure detail is not a JSON document") from None
+        self._keep(job_id, {FAILURE_NAME: body})
+        refs = [ref for ref, _, _ in job.datasets]
+        with self.db.session() as s:
+            s.add(
+                HeldRecord(
+                    job_id=job_id,
+                    grant_id=job.grant_id,
+                    user=user,
+                    received_at=int(self.clock()),
+                    status="waiting",
+                    receipt_digest=digest,
+                    datasets=json.dumps([list(d) for d in job.datasets]),
+                    providers=json.dumps(sorted({r.split("/", 1)[0] for r in refs})),
+                    findings="{}",
+                    notebook="",
+                    comment="",
+                    kind="failure",
+                )
+            )
+        self.db.audit(
+            "airlock.failure_received",
+            status=201,
+            user=user,
+            job_id=job_id,
+            grant_id=job.grant_id,
+            detail={"datasets": refs},
         )
         held = self.held(job_id)
         assert held is not None
@@ -471,7 +530,7 @@ class Airlock:
         return OpenedResult(
             files,
             self._sealed_json(d, contract.SEALED_CHECK_FILE, held.job_id),
-            self._sealed_json(d, OPTIONAL_NAMES[1], held.job_id),
+            self._sealed_json(d, FAILURE_NAME, held.job_id),
         )
 
     def _sealed_json(self, d: Path, name: str, job_id: str) -> dict[str, Any] | None:
@@ -513,6 +572,7 @@ class Airlock:
             "comment": held.comment or None,
             "decided_at": _iso(held.decided_at) if held.decided_at else None,
             "received_at": _iso(held.received_at),
+            "kind": held.kind,
         }
 
     def required_approvals(self, held: HeldJob) -> int:
@@ -588,6 +648,7 @@ class Airlock:
                     detail={
                         "datasets": [ref for ref, _, _ in held.datasets],
                         "approvers": [*held.approvers, reviewer],
+                        "kind": held.kind,
                     },
                 )
             new = self.held(job_id)
@@ -619,11 +680,18 @@ class Airlock:
             row.comment = comment[:MAX_COMMENT]
 
     def _release(self, job_id: str) -> None:
-        """Re-seal the outputs' tar and the reveal to the job's own key; the clear text stays in memory."""
+        """Re-seal the outputs' tar and the reveal (or a failure's detail) to the job's own key; the clear
+        text stays in memory."""
         job = self.db.job(job_id)
         assert job is not None
         recipient = _unb64url(job.output_public_key)
         d = self.root / job_id
+        if not (d / contract.SEALED_OUTPUTS_FILE).exists():
+            detail = open_to_memory(
+                d / FAILURE_NAME, self.key.private, job_id=job_id, tar=False, max_bytes=MAX_FAILURE_BYTES
+            )
+            seal_bytes(detail, d / RELEASED_FAILURE, recipient, job_id=job_id)
+            return
         payload = open_to_memory(
             d / contract.SEALED_OUTPUTS_FILE,
             self.key.private,
@@ -651,12 +719,17 @@ class Airlock:
         if held.status != "released":
             raise AirlockRefusal(409, f"job {job_id} is {held.status}: nothing is released")
         d = self.root / job_id
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-            for src, name in (
+        pairs = (
+            [(RELEASED_FAILURE, FAILURE_NAME)]
+            if held.kind == "failure"
+            else [
                 (RELEASED_OUTPUTS, contract.SEALED_OUTPUTS_FILE),
                 (RELEASED_REVEAL, contract.SEALED_REVEAL_FILE),
-            ):
+            ]
+        )
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for src, name in pairs:
                 data = (d / src).read_bytes()
                 ti = tarfile.TarInfo(name)
                 ti.size = len(data)
@@ -702,6 +775,7 @@ def _held(row: HeldRecord, reviews: list[Review]) -> HeldJob:
         decided_at=row.decided_at,
         comment=row.comment,
         reviews=tuple(reviews),
+        kind=row.kind or "outputs",
     )
 
 

@@ -8,8 +8,10 @@ For the researcher's server (hub API token of the job's owner, under ``/hub/api/
   altered result), ``413`` (too large), ``503`` (the hub cannot check receipts).
 - ``GET jobs/<job_id>`` -- ``{"status": "waiting"|"released"|"rejected", "reviewers", "required_approvals",
   "approvals", "comment", "decided_at"}``: who decides and how far they are; never anything of the outputs.
-- ``GET jobs/<job_id>/release`` -- once released: a tar of the outputs and the reveal, sealed to the job's
-  own key (``409`` before).
+- ``POST jobs/<job_id>/failure`` -- a failed run's detail as the enclave sealed it to the airlock
+  (``application/octet-stream``): reviewers may release the traceback to the researcher.
+- ``GET jobs/<job_id>/release`` -- once released: a tar of the outputs and the reveal (or of the failure
+  detail), sealed to the job's own key (``409`` before).
 
 For people (the hub's login cookie; pages from JupyterHub's templates):
 
@@ -98,6 +100,18 @@ class HeldJobHandler(_AirlockAPIHandler):
         doc = await self._call(airlock.status_for_owner, user.name, job_id)
         if doc is not None:
             self._json(200, doc)
+
+
+class FailureHandler(_AirlockAPIHandler):
+    async def post(self, job_id: str) -> None:
+        if (owner := await self._owner()) is None:
+            return
+        airlock, user = owner
+        held = await self._call(airlock.receive_failure, user.name, job_id, self.request.body)
+        if held is None:
+            return
+        self.log.info("DCR: airlock holds the failure detail of %s of %s for review", job_id, user.name)
+        self._json(201, airlock.describe(held))
 
 
 class ReleaseHandler(_AirlockAPIHandler):
@@ -363,6 +377,7 @@ def routes() -> list[tuple[str, type, dict[str, Any]]]:
     job = "(job-[a-z0-9]+)"
     return [
         (API_PREFIX + f"/airlock/jobs/{job}", HeldJobHandler, {}),
+        (API_PREFIX + f"/airlock/jobs/{job}/failure", FailureHandler, {}),
         (API_PREFIX + f"/airlock/jobs/{job}/release", ReleaseHandler, {}),
         (PAGE_PREFIX + "/review", ReviewQueuePage, {}),
         (PAGE_PREFIX + f"/review/{job}", ReviewJobPage, {}),

@@ -23,7 +23,7 @@ from hub_harness import PostgresServer, Stores, dataset_entry, make_stores
 from receipt_factory import IMAGE_DIGEST, Signer, held_result_tar, make_signer
 
 from dcr_enclave.formats import contract, sealing
-from dcr_enclave.formats.digests import sha256_bytes
+from dcr_enclave.formats.digests import canonical_json, sha256_bytes
 from dcr_enclave.formats.unsealing import open_dir, open_file
 from dcr_enclave.verify.receipt import open_commitment
 from dcr_enclave.verify.trust import TrustAnchors
@@ -309,3 +309,32 @@ def test_review_approvals_is_checked() -> None:
         DCRPolicy(review_approvals=0)
     with pytest.raises(Exception, match="between 1 and 5"):
         DCRPolicy(review_approvals=6)
+
+
+def test_a_failed_runs_sealed_traceback_waits_for_the_reviewers(
+    make_setup: Callable[..., Setup], tmp_path: Path
+) -> None:
+    """No receipt attests a failure's detail, so the airlock keeps what opens with its key for this job and
+    lets reviewers release it (re-sealed to the job's key) or withhold it."""
+    s = make_setup()
+    granted, job_key = s.grant()
+    job_id = granted["job_id"]
+    detail = {"cell": 2, "ename": "ValueError", "evalue": "age 97 of patient 1234", "traceback": ["line 1"]}
+    sealed = tmp_path / "failure.sealed"
+    sealing.seal_bytes(canonical_json(detail), sealed, s.airlock.key.public, job_id=job_id)
+    # Sealed for another job id, or to another key: refused.
+    other = tmp_path / "other.sealed"
+    sealing.seal_bytes(canonical_json(detail), other, s.airlock.key.public, job_id=contract.new_job_id())
+    assert refused(s.airlock.receive_failure, "alice", job_id, other.read_bytes()).status == 409
+    assert refused(s.airlock.receive_failure, "bob", job_id, sealed.read_bytes()).status == 404
+    held = s.airlock.receive_failure("alice", job_id, sealed.read_bytes())
+    assert held.kind == "failure" and held.status == "waiting"
+    status = s.airlock.status_for_owner("alice", job_id)
+    assert "97" not in json.dumps(status) and status["kind"] == "failure"
+    assert s.airlock.open_for_review(held).failure == detail
+    assert s.airlock.decide("rita", set(), job_id, "approve", "a plain bug").status == "released"
+    with tarfile.open(fileobj=io.BytesIO(s.airlock.released_files("alice", job_id))) as tf:
+        assert tf.getnames() == ["failure-detail.sealed"]
+        tf.extractall(tmp_path / "released", filter="data")
+    open_file(tmp_path / "released" / "failure-detail.sealed", tmp_path / "d.json", job_key, job_id=job_id)
+    assert json.loads((tmp_path / "d.json").read_bytes()) == detail
