@@ -287,7 +287,8 @@ def test_a_job_on_the_reviewed_dataset_is_held_for_the_reviewer(demo: DemoProces
         json={"type": "notebook", "format": "json", "content": nb},
     )
     assert r.status_code in (200, 201), r.text
-    r = demo.server("POST", "bob", "dcr/api/jobs", token, json={"path": "labs.ipynb"})
+    body = {"path": "labs.ipynb", "datasets": [data.LABS.ref]}  # his home holds the patients' sample too
+    r = demo.server("POST", "bob", "dcr/api/jobs", token, json=body)
     assert r.status_code == 201, r.text
     job = demo.wait_job("bob", r.json()["id"], token)
     assert job["state"] == "held", job
