@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
+import jsonschema
 import nbformat
 import pandas as pd
 import pytest
@@ -471,12 +472,20 @@ REVIEW = {
 }
 
 
+JOB_SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((REPO / "dcr_server_ext" / "schemas" / "job.schema.json").read_text()),
+    format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
+)
+
+
 def _api_job(state: str, review: dict | None, **fields: object) -> dict:
-    """A job as the REST API answers it (schemas/job.schema.json)."""
+    """A job as the REST API answers it, checked against schemas/job.schema.json."""
     job = Job(
         id="job-" + "b" * 24, notebook="analysis.ipynb", state=state, bundle_digest="sha256:" + "a" * 64
     )
-    return {**job.to_api(), "review": review, **fields}
+    doc = {**job.to_api(), "review": review, **fields}
+    JOB_SCHEMA.validate(doc)
+    return doc
 
 
 def test_review_lines_name_the_reviewers_approvals_note_and_comment():
@@ -509,6 +518,11 @@ def test_review_lines_name_the_reviewers_approvals_note_and_comment():
     assert server_cli.review_text(rejected) == "rejected in review by Riverside Hospital and ACME Insurance"
     for state in ("running", "succeeded", "failed", "cancelled"):
         assert server_cli.review_text(_api_job(state, None)) is None
+    # The schema holds the review to its shape: known statuses, counts, every field, nothing more.
+    no_note = {k: v for k, v in REVIEW.items() if k != "note"}
+    for bad in ({**REVIEW, "status": "approved"}, {**REVIEW, "approvals": -1}, {**REVIEW, "x": 1}, no_note):
+        with pytest.raises(jsonschema.ValidationError):
+            _api_job("held", bad)
 
     lines = server_cli._describe(rejected).splitlines()
     assert "review:    rejected in review by Riverside Hospital and ACME Insurance" in lines
