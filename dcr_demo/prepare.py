@@ -482,7 +482,10 @@ def ensure_datasets(layout: Layout, state: DemoState, thumbprint: str, say: Say)
         say(f"reusing the registered datasets in {layout.store}")
         return measurement
     if layout.store.exists() and any(layout.store.iterdir()):
-        say("the enclave code or hub key changed since the datasets were registered: registering them again")
+        say(
+            "the enclave code or hub key changed since the datasets were registered, or a demo dataset is new: "
+            "registering them again"
+        )
         shutil.rmtree(layout.store)
     layout.store.mkdir(mode=0o700, exist_ok=True)
     problem: str | None = None
