@@ -24,9 +24,10 @@ def register(subparsers: Any) -> None:
         help="run the demo: a JupyterHub on 127.0.0.1 with demo users and datasets and the local enclave",
         description=(
             "Start DCR on this machine: JupyterHub (DCR's local spawner, grant service and JupyterLab) with two "
-            "researchers and one data provider, the local SIMULATED enclave host, and two demo datasets whose "
-            "real rows come from a seeded generator and whose synthetic versions are made with differential "
-            "privacy on the first run. Prints the URL and the logins; Ctrl-C stops everything. Run as root: "
+            "researchers, one data provider and its reviewer, the local SIMULATED enclave host, and three demo "
+            "datasets whose real rows come from a seeded generator and whose synthetic versions are made with "
+            "differential privacy on the first run (one of them releases outputs only after the reviewer "
+            "approves them). Prints the URL and the logins; Ctrl-C stops everything. Run as root: "
             "each researcher's server runs as its own system account (created on first login)."
         ),
     )

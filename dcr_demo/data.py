@@ -1,11 +1,14 @@
 """The demo's tables: a seeded "real" hospital data set and a domain-only stand-in for its synthetic version.
 
-Two tables of one made-up provider, ``riverside`` (a hospital):
+Three tables of one made-up provider, ``riverside`` (a hospital):
 
 - ``patients``: one row per patient (age, sex, BMI, smoker, region, blood pressure, yearly charges) with the
   relationships an analyst expects: charges rise with age, BMI and smoking, blood pressure with age and BMI.
 - ``visits``: one row per clinic visit (month, department, age, sex, waiting time, length of stay, cost,
   readmission within 30 days); the department drives age, waiting time, stay and cost.
+- ``labs``: one row per laboratory result (month, test, age, sex, result, flag against the test's reference
+  range); results drift with age and differ by sex. Released only after the provider's **review**
+  (:attr:`Table.release`): the demo's reviewer account approves or rejects each job's outputs in the hub.
 
 The real rows come from a seeded generator, so every run of the demo starts from the same "real" data. The
 synthetic versions are normally made from them by ``dcr provider add --synthesize mst`` (differentially
@@ -48,6 +51,9 @@ class Table:
     description: str
     #: The declared schema (``--schema``): column types and domains, so no budget is spent estimating them.
     columns_schema: tuple[dict[str, object], ...]
+    #: The dataset's release mode in the hub's policy: ``auto`` (outputs come back as the job ends) or
+    #: ``review`` (they wait in the hub's airlock for the provider's reviewers).
+    release: str = "auto"
 
     @property
     def ref(self) -> str:
@@ -165,7 +171,62 @@ VISITS: Final = Table(
         {"name": "readmitted_30d", "type": "categorical", "categories": ["no", "yes"]},
     ),
 )
-TABLES: Final[tuple[Table, ...]] = (PATIENTS, VISITS)
+#: Lab tests: (name, mean at 45, change per year of age, spread, extra for men, reference range).
+LAB_TESTS: Final = {
+    "hba1c": (5.4, 0.02, 0.7, 0.1, (4.0, 6.0)),
+    "ldl": (115.0, 0.6, 30.0, 5.0, (50.0, 160.0)),
+    "creatinine": (0.85, 0.004, 0.2, 0.2, (0.5, 1.2)),
+    "crp": (2.5, 0.04, 2.5, 0.0, (0.0, 5.0)),
+}
+LAB_RESULT_MAX: Final = 300.0
+
+
+def _lab_flag(test: str, result: float) -> str:
+    low, high = LAB_TESTS[test][4]
+    return "low" if result < low else "high" if result > high else "normal"
+
+
+def lab_row(rng: random.Random) -> Row:
+    test = rng.choice(tuple(LAB_TESTS))
+    mean, per_year, spread, male, _range = LAB_TESTS[test]
+    age = rng.randint(18, 90)
+    sex = rng.choice(("female", "male"))
+    value = rng.gauss(mean + (age - 45) * per_year + (male if sex == "male" else 0.0), spread)
+    result = round(_clip(value, 0.01, LAB_RESULT_MAX), 2)
+    return [rng.choice(MONTHS), test, age, sex, result, _lab_flag(test, result)]
+
+
+def random_lab_row(rng: random.Random) -> Row:
+    return [
+        rng.choice(MONTHS),
+        rng.choice(tuple(LAB_TESTS)),
+        rng.randint(18, 90),
+        rng.choice(("female", "male")),
+        round(rng.uniform(0.01, LAB_RESULT_MAX), 2),
+        rng.choice(("low", "normal", "high")),
+    ]
+
+
+LABS: Final = Table(
+    dataset="labs",
+    file_name="labs.csv",
+    columns=("month", "test", "age", "sex", "result", "flag"),
+    rows=2000,
+    real_row=lab_row,
+    random_row=random_lab_row,
+    description="Riverside Hospital lab results in 2025: test, age, sex, result and its flag; outputs are "
+    "released after the provider's review",
+    columns_schema=(
+        {"name": "month", "type": "categorical", "categories": list(MONTHS)},
+        {"name": "test", "type": "categorical", "categories": list(LAB_TESTS)},
+        {"name": "age", "type": "integer", "min": 18, "max": 90, "bins": 18},
+        {"name": "sex", "type": "categorical", "categories": ["female", "male"]},
+        {"name": "result", "type": "float", "min": 0, "max": LAB_RESULT_MAX, "bins": 30, "decimals": 2},
+        {"name": "flag", "type": "categorical", "categories": ["high", "low", "normal"]},
+    ),
+    release="review",
+)
+TABLES: Final[tuple[Table, ...]] = (PATIENTS, VISITS, LABS)
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Row], mode: int = 0o600) -> Path:

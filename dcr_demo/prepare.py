@@ -79,14 +79,26 @@ SYNTHESIZER: Final = "mst"
 SYNTHESIS_SEED: Final = 1
 
 #: Hub groups and who is in them.
-GROUPS: Final[Mapping[str, tuple[str, ...]]] = {"researchers": ("alice", "bob"), "providers": ("carol",)}
-#: Who may use which dataset: the group of researchers gets the patients, alice also the visits.
+GROUPS: Final[Mapping[str, tuple[str, ...]]] = {
+    "researchers": ("alice", "bob"),
+    "providers": ("carol",),
+    "reviewers": ("rita",),
+}
+#: Who may use which dataset: the group of researchers gets the patients and the (reviewed) lab results,
+#: alice also the visits.
 ENTITLED: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
     data.PATIENTS.ref: {"users": (), "groups": ("researchers",)},
     data.VISITS.ref: {"users": ("alice",), "groups": ()},
+    data.LABS.ref: {"users": (), "groups": ("researchers",)},
 }
 RESEARCHERS: Final = ("alice", "bob")
 PROVIDER_ACCOUNT: Final = "carol"
+#: The provider's reviewer: approves or rejects held outputs of its ``review`` datasets in the hub's airlock.
+REVIEWER_ACCOUNT: Final = "rita"
+#: ``c.DCRPolicy.providers``: the provider's display name and its reviewers.
+PROVIDERS: Final[Mapping[str, Mapping[str, Any]]] = {
+    data.PROVIDER: {"name": "Riverside Hospital", "reviewers": {"users": [REVIEWER_ACCOUNT]}},
+}
 
 #: A job may run this long. The hub counts a job as running until its time limit has passed (it does not
 #: take the user server's word for when it ended), so the demo's quotas are generous: people try things.
@@ -403,7 +415,7 @@ def _provider_add(layout: Layout, table: data.Table, extra: list[str]) -> str:
     cmd = [
         sys.executable, "-m", "dcr_enclave", "provider", "add",
         "--store", str(layout.store), "--provider", data.PROVIDER, "--dataset", table.dataset,
-        "--real", str(layout.real_file(table)), "--hub-key", str(layout.hub_jwks), "--release", "auto",
+        "--real", str(layout.real_file(table)), "--hub-key", str(layout.hub_jwks), "--release", table.release,
         *extra,
     ]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
@@ -463,14 +475,17 @@ def _kept_synthetic_args(layout: Layout, table: Table) -> list[str] | None:
 
 
 def ensure_datasets(layout: Layout, state: DemoState, thumbprint: str, say: Say) -> str:
-    """Register both tables unless they already are, for this hub key and this enclave code (whose
+    """Register the tables unless they already are, for this hub key and this enclave code (whose
     measurement is returned: the digest the conditions and the servers pin)."""
     measurement = current_measurement()
     if layout.store.exists() and _registered(layout, state, thumbprint, measurement):
         say(f"reusing the registered datasets in {layout.store}")
         return measurement
     if layout.store.exists() and any(layout.store.iterdir()):
-        say("the enclave code or hub key changed since the datasets were registered: registering them again")
+        say(
+            "the enclave code or hub key changed since the datasets were registered, or a demo dataset is new: "
+            "registering them again"
+        )
         shutil.rmtree(layout.store)
     layout.store.mkdir(mode=0o700, exist_ok=True)
     problem: str | None = None
@@ -569,7 +584,7 @@ def hub_config(
         t.ref: {
             "version": state.versions[t.ref],
             "store": str(layout.store),
-            "release": "auto",
+            "release": t.release,
             "entitled": {k: list(v) for k, v in ENTITLED[t.ref].items()},
             "description": t.description,
         }
@@ -622,7 +637,9 @@ def hub_config(
         "c.Spawner.http_timeout = 180",
         f"c.Spawner.pre_spawn_hook = HomeSeeder({{{NOTEBOOK_NAME!r}: {str(skeleton)!r}}})",
         "",
-        "# DCR policy: the demo datasets, released automatically (no provider review in the demo)",
+        "# DCR policy: the demo datasets (patients and visits released automatically, the lab results after",
+        f"# the provider's review) and the provider, whose reviewer {REVIEWER_ACCOUNT} decides in the hub's airlock",
+        f"c.DCRPolicy.providers = {dict(PROVIDERS)!r}",
         f"c.DCRPolicy.datasets = {datasets!r}",
         f"c.DCRPolicy.time_limit = {TIME_LIMIT}",
         f"c.DCRPolicy.quotas = {QUOTAS!r}",

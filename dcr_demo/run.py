@@ -30,7 +30,17 @@ from dcr_enclave.platform.client import HostClient
 from dcr_enclave.platform.process_visibility import hidden_here
 
 from . import data
-from .prepare import GROUPS, PROVIDER_ACCOUNT, RESEARCHERS, Demo, Say, entitled_datasets, repo_root
+from .prepare import (
+    GROUPS,
+    PROVIDER_ACCOUNT,
+    PROVIDERS,
+    RESEARCHERS,
+    REVIEWER_ACCOUNT,
+    Demo,
+    Say,
+    entitled_datasets,
+    repo_root,
+)
 
 PR_SET_CHILD_SUBREAPER: Final = 36
 HOST_START_TIMEOUT: Final = 120.0
@@ -200,7 +210,7 @@ class DemoProcesses:
 
     def banner(self) -> str:
         d = self.demo
-        width = max(len(u) for u in (*RESEARCHERS, PROVIDER_ACCOUNT))
+        width = max(len(u) for u in (*RESEARCHERS, PROVIDER_ACCOUNT, REVIEWER_ACCOUNT))
         lines = [
             f"{READY_LINE}: http://127.0.0.1:{d.ports.public}/",
             f"  Log in with one of these accounts; the password of each is: {d.state.password}",
@@ -211,6 +221,11 @@ class DemoProcesses:
         lines.append(
             f"    {PROVIDER_ACCOUNT:<{width}}  data provider ({data.PROVIDER}), "
             f"in group {', '.join(g for g, m in GROUPS.items() if PROVIDER_ACCOUNT in m)}: no datasets in the sandbox"
+        )
+        reviewed = ", ".join(t.ref for t in data.TABLES if t.release == "review")
+        lines.append(
+            f"    {REVIEWER_ACCOUNT:<{width}}  reviewer of {PROVIDERS[data.PROVIDER]['name']} ({data.PROVIDER}): "
+            f"approves or rejects the held outputs of {reviewed} in the hub; no datasets in the sandbox"
         )
         synthesis = {"mst": "DP synthetic (MST, ε = 1)", "random": "random draws from each column's domain"}
         lines += [
@@ -228,6 +243,7 @@ class DemoProcesses:
             ),
             f"  Logs: {d.layout.hub_log}, {d.layout.host_log}",
             "  Each researcher finds analysis.ipynb in their home: run it, then click 'Submit to enclave'.",
+            f"  Jobs on {reviewed} are held until {REVIEWER_ACCOUNT} releases (or rejects) their outputs.",
             "  Press Ctrl-C to stop.",
         ]
         return "\n".join(lines)

@@ -69,7 +69,8 @@ MAX_EVENT_BYTES: Final = 64 * 1024
 DOWNLOAD_CHUNK: Final = 256 * 1024
 #: States after which ``--wait`` stops: the terminal ones, and ``held`` (its outputs await review).
 STOP_STATES: Final = contract.TERMINAL_STATES | {"held"}
-#: Exit status of ``--wait`` when the job ended without success, and when it is held for review.
+#: Exit status of ``--wait`` when the job ended without success (failed, cancelled, rejected in review), and
+#: when it is held for review (a job released after review is a success: exit 0).
 EXIT_JOB_FAILED: Final = 1
 EXIT_JOB_HELD: Final = 3
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -380,6 +381,13 @@ class _Progress:
             (job.get("failure") or {}).get("reason"),
         )
 
+    def show_review(self, job: Mapping[str, Any]) -> None:
+        """The review line of a job that stopped held, released or rejected (who decides, or decided)."""
+        text = review_text(job)
+        if text is not None:
+            comment = _comment(job)
+            print(f"{self.job_id}: {text}" + (f": “{comment}”" if comment else ""), file=self.out, flush=True)
+
 
 class _Events:
     """The server's event stream, read into a queue; ``None`` in the queue means it closed."""
@@ -477,6 +485,7 @@ async def follow(
     finally:
         if events is not None:
             events.close()
+    progress.show_review(job)
     return job
 
 
@@ -484,18 +493,68 @@ async def _reread(client: Client, job: Mapping[str, Any]) -> dict[str, Any]:
     return await asyncio.to_thread(client.job, str(job["id"]))
 
 
+def _reviewers(names: Any) -> str:
+    """ "the data provider", "Riverside Hospital", "A and B", "A, B and C"."""
+    names = [_clean(n) for n in names or []]
+    if not names:
+        return "the data provider"
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _approvals(review: Mapping[str, Any]) -> str:
+    required = review.get("required_approvals") or 1
+    return f"{review.get('approvals') or 0} of {required} approval{'' if required == 1 else 's'}"
+
+
+def review_text(job: Mapping[str, Any]) -> str | None:
+    """Where a held job's review is, or how it ended, in one line (``None`` for other jobs): "held for
+    review by Riverside Hospital (1 of 2 approvals)", "held, not yet sent for review (<note>)", "released
+    after review by Riverside Hospital", "rejected in review by Riverside Hospital". The reviewers' comment
+    is not in it (see ``_describe`` and ``_outcome``)."""
+    state = job.get("state")
+    if state not in ("held", "released", "rejected"):
+        return None
+    review = job.get("review")
+    if not isinstance(review, Mapping):
+        # A server from before the review field, or a job without one.
+        return "held for the data provider's review" if state == "held" else f"{state} after review"
+    by = f" by {_reviewers(review.get('reviewers'))}"
+    note = f" ({_clean(review['note'])})" if review.get("note") else ""
+    if state == "held":
+        status = review.get("status")
+        if status == "unsent":
+            return f"held, not yet sent for review{note}"
+        if status == "released":
+            return f"approved{by}; the outputs are being opened"
+        if status == "rejected":
+            return f"rejected in review{by}"
+        return f"held for review{by} ({_approvals(review)})"
+    return f"{'released after review' if state == 'released' else 'rejected in review'}{by}"
+
+
+def _comment(job: Mapping[str, Any]) -> str | None:
+    review = job.get("review")
+    if isinstance(review, Mapping) and review.get("comment"):
+        return _clean(review["comment"])
+    return None
+
+
 def _outcome(job: Mapping[str, Any]) -> None:
-    """Raise unless the job succeeded (``--wait``'s exit status)."""
+    """Raise unless the job succeeded or was released after review (``--wait``'s exit status)."""
     state = job["state"]
     if state in ("succeeded", "released"):
         return
     if state == "held":
         raise JobHeld(
-            f"job {job['id']} is held: its outputs wait for the data provider's review",
+            f"job {job['id']} is {review_text(job)}",
             hint=f"dcr job {job['id']} --wait follows it further",
         )
     failure = job.get("failure") or {}
     message = f"job {job['id']} {state}"
+    if state == "rejected":
+        message = f"job {job['id']} {review_text(job)}"
+        if _comment(job):
+            message += f": “{_comment(job)}”"
     if failure.get("reason"):
         message += f": {_clean(failure['reason'])}"
     if failure.get("cell") is not None:
@@ -562,6 +621,13 @@ def _describe(job: Mapping[str, Any]) -> str:
     if enclave:
         sim = " SIMULATED" if enclave.get("simulated") else ""
         lines.append(f"enclave:   {enclave.get('kind')}{sim} {enclave.get('image_digest') or ''}".rstrip())
+    review = job.get("review") if isinstance(job.get("review"), Mapping) else None
+    if review_text(job) is not None:
+        lines.append(f"review:    {review_text(job)}")
+    if review and review.get("comment"):
+        lines.append(f"comment:   {_clean(review['comment'])}")
+    if review and review.get("decided_at"):
+        lines.append(f"decided:   {_clean(review['decided_at'])}")
     if job.get("failure"):
         f = job["failure"]
         where = f" in cell {f['cell'] + 1}" if f.get("cell") is not None else ""
@@ -777,7 +843,11 @@ def register(subparsers: Any) -> None:
         metavar="PROVIDER/DATASET",
         help="dataset to ask for; repeatable (default: the /data/... paths the workspace mentions)",
     )
-    p.add_argument("--wait", action="store_true", help="follow the job; exit 0 only if it succeeds")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the job; exit 0 only if it succeeds or is released after review, 3 while it is held for review",
+    )
     p.add_argument(
         "--root",
         help="the server's root directory, to turn a local path into the server's (default: JUPYTER_SERVER_ROOT)",
@@ -792,7 +862,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("job", parents=[conn, fmt], help="show one enclave job")
     p.add_argument("job_id", metavar="ID")
     p.add_argument(
-        "--wait", action="store_true", help="follow the job until it ends; exit 0 only if it succeeds"
+        "--wait",
+        action="store_true",
+        help="follow the job until it ends or is held; exit 0 only if it succeeds or is released after review, "
+        "3 while it is held for review",
     )
     p.set_defaults(func=run_job)
 

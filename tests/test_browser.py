@@ -238,3 +238,44 @@ def test_cancel_a_long_running_job_from_the_panel(
     expect(item.locator('[data-testid="dcr-view-receipt"]')).to_have_count(0)
     states = lab.state_sequence(lab.dom_records(page, job_id))
     assert states[-1] == "cancelled" and "running" in states, states
+
+
+def test_a_job_on_the_reviewed_dataset_shows_held_for_review(
+    demo: DemoProcess, page: Page, refusals: lab.RefusalWatch
+) -> None:
+    """A notebook on the lab results (released only after the provider's review) runs in the enclave and the
+    panel shows it held: the badge says "held for review", a review line says where the outputs are (who
+    must review and the approvals, or why they are not sent yet), and there is nothing to open."""
+    token = demo.token(USER)
+    path = f"/data/{data.PROVIDER}/{data.LABS.dataset}/{data.LABS.file_name}"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            f"import pandas as pd\nlabs = pd.read_csv({path!r})\nlabs.groupby('test')['result'].mean().round(1)"
+        )
+    ]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
+    r = demo.server("PUT", USER, "api/contents/labs.ipynb", token, json={"type": "notebook", "content": nb})
+    assert r.status_code in (200, 201), r.text
+
+    lab.open_notebook(page, demo.url, USER, "labs.ipynb")
+    lab.open_jobs_panel(page)
+    known = _known_jobs(page)
+    summary = lab.submit_current_notebook(page)
+    assert data.LABS.ref in summary
+    job_id = lab.newest_job_id(page, known)
+    item = lab.job_item(page, job_id)
+    expect(item).to_have_attribute("data-state", "held", timeout=300_000)
+    expect(item.locator('[data-testid="dcr-job-state"]')).to_have_text("held for review")
+    review = item.locator('[data-testid="dcr-review"]')
+    expect(review).to_have_text(re.compile(r"^held"))
+    status = review.get_attribute("data-status")
+    assert status in ("", "unsent", "waiting"), status
+    if status == "waiting":
+        expect(review).to_contain_text("held for review by Riverside Hospital")
+    expect(item.locator('[data-testid="dcr-open-notebook"]')).to_have_count(0)
+    expect(item.locator('[data-testid="dcr-outputs"]')).to_have_count(0)

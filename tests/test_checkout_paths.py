@@ -155,7 +155,11 @@ def test_the_demo_serves_jupyterlab_from_a_checkout_anywhere(checkout: Path) -> 
         )
         assert result.error is None, result
         got = json.loads(result.stdout.strip().splitlines()[-1])
-        assert got["data"] == ["/data/riverside/patients/patients.csv", "/data/riverside/visits/visits.csv"]
+        assert got["data"] == [
+            "/data/riverside/labs/labs.csv",
+            "/data/riverside/patients/patients.csv",
+            "/data/riverside/visits/visits.csv",
+        ]
         assert got["notebook"] is True and got["uid"] != 0
         assert got["home"] == str(demo.dir / "homes" / demo.account("alice"))
         # The demo's real data, store, hub keys and enclave state show nothing; of the homes only her own.

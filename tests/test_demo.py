@@ -28,7 +28,16 @@ from conftest import DemoSeed
 from dcr_demo import data
 from dcr_demo import prepare as prepare_module
 from dcr_demo.hub import HomeSeeder, seed_home
-from dcr_demo.prepare import ENTITLED, EPSILON, GROUPS, REPORT_EPSILON, Layout, entitled_datasets
+from dcr_demo.prepare import (
+    ENTITLED,
+    EPSILON,
+    GROUPS,
+    PROVIDERS,
+    REPORT_EPSILON,
+    REVIEWER_ACCOUNT,
+    Layout,
+    entitled_datasets,
+)
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.pack.store import Store
 from dcr_enclave.platform.client import HostClient
@@ -77,12 +86,20 @@ def test_the_first_run_generates_the_data_and_synthesizes_it(demo_seed: DemoSeed
 
 def test_demo_prints_url_and_logins_and_the_hub_answers(demo: DemoProcess) -> None:
     """The demo prints its URL and the one password, the hub answers through the proxy on 127.0.0.1, each
-    demo account logs in with that password (the hub API then names the logged-in user) and a wrong
-    password is refused."""
+    demo account (the researchers, the provider, its reviewer) logs in with that password (the hub API then
+    names the logged-in user) and a wrong password is refused. The reviewer's line names the provider and the
+    dataset whose held outputs it decides on."""
     assert f"{READY_LINE}: {demo.url}/" in demo.output
     assert demo.password in demo.output
-    for user in ("alice", "bob", "carol"):
+    for user in ("alice", "bob", "carol", REVIEWER_ACCOUNT):
         assert f"    {user} " in demo.output
+    reviewer = [line for line in demo.output.splitlines() if line.startswith(f"    {REVIEWER_ACCOUNT} ")]
+    assert len(reviewer) == 1, demo.output
+    assert f"reviewer of Riverside Hospital ({data.PROVIDER})" in reviewer[0]
+    assert f"held outputs of {data.LABS.ref} in the hub" in reviewer[0]
+    session = demo.login(REVIEWER_ACCOUNT)
+    r = session.get(f"{demo.url}/hub/api/user", timeout=30)
+    assert r.status_code == 200 and r.json()["name"] == REVIEWER_ACCOUNT
     session = demo.login("alice")
     r = session.get(f"{demo.url}/hub/api/user", timeout=30)
     assert r.status_code == 200 and r.json()["name"] == "alice"
@@ -94,10 +111,11 @@ def test_demo_prints_url_and_logins_and_the_hub_answers(demo: DemoProcess) -> No
 
 
 def test_datasets_are_registered_and_entitled_per_user(demo: DemoProcess) -> None:
-    """Both demo datasets are in the store at the versions the demo recorded, their synthetic versions are
+    """The demo datasets are in the store at the versions the demo recorded, their synthetic versions are
     MST differentially private synthetic data with the demo's ε (the test environment has the synthesis
     extra, so the demo's random fallback must not be taken), and the hub's grant service lists for each user
-    exactly the datasets of their entitlement (alice two, bob one, the provider account none)."""
+    exactly the datasets of their entitlement (alice three, bob two, the provider and reviewer accounts
+    none), each with its release mode: the lab results after review, the others automatically."""
     state = demo.state()
     assert state["synthesis"] == "mst", state
     store = Store(demo.dir / "store")
@@ -108,16 +126,25 @@ def test_datasets_are_registered_and_entitled_per_user(demo: DemoProcess) -> Non
         assert (p.kind, p.mechanism, p.epsilon) == ("dp", "mst", EPSILON)
     assert (os.stat(demo.dir / "store").st_mode & 0o077) == 0  # the spawner requires a root-only store
     listed = {}
-    for user in ("alice", "bob", "carol"):
+    release = {t.ref: t.release for t in data.TABLES}
+    assert release == {data.PATIENTS.ref: "auto", data.VISITS.ref: "auto", data.LABS.ref: "review"}
+    users = ("alice", "bob", "carol", REVIEWER_ACCOUNT)
+    for user in users:
         r = demo.api("GET", "/dcr/datasets", demo.token(user))
         assert r.status_code == 200, r.text
         listed[user] = sorted(f"{d['provider']}/{d['dataset']}" for d in r.json()["datasets"])
         for d in r.json()["datasets"]:
             assert d["version"] == state["versions"][f"{d['provider']}/{d['dataset']}"]
-            assert d["release"] == "auto"
-    assert listed == {u: sorted(entitled_datasets(u)) for u in ("alice", "bob", "carol")}
-    assert len(listed["alice"]) == 2 and len(listed["bob"]) == 1 and listed["carol"] == []
+            assert d["release"] == release[f"{d['provider']}/{d['dataset']}"]
+    assert listed == {u: sorted(entitled_datasets(u)) for u in users}
+    assert len(listed["alice"]) == 3 and len(listed["bob"]) == 2
+    assert listed["carol"] == listed[REVIEWER_ACCOUNT] == []
+    assert data.LABS.ref in listed["bob"]
     assert set(ENTITLED) == {t.ref for t in data.TABLES}
+    # The reviewer is the provider's, in the policy the demo wrote.
+    assert PROVIDERS[data.PROVIDER]["reviewers"] == {"users": [REVIEWER_ACCOUNT]}
+    config = (demo.dir / "hub" / "jupyterhub_config.py").read_text()
+    assert f"c.DCRPolicy.providers = {dict(PROVIDERS)!r}" in config
 
 
 def test_each_dataset_has_a_researcher_facing_fidelity_report(demo: DemoProcess) -> None:
@@ -235,6 +262,41 @@ def test_bob_finds_the_same_sample_notebook_in_his_home(demo: DemoProcess) -> No
     skeleton = nbformat.reads((demo.dir / "skel" / "analysis.ipynb").read_text(), 4)
     assert [c.source for c in nb.cells] == [c.source for c in skeleton.cells]
     assert f"as {demo.account('bob')} " in demo.hub_log.read_text()
+
+
+def test_a_job_on_the_reviewed_dataset_is_held_for_the_reviewer(demo: DemoProcess) -> None:
+    """Bob's notebook on the lab results (released only after review) runs in the enclave and ends held:
+    the grant carries the review release mode, the researcher's server lists no output, and where the job
+    names its review, the reviewers are the provider's (Riverside Hospital, whose reviewer is the demo's)."""
+    token = demo.token("bob")
+    demo.spawn("bob", token)
+    path = f"/data/{data.PROVIDER}/{data.LABS.dataset}/{data.LABS.file_name}"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            f"import pandas as pd\nlabs = pd.read_csv({path!r})\n"
+            "labs.groupby('test')['result'].mean().round(1).to_csv('labs-by-test.csv')"
+        )
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    r = demo.server(
+        "PUT",
+        "bob",
+        "api/contents/labs.ipynb",
+        token,
+        json={"type": "notebook", "format": "json", "content": nb},
+    )
+    assert r.status_code in (200, 201), r.text
+    body = {"path": "labs.ipynb", "datasets": [data.LABS.ref]}  # his home holds the patients' sample too
+    r = demo.server("POST", "bob", "dcr/api/jobs", token, json=body)
+    assert r.status_code == 201, r.text
+    job = demo.wait_job("bob", r.json()["id"], token)
+    assert job["state"] == "held", job
+    assert [(d["dataset"], d["release"]) for d in job["datasets"]] == [(data.LABS.dataset, "review")]
+    outputs = demo.server("GET", "bob", f"dcr/api/jobs/{job['id']}/outputs", token)
+    assert outputs.status_code == 200 and outputs.json() == {"files": []}
+    if job.get("review") is not None:
+        assert job["review"]["reviewers"] == [PROVIDERS[data.PROVIDER]["name"]], job
 
 
 def test_provider_account_gets_no_sample_notebook(demo: DemoProcess) -> None:

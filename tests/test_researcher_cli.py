@@ -10,12 +10,14 @@ not depend on what metadata happens to be installed.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
+import jsonschema
 import nbformat
 import pandas as pd
 import pytest
@@ -34,6 +37,8 @@ import pytest
 import dcr_enclave.commands.main
 from dcr_enclave.formats import contract
 from dcr_server_ext import cli as server_cli
+from dcr_server_ext.jobstore import JobStore
+from dcr_server_ext.model import Job
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -381,6 +386,206 @@ def test_cancel_running_job(jupyter_server, dcr):
     code, out, err = dcr("job", job_id, "--wait", *conn(server))
     assert code == server_cli.EXIT_JOB_FAILED
     assert f"dcr: error: job {job_id} cancelled" in err
+
+
+def _store_job(server: JupyterServer, state: str, **fields: object) -> str:
+    """A job record put straight into the server's job store (as a held, released or rejected job would
+    be left there by the airlock), bypassing the enclave; returns its id."""
+    job_id = "job-" + secrets.token_hex(12)
+    with JobStore(f"sqlite:///{server.data_dir / 'jobs.sqlite'}") as store:
+        store.create(
+            Job(
+                id=job_id,
+                notebook="work/analysis.ipynb",
+                state=state,
+                bundle_digest="sha256:" + "a" * 64,
+                datasets=[{"provider": "acme", "dataset": "insurance", "version": None, "release": "review"}],
+                backend="dcr_server_ext.backends.local.LocalBackend",
+                **fields,  # type: ignore[arg-type]
+            )
+        )
+    return job_id
+
+
+def test_wait_on_held_released_and_rejected_jobs(jupyter_server, dcr):
+    """`dcr job --wait` stops at once on a job held for review (exit 3, saying it waits for the review), exits
+    0 for a job released after review and 1 for a rejected one, naming the rejection; `dcr job` shows the
+    review line of each, and `dcr jobs` lists them."""
+    server = jupyter_server
+    held = _store_job(server, "held")
+    released = _store_job(server, "released", receipt=True)
+    rejected = _store_job(server, "rejected")
+
+    code, out, err = dcr("job", held, "--wait", *conn(server))
+    assert code == server_cli.EXIT_JOB_HELD, err
+    assert "state:     held" in out and "review:    held for the data provider's review" in out
+    assert f"dcr: error: job {held} is held for the data provider's review" in err
+    assert f"{held}: held for the data provider's review" in err.splitlines()
+
+    code, out, err = dcr("job", released, "--wait", *conn(server))
+    assert code == 0, err
+    assert "state:     released" in out and "review:    released after review" in out
+
+    code, out, err = dcr("job", rejected, "--wait", *conn(server))
+    assert code == server_cli.EXIT_JOB_FAILED, err
+    assert err.strip().splitlines()[-1] == f"dcr: error: job {rejected} rejected after review"
+
+    code, out, err = dcr("jobs", *conn(server))
+    assert code == 0, err
+    for job_id, state in ((held, "held"), (released, "released"), (rejected, "rejected")):
+        assert any(line.startswith(job_id) and f" {state} " in line for line in out.splitlines()), out
+
+
+def test_a_released_job_is_fetched_like_a_succeeded_one(jupyter_server, dcr, host, insurance_real, tmp_path):
+    """A job the reviewers released has its outputs opened like a succeeded job's: `dcr job --wait` exits 0
+    and `dcr fetch` writes its receipt and outputs, which `dcr verify` accepts. (The run succeeds under an
+    automatic release here; its stored state is then set to released, as the airlock would leave it.)"""
+    server = jupyter_server
+    write_notebook(server.root / "work" / "analysis.ipynb", SUMMARY_CELLS)
+    code, out, err = dcr("submit", "work/analysis.ipynb", "--wait", *conn(server))
+    assert code == 0, err + server.log_tail()
+    job_id = out.strip()
+    with sqlite3.connect(server.data_dir / "jobs.sqlite") as db:
+        assert db.execute("UPDATE dcr_jobs SET state = 'released' WHERE id = ?", (job_id,)).rowcount == 1
+    code, out, err = dcr("job", job_id, "--wait", *conn(server))
+    assert code == 0, err
+    assert "state:     released" in out and "outputs:   " in out
+    fetched = tmp_path / "fetched"
+    code, out, err = dcr("fetch", job_id, "--out", fetched, *conn(server))
+    assert code == 0, err
+    table = pd.read_csv(fetched / "outputs" / "results" / "tables" / "by_smoker.csv", index_col="smoker")
+    pd.testing.assert_series_equal(table["charges"], expected_summary(insurance_real))
+    code, out, err = dcr(
+        "verify", fetched, "--trust", host.jwks_path, "--enclave-digest", host.host.measurement()
+    )
+    assert code == 0, out + err
+
+
+REVIEW = {
+    "status": "waiting",
+    "reviewers": ["Riverside Hospital", "ACME Insurance"],
+    "required_approvals": 2,
+    "approvals": 1,
+    "comment": None,
+    "decided_at": None,
+    "note": None,
+}
+
+
+JOB_SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((REPO / "dcr_server_ext" / "schemas" / "job.schema.json").read_text()),
+    format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
+)
+
+
+def _api_job(state: str, review: dict | None, **fields: object) -> dict:
+    """A job as the REST API answers it, checked against schemas/job.schema.json."""
+    job = Job(
+        id="job-" + "b" * 24, notebook="analysis.ipynb", state=state, bundle_digest="sha256:" + "a" * 64
+    )
+    doc = {**job.to_api(), "review": review, **fields}
+    JOB_SCHEMA.validate(doc)
+    return doc
+
+
+def test_review_lines_name_the_reviewers_approvals_note_and_comment():
+    """For held jobs the CLI names who must review and the approvals so far, or why the outputs are not
+    sent yet; for decided ones the outcome and the reviewers' comment (terminal escapes neutralised)."""
+    held = _api_job("held", REVIEW)
+    assert (
+        server_cli.review_text(held)
+        == "held for review by Riverside Hospital and ACME Insurance (1 of 2 approvals)"
+    )
+    one = _api_job(
+        "held", {**REVIEW, "reviewers": ["Riverside Hospital"], "required_approvals": 1, "approvals": 0}
+    )
+    assert server_cli.review_text(one) == "held for review by Riverside Hospital (0 of 1 approval)"
+    note = "this server has no hub airlock (development grant source)"
+    unsent = _api_job("held", {**REVIEW, "status": "unsent", "approvals": 0, "note": note})
+    assert server_cli.review_text(unsent) == f"held, not yet sent for review ({note})"
+    assert server_cli.review_text(_api_job("held", {**REVIEW, "reviewers": []})) == (
+        "held for review by the data provider (1 of 2 approvals)"
+    )
+    assert server_cli.review_text(_api_job("held", {**REVIEW, "status": "released"})) == (
+        "approved by Riverside Hospital and ACME Insurance; the outputs are being opened"
+    )
+    decided = {**REVIEW, "approvals": 2, "decided_at": "2026-12-06T21:00:00.000Z"}
+    released = _api_job("released", {**decided, "status": "released", "comment": "fine"})
+    assert (
+        server_cli.review_text(released) == "released after review by Riverside Hospital and ACME Insurance"
+    )
+    rejected = _api_job("rejected", {**decided, "status": "rejected", "comment": "cells under 10\x1b[2J"})
+    assert server_cli.review_text(rejected) == "rejected in review by Riverside Hospital and ACME Insurance"
+    for state in ("running", "succeeded", "failed", "cancelled"):
+        assert server_cli.review_text(_api_job(state, None)) is None
+    # The schema holds the review to its shape: known statuses, counts, every field, nothing more.
+    no_note = {k: v for k, v in REVIEW.items() if k != "note"}
+    for bad in ({**REVIEW, "status": "approved"}, {**REVIEW, "approvals": -1}, {**REVIEW, "x": 1}, no_note):
+        with pytest.raises(jsonschema.ValidationError):
+            _api_job("held", bad)
+
+    lines = server_cli._describe(rejected).splitlines()
+    assert "review:    rejected in review by Riverside Hospital and ACME Insurance" in lines
+    assert "comment:   cells under 10?[2J" in lines
+    assert "decided:   2026-12-06T21:00:00.000Z" in lines
+    assert "review:    held for review by Riverside Hospital and ACME Insurance (1 of 2 approvals)" in (
+        server_cli._describe(held).splitlines()
+    )
+    assert not [
+        line for line in server_cli._describe(_api_job("succeeded", None)).splitlines() if "review" in line
+    ]
+
+
+def test_wait_outcome_of_reviewed_jobs():
+    """`--wait`'s exit: held stays 3 (naming the reviewers and approvals), released is success, rejected the
+    non-success exit with the reviewers' comment and any failure the record carries."""
+    with pytest.raises(server_cli.JobHeld) as held:
+        server_cli._outcome(_api_job("held", REVIEW))
+    assert held.value.exit_code == server_cli.EXIT_JOB_HELD == 3
+    assert "held for review by Riverside Hospital and ACME Insurance (1 of 2 approvals)" in str(held.value)
+    server_cli._outcome(_api_job("released", {**REVIEW, "status": "released", "approvals": 2}))
+    rejected = _api_job("rejected", {**REVIEW, "status": "rejected", "comment": "too detailed"})
+    with pytest.raises(server_cli.JobDidNotSucceed) as no:
+        server_cli._outcome(rejected)
+    assert no.value.exit_code == server_cli.EXIT_JOB_FAILED
+    assert str(no.value).startswith(
+        f"job {rejected['id']} rejected in review by Riverside Hospital and ACME Insurance: “too detailed”"
+    )
+    failure = {"reason": "outputs failed the disclosure checks", "cell": None, "ename": None}
+    with pytest.raises(server_cli.JobDidNotSucceed) as no:
+        server_cli._outcome({**rejected, "review": None, "failure": failure})
+    assert "rejected after review: outputs failed the disclosure checks" in str(no.value)
+
+
+def test_follow_ends_with_the_review_line():
+    """Following a job that stops held (or decided) ends with its review line; a succeeded job's does not."""
+
+    class Answers:
+        def __init__(self, *jobs: dict) -> None:
+            self.jobs = list(jobs)
+            self.server = server_cli.Server("http://127.0.0.1:1/", "t")
+
+        def job(self, _job_id: str) -> dict:
+            return self.jobs.pop(0)
+
+    out = io.StringIO()
+    running = _api_job("running", None)
+    held = _api_job("held", REVIEW)
+    job = asyncio.run(server_cli.follow(Answers(held), running, None, out=out))  # type: ignore[arg-type]
+    assert job["state"] == "held"
+    assert out.getvalue().splitlines()[-1] == (
+        f"{held['id']}: held for review by Riverside Hospital and ACME Insurance (1 of 2 approvals)"
+    )
+    out = io.StringIO()
+    rejected = _api_job("rejected", {**REVIEW, "status": "rejected", "comment": "no"})
+    asyncio.run(server_cli.follow(Answers(rejected), running, None, out=out))  # type: ignore[arg-type]
+    assert out.getvalue().splitlines()[-2:] == [
+        f"{held['id']}: rejected",
+        f"{held['id']}: rejected in review by Riverside Hospital and ACME Insurance: “no”",
+    ]
+    out = io.StringIO()
+    asyncio.run(server_cli.follow(Answers(_api_job("succeeded", None)), running, None, out=out))  # type: ignore[arg-type]
+    assert out.getvalue().splitlines()[-1] == f"{held['id']}: succeeded"
 
 
 def test_bad_token_is_a_clear_error(jupyter_server, dcr):

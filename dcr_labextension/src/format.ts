@@ -80,6 +80,10 @@ export function stateLabel(state: JobState): string {
   switch (state) {
     case 'held':
       return 'held for review';
+    case 'released':
+      return 'released after review';
+    case 'rejected':
+      return 'rejected in review';
     default:
       return state;
   }

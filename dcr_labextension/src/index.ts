@@ -7,7 +7,7 @@
  * - The jobs sidebar: live state, elapsed time and cell progress from the server's event bus, cancel,
  *   the executed notebook, output downloads and the receipt; the datasets the user may submit with.
  * - The receipt viewer (main area), with the server's verification against the deployment's anchors.
- * - A notification when a job ends.
+ * - A notification when a job ends or is held for review, and when the reviewers release or reject it.
  *
  * Every request goes through `ServerConnection` (api.ts), so XSRF and JupyterHub's auth just work.
  */
@@ -20,12 +20,18 @@ import { ToolbarButton } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
 import { DCRClient } from './api';
-import { baseName, failureText, stateLabel } from './format';
 import { enclaveIcon } from './icons';
 import { JobsModel } from './jobs';
 import { PANEL_ID, createSidebar } from './jobspanel';
 import { markEnclaveRun } from './banner';
-import { IJobView, JOB_ID_RE, enclaveOutputOfCopy, executedNotebookPath } from './model';
+import {
+  IJobView,
+  JOB_ID_RE,
+  enclaveOutputOfCopy,
+  executedNotebookPath,
+  hasOutputs,
+  noticeOf
+} from './model';
 import { createReceiptWidget } from './receipt';
 import { submitNotebook } from './submit';
 
@@ -164,33 +170,22 @@ const plugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
-/** One notification per ended job, with the next useful actions. */
+/** One notification per ended, held or reviewed job, with the next useful actions. */
 function notifyEnded(
   view: IJobView,
   openNotebook: (path: string) => void,
   viewReceipt: (jobId: string) => void
 ): void {
   const job = view.job;
-  const name = job ? baseName(job.notebook) : view.id;
   const actions: Notification.IAction[] = [];
-  const executed =
-    job && (view.state === 'succeeded' || view.state === 'released') ? executedNotebookPath(job) : null;
+  const executed = job && hasOutputs(view.state) ? executedNotebookPath(job) : null;
   if (executed) {
     actions.push({ label: 'Open notebook', callback: () => openNotebook(executed), displayType: 'accent' });
   }
   if (job?.receipt) {
     actions.push({ label: 'View receipt', callback: () => viewReceipt(view.id) });
   }
-  const failure = view.state === 'failed' ? failureText(view.reason, job?.failure) : null;
-  const message = `Enclave job ${name}: ${stateLabel(view.state)}${failure ? `: ${failure}` : ''}`;
-  const type =
-    view.state === 'succeeded' || view.state === 'released'
-      ? 'success'
-      : view.state === 'failed' || view.state === 'rejected'
-        ? 'error'
-        : view.state === 'held'
-          ? 'info'
-          : 'warning';
+  const { message, type } = noticeOf(view);
   Notification.emit(message, type, { autoClose: type === 'error' ? false : 8000, actions });
 }
 

@@ -14,7 +14,16 @@ import { IDisposable } from '@lumino/disposable';
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { DCRClient, errorMessage } from './api';
-import { EMPTY, IJobView, IJobsState, JobsAction, endedBy, listedOf, parseJobEvent, reduce } from './model';
+import {
+  EMPTY,
+  IJobView,
+  IJobsState,
+  JobsAction,
+  listedOf,
+  notificationsDue,
+  parseJobEvent,
+  reduce
+} from './model';
 import { IJob } from './types';
 
 /** The `$id` of the job event schema (dcr_server_ext/events/job.json). */
@@ -42,7 +51,11 @@ export class JobsModel implements IDisposable {
     return this._changed;
   }
 
-  /** A job ended or went to review; emitted once per job, after its record was fetched if possible. */
+  /**
+   * A job ended or went to review (by an event), or the reviewers decided a job known as held (by any
+   * news of it: an event, a listing, a record); emitted once per change, after the record was fetched if
+   * the events got ahead of it.
+   */
   get ended(): ISignal<this, IJobView> {
     return this._ended;
   }
@@ -60,7 +73,7 @@ export class JobsModel implements IDisposable {
     Signal.clearData(this);
   }
 
-  /** Apply one action; returns the views that ended through it. */
+  /** Apply one action; returns the views it makes a notification due for (`notificationsDue`). */
   dispatch(action: JobsAction): IJobView[] {
     const before = this._state;
     const after = reduce(before, action);
@@ -68,7 +81,7 @@ export class JobsModel implements IDisposable {
       this._state = after;
       this._changed.emit(after);
     }
-    return endedBy(before, action, after);
+    return notificationsDue(before, action, after);
   }
 
   /**
@@ -117,7 +130,8 @@ export class JobsModel implements IDisposable {
     const before = Object.keys(this._state.byId).length;
     try {
       const list = await this.client.listJobs(offset, PAGE_SIZE);
-      this.dispatch({ type: 'loaded', jobs: list.jobs, total: list.total });
+      // A listing brings the reviewers' decisions on held jobs whose events were missed.
+      this._emitEnded(this.dispatch({ type: 'loaded', jobs: list.jobs, total: list.total }));
     } catch (error) {
       this.dispatch({ type: 'error', message: errorMessage(error) });
     }
@@ -126,7 +140,13 @@ export class JobsModel implements IDisposable {
 
   /** A record from elsewhere (a submission, a cancel). */
   upsert(job: IJob): void {
-    this.dispatch({ type: 'job', job });
+    this._emitEnded(this.dispatch({ type: 'job', job }));
+  }
+
+  private _emitEnded(views: IJobView[]): void {
+    for (const view of views) {
+      this._ended.emit(view);
+    }
   }
 
   /** Cancel a job; the answer (the cancelled job) is applied. Errors are thrown with the server's message. */

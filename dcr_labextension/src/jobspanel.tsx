@@ -20,15 +20,7 @@ import { Message } from '@lumino/messaging';
 import React, { useEffect, useState } from 'react';
 
 import { DCRClient, errorMessage, saveBlob } from './api';
-import {
-  baseName,
-  failureText,
-  formatBytes,
-  protectionLabel,
-  safeLink,
-  shortDigest,
-  stateLabel
-} from './format';
+import { baseName, formatBytes, protectionLabel, safeLink, shortDigest, stateLabel } from './format';
 import { enclaveIcon } from './icons';
 import { JobsModel, PAGE_SIZE } from './jobs';
 import {
@@ -36,11 +28,14 @@ import {
   canCancel,
   elapsedMs,
   executedNotebookPath,
+  failureOf,
   formatElapsed,
   hasEnded,
+  hasOutputs,
   listedOf,
   orderedJobs,
-  progressOf
+  progressOf,
+  reviewSummary
 } from './model';
 import { IDataset, IOutputFile, JobState } from './types';
 
@@ -62,7 +57,8 @@ const WAITING: Partial<Record<JobState, string>> = {
   held: 'outputs held for the provider’s review',
   cancelled: 'cancelled',
   failed: 'failed',
-  rejected: 'outputs rejected by the provider'
+  released: 'outputs released after review',
+  rejected: 'outputs rejected in review'
 };
 
 /** Build the sidebar: a side panel with the jobs and datasets sections. */
@@ -226,10 +222,9 @@ function JobItem(props: {
   const [outputs, setOutputs] = useState<IOutputFile[] | null>(null);
   const [showOutputs, setShowOutputs] = useState(false);
   const progress = progressOf(view);
-  const failure = view.state === 'failed' ? failureText(view.reason, job?.failure) : null;
+  const failure = failureOf(view);
   const notebook = job?.notebook ?? view.id;
-  const executed =
-    job && (view.state === 'succeeded' || view.state === 'released') ? executedNotebookPath(job) : null;
+  const executed = job && hasOutputs(view.state) ? executedNotebookPath(job) : null;
 
   const cancel = async (): Promise<void> => {
     const answer = await showDialog({
@@ -304,6 +299,7 @@ function JobItem(props: {
         )}
       </div>
       <ProgressBar view={view} progress={progress} />
+      <ReviewLine view={view} />
       {failure && (
         <div className="jp-DCR-failure" role="alert" data-testid="dcr-failure">
           {failure}
@@ -381,6 +377,31 @@ function JobItem(props: {
         </ul>
       )}
     </li>
+  );
+}
+
+/** A held job's review (who must decide, approvals so far, or why it is not sent yet) and its outcome. */
+function ReviewLine(props: { view: IJobView }): JSX.Element | null {
+  const review = reviewSummary(props.view);
+  if (review === null) {
+    return null;
+  }
+  const decided = review.decidedAt ? `decided ${review.decidedAt}` : undefined;
+  return (
+    <div
+      className={`jp-DCR-review jp-DCR-review-${review.status ?? 'pending'}`}
+      data-testid="dcr-review"
+      data-status={review.status ?? ''}
+      role={props.view.state === 'held' ? 'status' : undefined}
+      title={decided}
+    >
+      <span className="jp-DCR-review-text">{review.text}</span>
+      {review.comment && (
+        <blockquote className="jp-DCR-review-comment" data-testid="dcr-review-comment">
+          {review.comment}
+        </blockquote>
+      )}
+    </div>
   );
 }
 

@@ -11,7 +11,8 @@
  * Nothing here touches the DOM, the network or JupyterLab: jest tests it under Node.
  */
 
-import { IJob, IJobEvent, JobState } from './types';
+import { failureText, stateLabel } from './format';
+import { IJob, IJobEvent, IJobReview, JobState, ReviewStatus } from './types';
 
 /** Every lifecycle state, in lifecycle order. */
 export const JOB_STATES: readonly JobState[] = [
@@ -278,6 +279,173 @@ export function endedBy(before: IJobsState, action: JobsAction, after: IJobsStat
   return [view];
 }
 
+/** States a reviewer decided: a held job goes to one of them. */
+const DECIDED: ReadonlySet<JobState> = new Set<JobState>(['released', 'rejected']);
+
+/**
+ * The jobs the panel knew as `held` that this action moved to `released` or `rejected`, whatever brought
+ * the news (an event, a listing after the socket was down, a record): each such move is due one
+ * notification. A job that first arrives already decided (the first listing) is not.
+ */
+export function decidedBy(before: IJobsState, action: JobsAction, after: IJobsState): IJobView[] {
+  const ids =
+    action.type === 'loaded'
+      ? action.jobs.map(j => j.id)
+      : action.type === 'job'
+        ? [action.job.id]
+        : action.type === 'event'
+          ? [action.event.job_id]
+          : [];
+  const found: IJobView[] = [];
+  for (const id of new Set(ids)) {
+    const previous = before.byId[id];
+    const view = after.byId[id];
+    if (previous?.state === 'held' && view !== undefined && DECIDED.has(view.state)) {
+      found.push(view);
+    }
+  }
+  return found;
+}
+
+/** Every notification this action makes due: jobs ended or held by an event, and review decisions. */
+export function notificationsDue(before: IJobsState, action: JobsAction, after: IJobsState): IJobView[] {
+  const due = endedBy(before, action, after);
+  for (const view of decidedBy(before, action, after)) {
+    if (!due.some(v => v.id === view.id)) {
+      due.push(view);
+    }
+  }
+  return due;
+}
+
+/** The job's review as its record has it; null when there is none (never held, no record yet, an older server). */
+export function reviewOf(view: IJobView): IJobReview | null {
+  return view.job?.review ?? null;
+}
+
+/** "the provider", "Riverside Hospital", "A and B", "A, B and C". */
+export function reviewersText(names: readonly string[]): string {
+  if (names.length === 0) {
+    return 'the provider';
+  }
+  if (names.length === 1) {
+    return names[0];
+  }
+  return `${names.slice(0, -1).join(', ')} and ${names[names.length - 1]}`;
+}
+
+/** "0 of 1 approval", "1 of 2 approvals". */
+export function approvalsText(review: Pick<IJobReview, 'approvals' | 'required_approvals'>): string {
+  const required = review.required_approvals;
+  return `${review.approvals} of ${required} approval${required === 1 ? '' : 's'}`;
+}
+
+/** What the panel says about a job's review: one line, and the reviewers' comment apart (as written). */
+export interface IReviewSummary {
+  /** The review's status; null while the record says nothing about it (no record yet, an older server). */
+  readonly status: ReviewStatus | null;
+  readonly text: string;
+  readonly comment: string | null;
+  /** When the reviewers decided (ISO time), or null. */
+  readonly decidedAt: string | null;
+}
+
+/**
+ * The review line of a held, released or rejected job (null for any other state):
+ * "held for review by Riverside Hospital — 1 of 2 approvals", "held, not yet sent for review — <note>",
+ * "released after review by Riverside Hospital", "rejected in review by Riverside Hospital", with the
+ * reviewers' comment for a decided job.
+ */
+export function reviewSummary(view: IJobView): IReviewSummary | null {
+  if (view.state !== 'held' && !DECIDED.has(view.state)) {
+    return null;
+  }
+  const review = reviewOf(view);
+  const by = review ? ` by ${reviewersText(review.reviewers)}` : '';
+  const decidedAt = review?.decided_at ?? null;
+  if (view.state === 'held') {
+    if (review === null) {
+      return { status: null, text: 'held for the provider’s review', comment: null, decidedAt };
+    }
+    const note = review.note ? ` — ${review.note}` : '';
+    switch (review.status) {
+      case 'unsent':
+        return { status: 'unsent', text: `held, not yet sent for review${note}`, comment: null, decidedAt };
+      case 'waiting':
+        return {
+          status: 'waiting',
+          text: `held for review${by} — ${approvalsText(review)}`,
+          comment: null,
+          decidedAt
+        };
+      case 'released':
+        // Decided in the hub; the server is opening the outputs (the job moves to released next).
+        return {
+          status: 'released',
+          text: `approved${by}, opening the outputs`,
+          comment: review.comment,
+          decidedAt
+        };
+      case 'rejected':
+        return { status: 'rejected', text: `rejected in review${by}`, comment: review.comment, decidedAt };
+    }
+  }
+  const verb = view.state === 'released' ? 'released after review' : 'rejected in review';
+  return {
+    status: review?.status ?? null,
+    text: `${verb}${by}`,
+    comment: review?.comment ?? null,
+    decidedAt
+  };
+}
+
+/**
+ * Why the job did not succeed, for a failed job (its record's failure, else its event's reason) and for a
+ * rejected one that carries a failure (its record's only: a rejection's event reason is not a failure).
+ */
+export function failureOf(view: IJobView): string | null {
+  if (view.state === 'failed') {
+    return failureText(view.reason, view.job?.failure);
+  }
+  if (view.state === 'rejected') {
+    return failureText(null, view.job?.failure);
+  }
+  return null;
+}
+
+/** A notification of a job's end or review: what it says and how it looks. */
+export interface INotice {
+  readonly message: string;
+  readonly type: 'success' | 'error' | 'info' | 'warning';
+}
+
+/**
+ * The notification of `view` (an ended, held or decided job): "Enclave job analysis.ipynb: succeeded",
+ * "…: held for review by Riverside Hospital — 0 of 1 approval", "…: rejected in review by Riverside
+ * Hospital: “too few rows per cell”", "…: failed: <reason> in code cell 2 (ValueError)".
+ */
+export function noticeOf(view: IJobView): INotice {
+  const name = view.job ? (view.job.notebook.split('/').pop() as string) : view.id;
+  const review = reviewSummary(view);
+  let what = review ? review.text : stateLabel(view.state);
+  if (review?.comment) {
+    what += `: “${review.comment}”`;
+  }
+  const failure = failureOf(view);
+  if (failure) {
+    what += `: ${failure}`;
+  }
+  const type =
+    view.state === 'succeeded' || view.state === 'released'
+      ? 'success'
+      : view.state === 'failed' || view.state === 'rejected'
+        ? 'error'
+        : view.state === 'held'
+          ? 'info'
+          : 'warning';
+  return { message: `Enclave job ${name}: ${what}`, type };
+}
+
 export interface IProgress {
   /** Cells executed (finished) so far. */
   readonly done: number;
@@ -340,6 +508,11 @@ export function formatElapsed(ms: number | null): string {
   const m = Math.floor((s % 3600) / 60);
   const sec = String(s % 60).padStart(2, '0');
   return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${sec}` : `${m}:${sec}`;
+}
+
+/** States whose outputs are opened in the server root (the executed notebook, the output files). */
+export function hasOutputs(state: JobState): boolean {
+  return state === 'succeeded' || state === 'released';
 }
 
 /** Whether the job may still be cancelled. */

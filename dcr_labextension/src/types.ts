@@ -25,6 +25,29 @@ export interface IJobDataset {
   release?: 'auto' | 'review' | null;
 }
 
+/**
+ * Where a held job's outputs are in the hub's airlock (the job's `review`): `unsent` not yet delivered to
+ * the airlock (or there is none: a development setup, see `note`), `waiting` for the reviewers, then their
+ * decision. Null for a job that was never held.
+ */
+export type ReviewStatus = 'unsent' | 'waiting' | 'released' | 'rejected';
+
+export interface IJobReview {
+  status: ReviewStatus;
+  /** The display name of each provider whose reviewers must decide. */
+  reviewers: string[];
+  /** 1, or 2 under the two-person rule. */
+  required_approvals: number;
+  /** Approvals so far. */
+  approvals: number;
+  /** The reviewers' comment once decided (always for a rejection, for a release if they wrote one). */
+  comment: string | null;
+  /** When they decided (ISO time). */
+  decided_at: string | null;
+  /** Why the review is where it is, e.g. why it is unsent. */
+  note: string | null;
+}
+
 /** A job as `GET /dcr/api/jobs/<id>` answers it (Job.to_api()). */
 export interface IJob {
   id: string;
@@ -35,7 +58,10 @@ export interface IJob {
   bundle: { digest: string; files: number; bytes: number };
   datasets: IJobDataset[];
   progress: { cell: number | null; cells: number } | null;
+  /** Why a failed (or rejected) job did not succeed; never data. */
   failure: { reason: string; cell?: number | null; ename?: string | null } | null;
+  /** The airlock review of a held job and its outcome; null for a job that was never held. */
+  review: IJobReview | null;
   outputs_path: string | null;
   receipt: boolean;
   enclave: { kind: string; simulated: boolean; image_digest?: string | null } | null;

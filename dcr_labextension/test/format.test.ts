@@ -58,6 +58,8 @@ describe('formatting', () => {
 
   it('states and names', () => {
     expect(stateLabel('held')).toBe('held for review');
+    expect(stateLabel('released')).toBe('released after review');
+    expect(stateLabel('rejected')).toBe('rejected in review');
     expect(stateLabel('running')).toBe('running');
     expect(baseName('work/sub/analysis.ipynb')).toBe('analysis.ipynb');
     expect(baseName('analysis.ipynb')).toBe('analysis.ipynb');

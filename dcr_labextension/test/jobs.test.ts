@@ -53,6 +53,7 @@ function record(id: string, state: JobState, overrides: Partial<IJob> = {}): IJo
     datasets: [{ provider: 'acme', dataset: 'insurance', version: null, release: null }],
     progress: null,
     failure: null,
+    review: null,
     outputs_path: ended ? `dcr-jobs/${id}` : null,
     receipt: ended,
     enclave: null,
@@ -315,6 +316,72 @@ describe('job events', () => {
     await flush();
     expect(h.model.state.byId).toEqual({});
     expect(h.server.gets).toEqual([]);
+  });
+});
+
+describe('review decisions', () => {
+  const waiting = {
+    status: 'waiting' as const,
+    reviewers: ['Riverside Hospital'],
+    required_approvals: 1,
+    approvals: 0,
+    comment: null,
+    decided_at: null,
+    note: null
+  };
+  const released = (id: string): IJob =>
+    record(id, 'released', {
+      outputs_path: `dcr-jobs/${id}`,
+      receipt: true,
+      review: { ...waiting, status: 'released', approvals: 1, decided_at: '2026-12-06T21:00:00.000Z' }
+    });
+
+  it('a held job released by the reviewers is announced once, with its outputs, after the event', async () => {
+    const h = new Harness();
+    const id = newId();
+    await h.listed(record(id, 'held', { review: waiting }));
+    expect(h.ended).toEqual([]); // already held on the first listing: no news
+    h.event(id, 'released');
+    await flush();
+    expect(h.ended).toEqual([]); // not before the record (outputs, comment) is there
+    h.server.gets[0].answer.resolve(released(id));
+    await flush();
+    expect(h.ended.map(v => [v.id, v.state, v.job?.outputs_path])).toEqual([
+      [id, 'released', `dcr-jobs/${id}`]
+    ]);
+    h.event(id, 'released');
+    h.server.jobs = [released(id)];
+    await h.model.refresh();
+    expect(h.ended).toHaveLength(1);
+  });
+
+  it('a decision whose event was missed is announced once when a listing brings it', async () => {
+    const h = new Harness();
+    const id = newId();
+    const other = newId();
+    await h.listed(record(id, 'held', { review: waiting }), record(other, 'held', { review: waiting }));
+    const rejected = record(other, 'rejected', {
+      review: { ...waiting, status: 'rejected', comment: 'too detailed' }
+    });
+    h.server.jobs = [released(id), rejected];
+    await h.model.refresh();
+    expect(h.ended.map(v => [v.id, v.state])).toEqual([
+      [id, 'released'],
+      [other, 'rejected']
+    ]);
+    expect(h.ended[1].job?.review?.comment).toBe('too detailed');
+    await h.model.refresh();
+    h.event(other, 'rejected');
+    await flush();
+    expect(h.ended).toHaveLength(2);
+    expect(h.server.gets).toEqual([]);
+  });
+
+  it('jobs decided before the panel knew them are not announced', async () => {
+    const h = new Harness();
+    await h.listed(released(newId()), record(newId(), 'rejected'));
+    await h.model.refresh();
+    expect(h.ended).toEqual([]);
   });
 });
 

@@ -9,7 +9,9 @@ import {
   JOB_STATES,
   JobsAction,
   TERMINAL_STATES,
+  approvalsText,
   canCancel,
+  decidedBy,
   elapsedMs,
   enclaveOutputNotebookPath,
   enclaveOutputOfCopy,
@@ -17,13 +19,20 @@ import {
   endedBy,
   executedCopyName,
   executedNotebookPath,
+  failureOf,
   formatElapsed,
+  hasOutputs,
+  noticeOf,
+  notificationsDue,
   orderedJobs,
   parseJobEvent,
   progressOf,
-  reduce
+  reduce,
+  reviewOf,
+  reviewSummary,
+  reviewersText
 } from '../src/model';
-import { IJob, IJobEvent, JobState } from '../src/types';
+import { IJob, IJobEvent, IJobReview, JobState } from '../src/types';
 
 let counter = 0;
 
@@ -44,6 +53,7 @@ function record(id: string, overrides: Partial<IJob> = {}): IJob {
     datasets: [{ provider: 'acme', dataset: 'insurance', version: null, release: null }],
     progress: null,
     failure: null,
+    review: null,
     outputs_path: null,
     receipt: false,
     enclave: null,
@@ -366,5 +376,273 @@ describe('the executed notebook: a name and a banner of its own', () => {
     expect(enclaveRunOf({ kernelspec: {} })).toBeNull();
     expect(enclaveRunOf(null)).toBeNull();
     expect(enclaveRunOf('dcr')).toBeNull();
+  });
+});
+
+function review(overrides: Partial<IJobReview> = {}): IJobReview {
+  return {
+    status: 'waiting',
+    reviewers: ['Riverside Hospital'],
+    required_approvals: 2,
+    approvals: 1,
+    comment: null,
+    decided_at: null,
+    note: null,
+    ...overrides
+  };
+}
+
+/** A state whose only job is `job`, as a first listing leaves it. */
+function listed(job: IJob): IJobsState {
+  return reduce(EMPTY, { type: 'loaded', jobs: [job], total: 1 });
+}
+
+describe('review', () => {
+  it('names the reviewers and counts the approvals', () => {
+    expect(reviewersText([])).toBe('the provider');
+    expect(reviewersText(['Riverside Hospital'])).toBe('Riverside Hospital');
+    expect(reviewersText(['A', 'B'])).toBe('A and B');
+    expect(reviewersText(['A', 'B', 'C'])).toBe('A, B and C');
+    expect(approvalsText({ approvals: 1, required_approvals: 2 })).toBe('1 of 2 approvals');
+    expect(approvalsText({ approvals: 0, required_approvals: 1 })).toBe('0 of 1 approval');
+  });
+
+  it('a held job waiting in the airlock says who must review and how many approvals it has', () => {
+    const a = newId();
+    const s = listed(record(a, { state: 'held', review: review() }));
+    expect(reviewSummary(s.byId[a])).toEqual({
+      status: 'waiting',
+      text: 'held for review by Riverside Hospital — 1 of 2 approvals',
+      comment: null,
+      decidedAt: null
+    });
+    const two = listed(
+      record(a, {
+        state: 'held',
+        review: review({ reviewers: ['Riverside Hospital', 'Acme'], required_approvals: 1, approvals: 0 })
+      })
+    );
+    expect(reviewSummary(two.byId[a])?.text).toBe(
+      'held for review by Riverside Hospital and Acme — 0 of 1 approval'
+    );
+  });
+
+  it('a held job not sent to the airlock says so, with the note', () => {
+    const a = newId();
+    const note = 'this server has no hub airlock (development grant source)';
+    let s = listed(record(a, { state: 'held', review: review({ status: 'unsent', approvals: 0, note }) }));
+    expect(reviewSummary(s.byId[a])).toMatchObject({
+      status: 'unsent',
+      text: `held, not yet sent for review — ${note}`
+    });
+    s = listed(record(a, { state: 'held', review: review({ status: 'unsent', note: null }) }));
+    expect(reviewSummary(s.byId[a])?.text).toBe('held, not yet sent for review');
+  });
+
+  it('a held job without a review (no record yet, an older server) is held for the provider', () => {
+    const a = newId();
+    const s = reduce(EMPTY, { type: 'event', event: event(a, 'held') });
+    expect(reviewOf(s.byId[a])).toBeNull();
+    expect(reviewSummary(s.byId[a])).toEqual({
+      status: null,
+      text: 'held for the provider’s review',
+      comment: null,
+      decidedAt: null
+    });
+    // An older server's record has no review field at all.
+    const old = record(a, { state: 'held' }) as Partial<IJob>;
+    delete old.review;
+    expect(reviewOf(listed(old as IJob).byId[a])).toBeNull();
+  });
+
+  it('a decision the server has not acted on yet shows while the job is still held', () => {
+    const a = newId();
+    let s = listed(record(a, { state: 'held', review: review({ status: 'released', approvals: 2 }) }));
+    expect(reviewSummary(s.byId[a])).toMatchObject({
+      status: 'released',
+      text: 'approved by Riverside Hospital, opening the outputs'
+    });
+    s = listed(record(a, { state: 'held', review: review({ status: 'rejected', comment: 'no' }) }));
+    expect(reviewSummary(s.byId[a])).toMatchObject({
+      status: 'rejected',
+      text: 'rejected in review by Riverside Hospital',
+      comment: 'no'
+    });
+  });
+
+  it('released and rejected jobs show the outcome, the comment and when it was decided', () => {
+    const a = newId();
+    const decided_at = '2026-12-06T21:00:00.000Z';
+    const released = listed(
+      record(a, {
+        state: 'released',
+        outputs_path: `dcr-jobs/${a}`,
+        receipt: true,
+        review: review({ status: 'released', approvals: 2, comment: 'fine', decided_at })
+      })
+    );
+    expect(reviewSummary(released.byId[a])).toEqual({
+      status: 'released',
+      text: 'released after review by Riverside Hospital',
+      comment: 'fine',
+      decidedAt: decided_at
+    });
+    const rejected = listed(
+      record(a, {
+        state: 'rejected',
+        review: review({ status: 'rejected', comment: 'cells under 10 people', decided_at })
+      })
+    );
+    expect(reviewSummary(rejected.byId[a])).toEqual({
+      status: 'rejected',
+      text: 'rejected in review by Riverside Hospital',
+      comment: 'cells under 10 people',
+      decidedAt: decided_at
+    });
+    // Known from an event only: the outcome without names.
+    const b = newId();
+    const bare = reduce(EMPTY, { type: 'event', event: event(b, 'rejected') });
+    expect(reviewSummary(bare.byId[b])).toEqual({
+      status: null,
+      text: 'rejected in review',
+      comment: null,
+      decidedAt: null
+    });
+  });
+
+  it('no review line for the states that are not about review', () => {
+    for (const state of JOB_STATES.filter(s => !['held', 'released', 'rejected'].includes(s))) {
+      const a = newId();
+      expect(reviewSummary(listed(record(a, { state, review: review() })).byId[a])).toBeNull();
+    }
+  });
+
+  it('released outputs open like succeeded ones; nothing else has outputs to open', () => {
+    expect(JOB_STATES.filter(hasOutputs)).toEqual(['succeeded', 'released']);
+    const a = newId();
+    const done = record(a, { state: 'released', outputs_path: `dcr-jobs/${a}`, receipt: true });
+    expect(executedNotebookPath(done)).toBe(`dcr-jobs/${a}/analysis.enclave-${a.slice(4, 12)}.ipynb`);
+  });
+
+  it('a rejected job shows its failure when its record carries one, never its event reason', () => {
+    const a = newId();
+    const failure = { reason: 'outputs failed the disclosure checks', cell: null, ename: null };
+    expect(failureOf(listed(record(a, { state: 'rejected', failure })).byId[a])).toBe(
+      'outputs failed the disclosure checks'
+    );
+    const s = reduce(EMPTY, { type: 'event', event: { ...event(a, 'rejected'), reason: 'rejected' } });
+    expect(failureOf(s.byId[a])).toBeNull();
+    const f = reduce(EMPTY, { type: 'event', event: { ...event(a, 'failed'), reason: 'boom' } });
+    expect(failureOf(f.byId[a])).toBe('boom');
+    expect(failureOf(listed(record(a, { state: 'held', failure })).byId[a])).toBeNull();
+  });
+});
+
+describe('review notifications', () => {
+  const released = (id: string, comment: string | null = null): IJob =>
+    record(id, {
+      state: 'released',
+      outputs_path: `dcr-jobs/${id}`,
+      receipt: true,
+      review: review({ status: 'released', approvals: 2, comment })
+    });
+  const rejected = (id: string): IJob =>
+    record(id, { state: 'rejected', review: review({ status: 'rejected', comment: 'too detailed' }) });
+
+  it('are due once when a job known as held is released or rejected, by a listing or a record', () => {
+    const a = newId();
+    const b = newId();
+    const held = run([
+      {
+        type: 'loaded',
+        jobs: [
+          record(a, { state: 'held', review: review() }),
+          record(b, { state: 'held', review: review() })
+        ],
+        total: 2
+      }
+    ]);
+    const listing: JobsAction = { type: 'loaded', jobs: [released(a), rejected(b)], total: 2 };
+    const after = reduce(held, listing);
+    expect(decidedBy(held, listing, after).map(v => [v.id, v.state])).toEqual([
+      [a, 'released'],
+      [b, 'rejected']
+    ]);
+    expect(notificationsDue(held, listing, after).map(v => v.id)).toEqual([a, b]);
+    // The same news again (another listing, the record, the event) is not a second transition.
+    for (const again of [
+      listing,
+      { type: 'job', job: released(a) } as JobsAction,
+      { type: 'event', event: event(a, 'released') } as JobsAction
+    ]) {
+      expect(notificationsDue(after, again, reduce(after, again))).toEqual([]);
+    }
+    const one: JobsAction = { type: 'job', job: released(a) };
+    expect(decidedBy(held, one, reduce(held, one)).map(v => v.id)).toEqual([a]);
+  });
+
+  it('are due once when the event comes first, and not again when its record follows', () => {
+    const a = newId();
+    const held = listed(record(a, { state: 'held', review: review() }));
+    const ev: JobsAction = { type: 'event', event: event(a, 'released') };
+    const after = reduce(held, ev);
+    const due = notificationsDue(held, ev, after);
+    expect(due.map(v => v.id)).toEqual([a]);
+    expect(due[0].stale).toBe(true); // the panel fetches the record (outputs, comment) before notifying
+    const rec: JobsAction = { type: 'job', job: released(a) };
+    expect(notificationsDue(after, rec, reduce(after, rec))).toEqual([]);
+  });
+
+  it('are not due for a job first seen already decided, nor for one decided without being held here', () => {
+    const a = newId();
+    const first: JobsAction = { type: 'loaded', jobs: [released(a), rejected(newId())], total: 2 };
+    expect(notificationsDue(EMPTY, first, reduce(EMPTY, first))).toEqual([]);
+    const running = listed(record(a, { state: 'running' }));
+    const rec: JobsAction = { type: 'job', job: released(a) };
+    expect(decidedBy(running, rec, reduce(running, rec))).toEqual([]);
+    expect(decidedBy(running, { type: 'error', message: 'x' }, running)).toEqual([]);
+    // Held → held with one more approval is no decision.
+    const held = listed(record(a, { state: 'held', review: review({ approvals: 0 }) }));
+    const more: JobsAction = {
+      type: 'job',
+      job: record(a, { state: 'held', updated: '2026-11-25T10:05:00.000Z', review: review() })
+    };
+    const next = reduce(held, more);
+    expect(reviewSummary(next.byId[a])?.text).toContain('1 of 2 approvals');
+    expect(notificationsDue(held, more, next)).toEqual([]);
+  });
+
+  it('say what happened: held with reviewers, released, rejected with the comment, failures', () => {
+    const a = newId();
+    expect(noticeOf(listed(record(a, { state: 'held', review: review() })).byId[a])).toEqual({
+      message: 'Enclave job analysis.ipynb: held for review by Riverside Hospital — 1 of 2 approvals',
+      type: 'info'
+    });
+    expect(noticeOf(listed(released(a)).byId[a])).toEqual({
+      message: 'Enclave job analysis.ipynb: released after review by Riverside Hospital',
+      type: 'success'
+    });
+    expect(noticeOf(listed(released(a, 'ok to publish')).byId[a]).message).toBe(
+      'Enclave job analysis.ipynb: released after review by Riverside Hospital: “ok to publish”'
+    );
+    expect(noticeOf(listed(rejected(a)).byId[a])).toEqual({
+      message: 'Enclave job analysis.ipynb: rejected in review by Riverside Hospital: “too detailed”',
+      type: 'error'
+    });
+    const failure = { reason: 'error', cell: 1, ename: 'ZeroDivisionError' };
+    expect(noticeOf(listed(record(a, { state: 'failed', failure })).byId[a])).toEqual({
+      message: 'Enclave job analysis.ipynb: failed: error in code cell 2 (ZeroDivisionError)',
+      type: 'error'
+    });
+    expect(noticeOf(listed(record(a, { state: 'succeeded' })).byId[a])).toEqual({
+      message: 'Enclave job analysis.ipynb: succeeded',
+      type: 'success'
+    });
+    expect(noticeOf(listed(record(a, { state: 'cancelled' })).byId[a]).type).toBe('warning');
+    const b = newId();
+    expect(noticeOf(reduce(EMPTY, { type: 'event', event: event(b, 'rejected') }).byId[b])).toEqual({
+      message: `Enclave job ${b}: rejected in review`,
+      type: 'error'
+    });
   });
 });

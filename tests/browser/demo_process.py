@@ -30,7 +30,7 @@ from hub_harness import delete_account, login_session
 
 BIN = Path(sys.executable).parent
 READY_LINE = "DCR demo is running"
-USERS = ("alice", "bob", "carol")
+USERS = ("alice", "bob", "carol", "rita")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "held"})
 
 
