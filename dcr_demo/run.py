@@ -225,7 +225,8 @@ class DemoProcesses:
         reviewed = ", ".join(t.ref for t in data.TABLES if t.release == "review")
         lines.append(
             f"    {REVIEWER_ACCOUNT:<{width}}  reviewer of {PROVIDERS[data.PROVIDER]['name']} ({data.PROVIDER}): "
-            f"approves or rejects the held outputs of {reviewed} in the hub; no datasets in the sandbox"
+            f"approves or rejects the held outputs of {reviewed} on the review page, "
+            f"http://127.0.0.1:{d.ports.public}/hub/dcr/review; no datasets in the sandbox"
         )
         synthesis = {"mst": "DP synthetic (MST, ε = 1)", "random": "random draws from each column's domain"}
         lines += [

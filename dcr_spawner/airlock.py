@@ -52,6 +52,7 @@ from dcr_enclave.formats.unsealing import open_to_memory, tar_members
 from dcr_enclave.verify.receipt import check_receipt_dir, open_commitment
 from dcr_enclave.verify.trust import TrustAnchors, load_trust_anchors
 
+from .audit import ingest_platform_events
 from .hubdb import Base, GrantedJob, HubDB
 from .hubkey import AirlockKey, HubKey
 from .policy import DCRPolicy, PolicyError
@@ -182,6 +183,7 @@ class Airlock:
         trust: TrustAnchors,
         enclave_digests: Iterable[str] = (),
         clock: Any = time.time,
+        platform: Any = None,
     ) -> None:
         self.policy = policy
         self.db = db
@@ -191,6 +193,10 @@ class Airlock:
         self.trust = trust
         self.enclave_digests = tuple(enclave_digests)
         self.clock = clock
+        #: The enclave platform, whose job events (launch, key release, end) are copied into the audit trail
+        #: before the airlock records its own, so that the trail holds a job's events in the order they
+        #: happened.
+        self.platform = platform
         self._lock = threading.Lock()  # one decision at a time: approvals are counted, then acted on
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
@@ -222,6 +228,7 @@ class Airlock:
                 root,
                 trust,
                 platform.enclave_digests,
+                platform=platform,
             )
         except OSError as e:
             raise PolicyError(
@@ -295,6 +302,7 @@ class Airlock:
             if held is None:
                 raise
             return held
+        self._platform_events()
         self.db.audit(
             "airlock.received",
             status=201,
@@ -358,6 +366,10 @@ class Airlock:
         held = self.held(job_id)
         assert held is not None
         return held
+
+    def _platform_events(self) -> None:
+        if self.platform is not None:
+            ingest_platform_events(self.db, self.platform)
 
     def _own_job(self, user: str, job_id: str) -> GrantedJob:
         try:
@@ -611,6 +623,7 @@ class Airlock:
                     409, f"you already decided on job {job_id}; another reviewer must decide"
                 )
             now = int(self.clock())
+            self._platform_events()
             mine = self.reviewable_providers(reviewer, groups, admin=admin) & set(held.providers)
             detail = {"datasets": [ref for ref, _, _ in held.datasets], "providers": sorted(mine)}
             with self.db.session() as s:

@@ -14,22 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
 from browser import lab
 from browser.demo_process import DemoProcess, copy_demo_data
 from conftest import DemoSeed
-from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, Playwright, expect, sync_playwright
 
 from dcr_demo import data
-from dcr_demo.prepare import Layout
+from dcr_demo.prepare import REVIEWER_ACCOUNT, Layout
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 USER = "alice"
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -57,8 +63,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory, demo_seed: DemoSeed) -> Itera
 
 
 @pytest.fixture(scope="module")
-def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
-    with sync_playwright() as pw, lab.chromium(pw, tmp_path_factory.mktemp("chromium-profile")) as ctx:
+def pw() -> Iterator[Playwright]:
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def context(pw: Playwright, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+    with lab.chromium(pw, tmp_path_factory.mktemp("chromium-profile")) as ctx:
         ctx.set_default_timeout(60_000)
         yield ctx
 
@@ -240,18 +252,16 @@ def test_cancel_a_long_running_job_from_the_panel(
     assert states[-1] == "cancelled" and "running" in states, states
 
 
-def test_a_job_on_the_reviewed_dataset_shows_held_for_review(
-    demo: DemoProcess, page: Page, refusals: lab.RefusalWatch
-) -> None:
-    """A notebook on the lab results (released only after the provider's review) runs in the enclave and the
-    panel shows it held: the badge says "held for review", a review line says where the outputs are (who
-    must review and the approvals, or why they are not sent yet), and there is nothing to open."""
-    token = demo.token(USER)
+def _labs_notebook(demo: DemoProcess, token: str, name: str) -> None:
+    """A notebook on the lab results (released only after review) that writes a table and a figure."""
     path = f"/data/{data.PROVIDER}/{data.LABS.dataset}/{data.LABS.file_name}"
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell(
-            f"import pandas as pd\nlabs = pd.read_csv({path!r})\nlabs.groupby('test')['result'].mean().round(1)"
+            "import os\nimport pandas as pd\nimport matplotlib\nmatplotlib.use('Agg')\n"
+            f"labs = pd.read_csv({path!r})\nos.makedirs('results', exist_ok=True)\n"
+            "counts = labs.groupby('test').size().rename('count')\ncounts.to_csv('results/tests.csv')\n"
+            "ax = counts.plot.bar()\nax.figure.savefig('results/tests.png')\nprint(len(labs), 'lab results')"
         )
     ]
     nb.metadata["kernelspec"] = {
@@ -259,10 +269,12 @@ def test_a_job_on_the_reviewed_dataset_shows_held_for_review(
         "display_name": "Python 3 (ipykernel)",
         "language": "python",
     }
-    r = demo.server("PUT", USER, "api/contents/labs.ipynb", token, json={"type": "notebook", "content": nb})
+    r = demo.server("PUT", USER, f"api/contents/{name}", token, json={"type": "notebook", "content": nb})
     assert r.status_code in (200, 201), r.text
 
-    lab.open_notebook(page, demo.url, USER, "labs.ipynb")
+
+def _submit_labs(demo: DemoProcess, page: Page, name: str) -> str:
+    lab.open_notebook(page, demo.url, USER, name)
     lab.open_jobs_panel(page)
     known = _known_jobs(page)
     summary = lab.submit_current_notebook(page)
@@ -272,10 +284,134 @@ def test_a_job_on_the_reviewed_dataset_shows_held_for_review(
     expect(item).to_have_attribute("data-state", "held", timeout=300_000)
     expect(item.locator('[data-testid="dcr-job-state"]')).to_have_text("held for review")
     review = item.locator('[data-testid="dcr-review"]')
-    expect(review).to_have_text(re.compile(r"^held"))
-    status = review.get_attribute("data-status")
-    assert status in ("", "unsent", "waiting"), status
-    if status == "waiting":
-        expect(review).to_contain_text("held for review by Riverside Hospital")
+    expect(review).to_have_attribute("data-status", "waiting", timeout=60_000)
+    expect(review).to_contain_text("held for review by Riverside Hospital")
     expect(item.locator('[data-testid="dcr-open-notebook"]')).to_have_count(0)
     expect(item.locator('[data-testid="dcr-outputs"]')).to_have_count(0)
+    return job_id
+
+
+def _reviewer_page(demo: DemoProcess, own: BrowserContext) -> Page:
+    """The reviewer, in a browser of her own (her own cookies), logged in to the hub only."""
+    own.set_default_timeout(60_000)
+    p = own.new_page()
+    p.goto(f"{demo.url}/hub/login?next=%2Fhub%2Fdcr%2Freview")
+    p.fill("#username_input", REVIEWER_ACCOUNT)
+    p.fill("#password_input", demo.password)
+    p.click("#login_submit")
+    p.wait_for_selector("#dcr-review-queue")
+    return p
+
+
+def test_review_held_outputs_in_the_hub(
+    demo: DemoProcess, page: Page, pw: Playwright, refusals: lab.RefusalWatch, tmp_path: Path
+) -> None:
+    """A job on the reviewed lab results ends held, and nothing of its outputs reaches the researcher through
+    her server or the hub; the reviewer finds it on the review page with its outputs and the checks'
+    findings and approves; the outputs reach the researcher (the panel says so, with a notification), open
+    like any job's and match the receipt's digests. A second job is rejected with a comment and never
+    releases anything. The audit trail holds every step in order and verifies."""
+    token = demo.token(USER)
+    _labs_notebook(demo, token, "labs.ipynb")
+    page.evaluate(lab.JOB_RECORDER_JS)
+    job_id = _submit_labs(demo, page, "labs.ipynb")
+
+    # Nothing of the outputs, from any endpoint the researcher can reach.
+    job = demo.server("GET", USER, f"dcr/api/jobs/{job_id}", token).json()
+    shown = json.dumps(job)
+    assert "tests.csv" not in shown and "tests.png" not in shown
+    assert demo.server("GET", USER, f"dcr/api/jobs/{job_id}/outputs", token).json() == {"files": []}
+    assert (
+        demo.server("GET", USER, f"dcr/api/jobs/{job_id}/outputs/results/tests.csv", token).status_code == 404
+    )
+    listing = demo.server("GET", USER, f"api/contents/{job['outputs_path']}", token).json()
+    assert {c["name"] for c in listing["content"]} <= {"receipt.json", "attestation.jwt", "signer-jwks.json"}
+    status = demo.api("GET", f"/dcr/airlock/jobs/{job_id}", token)
+    assert status.status_code == 200 and "tests." not in status.text
+    assert demo.api("GET", f"/dcr/airlock/jobs/{job_id}/release", token).status_code == 409
+    alice = demo.login(USER)
+    assert alice.get(f"{demo.url}/hub/dcr/review/{job_id}", timeout=60).status_code == 404
+    assert (
+        alice.get(f"{demo.url}/hub/dcr/review/{job_id}/files/results/tests.csv", timeout=60).status_code
+        == 404
+    )
+
+    # The reviewer's page: the job, its notebook as run, its files, the findings; then approval.
+    with lab.chromium(pw, tmp_path / "reviewer-profile") as own:
+        _review(demo, page, _reviewer_page(demo, own), token, job_id, job)
+
+
+def _review(
+    demo: DemoProcess, page: Page, reviewer: Page, token: str, job_id: str, job: dict[str, Any]
+) -> None:
+    row = reviewer.locator(f'#dcr-queue tr[data-job="{job_id}"]')
+    expect(row).to_contain_text(USER)
+    expect(row).to_contain_text(data.LABS.ref)
+    row.locator("a").first.click()
+    expect(reviewer.locator("#dcr-review-job")).to_have_attribute("data-status", "waiting")
+    files = reviewer.locator("section.dcr-file")
+    expect(files).to_have_count(3)
+    table = reviewer.locator('section.dcr-file[data-path="results/tests.csv"] table')
+    expect(table).to_contain_text("hba1c")
+    image = reviewer.locator('section.dcr-file[data-path="results/tests.png"] img')
+    assert image.evaluate("img => img.complete && img.naturalWidth > 0")
+    expect(reviewer.locator('section.dcr-file[data-path="labs.ipynb"]')).to_contain_text("lab results")
+    expect(reviewer.locator("#dcr-findings")).to_be_visible()
+    lab.ARTIFACTS.mkdir(exist_ok=True)
+    reviewer.screenshot(path=str(lab.ARTIFACTS / "review-page.png"), full_page=False)
+    reviewer.fill("#dcr-comment", "aggregate counts only")
+    reviewer.click("#dcr-approve")
+    expect(reviewer.locator("#dcr-review-job")).to_have_attribute("data-status", "released")
+
+    # The researcher: released, with a notification; the outputs open and match the receipt.
+    item = lab.job_item(page, job_id)
+    expect(item).to_have_attribute("data-state", "released", timeout=60_000)
+    expect(page.locator(".jp-Notification-Toast").filter(has_text="released")).to_have_count(
+        1, timeout=30_000
+    )
+    expect(item.locator('[data-testid="dcr-open-notebook"]')).to_be_visible()
+    outputs = demo.server("GET", USER, f"dcr/api/jobs/{job_id}/outputs", token).json()["files"]
+    assert {f["path"] for f in outputs} == {"labs.ipynb", "results/tests.csv", "results/tests.png"}
+    reveal = demo.server("GET", USER, f"api/contents/{job['outputs_path']}/outputs-reveal.json", token).json()
+    listed = {o["path"]: o["sha256"] for o in json.loads(reveal["content"])["outputs"]}
+    for f in outputs:
+        body = demo.server("GET", USER, f"dcr/api/jobs/{job_id}/outputs/{f['path']}", token).content
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == listed[f["path"]] == f["sha256"]
+    verdict = demo.server("GET", USER, f"dcr/api/jobs/{job_id}/verify", token).json()
+    assert verdict["verified"] is True, verdict
+    lab.dismiss_notifications(page)
+
+    # A second job, rejected: the comment reaches the researcher, the outputs never do.
+    rejected = _submit_labs(demo, page, "labs.ipynb")
+    reviewer.goto(f"{demo.url}/hub/dcr/review/{rejected}")
+    reviewer.fill("#dcr-comment", "please aggregate by month first")
+    reviewer.click("#dcr-reject")
+    expect(reviewer.locator("#dcr-review-job")).to_have_attribute("data-status", "rejected")
+    item = lab.job_item(page, rejected)
+    expect(item).to_have_attribute("data-state", "rejected", timeout=60_000)
+    expect(item).to_contain_text("please aggregate by month first")
+    assert demo.server("GET", USER, f"dcr/api/jobs/{rejected}/outputs", token).json() == {"files": []}
+    assert demo.api("GET", f"/dcr/airlock/jobs/{rejected}/release", token).status_code == 409
+
+    # The audit trail: every step of both jobs, in order, and the chain verifies.
+    config = Layout.at(demo.dir).hub_config
+    out = subprocess.run(
+        [str(BIN / "dcr"), "audit", "verify", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = subprocess.run(
+        [str(BIN / "dcr"), "audit", "export", "--format", "json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    events = json.loads(out.stdout)
+    events = events["events"] if isinstance(events, dict) else events
+    for jid, outcome in ((job_id, "airlock.released"), (rejected, "airlock.rejected")):
+        mine = [e["event"] for e in events if e["job_id"] == jid]
+        wanted = ["grant.issued", "enclave.launch", "enclave.key_released", "enclave.end", "airlock.received"]
+        wanted += ["airlock.approved", "airlock.released"] if outcome == "airlock.released" else [outcome]
+        assert [e for e in mine if e in wanted] == wanted, mine
