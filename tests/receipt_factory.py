@@ -110,6 +110,7 @@ def make_manifest(outputs_dir: Path, **overrides: Any) -> ReceiptManifest:
         conditions={"acme/insurance": sha256_bytes(b"condition")},
         outputs=output_entries(outputs_dir),
         violations=[],
+        disclosure=[],
         release_mode="auto",
         decision="released",
         started_at=1_700_000_000,
