@@ -272,6 +272,20 @@ class DCRExtension(ExtensionApp):
         """,
     ).tag(config=True)
 
+    airlock_poll_interval = Float(
+        5.0,
+        help="""Seconds between asking the hub's airlock how the review of each held job stands (and
+        delivering held results the hub could not be reached for). A held job's released outputs arrive
+        within one interval of the last approval.
+
+        Example::
+
+            c.DCRExtension.airlock_poll_interval = 2.0
+
+        Security: no security decision depends on it; each pass costs one hub request per held job.
+        """,
+    ).tag(config=True)
+
     trust_jwks = List(
         Unicode(),
         default_value=[],
@@ -423,12 +437,12 @@ class DCRExtension(ExtensionApp):
             raise TraitError(str(e)) from None
         return list(value)
 
-    @validate("reconcile_interval")
+    @validate("reconcile_interval", "airlock_poll_interval")
     def _valid_interval(self, proposal: Any) -> float:
         value = proposal["value"]
         if not value > 0:
             raise TraitError(
-                f"DCRExtension.reconcile_interval must be a positive number of seconds, not {value}"
+                f"DCRExtension.{proposal['trait'].name} must be a positive number of seconds, not {value}"
             )
         return float(value)
 
@@ -498,6 +512,7 @@ class DCRExtension(ExtensionApp):
             limits=BundleLimits(max_files=self.max_bundle_files, max_bytes=self.max_bundle_bytes),
             outputs_dir=self.outputs_dir,
             reconcile_interval=self.reconcile_interval,
+            airlock_poll_interval=self.airlock_poll_interval,
             trust=trust,
             enclave_digests=tuple(self.enclave_digests),
         )

@@ -24,7 +24,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 from traitlets import Enum, Int, TraitError, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
@@ -177,6 +177,22 @@ class GrantSource(LoggingConfigurable):
         """The datasets this user may ask grants for, each shaped by :func:`dataset_entry`, sorted by
         provider and dataset. Sources that cannot tell raise :class:`NotSupported` (501)."""
         raise NotSupported(f"{type(self).__name__} cannot list datasets")
+
+    # The hub's airlock: where held results go for review. Sources without one raise NotSupported.
+
+    async def airlock_deliver(self, job_id: str, result: bytes) -> dict[str, Any]:
+        """Hand a held result to the airlock; the review status (see ``model.Job.review``)."""
+        raise NotSupported(f"{type(self).__name__} has no airlock: held outputs cannot be reviewed")
+
+    async def airlock_deliver_failure(self, job_id: str, sealed: bytes) -> dict[str, Any]:
+        """Hand a failed run's sealed detail to the airlock, for reviewers who may release it."""
+        raise NotSupported(f"{type(self).__name__} has no airlock: held outputs cannot be reviewed")
+
+    async def airlock_status(self, job_id: str) -> dict[str, Any]:
+        raise NotSupported(f"{type(self).__name__} has no airlock: held outputs cannot be reviewed")
+
+    async def airlock_release(self, job_id: str) -> bytes:
+        raise NotSupported(f"{type(self).__name__} has no airlock: held outputs cannot be reviewed")
 
 
 class DevGrantSource(GrantSource):
@@ -431,10 +447,51 @@ class HubGrantSource(GrantSource):
         entries = [e for e in (_from_hub(d) for d in doc["datasets"]) if e is not None]
         return sorted(entries, key=lambda e: (e["provider"], e["dataset"]))
 
+    # -- the hub's airlock (held results) ------------------------------------------------------------------
+
+    async def airlock_deliver(self, job_id: str, result: bytes) -> dict[str, Any]:
+        """``POST {api_url}/dcr/airlock/jobs/<id>``: hand a held result (a tar of the receipt files and the
+        sealed files) to the hub, which checks it against the attested receipt; the review status."""
+        resp = await self._send(
+            "POST", f"/dcr/airlock/jobs/{job_id}", result, "application/x-tar", "the held result's delivery"
+        )
+        return self._answer(resp, expect=(200, 201), field="status", what="the held result's delivery")
+
+    async def airlock_deliver_failure(self, job_id: str, sealed: bytes) -> dict[str, Any]:
+        """``POST {api_url}/dcr/airlock/jobs/<id>/failure``: a failed run's detail as the enclave sealed it."""
+        what = "the failure detail's delivery"
+        resp = await self._send(
+            "POST", f"/dcr/airlock/jobs/{job_id}/failure", sealed, "application/octet-stream", what
+        )
+        return self._answer(resp, expect=(200, 201), field="status", what=what)
+
+    async def airlock_status(self, job_id: str) -> dict[str, Any]:
+        """``GET {api_url}/dcr/airlock/jobs/<id>``: who decides, how far they are, the outcome."""
+        resp = await self._send("GET", f"/dcr/airlock/jobs/{job_id}", None, None, "the review status")
+        return self._answer(resp, expect=(200,), field="status", what="the review status")
+
+    async def airlock_release(self, job_id: str) -> bytes:
+        """``GET {api_url}/dcr/airlock/jobs/<id>/release``: the released result, sealed to the job's key."""
+        resp = await self._send(
+            "GET", f"/dcr/airlock/jobs/{job_id}/release", None, None, "the released outputs"
+        )
+        if resp.code != 200:
+            self._answer(resp, expect=(200,), field="", what="the released outputs")
+        return bytes(resp.body or b"")
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
     async def _call(
         self, method: str, path: str, body: dict[str, Any] | None, *, expect: int, field: str, what: str
     ) -> dict[str, Any]:
-        """One request to the hub's DCR API with this server's token; the hub's refusals pass through."""
+        """One JSON request to the hub's DCR API with this server's token; the hub's refusals pass through."""
+        raw = json.dumps(body).encode() if body is not None else None
+        resp = await self._send(method, path, raw, "application/json" if body is not None else None, what)
+        return self._answer(resp, expect=(expect,), field=field, what=what)
+
+    async def _send(
+        self, method: str, path: str, body: bytes | None, content_type: str | None, what: str
+    ) -> HTTPResponse:
         api_url = (self.api_url or self._env_api_url()).rstrip("/")
         # The token comes from the environment only: it is this server's credential, never configuration.
         token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
@@ -444,23 +501,27 @@ class HubGrantSource(GrantSource):
                 hint="HubGrantSource works in servers started by JupyterHub",
             )
         headers = {"Authorization": f"token {token}"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+        if content_type is not None:
+            headers["Content-Type"] = content_type
         # JupyterHub's internal SSL, when enabled, gives each server a client certificate for the hub.
         req = HTTPRequest(
             api_url + path,
             method=method,
             headers=headers,
-            body=json.dumps(body) if body is not None else None,
+            body=body,
             request_timeout=self.request_timeout,
             client_key=os.environ.get("JUPYTERHUB_SSL_KEYFILE") or None,
             client_cert=os.environ.get("JUPYTERHUB_SSL_CERTFILE") or None,
             ca_certs=os.environ.get("JUPYTERHUB_SSL_CLIENT_CA") or None,
         )
         try:
-            resp = await AsyncHTTPClient().fetch(req, raise_error=False)
+            return await AsyncHTTPClient().fetch(req, raise_error=False)
         except (TimeoutError, OSError, HTTPClientError) as e:
             raise Unavailable(f"{what} from the hub cannot be reached ({type(e).__name__})") from None
+
+    def _answer(
+        self, resp: HTTPResponse, *, expect: tuple[int, ...], field: str, what: str
+    ) -> dict[str, Any]:
         try:
             doc = json.loads(resp.body or b"{}")
         except ValueError:
@@ -479,7 +540,7 @@ class HubGrantSource(GrantSource):
             refused = GrantRefused(message or f"the hub refused {what} (HTTP {resp.code})")
             refused.status = resp.code
             raise refused
-        if resp.code != expect or not isinstance(doc, dict) or field not in doc:
+        if resp.code not in expect or not isinstance(doc, dict) or field not in doc:
             raise Unavailable(
                 f"{what} from the hub failed (HTTP {resp.code}{': ' + message if message else ''})"
             )

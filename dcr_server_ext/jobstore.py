@@ -77,6 +77,7 @@ JOBS = sa.Table(
     sa.Column("outputs_path", sa.Text, nullable=True),
     sa.Column("receipt", sa.Boolean, nullable=False),
     sa.Column("enclave", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("review", sa.JSON(none_as_null=True), nullable=True),
     # ``id`` breaks ties between jobs created in the same instant, so pages never overlap or skip.
     sa.Index("ix_dcr_jobs_created", "created", "id"),
     sa.Index("ix_dcr_jobs_state", "state"),
@@ -219,6 +220,22 @@ class JobStore:
         )
         with self._db(), self._engine.connect() as conn:
             return [_job(r) for r in conn.execute(stmt)]
+
+    def in_review(self) -> builtins.list[Job]:
+        """Jobs the hub's airlock has (or should have) and has not decided: ``held`` jobs, and failed ones
+        whose sealed failure detail waits for the reviewers; oldest first."""
+        stmt = (
+            sa.select(JOBS)
+            .where(
+                sa.or_(JOBS.c.state == "held", sa.and_(JOBS.c.state == "failed", JOBS.c.review.is_not(None)))
+            )
+            .order_by(JOBS.c.created.asc(), JOBS.c.id.asc())
+        )
+        with self._db(), self._engine.connect() as conn:
+            jobs = [_job(r) for r in conn.execute(stmt)]
+        return [
+            j for j in jobs if j.state == "held" or (j.review or {}).get("status") in ("unsent", "waiting")
+        ]
 
     def count(self) -> int:
         with self._db(), self._engine.connect() as conn:

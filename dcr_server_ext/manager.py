@@ -32,10 +32,13 @@ import asyncio
 import base64
 import builtins
 import contextlib
+import io
 import json
 import mimetypes
+import os
 import shutil
 import stat
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,15 +53,16 @@ import jwt
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.bundle import BundleLimits
 from dcr_enclave.formats.errors import DCRError, LimitError
-from dcr_enclave.formats.unsealing import open_dir
+from dcr_enclave.formats.receipt import hash_regular_file, scan_outputs
+from dcr_enclave.formats.unsealing import open_dir, open_file
 from dcr_enclave.pack.bundle_builder import build_bundle, data_references, plan_bundle
-from dcr_enclave.verify.receipt import check_receipt_dir
+from dcr_enclave.verify.receipt import check_receipt_dir, open_commitment
 from dcr_enclave.verify.trust import TrustAnchors
 
 from .backends.base import Backend, BackendStatus
 from .errors import APIError, Conflict, NotFound, TooLarge, Unavailable
 from .executed import write_marked_copy
-from .grant_sources import GrantSource, NotSupported
+from .grant_sources import GrantRefused, GrantSource, NotSupported
 from .jobkeys import JobKeys
 from .jobstore import JobEnded, JobStore, StateBehind
 from .model import Job, moves_forward
@@ -67,6 +71,22 @@ MAX_DATASETS = 50
 _T = TypeVar("_T")
 #: Result files the backend hands over and what the user's job directory keeps in the clear.
 RECEIPT_FILES = (contract.RECEIPT_FILE, contract.TOKEN_FILE, contract.SIGNER_JWKS_FILE)
+#: Copied beside the outputs (and into a verification's scratch): the receipt, and for released held
+#: outputs the reveal of the receipt's commitment.
+RESULT_COPIES = (*RECEIPT_FILES, contract.REVEAL_FILE)
+#: What a held result hands the hub's airlock: the receipt and what the enclave sealed to the airlock.
+HELD_RESULT_FILES = (
+    contract.RECEIPT_FILE,
+    contract.TOKEN_FILE,
+    contract.SIGNER_JWKS_FILE,
+    contract.SEALED_OUTPUTS_FILE,
+    contract.SEALED_REVEAL_FILE,
+    contract.SEALED_CHECK_FILE,
+)
+#: Largest released result (two sealed files) taken from the hub.
+MAX_RELEASE_BYTES = 2**31
+#: Largest released failure detail, and how much of its message and traceback a job keeps.
+MAX_FAILURE_DETAIL = 2 * 2**20
 
 
 class NoTrustAnchors(Unavailable):
@@ -89,6 +109,7 @@ class JobManager:
         limits: BundleLimits | None = None,
         outputs_dir: str = "dcr-jobs",
         reconcile_interval: float = 30.0,
+        airlock_poll_interval: float = 5.0,
         trust: TrustAnchors | None = None,
         enclave_digests: tuple[str, ...] = (),
     ) -> None:
@@ -108,6 +129,8 @@ class JobManager:
         self.limits = limits or BundleLimits()
         self.outputs_dir = outputs_dir
         self.reconcile_interval = reconcile_interval
+        self.airlock_poll_interval = airlock_poll_interval
+        self._airlock_task: asyncio.Task[None] | None = None
         self.trust = trust or TrustAnchors()
         #: The enclave code a receipt must come from (c.DCRExtension.enclave_digests).
         self.enclave_digests = enclave_digests
@@ -124,10 +147,11 @@ class JobManager:
     async def start(self) -> None:
         await self.reconcile()
         self._loop_task = asyncio.create_task(self._reconcile_forever())
+        self._airlock_task = asyncio.create_task(self._airlock_forever())
 
     async def stop(self) -> None:
         """Stop watching (jobs go on in their enclaves; the next start picks them up)."""
-        tasks = [t for t in [self._loop_task, *self._watchers.values()] if t]
+        tasks = [t for t in [self._loop_task, self._airlock_task, *self._watchers.values()] if t]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -454,15 +478,27 @@ class JobManager:
                 staging.rename(result)
             if st.state == "failed":
                 failure = st.failure or _read_failure(result) or _failure("the enclave job failed")
-                await self._aupdate(job, state="failed", failure=failure)
+                # The enclave sealed the run's full failure (its traceback) to the airlock: the provider's
+                # reviewers may release it to the researcher.
+                detail = (result / contract.SEALED_FAILURE_FILE).is_file()
+                extra = {"review": unsent_review()} if detail else {}
+                job = await self._aupdate(job, state="failed", failure=failure, **extra)
+                if detail:
+                    self._finishing.discard(job.id)
+                    await self.airlock_step(job)
                 return
             outputs_path = await asyncio.to_thread(self._open_result, job, result, st.state)
             enclave = dict(job.enclave or st.enclave or {})
             # The receipt names the measured enclave whatever the progress stream managed to report.
             enclave["image_digest"] = self._receipt_manifest(job)["enclave"]["image_digest"]
-            await self._aupdate(job, state=st.state, outputs_path=outputs_path, receipt=True, enclave=enclave)
+            extra: dict[str, Any] = {"review": unsent_review()} if st.state == "held" else {}
+            job = await self._aupdate(
+                job, state=st.state, outputs_path=outputs_path, receipt=True, enclave=enclave, **extra
+            )
             with contextlib.suppress(DCRError):
                 await self.backend.cleanup(job)
+            if job.state == "held":
+                await self.airlock_step(job)
         except JobEnded as e:  # cancelled while the result was collected
             self.log.info("DCR: %s", e)
         except Unavailable as e:
@@ -484,16 +520,168 @@ class JobManager:
         staging = dest.with_name(f".{job.id}.partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        for name in RECEIPT_FILES:
+        for name in RESULT_COPIES:
             if (result / name).is_file():
                 shutil.copyfile(result / name, staging / name)
         sealed = result / contract.SEALED_OUTPUTS_FILE
         if state != "held" and sealed.is_file():
             open_dir(sealed, staging / contract.OUTPUTS_DIR, self.keys.private(job.id), job.id)
+            if state == "released":
+                _check_released(result, staging / contract.OUTPUTS_DIR)
             # Beside outputs/: a copy named and marked as the run on the real data (see executed.py).
             write_marked_copy(staging, job.notebook, job.id, rel)
         staging.rename(dest)
         return rel
+
+    # -- the hub's airlock ----------------------------------------------------------------------------------
+
+    async def _airlock_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.airlock_poll_interval)
+            try:
+                for job in await self._db(self.store.in_review):
+                    await self.airlock_step(job)
+            except Exception:  # keep polling; one bad pass must not stop the loop
+                self.log.exception("DCR: airlock pass failed")
+
+    async def airlock_step(self, job: Job) -> None:
+        """Move a held job along the review: deliver its result to the hub's airlock, or ask how the
+        review stands, and take the outcome (released outputs, or the rejection) when there is one."""
+        if job.id in self._finishing:
+            return
+        self._finishing.add(job.id)
+        try:
+            review = dict(job.review or unsent_review())
+            try:
+                if review.get("status", "unsent") == "unsent" and job.state == "failed":
+                    sealed = self._job_dir(job.id) / "result" / contract.SEALED_FAILURE_FILE
+                    data = await asyncio.to_thread(sealed.read_bytes)
+                    doc = await self.grants.airlock_deliver_failure(job.id, data)
+                    self.log.info("DCR: the failure detail of %s is in the hub's airlock", job.id)
+                elif review.get("status", "unsent") == "unsent":
+                    body = await asyncio.to_thread(self._held_result_tar, job)
+                    doc = await self.grants.airlock_deliver(job.id, body)
+                    self.log.info("DCR: the held result of %s is in the hub's airlock", job.id)
+                else:
+                    doc = await self.grants.airlock_status(job.id)
+            except NotSupported as e:
+                await self._note_review(job, unsent_review(e.message))
+                return
+            except GrantRefused as e:
+                # 404 from a hub that lost the result: deliver again next time; otherwise say why.
+                await self._note_review(job, unsent_review(e.message))
+                return
+            except Unavailable as e:
+                self.log.warning("DCR: the airlock cannot be asked about %s now: %s", job.id, e)
+                return
+            new = _review(doc)
+            if job.state == "failed":  # the failure's detail: the job stays failed whatever is decided
+                if new["status"] == "released":
+                    detail = await self._take_failure_detail(job)
+                    await self._aupdate(job, review=new, failure={**(job.failure or {}), "detail": detail})
+                elif new != job.review:
+                    await self._aupdate(job, review=new)
+            elif new["status"] == "released":
+                await self._take_release(job, new)
+            elif new["status"] == "rejected":
+                reason = "the reviewers rejected the outputs" + (
+                    f": {new['comment']}" if new["comment"] else ""
+                )
+                await self._aupdate(
+                    job, state="rejected", review=new, failure={"reason": reason, "cell": None, "ename": None}
+                )
+            elif new != job.review:
+                await self._aupdate(job, review=new)
+        except JobEnded as e:
+            self.log.info("DCR: %s", e)
+        except DCRError as e:
+            self.log.error("DCR: the released outputs of %s could not be taken: %s", job.id, e)
+            with contextlib.suppress(JobEnded):
+                await self._aupdate(
+                    job,
+                    state="failed",
+                    failure=_failure(f"the released outputs could not be opened: {e.message}"),
+                )
+        finally:
+            self._finishing.discard(job.id)
+
+    async def _note_review(self, job: Job, review: dict[str, Any]) -> None:
+        if job.review != review:
+            await self._aupdate(job, review=review)
+
+    def _held_result_tar(self, job: Job) -> bytes:
+        result = self._job_dir(job.id) / "result"
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for name in HELD_RESULT_FILES:
+                p = result / name
+                if p.is_file() and not p.is_symlink():
+                    tf.add(p, arcname=name, recursive=False)
+        return buf.getvalue()
+
+    async def _take_failure_detail(self, job: Job) -> dict[str, str]:
+        """The released failure detail, opened with the job's key: the exception message and traceback."""
+        payload = await self.grants.airlock_release(job.id)
+
+        def opened() -> dict[str, str]:
+            with tempfile.TemporaryDirectory(dir=self._job_dir(job.id)) as scratch:
+                d = Path(scratch)
+                try:
+                    with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tf:
+                        member = tf.getmember(contract.SEALED_FAILURE_FILE)
+                        data = tf.extractfile(member)
+                        assert data is not None
+                        (d / "sealed").write_bytes(data.read(MAX_FAILURE_DETAIL))
+                except (tarfile.TarError, KeyError):
+                    raise DCRError("the released failure detail is not the expected archive") from None
+                open_file(d / "sealed", d / "detail.json", self.keys.private(job.id), job_id=job.id)
+                doc = json.loads((d / "detail.json").read_bytes())
+            if not isinstance(doc, dict):
+                raise DCRError("the released failure detail is not a JSON object")
+            return {
+                "evalue": str(doc.get("evalue", ""))[:MAX_FAILURE_DETAIL],
+                "traceback": _traceback_text(doc.get("traceback"))[:MAX_FAILURE_DETAIL],
+            }
+
+        return await asyncio.to_thread(opened)
+
+    async def _take_release(self, job: Job, review: dict[str, Any]) -> None:
+        payload = await self.grants.airlock_release(job.id)
+        result = self._job_dir(job.id) / "result"
+        await asyncio.to_thread(self._store_release, job, result, payload)
+        outputs_path = await asyncio.to_thread(self._open_result, job, result, "released")
+        await self._aupdate(job, state="released", outputs_path=outputs_path, review=review)
+        self.log.info("DCR: the outputs of %s were released by the reviewers", job.id)
+
+    def _store_release(self, job: Job, result: Path, payload: bytes) -> None:
+        """Put the released (re-sealed) outputs in place of the held ones, and open the reveal."""
+        if len(payload) > MAX_RELEASE_BYTES:
+            raise DCRError("the released result is too large")
+        wanted = {contract.SEALED_OUTPUTS_FILE, contract.SEALED_REVEAL_FILE}
+        staging = Path(tempfile.mkdtemp(dir=result.parent, prefix=".release-"))
+        try:
+            try:
+                with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tf:
+                    for m in tf:
+                        if m.name not in wanted or not m.isreg():
+                            raise DCRError(f"the released result holds an unexpected member {m.name[:80]!r}")
+                        data = tf.extractfile(m)
+                        assert data is not None
+                        (staging / m.name).write_bytes(data.read())
+            except tarfile.TarError:
+                raise DCRError("the released result is not a tar archive") from None
+            if {p.name for p in staging.iterdir()} != wanted:
+                raise DCRError("the released result lacks its outputs or their reveal")
+            open_file(
+                staging / contract.SEALED_REVEAL_FILE,
+                staging / contract.REVEAL_FILE,
+                self.keys.private(job.id),
+                job_id=job.id,
+            )
+            for name in (contract.SEALED_OUTPUTS_FILE, contract.SEALED_REVEAL_FILE, contract.REVEAL_FILE):
+                os.replace(staging / name, result / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     # -- queries and commands -------------------------------------------------------------------------------
 
@@ -647,7 +835,7 @@ class JobManager:
                 "receipt offline",
             )
         manifest = self._receipt_manifest(job)
-        held = job.state == "held" or manifest.get("release", {}).get("decision") == "held"
+        held = job.state == "held"
         checks = await asyncio.to_thread(self._check_result, job, result, not held)
         kind = str(manifest.get("enclave", {}).get("kind", ""))
         simulated = kind == "local" or _token_is_simulated(result / contract.TOKEN_FILE)
@@ -671,7 +859,7 @@ class JobManager:
         with tempfile.TemporaryDirectory(dir=self._job_dir(job.id), prefix=".verify-") as scratch:
             d = Path(scratch) / "receipt"
             d.mkdir()
-            for name in RECEIPT_FILES:
+            for name in RESULT_COPIES:
                 if (result / name).is_file():
                     shutil.copyfile(result / name, d / name)
             sealed = result / contract.SEALED_OUTPUTS_FILE
@@ -719,7 +907,7 @@ class JobManager:
         return new
 
     def _announce(self, new: Job, changes: dict[str, Any]) -> None:
-        if "state" in changes or "cell" in changes or "cells" in changes:
+        if "state" in changes or "cell" in changes or "cells" in changes or "review" in changes:
             self.emit(new)
         if "state" in changes:
             self.log.info("DCR: job %s is %s", new.id, new.state)
@@ -730,6 +918,58 @@ class JobManager:
         new = self.store.update(job.id, **changes)
         self._announce(new, changes)
         return new
+
+
+def unsent_review(note: str | None = None) -> dict[str, Any]:
+    """A held job's review before the hub's airlock has its result (``note``: why not yet)."""
+    return {
+        "status": "unsent",
+        "reviewers": [],
+        "required_approvals": 1,
+        "approvals": 0,
+        "comment": None,
+        "decided_at": None,
+        "note": note,
+    }
+
+
+def _review(doc: dict[str, Any]) -> dict[str, Any]:
+    """The hub's review status as the job keeps it (only the fields the API documents)."""
+
+    def text(v: Any) -> str | None:
+        return str(v)[:4000] if isinstance(v, str) and v else None
+
+    status = doc.get("status")
+    return {
+        "status": status if status in ("waiting", "released", "rejected") else "waiting",
+        "reviewers": [str(r)[:200] for r in doc.get("reviewers", []) if isinstance(r, str)][:50],
+        "required_approvals": int(doc.get("required_approvals") or 1),
+        "approvals": int(doc.get("approvals") or 0),
+        "comment": text(doc.get("comment")),
+        "decided_at": text(doc.get("decided_at")),
+        "note": None,
+    }
+
+
+def _traceback_text(value: Any) -> str:
+    if isinstance(value, list):
+        return "\n".join(str(v) for v in value)
+    return str(value or "")
+
+
+def _check_released(result: Path, outputs: Path) -> None:
+    """Released outputs must be exactly what the held receipt committed to (through the reveal)."""
+    manifest = json.loads((result / contract.RECEIPT_FILE).read_bytes())
+    commitment = manifest.get("release", {}).get("outputs_commitment")
+    if not isinstance(commitment, str):
+        raise DCRError("the receipt of released outputs commits to none")
+    entries = open_commitment((result / contract.REVEAL_FILE).read_bytes(), commitment)
+    files, problems = scan_outputs(outputs)
+    if problems:
+        raise DCRError("the released outputs hold something other than regular files")
+    got = {rel: tuple(reversed(hash_regular_file(p))) for rel, p in files.items()}
+    if got != {e.path: (e.size, e.sha256) for e in entries}:
+        raise DCRError("the released outputs are not the ones the receipt committed to")
 
 
 def _ended(state: str) -> bool:

@@ -63,6 +63,10 @@ class Job:
     receipt: bool = False
     #: ``{"kind", "simulated", "image_digest"}`` once known.
     enclave: dict[str, Any] | None = None
+    #: Held jobs: the airlock's review as the hub reports it (``{"status": "unsent"|"waiting"|"released"|
+    #: "rejected", "reviewers", "required_approvals", "approvals", "comment", "decided_at", "note"}``);
+    #: never anything of the outputs.
+    review: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -90,6 +94,7 @@ class Job:
             "outputs_path": self.outputs_path,
             "receipt": self.receipt,
             "enclave": self.enclave,
+            "review": self.review,
             "backend": self.backend.rsplit(".", 1)[-1],
         }
 

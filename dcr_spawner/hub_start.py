@@ -6,8 +6,10 @@ the hub application's ``handlers`` trait is assigned once, in ``init_handlers()`
 users, groups, roles and tokens are loaded and before the tornado application is built. The hook
 (:func:`arm_start_hook`) observes that assignment; then it validates the policy against the stores and the
 hub's groups, starts the grant service (keys, records database), runs the configured spawner's
-``dcr_check_at_start`` and adds the grant routes if ``enable(c)`` did not. Any refusal stops the hub
-(``app.exit(1)``) before it listens, with a line naming provider, dataset and trait.
+``dcr_check_at_start``, adds DCR's routes (grants, airlock, audit) if ``enable(c)`` did not and DCR's page
+templates to the hub's template loader; it starts the periodic copy of the platform's job
+events into the audit trail (``c.<Platform>.audit_interval``). Any refusal stops the hub (``app.exit(1)``)
+before it listens, with a line naming provider, dataset and trait.
 
 Finding the application takes two ways, because the hook is armed from two places:
 
@@ -26,17 +28,25 @@ used. Outside a hub (tests, tools) arming does nothing.
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
+from jinja2 import ChoiceLoader, FileSystemLoader
 from jupyterhub import orm
 from jupyterhub.apihandlers.base import API404
+from tornado.ioloop import PeriodicCallback
 from traitlets import TraitError
 from traitlets.config import Config
 
 from dcr_enclave.formats.errors import DCRError
 
-from .grant_service import SETTINGS_KEY, GrantService, GrantsHandler, routes
+from . import airlock_views, audit_views
+from .airlock import Airlock
+from .audit import ingest_platform_events
+from .grant_service import SETTINGS_KEY, GrantService, GrantsHandler
+from .grant_service import routes as grant_routes
 from .platform import make_server_args
 from .policy import DCRPolicy, Entitlement
 
@@ -86,8 +96,13 @@ class PolicySpawnerMixin:
         return [*super().get_args(), *make_server_args(self.dcr_server_config())]  # type: ignore[misc]
 
 
+def routes() -> list[tuple[str, type, dict[str, Any]]]:
+    """Every DCR route in the hub, relative to its prefix: the grant service's and the airlock's."""
+    return [*grant_routes(), *airlock_views.routes(), *audit_views.routes()]
+
+
 def grant_handlers() -> list[tuple[str, type, dict[str, Any]]]:
-    """The grant service's routes for ``c.JupyterHub.extra_handlers``; also arms the start hook."""
+    """DCR's routes for ``c.JupyterHub.extra_handlers``; also arms the start hook."""
     arm_start_hook()
     return routes()
 
@@ -149,6 +164,7 @@ def _on_hub_handlers(change: Any) -> None:
         service = GrantService.start(policy, groups)
         platform = policy.platform()
         platform.check_at_start()
+        airlock = Airlock.start(policy, service, platform)
         platform.check_datasets(policy, service.hub_key.thumbprint)
         check = getattr(app.spawner_class, "dcr_check_at_start", None)
         if callable(check):
@@ -167,5 +183,34 @@ def _on_hub_handlers(change: Any) -> None:
             "DCR: grant service routes added for %s (dcr_spawner.enable(c) not called)", spawner.__name__
         )
     app.tornado_settings[SETTINGS_KEY] = service
+    app.tornado_settings[airlock_views.SETTINGS_KEY] = airlock
+    add_templates(app.tornado_settings)
     app.tornado_settings["dcr_policy"] = policy
     set_active_policy(policy)
+    interval = float(getattr(platform, "audit_interval", 0) or 0)
+    if interval > 0:
+        ingest = PeriodicCallback(lambda: _ingest(app, service), interval * 1000)
+        ingest.start()
+        app.tornado_settings["dcr_audit_ingest"] = ingest
+
+
+async def _ingest(app: Any, service: GrantService) -> None:
+    """One periodic copy of the platform's job events into the audit trail, off the event loop."""
+    try:
+        await asyncio.to_thread(ingest_platform_events, service.db, service.policy.platform())
+    except Exception:  # a database outage: logged, retried at the next interval
+        app.log.exception("DCR: copying the enclave platform's events into the audit trail failed")
+
+
+#: DCR's pages (review, provider, receipt, audit), which extend the hub's ``page.html``.
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def add_templates(settings: dict[str, Any]) -> None:
+    """Let the hub's template environments find DCR's pages (after the hub's own, which they extend)."""
+    for key in ("jinja2_env", "jinja2_env_sync"):
+        env = settings.get(key)
+        if env is None or getattr(env, "_dcr_templates", False):
+            continue
+        env.loader = ChoiceLoader([env.loader, FileSystemLoader(str(TEMPLATES))])
+        env._dcr_templates = True

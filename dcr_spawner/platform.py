@@ -12,7 +12,10 @@ The hub configures one platform (``c.DCRPolicy.platform_class``; :class:`LocalEn
    them however the machine is laid out;
 3. **which of the hub's grants have ended** (:meth:`EnclavePlatform.ended`), so that a job that failed in a
    second stops counting against the researcher's concurrent-jobs quota at once instead of at its time
-   limit. A platform that cannot tell answers "none": the quota then errs on the side of counting.
+   limit. A platform that cannot tell answers "none": the quota then errs on the side of counting;
+4. **what happened to each job on the platform** (:meth:`EnclavePlatform.audit_events`): launches, key
+   releases and refusals, ends, which the hub copies into its audit trail
+   (:func:`dcr_spawner.audit.ingest_platform_events`). A platform that keeps no such record answers none.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from traitlets import List, TraitError, Unicode, validate
+from traitlets import Float, List, TraitError, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from dcr_enclave.formats.digests import check_digest
@@ -211,6 +214,29 @@ class EnclavePlatform(LoggingConfigurable):
         """Which of ``grant_ids`` belong to jobs that have ended (or can no longer run)."""
         return set()
 
+    audit_interval = Float(
+        10.0,
+        help="""Seconds between the hub's reads of the platform's job events (launch, key released or
+        refused, end) into its audit trail (``dcr_hub_audit``, as ``enclave.*`` events); 0 turns the
+        periodic read off (the audit views still read before they answer).
+
+        Example::
+
+            c.LocalEnclaveHost.audit_interval = 10
+
+        Security: the events are copied once each (the platform's cursor is stored with them); a longer
+        interval only delays them, it loses none while the platform keeps its journal.
+        """,
+    ).tag(config=True)
+
+    def audit_events(self, cursor: str) -> tuple[list[dict[str, Any]], str, bool] | None:
+        """The platform's job events after ``cursor`` ("" for the first read): ``(events, the cursor after
+        them, whether more are waiting)``, or ``None`` when the platform keeps no event record. Each event
+        has ``event`` (``launch``, ``key_released``, ``key_refused``, ``end``), ``time`` and structured
+        fields (``job_id``, ``grant_id``, ``dataset`` or ``datasets``, ``state``, ``reason_code``, ...).
+        Raises :class:`DCRError` when the platform cannot be asked now."""
+        return None
+
 
 class LocalEnclaveHost(EnclavePlatform):
     """This machine's ``dcr enclave-host`` (a simulated TEE), reached on its unix socket."""
@@ -305,6 +331,12 @@ class LocalEnclaveHost(EnclavePlatform):
                 )
                 self.log.error("%s", message)
                 print(message, file=sys.stderr, flush=True)
+
+    def audit_events(self, cursor: str) -> tuple[list[dict[str, Any]], str, bool] | None:
+        from dcr_enclave.platform.client import HostClient
+
+        page = HostClient(self.socket_path, timeout=10.0).events(cursor or None)
+        return page["events"], page["cursor"], page["more"]
 
     def ended(self, grant_ids: Sequence[str]) -> set[str]:
         from dcr_enclave.platform.client import HostClient

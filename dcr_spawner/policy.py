@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from jupyterhub.traitlets import ByteSpecification
-from traitlets import Dict, Integer, TraitError, Type, Unicode, validate
+from traitlets import Bool, Dict, Integer, TraitError, Type, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from dcr_enclave.formats import contract
@@ -596,6 +596,51 @@ class DCRPolicy(LoggingConfigurable):
         """,
     ).tag(config=True)
 
+    airlock_dir = Unicode(
+        "dcr-airlock",
+        help="""Where the airlock keeps held results until they are decided, relative to the hub's working
+        directory unless absolute; created owner-only (0700). It holds only what the enclave sealed (to the
+        airlock key) and the public receipts; outputs are opened in the hub's memory for reviewers and
+        re-sealed to the job's key on release, never written in the clear.
+
+        Example::
+
+            c.DCRPolicy.airlock_dir = "/srv/jupyterhub/dcr-airlock"
+
+        Security: together with ``airlock_key_file`` it opens every held output: keep both on the hub's own
+        disk, readable by the hub's account only.
+        """,
+    ).tag(config=True)
+
+    review_approvals = Integer(
+        1,
+        help="""How many distinct reviewers of each provider must approve a held job before its outputs are
+        released (1 to 5); set 2 for the two-person rule. A rejection by any one reviewer ends the job. The
+        job's author never counts, even when they are a reviewer.
+
+        Example::
+
+            c.DCRPolicy.review_approvals = 2
+
+        Security: with 2 or more, no single reviewer can release outputs alone; make sure each provider
+        names at least that many reviewers, or a group of at least that many people.
+        """,
+    ).tag(config=True)
+
+    admins_review = Bool(
+        False,
+        help="""Whether hub administrators may review every provider's held jobs (besides the reviewers the
+        providers name in ``providers``).
+
+        Example::
+
+            c.DCRPolicy.admins_review = True
+
+        Security: off by default, so that who decides what leaves a provider's enclave is the provider's
+        choice; turn it on only where the hub's operators are trusted to review for every provider.
+        """,
+    ).tag(config=True)
+
     db_url = Unicode(
         "sqlite:///dcr-hub.sqlite",
         help="""Database for the hub's DCR records (jobs granted, audit log), as a SQLAlchemy URL:
@@ -715,7 +760,14 @@ class DCRPolicy(LoggingConfigurable):
             raise PolicyError(f"{v!r} bytes is below the minimum of {MIN_MEMORY}", trait="memory_limit")
         return int(v)
 
-    @validate("hub_key_file", "airlock_key_file", "db_url")
+    @validate("review_approvals")
+    def _check_review_approvals(self, proposal: Any) -> int:
+        value = proposal["value"]
+        if not 1 <= value <= 5:
+            raise PolicyError(f"must be between 1 and 5, not {value}", trait="review_approvals")
+        return int(value)
+
+    @validate("hub_key_file", "airlock_key_file", "airlock_dir", "db_url")
     def _check_non_empty(self, proposal: Any) -> str:
         if not str(proposal["value"]).strip():
             raise PolicyError("must not be empty", trait=proposal["trait"].name)

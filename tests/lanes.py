@@ -37,8 +37,11 @@ CPU_LANE = (
     # Hubs and databases of their own on free ports, nothing the other lane looks at.
     "test_policy.py",
     "test_grant_service.py",
+    "test_audit.py",
     "test_layers.py",
     "test_manager.py",
+    "test_airlock.py",
+    "test_airlock_hub.py",
 )
 NO_TESTS = 5  # pytest's exit status when a selection holds no test
 

@@ -8,7 +8,11 @@ pins. Helpers also forge what an attacker would (raw tokens with any header, tes
 from __future__ import annotations
 
 import base64
+import io
 import json
+import secrets
+import tarfile
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,7 +27,8 @@ from cryptography.x509.oid import NameOID
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import canonical_json, sha256_bytes
 from dcr_enclave.formats.jwk import PrivateKey, jwks, public_jwk, thumbprint
-from dcr_enclave.formats.receipt import ReceiptManifest, build_manifest
+from dcr_enclave.formats.receipt import ReceiptManifest, build_manifest, make_reveal, output_commitment
+from dcr_enclave.formats.sealing import seal_bytes, seal_dir
 from dcr_enclave.pack.signing_keys import generate_key
 from dcr_enclave.platform.signer import local_claims, sign_token
 from dcr_enclave.runtime.receipt_writer import output_entries, write_receipt_dir
@@ -298,3 +303,77 @@ def make_pki(name: str = "Test Attestation Root", *, leaf_valid_days: float = 30
         not_after=now + timedelta(days=leaf_valid_days),
     )
     return Pki(root_key, root, inter, leaf_key, leaf)
+
+
+def held_result_tar(
+    tmp: Path,
+    granted: Mapping[str, Any],
+    signer: Signer,
+    *,
+    hub_thumbprint: str,
+    airlock_public: bytes,
+    outputs: Mapping[str, bytes],
+    sealed_outputs: Mapping[str, bytes] | None = None,
+    decision: str = "held",
+    seal_to: bytes | None = None,
+) -> bytes:
+    """The tar a researcher's server hands the hub's airlock for a held job, made as the enclave makes it:
+    a receipt over the real grant the hub issued (``granted``: its answer), attested by ``signer``, with the
+    outputs and the reveal of their commitment sealed to the airlock. ``sealed_outputs`` seals other bytes
+    than the receipt commits to (a forgery); ``seal_to`` another key than the airlock's."""
+    job_id = str(granted["job_id"])
+    work = Path(tempfile.mkdtemp(dir=tmp, prefix="held-"))
+    out_dir = work / "outputs"
+    out_dir.mkdir()
+    for rel, data in outputs.items():
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / rel).write_bytes(data)
+    entries = output_entries(out_dir)
+    reveal = make_reveal(entries, secrets.token_bytes(32))
+    token = str(granted["grant"])
+    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    held = decision == "held"
+    manifest = build_manifest(
+        job_id=job_id,
+        notebook="analysis.ipynb",
+        bundle_digest=claims["bundle_digest"],
+        enclave_kind="local",
+        image_digest=IMAGE_DIGEST,
+        hub_key_thumbprint=hub_thumbprint,
+        grant_token=token,
+        grant_claims=claims,
+        datasets=[
+            {
+                "provider": d["provider"],
+                "dataset": d["dataset"],
+                "version": d["version"],
+                "files": [{"name": "real.csv", "ciphertext_sha256": sha256_bytes(b"ciphertext")}],
+            }
+            for d in claims["datasets"]
+        ],
+        output_policy=sha256_bytes(b"limits"),
+        conditions={},
+        outputs=[] if held else entries,
+        violations=[],
+        release_mode="review",
+        decision=decision,
+        started_at=1_700_000_000,
+        finished_at=1_700_000_060,
+        outputs_commitment=output_commitment(reveal) if held else None,
+    )
+    result = work / "result"
+    target = seal_to or airlock_public
+    write_receipt_dir(result, manifest, signer.sign(receipt_claims(manifest)), signer.jwks())
+    sealed_dir = out_dir
+    if sealed_outputs is not None:
+        sealed_dir = work / "forged"
+        for rel, data in sealed_outputs.items():
+            (sealed_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (sealed_dir / rel).write_bytes(data)
+    seal_dir(sealed_dir, result / contract.SEALED_OUTPUTS_FILE, target, job_id)
+    seal_bytes(canonical_json(reveal), result / contract.SEALED_REVEAL_FILE, target, job_id=job_id)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for p in sorted(result.iterdir()):
+            tf.add(p, arcname=p.name)
+    return buf.getvalue()

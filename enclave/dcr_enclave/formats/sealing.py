@@ -302,3 +302,8 @@ def seal_dir(src_dir: Path, dest_file: Path, recipient_public: bytes, job_id: st
         _seal_stream(stream, stream.size, Path(dest_file), recipient_public, job_id, KIND_TAR)
     except OSError as e:
         raise DCRError(f"cannot seal {src_dir}: {e.strerror} ({e.filename})") from None
+
+
+def seal_tar_payload(payload: bytes, dest: Path, recipient_public: bytes, *, job_id: str) -> None:
+    """Seal the bytes of a tar already made (an opened sealed directory, re-sealed to another recipient)."""
+    _seal_stream(io.BytesIO(payload), len(payload), Path(dest), recipient_public, job_id, KIND_TAR)

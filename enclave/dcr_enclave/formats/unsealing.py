@@ -8,10 +8,12 @@ before anything appears at its destination.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
 
 from dcr_enclave.formats import streamcrypt
 from dcr_enclave.formats.contract import check_job_id
@@ -181,3 +183,57 @@ def _write_member(tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path, label: 
             out.write(piece)
             left -= len(piece)
         os.fchmod(out.fileno(), m.mode & 0o755)
+
+
+class _BoundedBuffer(io.BytesIO):
+    """Where an opened stream lands in memory; refuses to grow past ``limit`` bytes."""
+
+    def __init__(self, limit: int, label: str) -> None:
+        super().__init__()
+        self.limit = limit
+        self.label = label
+
+    def write(self, data: Any, /) -> int:
+        if self.tell() + len(data) > self.limit:
+            raise LimitError(f"{self.label} opens to more than {self.limit} bytes")
+        return super().write(data)
+
+
+def open_to_memory(src: Path, recipient_private: bytes, *, job_id: str, tar: bool, max_bytes: int) -> bytes:
+    """Open a sealed file (or, with ``tar``, a sealed directory's tar) into memory, never onto disk.
+
+    For whoever may read outputs but must not keep them (the hub's airlock shows held outputs to
+    reviewers and re-seals them on release). Everything authenticates before the bytes are returned.
+    """
+    out = _BoundedBuffer(max_bytes, str(src))
+    with streamcrypt.open_source(Path(src)) as fin:
+        _open_stream(fin, out, recipient_private, job_id, KIND_TAR if tar else KIND_FILE, str(src))
+    return out.getvalue()
+
+
+def tar_members(payload: bytes, label: str, *, max_files: int = MAX_MEMBERS) -> dict[str, bytes]:
+    """The regular files of an opened sealed directory's tar, by path, checked as :func:`open_dir` checks
+    them (names, types, duplicates); directories are implied by the paths."""
+    files: dict[str, bytes] = {}
+    seen: set[str] = set()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(payload), mode="r:", encoding="utf-8", errors="strict") as tf:
+            for m in tf:
+                name = check_member_name(m.name, label)
+                if name in seen:
+                    raise DCRError(f"{label}: the member {name!r} appears twice")
+                seen.add(name)
+                if len(seen) > max_files:
+                    raise LimitError(f"{label} holds more than {max_files} members")
+                if m.type == tarfile.DIRTYPE:
+                    continue
+                if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                    raise DCRError(f"{label}: refusing the member {name!r}: not a regular file or directory")
+                data = tf.extractfile(m)
+                assert data is not None
+                files[name] = data.read(m.size)
+                if len(files[name]) != m.size:
+                    raise IntegrityError(f"{label}: the member {name!r} is cut short")
+    except tarfile.TarError as e:
+        raise IntegrityError(f"{label}: the sealed directory is not a well-formed tar: {e}") from None
+    return files

@@ -34,10 +34,29 @@ from dcr_enclave.formats.grant import verify_grant
 from dcr_enclave.platform.condition import KeyReleaseCondition
 from dcr_enclave.platform.condition_cel import evaluate
 from dcr_enclave.platform.grant_ledger import GrantLedger
+from dcr_enclave.platform.journal import HostJournal
 from dcr_enclave.platform.key_store import KeyDirectory, check_private_dir
 from dcr_enclave.verify.token import verify_token
 
 CHALLENGE_TTL = 120.0
+#: The kinds of key-release refusal, as ``key_refused`` records carry them (``reason_code``): which check
+#: failed, never the refusal's text.
+REFUSAL_CODES = (
+    "request",  # malformed: names, no wrapped key, no hub JWKS
+    "challenge",  # unknown, expired or used challenge (replay)
+    "attestation",  # the token does not verify or is not this job's
+    "grant",  # the grant does not verify, was not launched for this job, or does not name the version
+    "condition",  # the provider's condition does not hold, or cannot be read
+    "unwrap",  # the data key could not be unwrapped
+)
+
+
+class _Refused(DCRError):
+    """A key-release refusal with the :data:`REFUSAL_CODES` kind of the check that failed."""
+
+    def __init__(self, code: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
 
 
 @dataclass
@@ -83,10 +102,13 @@ def _log_value(value: Any) -> str:
 
 class AuditLog:
     """Append-only JSON-lines log, owner-only; one line per decision or job event, each also logged
-    (:func:`log_line`) to the host's log."""
+    (:func:`log_line`) to the host's log, and the job events with their structured fields only (no free
+    text) to the host's event journal when there is one (:class:`~dcr_enclave.platform.journal.HostJournal`,
+    which the hub reads into its audit trail)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, journal: HostJournal | None = None) -> None:
         self.path = path
+        self.journal = journal
         self._lock = threading.Lock()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.close(fd)
@@ -99,6 +121,8 @@ class AuditLog:
                 os.write(fd, line.encode())
             finally:
                 os.close(fd)
+            if self.journal is not None:
+                self.journal.append(event, **fields)
         log.log(logging.WARNING if event == "key_refused" else logging.INFO, "%s", log_line(event, fields))
 
 
@@ -164,13 +188,17 @@ class KeyBroker:
         try:
             key, detail = self._decide(req, job_id)
         except DCRError as e:
-            self.audit.write("key_refused", reason=str(e), **who)
+            code = e.code if isinstance(e, _Refused) else "request"
+            self.audit.write("key_refused", reason=str(e), reason_code=code, **who)
             raise
         self.audit.write("key_released", **who, **detail)
         return key, detail["condition_digest"]
 
     def _decide(self, req: dict[str, Any], job_id: str) -> tuple[bytes, dict[str, Any]]:
-        challenge = self._consume_challenge(req.get("challenge"), job_id)
+        try:
+            challenge = self._consume_challenge(req.get("challenge"), job_id)
+        except DCRError as e:
+            raise _Refused("challenge", e.message) from None
         provider = contract.check_name(req.get("provider"), "provider")  # type: ignore[arg-type]
         dataset = contract.check_name(req.get("dataset"), "dataset")  # type: ignore[arg-type]
         version = req.get("version")
@@ -186,10 +214,10 @@ class KeyBroker:
                 verify_exp=True,
             )
         except DCRError as e:
-            raise DCRError(f"key release refused: attestation token: {e}") from None
+            raise _Refused("attestation", f"key release refused: attestation token: {e}") from None
         env = claims.env
         if env.get(contract.ENV.JOB_ID) != job_id:
-            raise DCRError("key release refused: the token is not for this job")
+            raise _Refused("attestation", "key release refused: the token is not for this job")
         hub_tp = env.get(contract.ENV.HUB_KEY_THUMBPRINT, "")
         hub_jwks = req.get("hub_jwks")
         if not isinstance(hub_jwks, list):
@@ -203,13 +231,20 @@ class KeyBroker:
                 bundle_digest=env.get(contract.ENV.BUNDLE_DIGEST),
             )
         except DCRError as e:
-            raise DCRError(f"key release refused: {e}") from None
+            raise _Refused("grant", f"key release refused: {e}") from None
         if self.ledger is not None and self.ledger.job_for(g.grant_id) != job_id:
-            raise DCRError("key release refused: this grant was not launched for this job on this host")
+            raise _Refused(
+                "grant", "key release refused: this grant was not launched for this job on this host"
+            )
         granted = {(d.provider, d.dataset): d.version for d in g.datasets}
         if granted.get((provider, dataset)) != version:
-            raise DCRError(f"key release refused: the grant does not name {provider}/{dataset} at {version}")
-        cond = self.condition(provider, dataset)
+            raise _Refused(
+                "grant", f"key release refused: the grant does not name {provider}/{dataset} at {version}"
+            )
+        try:
+            cond = self.condition(provider, dataset)
+        except DCRError as e:
+            raise _Refused("condition", e.message, hint=e.hint) from None
         request = {
             "provider": provider,
             "dataset": dataset,
@@ -219,12 +254,16 @@ class KeyBroker:
         }
         decision = evaluate(cond.to_json(), claims.payload, request)
         if not decision.allowed:
-            raise DCRError(
-                "key release refused: the provider's condition does not hold: " + "; ".join(decision.failed)
+            raise _Refused(
+                "condition",
+                "key release refused: the provider's condition does not hold: " + "; ".join(decision.failed),
             )
         wrapped = req.get("wrapped_key")
         if not isinstance(wrapped, dict):
             raise DCRError("key release refused: no wrapped data key in the request")
-        key = self.keys.unwrap(wrapped, provider, dataset, str(version))
+        try:
+            key = self.keys.unwrap(wrapped, provider, dataset, str(version))
+        except DCRError as e:
+            raise _Refused("unwrap", e.message, hint=e.hint) from None
         detail = {"grant_id": g.grant_id, "user": g.user, "image_digest": claims.image_digest}
         return key, {**detail, "condition_digest": cond.digest}

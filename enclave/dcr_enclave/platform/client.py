@@ -79,6 +79,12 @@ class HostClient:
         ``"ended"``: its job ended (held included), or the host no longer knows it (restarted)."""
         return self.call("grant_states", grant_ids=list(grant_ids))["states"]
 
+    def events(self, after: str | None = None) -> dict[str, Any]:
+        """Root only (the hub's audit trail): the host's journalled job events after the cursor ``after``
+        (none: from the start), a page at a time: ``{"events": [...], "cursor": str, "more": bool}``."""
+        reply = self.call("events", after=after)
+        return {"events": reply["events"], "cursor": reply["cursor"], "more": bool(reply.get("more"))}
+
     def watch(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Yield the job's current state, then each change as it happens, ending with the final state."""
         with self._connect(None) as s:

@@ -12,11 +12,14 @@ It is a **simulation**: the same code paths and process isolation, no memory enc
 
 Clients talk to it on a unix socket with one JSON object per line (see :mod:`dcr_enclave.platform.client`).
 Launching needs a grant signed by a hub key the host trusts; every other request about a job is answered
-only to root or the account that launched it (checked with ``SO_PEERCRED``), and ``grant_states`` only to
-root.
+only to root or the account that launched it (checked with ``SO_PEERCRED``), and ``grant_states`` and
+``events`` only to root.
 
 Each job event (launch, key release, end) is an audit record and one log line,
-``job=<id> event=<name> key=value ...`` (see :func:`dcr_enclave.platform.broker.log_line`).
+``job=<id> event=<name> key=value ...`` (see :func:`dcr_enclave.platform.broker.log_line`), and an entry
+of the event journal ``<state>/events.jsonl`` (:mod:`dcr_enclave.platform.journal`: structured fields
+only, with a host-run id and a sequence number), which the hub reads with the root-only ``events`` op
+(``{"after": cursor}`` -> ``{"events", "cursor", "more"}``) into its audit trail.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from dcr_enclave.pack.signing_keys import load_or_create_key
 from dcr_enclave.platform.broker import AuditLog, KeyBroker
 from dcr_enclave.platform.cgroups import JobCgroup
 from dcr_enclave.platform.grant_ledger import GrantLedger
+from dcr_enclave.platform.journal import HostJournal
 from dcr_enclave.platform.key_store import check_private_dir
 from dcr_enclave.platform.measure import (
     MEASURED_PARTS,
@@ -232,7 +236,8 @@ class EnclaveHost:
             (sd / sub).mkdir(exist_ok=True)
             os.chmod(sd / sub, mode)
         self.ledger = GrantLedger(sd / "grants.log")
-        self.audit = AuditLog(sd / "audit.log")
+        self.journal = HostJournal(sd / "events.jsonl")
+        self.audit = AuditLog(sd / "audit.log", self.journal)
         self.sweep()
         self.signer = load_or_create_key(sd / "signer.pem", "RS256", owner_only=True)
         _write_public(sd / "public" / "jwks.json", json.dumps(jwks(self.signer), indent=2))
@@ -444,6 +449,10 @@ class EnclaveHost:
             return {"ok": True, "jobs": mine}
         if op == "grant_states":
             return {"ok": True, "states": self.grant_states(msg.get("grant_ids"), uid)}
+        if op == "events":
+            if uid != 0:  # the same answer whatever was asked
+                raise DCRError("not allowed: events are answered only to root")
+            return {"ok": True, **self.journal.read(msg.get("after"))}
         raise DCRError(f"unknown request {op!r}")
 
     def grant_states(self, grant_ids: Any, uid: int) -> dict[str, str]:
@@ -510,7 +519,14 @@ class EnclaveHost:
                 del self.jobs[g.job_id], self.by_grant[g.grant_id]
             shutil.rmtree(spool, ignore_errors=True)
             raise DCRError(f"launch refused: {e}") from None
-        self.audit.write("launch", job_id=g.job_id, grant_id=g.grant_id, user=g.user, owner_uid=uid)
+        self.audit.write(
+            "launch",
+            job_id=g.job_id,
+            grant_id=g.grant_id,
+            user=g.user,
+            owner_uid=uid,
+            datasets=[f"{d.provider}/{d.dataset}" for d in g.datasets],
+        )
         # This thread starts the supervisor and waits for it: the supervisor's parent-death signal is tied
         # to it, so it must live exactly as long as the job.
         job.thread = threading.Thread(target=self._run, args=(job,), daemon=True, name=f"job-{g.job_id}")
