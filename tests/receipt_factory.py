@@ -355,6 +355,7 @@ def held_result_tar(
         conditions={},
         outputs=[] if held else entries,
         violations=[],
+        disclosure=[],
         release_mode="review",
         decision=decision,
         started_at=1_700_000_000,
