@@ -398,7 +398,6 @@ class GrantService:
         policy = self.policy
         assert req.job_id is not None and req.output_public_key is not None
         grant_id = contract.new_grant_id()
-        review = any(d.release == "review" for d in datasets)
         try:
             token = issue_grant(
                 self.hub_key.private,
@@ -410,7 +409,9 @@ class GrantService:
                 output_limits=policy.limits(),
                 time_limit=policy.time_limit,
                 memory_bytes=policy.memory_limit,
-                airlock_public_key=self.airlock_key.public if review else None,
+                # Every grant: outputs with disclosure findings are held for review under "auto" too.
+                airlock_public_key=self.airlock_key.public,
+                disclosure=policy.disclosure_rules(d.key for d in datasets),
                 grant_id=grant_id,
                 now=now,
             )

@@ -31,11 +31,11 @@ from dcr_enclave.formats import contract
 from dcr_enclave.formats.dataset import DatasetVersion, Protection
 from dcr_enclave.formats.digests import DIGEST_RE
 from dcr_enclave.formats.errors import DCRError
-from dcr_enclave.formats.grant import RELEASE_MODES, OutputLimits
+from dcr_enclave.formats.grant import RELEASE_MODES, DisclosureRules, OutputLimits
 from dcr_enclave.pack.store import Store
 
 _DATASET_KEYS: Final = frozenset(
-    {"version", "store", "release", "entitled", "synthetic", "description", "fidelity_report"}
+    {"version", "store", "release", "entitled", "synthetic", "description", "fidelity_report", "disclosure"}
 )
 _ENTITLED_KEYS: Final = frozenset({"users", "groups"})
 _PROVIDER_KEYS: Final = frozenset({"name", "reviewers"})
@@ -125,6 +125,8 @@ class DatasetSpec:
     synthetic: Mapping[str, str] | None = None
     #: The researcher-facing fidelity report (HTML or JSON) of the version, when the admin names one.
     fidelity_report: Path | None = None
+    #: The dataset's own disclosure-check thresholds (over ``c.DCRPolicy.disclosure_checks``), if any.
+    disclosure: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,10 @@ def parse_dataset(ref: Any, spec: Any) -> DatasetSpec:
                 ref=ref,
                 hint="name the <file>.fidelity-researchers.html that `dcr provider add --report-epsilon` wrote",
             )
+    disclosure = spec.get("disclosure")
+    if disclosure is not None:
+        _disclosure_rules(disclosure, _trait(ref, "disclosure"), ref)
+        disclosure = dict(disclosure)
     return DatasetSpec(
         ref=ref,
         provider=provider,
@@ -255,7 +261,16 @@ def parse_dataset(ref: Any, spec: Any) -> DatasetSpec:
         groups=_name_list(entitled.get("groups"), _trait(ref, "entitled", "groups"), ref),
         synthetic=synthetic,
         fidelity_report=Path(report) if report is not None else None,
+        disclosure=disclosure,
     )
+
+
+def _disclosure_rules(value: Any, trait: str, ref: str | None = None) -> DisclosureRules:
+    """Check a ``disclosure`` dict (the keys of :class:`DisclosureRules`, each optional)."""
+    try:
+        return DisclosureRules.from_json(dict(value) if isinstance(value, Mapping) else value, "disclosure")
+    except DCRError as e:
+        raise PolicyError(e.message, trait=trait, ref=ref, hint=e.hint) from None
 
 
 def parse_provider(provider: Any, spec: Any) -> ProviderSpec:
@@ -468,6 +483,31 @@ class DCRPolicy(LoggingConfigurable):
 
         Security: limits bound how much can leave, not what it says. Small limits and an allow-list of
         types make a reviewer's work possible; they do not replace review.
+        """,
+    ).tag(config=True)
+
+    disclosure_checks = Dict(
+        help="""Thresholds of the enclave's automated disclosure checks on the tables (CSV, TSV) a job
+        brings out: ``min_cell_count`` (default 10: a count below it in a frequency table is a finding),
+        ``dominance_min_contributors`` (default 3: a row of a magnitude table, mean or sum beside a
+        count, with fewer contributors is a finding) and ``allow_extremes`` (default false: minimum and
+        maximum statistics, single records' values, are a finding). A dataset's own ``"disclosure"``
+        entry overrides these for it; a job's grant carries the strictest values over its datasets
+        (highest thresholds, extremes only if every dataset allows them). Outputs with a finding are held
+        for review even under ``"auto"``; reviewers see the details, the researcher only the kinds.
+
+        Example::
+
+            c.DCRPolicy.disclosure_checks = {
+                "min_cell_count": 5,
+                "dominance_min_contributors": 5,
+                "allow_extremes": False,
+            }
+
+        Security: the checks catch tables that are plainly disclosive, written in the forms they know;
+        a notebook that wants to can write a value in a form no rule recognises. They are a floor under
+        ``"auto"``, not a substitute for review. Each kind of finding is one public bit of the receipt
+        that the notebook chooses.
         """,
     ).tag(config=True)
 
@@ -684,6 +724,12 @@ class DCRPolicy(LoggingConfigurable):
             )
         return value
 
+    @validate("disclosure_checks")
+    def _check_disclosure_checks(self, proposal: Any) -> dict[str, Any]:
+        value = dict(proposal["value"])
+        _disclosure_rules(value, "disclosure_checks")
+        return value
+
     @validate("quotas")
     def _check_quotas(self, proposal: Any) -> dict[str, Any]:
         value = dict(proposal["value"])
@@ -760,6 +806,16 @@ class DCRPolicy(LoggingConfigurable):
             max_bytes=ol.get("max_bytes", d.max_bytes),
             allowed_suffixes=tuple(s.lower() for s in ol.get("allowed_suffixes", d.allowed_suffixes)),
         )
+
+    def disclosure_rules(self, refs: Iterable[str]) -> DisclosureRules:
+        """The disclosure thresholds for a job over ``refs``: for each dataset its own entry over
+        ``disclosure_checks`` over the enclave's defaults, and the strictest of those across the datasets."""
+        rules = []
+        for ref in refs:
+            spec = self.spec(ref)
+            own = (spec.disclosure if spec is not None else None) or {}
+            rules.append(DisclosureRules.from_json({**self.disclosure_checks, **own}))
+        return DisclosureRules.strictest(rules)
 
     def quota(self, name: str) -> int:
         return int(self.quotas.get(name, DEFAULT_QUOTAS[name]))

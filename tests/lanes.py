@@ -32,6 +32,7 @@ CPU_LANE = (
     "test_attestation.py",
     "test_sealing.py",
     "test_verify.py",
+    "test_disclosure.py",
     "test_kube_spawner.py",
     # Hubs and databases of their own on free ports, nothing the other lane looks at.
     "test_policy.py",

@@ -36,7 +36,7 @@ from sqlalchemy import update
 
 from dcr_enclave.formats import contract, sealing
 from dcr_enclave.formats.errors import DCRError
-from dcr_enclave.formats.grant import Grant, verify_grant
+from dcr_enclave.formats.grant import DisclosureRules, Grant, verify_grant
 from dcr_enclave.pack.store import Store
 from dcr_server_ext.errors import Unavailable
 from dcr_server_ext.grant_sources import GrantRefused, HubGrantSource
@@ -182,12 +182,26 @@ def test_grant_binds_user_job_datasets_and_limits(make_service: Callable[..., Cl
     assert (event.event, event.status, event.grant_id) == ("grant.issued", 201, out["grant_id"])
 
 
-def test_auto_only_grant_has_no_airlock_key(make_service: Callable[..., Clocked]) -> None:
-    """A grant over ``auto`` datasets only carries no airlock key: outputs go to the researcher's key."""
-    c = make_service()
+def test_auto_only_grant_carries_the_airlock_key_and_disclosure_thresholds(
+    make_service: Callable[..., Clocked],
+) -> None:
+    """A grant over ``auto`` datasets only carries the airlock key too (outputs with disclosure findings
+    are held for review) and the policy's disclosure thresholds, the dataset's own over the global ones."""
+    c = make_service(disclosure_checks={"min_cell_count": 7, "allow_extremes": True})
     out = c.issue("bob", {"researchers"}, _body(["globex/visits"]))
     g = _verify(out["grant"], c.service.hub_key.jwks(), now=T0)
-    assert g.release_mode == "auto" and g.airlock_public_key is None
+    assert g.release_mode == "auto"
+    assert (
+        g.airlock_public_key == base64.urlsafe_b64encode(c.service.airlock_key.public).rstrip(b"=").decode()
+    )
+    assert g.disclosure == DisclosureRules(
+        min_cell_count=7, dominance_min_contributors=3, allow_extremes=True
+    )
+    assert g.claims()["disclosure"] == {
+        "min_cell_count": 7,
+        "dominance_min_contributors": 3,
+        "allow_extremes": True,
+    }
 
 
 def test_grant_ids_are_unique(make_service: Callable[..., Clocked]) -> None:

@@ -849,7 +849,7 @@ def test_output_violations_never_name_files(
     out = tmp_path / "out"
     host.client.result(job_id, out)
     receipt = json.loads((out / contract.RECEIPT_FILE).read_text())
-    assert receipt["output_check"] == {"passed": False, "violations": expected}
+    assert receipt["output_check"] == {"passed": False, "violations": expected, "disclosure": []}
     assert receipt["release"]["decision"] == "rejected"
     assert receipt["outputs"] == []
     assert not (out / contract.SEALED_OUTPUTS_FILE).exists()

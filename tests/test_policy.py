@@ -23,7 +23,7 @@ from hub_harness import (
 from traitlets.config import Config
 
 from dcr_enclave.formats.errors import DCRError
-from dcr_enclave.formats.grant import OutputLimits
+from dcr_enclave.formats.grant import DisclosureRules, OutputLimits
 from dcr_enclave.formats.jwk import public_jwk, thumbprint
 from dcr_enclave.pack.signing_keys import generate_key, read_private_key, write_private_key
 from dcr_spawner import DCRPolicy, PolicyError, enable
@@ -103,6 +103,27 @@ def test_policy_loads_from_hub_config(stores: Stores) -> None:
     assert (policy.memory_limit, policy.time_limit) == (2 * 2**30, 900)
 
 
+def test_disclosure_thresholds_are_the_strictest_over_the_jobs_datasets(stores: Stores) -> None:
+    """A dataset's own thresholds override the global ones for it; a job over several datasets gets the
+    highest thresholds, and extremes only if every dataset allows them; no setting: the enclave's
+    defaults."""
+    assert DCRPolicy().disclosure_rules(["acme/insurance"]) == DisclosureRules()
+    a = dataset_entry(stores.insurance, stores.root, users=["alice"])
+    b = dataset_entry(stores.visits, stores.root, users=["alice"])
+    a["disclosure"] = {"min_cell_count": 20, "allow_extremes": True}
+    b["disclosure"] = {"dominance_min_contributors": 2, "allow_extremes": True}
+    policy = DCRPolicy(
+        datasets={"acme/insurance": a, "globex/visits": b},
+        disclosure_checks={"min_cell_count": 5, "dominance_min_contributors": 4},
+    )
+    assert policy.disclosure_rules(["acme/insurance"]) == DisclosureRules(20, 4, True)
+    assert policy.disclosure_rules(["globex/visits"]) == DisclosureRules(5, 2, True)
+    assert policy.disclosure_rules(["acme/insurance", "globex/visits"]) == DisclosureRules(20, 4, True)
+    del b["disclosure"]["allow_extremes"]
+    policy = DCRPolicy(datasets={"acme/insurance": a, "globex/visits": b})
+    assert policy.disclosure_rules(["acme/insurance", "globex/visits"]) == DisclosureRules(20, 3, False)
+
+
 def test_release_defaults_to_review(stores: Stores) -> None:
     """A dataset whose entry does not say how outputs are released is under review (the safe default)."""
     entry = dataset_entry(stores.insurance, stores.root, users=["alice"])
@@ -140,6 +161,9 @@ BAD_ENTRIES = [
     ("acme/insurance", {"colour": "red"}, "datasets['acme/insurance']", "unknown key(s) ['colour']"),
     ("acme/insurance", {"fidelity_report": "r.html"}, "['fidelity_report']", "not an absolute path"),
     ("acme/insurance", {"fidelity_report": "/r/real.csv"}, "['fidelity_report']", "(.html or .json)"),
+    ("acme/insurance", {"disclosure": {"min_cell_count": 0}}, "['disclosure']", "min_cell_count"),
+    ("acme/insurance", {"disclosure": {"allow_extremes": "yes"}}, "['disclosure']", "allow_extremes"),
+    ("acme/insurance", {"disclosure": {"k": 5}}, "['disclosure']", "unknown key(s) ['k']"),
 ]
 
 
@@ -170,6 +194,9 @@ def test_malformed_dataset_entries_are_refused(
         ("time_limit", 5, "c.DCRPolicy.time_limit"),
         ("memory_limit", "1M", "c.DCRPolicy.memory_limit"),
         ("hub_key_file", " ", "c.DCRPolicy.hub_key_file"),
+        ("disclosure_checks", {"min_cell_count": -3}, "c.DCRPolicy.disclosure_checks"),
+        ("disclosure_checks", {"dominance_min_contributors": True}, "dominance_min_contributors"),
+        ("disclosure_checks", {"min_count": 5}, "unknown key(s) ['min_count']"),
     ],
 )
 def test_malformed_limits_are_refused(trait: str, value: Any, message: str) -> None:

@@ -49,6 +49,7 @@ LINE_RE = re.compile(r"^(PASS|FAIL) ([^:]+): (.*)$")
 ALWAYS = [
     "files",
     "manifest schema",
+    "disclosure checks",
     "output digests",
     "no output added",
     "no output removed",

@@ -196,8 +196,14 @@ FAILURE_FILE: Final = "failure.json"
 #: as :data:`REVEAL_FILE` beside the receipt).
 SEALED_REVEAL_FILE: Final = "outputs-reveal.sealed"
 REVEAL_FILE: Final = "outputs-reveal.json"
-#: Refused outputs under review: the output check's exact figures, sealed to the reviewers only.
+#: Refused or held outputs whose grant names an airlock key: the output check's exact figures and the
+#: disclosure findings (file, row, column, value, rule, threshold) as
+#: ``{"violations": [...], "disclosure": [...]}``, sealed to the reviewers only.
 SEALED_CHECK_FILE: Final = "output-check.sealed"
+#: A failed job with an airlock key in its grant: the full failure (cell, exception type and value, the
+#: traceback without terminal codes, size-bounded), sealed to the reviewers only; the public report
+#: (:data:`FAILURE_FILE`, the progress channel) stays the cell index and a built-in exception type.
+SEALED_FAILURE_FILE: Final = "failure-detail.sealed"
 #: Under review, job end times are rounded up to this many seconds unless the platform says otherwise.
 DEFAULT_TIME_QUANTUM: Final = 60.0
 

@@ -25,6 +25,8 @@ MAX_GRANT_BYTES = 16 * 1024
 #: Clock skew tolerated between the hub and the enclave.
 LEEWAY_SECONDS = 60
 RELEASE_MODES = ("auto", "review")
+#: The keys of the grant's ``disclosure`` claim (see :class:`DisclosureRules`).
+DISCLOSURE_KEYS = ("min_cell_count", "dominance_min_contributors", "allow_extremes")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,63 @@ class OutputLimits:
         except KeyError as e:
             raise DCRError(f"grant output_limits lacks {e.args[0]!r}") from None
         return lim
+
+
+@dataclass(frozen=True)
+class DisclosureRules:
+    """Thresholds of the enclave's statistical disclosure checks on tables
+    (:mod:`dcr_enclave.runtime.disclosure`). The defaults here are the enclave's when a grant carries no
+    ``disclosure`` claim; the hub writes the strictest of its policy's and the job's datasets' values."""
+
+    #: A count ``0 < n < min_cell_count`` in a frequency table is a finding.
+    min_cell_count: int = 10
+    #: A row of a magnitude table with fewer contributors than this is a finding.
+    dominance_min_contributors: int = 3
+    #: Whether minimum and maximum statistics (single records' values) may leave without review.
+    allow_extremes: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "min_cell_count": self.min_cell_count,
+            "dominance_min_contributors": self.dominance_min_contributors,
+            "allow_extremes": self.allow_extremes,
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, what: str = "grant disclosure") -> DisclosureRules:
+        """Parse (and check) a ``disclosure`` object; absent keys take the defaults."""
+        if not isinstance(d, dict):
+            raise DCRError(f"{what} must be an object")
+        unknown = set(d) - set(DISCLOSURE_KEYS)
+        if unknown:
+            raise DCRError(
+                f"{what} has unknown key(s) {sorted(unknown)}", hint=f"known: {', '.join(DISCLOSURE_KEYS)}"
+            )
+        base = cls()
+        allow = d.get("allow_extremes", base.allow_extremes)
+        if not isinstance(allow, bool):
+            raise DCRError(f"{what}.allow_extremes must be true or false")
+        return cls(
+            min_cell_count=_pos_int(d.get("min_cell_count", base.min_cell_count), f"{what}.min_cell_count"),
+            dominance_min_contributors=_pos_int(
+                d.get("dominance_min_contributors", base.dominance_min_contributors),
+                f"{what}.dominance_min_contributors",
+            ),
+            allow_extremes=allow,
+        )
+
+    @classmethod
+    def strictest(cls, rules: Any) -> DisclosureRules:
+        """The strictest combination of ``rules`` (an iterable of :class:`DisclosureRules`): the highest
+        thresholds, extremes allowed only if every one allows them. No rules: the defaults."""
+        rules = list(rules)
+        if not rules:
+            return cls()
+        return cls(
+            min_cell_count=max(r.min_cell_count for r in rules),
+            dominance_min_contributors=max(r.dominance_min_contributors for r in rules),
+            allow_extremes=all(r.allow_extremes for r in rules),
+        )
 
 
 @dataclass(frozen=True)
@@ -109,11 +168,19 @@ class Grant:
     output_limits: OutputLimits = field(default_factory=OutputLimits)
     time_limit: int = 3600
     memory_bytes: int = 4 * 2**30
-    #: X25519 key of the hub's airlock (base64url): where outputs under review are sealed.
+    #: X25519 key of the hub's airlock (base64url): where held outputs (under review, or with disclosure
+    #: findings) and reviewers' details are sealed.
     airlock_public_key: str | None = None
+    #: The disclosure checks' thresholds as the hub granted them; ``None``: the claim is absent.
+    disclosure: DisclosureRules | None = None
     issued_at: int = 0
     expires_at: int = 0
     token: str = ""
+
+    @property
+    def disclosure_rules(self) -> DisclosureRules:
+        """The thresholds the enclave applies: the grant's, else the defaults."""
+        return self.disclosure or DisclosureRules()
 
     @property
     def release_mode(self) -> str:
@@ -134,6 +201,7 @@ class Grant:
             "time_limit": self.time_limit,
             "memory_bytes": self.memory_bytes,
             **({"airlock_key": self.airlock_public_key} if self.airlock_public_key else {}),
+            **({"disclosure": self.disclosure.to_json()} if self.disclosure is not None else {}),
             "iat": self.issued_at,
             "nbf": self.issued_at,
             "exp": self.expires_at,
@@ -217,6 +285,7 @@ def _from_claims(c: dict[str, Any], token: str) -> Grant:
         time_limit=_pos_int(c["time_limit"], "time_limit"),
         memory_bytes=_pos_int(c["memory_bytes"], "memory_bytes"),
         airlock_public_key=str(c["airlock_key"]) if "airlock_key" in c else None,
+        disclosure=DisclosureRules.from_json(c["disclosure"]) if "disclosure" in c else None,
         issued_at=int(c["iat"]),
         expires_at=int(c["exp"]),
         token=token,
@@ -248,12 +317,17 @@ def output_public_key_bytes(g: Grant) -> bytes:
     return _unb64(g.output_public_key)
 
 
-def sealing_key(g: Grant) -> bytes:
-    """Where this job's outputs are sealed: the airlock under review, else the job's own key.
+def sealing_key(g: Grant, held: bool = False) -> bytes:
+    """Where this job's outputs are sealed: the airlock when they are held (under review, or because the
+    disclosure checks found something), else the job's own key.
 
-    A review-mode grant without an airlock key is refused: sealing held outputs to the researcher's own
-    key would release them without review.
+    Held outputs without an airlock key are refused: sealing them to the researcher's own key would release
+    them without review.
     """
+    if held and g.release_mode != "review":
+        if not g.airlock_public_key:
+            raise DCRError("these outputs are held but the grant names no airlock key")
+        return _unb64(g.airlock_public_key)
     if g.release_mode == "review":
         if not g.airlock_public_key:
             raise DCRError(

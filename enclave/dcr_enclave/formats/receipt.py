@@ -40,6 +40,17 @@ VIOLATION_KINDS: Final = (
     "over the file limit",
     "over the byte limit",
 )
+#: What a receipt may say about the statistical disclosure checks on tables
+#: (:mod:`dcr_enclave.runtime.disclosure`): kinds of finding, each once, in this order; never a file, row,
+#: value or threshold-derived figure. Outputs with any of them are held for review, never released at once.
+DISCLOSURE_KINDS: Final = (
+    "frequency cells below the minimum count",
+    "suppressed cells recoverable from totals",
+    "dominated cells",
+    "extreme values of records",
+    "tables too large to check",
+    "tables that cannot be read",
+)
 #: The document that opens a held receipt's output commitment (sealed with the outputs until release).
 REVEAL_SCHEMA: Final = "dcr/output-reveal/v1"
 SALT_HEX_CHARS: Final = 64
@@ -205,10 +216,15 @@ def _check_invariants(doc: Mapping[str, Any]) -> None:
         raise bad("a held receipt, and only a held one, commits to its outputs (release.outputs_commitment)")
     if held and doc["outputs"]:
         raise bad("a held receipt names no output: it commits to them until they are released")
+    found = [DISCLOSURE_KINDS.index(v) for v in check.get("disclosure", [])]
+    if found != sorted(set(found)):
+        raise bad("output_check.disclosure must list each kind once, in the order of DISCLOSURE_KINDS")
     if check["passed"] != (not check["violations"]):
         raise bad("output_check.passed must be true exactly when there are no violations")
     if doc["release"]["decision"] == "released" and not check["passed"]:
         raise bad("outputs that failed the output check cannot be released")
+    if doc["release"]["decision"] == "released" and check.get("disclosure"):
+        raise bad("outputs with disclosure findings cannot be released without review")
     keys = set()
     for d in doc["datasets"]:
         key = f"{d['provider']}/{d['dataset']}"
@@ -274,6 +290,7 @@ def build_manifest(
     conditions: Mapping[str, str],
     outputs: Iterable[OutputEntry | Mapping[str, Any]],
     violations: Sequence[str],
+    disclosure: Sequence[str],
     release_mode: str,
     decision: str,
     started_at: float,
@@ -294,7 +311,11 @@ def build_manifest(
             "datasets": [dict(d) for d in datasets],
             "policies": {"output_policy": output_policy, "conditions": dict(conditions)},
             "outputs": [o.to_json() if isinstance(o, OutputEntry) else dict(o) for o in outputs],
-            "output_check": {"passed": not violations, "violations": list(violations)},
+            "output_check": {
+                "passed": not violations,
+                "violations": list(violations),
+                "disclosure": list(disclosure),
+            },
             "release": {"mode": release_mode, "decision": decision}
             | ({"outputs_commitment": outputs_commitment} if outputs_commitment else {}),
             "started_at": format_time(started_at),

@@ -11,7 +11,7 @@ import jwt
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import check_digest
 from dcr_enclave.formats.errors import DCRError
-from dcr_enclave.formats.grant import Grant, GrantedDataset, OutputLimits
+from dcr_enclave.formats.grant import DisclosureRules, Grant, GrantedDataset, OutputLimits
 from dcr_enclave.formats.jwk import PrivateKey, key_alg, public_jwk
 
 
@@ -26,6 +26,7 @@ def build_grant(
     time_limit: int = 3600,
     memory_bytes: int = 4 * 2**30,
     airlock_public_key: bytes | None = None,
+    disclosure: DisclosureRules | None = None,
     grant_id: str | None = None,
     now: int | None = None,
 ) -> Grant:
@@ -49,6 +50,7 @@ def build_grant(
         time_limit=time_limit,
         memory_bytes=memory_bytes,
         airlock_public_key=_b64(airlock_public_key) if airlock_public_key else None,
+        disclosure=disclosure,
         issued_at=iat,
         expires_at=iat + time_limit + 600,
     )

@@ -7,13 +7,14 @@ import builtins
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
@@ -55,13 +56,51 @@ _BUILTIN_EXCEPTIONS: Final = frozenset(
 _CWD_ON_PATH: Final = "__import__('sys').path.insert(0, __import__('os').getcwd())"
 
 
+#: Terminal control sequences (CSI, OSC and two-byte escapes), as IPython colours its tracebacks.
+_ANSI_RE: Final = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+#: Bounds on a failure's sealed detail: its type name, value and traceback (the traceback keeps its end).
+MAX_DETAIL_ENAME: Final = 256
+MAX_DETAIL_EVALUE: Final = 16 * 1024
+MAX_DETAIL_TRACEBACK: Final = 64 * 1024
+
+
+@dataclass(frozen=True)
+class FailureDetail:
+    """What a failing cell raised, in full: for reviewers only (sealed to the airlock), never public."""
+
+    ename: str
+    evalue: str
+    traceback: str
+
+    @classmethod
+    def from_error(cls, ename: Any, evalue: Any, traceback: Any) -> FailureDetail:
+        """Stripped of terminal codes and bounded; the traceback keeps its last part (where it failed)."""
+
+        def clean(v: Any) -> str:
+            return _ANSI_RE.sub("", v if isinstance(v, str) else str(v or ""))
+
+        tb = clean(traceback)
+        if len(tb) > MAX_DETAIL_TRACEBACK:
+            tb = "...\n" + tb[-MAX_DETAIL_TRACEBACK:]
+        return cls(
+            ename=clean(ename)[:MAX_DETAIL_ENAME],
+            evalue=clean(evalue)[:MAX_DETAIL_EVALUE],
+            traceback=tb,
+        )
+
+    def to_json(self) -> dict[str, str]:
+        return {"ename": self.ename, "evalue": self.evalue, "traceback": self.traceback}
+
+
 @dataclass(frozen=True)
 class RunResult:
-    """How a run ended. On failure only the cell (0-based among code cells) and the exception type."""
+    """How a run ended. On failure only the cell (0-based among code cells) and the exception type (a
+    built-in one, else ``Exception``) are public; ``detail`` stays in the enclave unless sealed."""
 
     status: RunStatus
     cell: int | None = None
     ename: str | None = None
+    detail: FailureDetail | None = field(default=None, repr=False, compare=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -456,7 +495,8 @@ class NotebookRun:
                     nb.cells[index], index, execution_count=client.code_cells_executed + 1
                 )
             except CellExecutionError as exc:
-                return RunResult("error", n, _safe_ename(exc.ename))
+                detail = FailureDetail.from_error(exc.ename, exc.evalue, exc.traceback)
+                return RunResult("error", n, _safe_ename(exc.ename), detail)
             except CellTimeoutError:
                 return RunResult("timeout", n)
             except DeadKernelError:

@@ -19,19 +19,26 @@ Order matters, and each step refuses before the next:
    review no cell and no ``checking``: their times would time the notebook); kill the sandbox's whole
    process tree;
 6. collect outputs (the executed notebook plus regular files created or changed in the working copy),
-   apply the grant's output limits, build the receipt and have it attested (nonce = its sha256); under
-   review the receipt commits to the outputs without naming them, and its end time is rounded up;
-7. seal the outputs to the job's key (or the hub's airlock key under review) and write the receipt.
+   apply the grant's output limits, then the statistical disclosure checks on the tables among them
+   (:mod:`~dcr_enclave.runtime.disclosure`); limit violations refuse the outputs, disclosure findings hold
+   them for review even under ``auto`` (refuse them if the grant names no airlock key); build the receipt
+   and have it attested (nonce = its sha256); a held receipt commits to the outputs without naming them,
+   and under review its end time is rounded up;
+7. seal the outputs to the job's key (or the hub's airlock key when held) and write the receipt; the
+   findings' details go to the airlock only.
 
 All plaintext lives on a tmpfs mounted inside the supervisor's own mount namespace, so it disappears with
 the supervisor's last process, however it ends (``kill -9`` included). A failed job reports only the cell
-index and exception type. Nothing the notebook names (a file, a class) reaches the receipt or a failure
+index and exception type; its full detail (exception value, traceback) is sealed to the airlock key when
+the grant names one (:data:`~dcr_enclave.formats.contract.SEALED_FAILURE_FILE`). Nothing the notebook
+names (a file, a class) reaches the receipt or a failure
 report: output-limit violations are kinds only (the counts and sizes, which the notebook chooses, are sealed
 for reviewers), and an error once the notebook has run is reported by its type alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -54,6 +61,7 @@ from dcr_enclave.formats.receipt import build_manifest, make_reveal, output_comm
 from dcr_enclave.formats.sealing import seal_bytes, seal_dir
 from dcr_enclave.runtime.bundle_extractor import extract_bundle
 from dcr_enclave.runtime.dataset_reader import fetch_datasets
+from dcr_enclave.runtime.disclosure import DisclosureCheck, check_outputs
 from dcr_enclave.runtime.kernel_layout import SandboxSpec
 from dcr_enclave.runtime.kernel_process import check_sandbox
 from dcr_enclave.runtime.notebook_run import NotebookRun, RunResult
@@ -148,6 +156,25 @@ class Supervisor:
     def collect(self, bundle: BundleManifest, g: Grant) -> OutputCheck:
         return collect_outputs(self.work, self.outputs, bundle, g.output_limits)
 
+    def check_disclosure(self, g: Grant) -> DisclosureCheck:
+        """The disclosure checks over the supervisor's own copy of the outputs (the sandbox is dead)."""
+        return check_outputs(self.outputs, g.disclosure_rules)
+
+    def seal_failure_detail(self, g: Grant, result: RunResult) -> None:
+        """Seal a failed run's full detail (cell, exception type and value, traceback) to the airlock, for
+        reviewers; without an airlock key in the grant it never leaves the enclave."""
+        if not g.airlock_public_key or result.detail is None:
+            return
+        doc = {"cell": result.cell, "status": result.status, **result.detail.to_json()}
+        # The public report goes out regardless; the detail is a help to reviewers.
+        with contextlib.suppress(DCRError, OSError):
+            seal_bytes(
+                canonical_json(doc),
+                self.launch.output / contract.SEALED_FAILURE_FILE,
+                sealing_key(g, held=True),
+                job_id=g.job_id,
+            )
+
     def finished_at(self, g: Grant) -> float:
         """The receipt's end time: under review rounded up to the time quantum, so that how long the
         notebook ran (which its code chooses) shows only to that resolution."""
@@ -179,6 +206,7 @@ class Supervisor:
         result, datasets, conditions = self.run_on_data(g, bundle, spec)
         # The run returns only once the sandbox's whole process tree is dead.
         if result.status != "ok":
+            self.seal_failure_detail(g, result)
             raise JobFailed({"reason": failure_reason(result, g), "cell": result.cell, "ename": result.ename})
         review = g.release_mode == "review"
         if not review:  # under review the researcher learns no time but the (rounded) end
@@ -186,8 +214,12 @@ class Supervisor:
         try:
             self.outputs.mkdir()
             check = self.collect(bundle, g)
-            decision = "rejected" if check.kinds else ("held" if review else "released")
-            self.write_result(g, bundle, datasets, conditions, check, decision, seal_to)
+            # Tables are checked only in outputs that passed the limits (only those were copied out).
+            disclosure = DisclosureCheck() if check.kinds else self.check_disclosure(g)
+            decision = decide(g, check, disclosure)
+            if decision == "held":
+                seal_to = sealing_key(g, held=True)
+            self.write_result(g, bundle, datasets, conditions, check, disclosure, decision, seal_to)
         except DCRError as e:
             # The notebook has run: a message could now name a file it created, so only the kind leaves.
             raise JobFailed(
@@ -255,6 +287,7 @@ class Supervisor:
         datasets: list[dict[str, Any]],
         conditions: dict[str, str],
         check: OutputCheck,
+        disclosure: DisclosureCheck,
         decision: str,
         seal_to: bytes,
     ) -> None:
@@ -264,10 +297,14 @@ class Supervisor:
         * held: the outputs and the reveal of their commitment, sealed to the airlock; the public receipt
           only commits to them (a salted digest), so that no name, size or digest the notebook chose is
           public before a reviewer releases them;
-        * rejected: nothing but the exact output-check figures, sealed to the airlock under review.
+        * rejected: no output; the receipt names the kinds of problem.
+
+        Whenever there is a finding (an output-limit violation or a disclosure finding) and the grant names
+        an airlock key, the exact figures and the disclosure details are sealed to the airlock
+        (:data:`~dcr_enclave.formats.contract.SEALED_CHECK_FILE`).
         """
         out = self.launch.output
-        entries = [] if check.kinds else output_entries(self.outputs)
+        entries = [] if decision == "rejected" else output_entries(self.outputs)
         commitment = None
         if decision == "held":
             reveal = make_reveal(entries, secrets.token_bytes(32))
@@ -289,6 +326,7 @@ class Supervisor:
             conditions=conditions,
             outputs=entries,
             violations=check.kinds,
+            disclosure=disclosure.kinds,
             release_mode=g.release_mode,
             decision=decision,
             started_at=self.started_at,
@@ -296,12 +334,24 @@ class Supervisor:
             outputs_commitment=commitment,
         )
         token = self.link.token(contract.RECEIPT_AUDIENCE, [manifest.digest])
-        if not check.kinds:
+        if decision != "rejected":
             seal_dir(self.outputs, out / contract.SEALED_OUTPUTS_FILE, seal_to, g.job_id)
-        elif g.release_mode == "review":
-            details = canonical_json({"violations": check.details})
-            seal_bytes(details, out / contract.SEALED_CHECK_FILE, seal_to, job_id=g.job_id)
+        if (check.kinds or disclosure.kinds) and g.airlock_public_key:
+            details = canonical_json({"violations": check.details, "disclosure": disclosure.details})
+            airlock = sealing_key(g, held=True)
+            seal_bytes(details, out / contract.SEALED_CHECK_FILE, airlock, job_id=g.job_id)
         write_receipt_dir(out, manifest, token, platform["jwks"])
+
+
+def decide(g: Grant, check: OutputCheck, disclosure: DisclosureCheck) -> str:
+    """The release decision: output-limit violations refuse the outputs; disclosure findings hold them for
+    review whatever the release mode (refuse them when the grant names no airlock that could hold them);
+    otherwise review holds and ``auto`` releases."""
+    if check.kinds:
+        return "rejected"
+    if disclosure.kinds:
+        return "held" if g.airlock_public_key else "rejected"
+    return "held" if g.release_mode == "review" else "released"
 
 
 def failure_reason(result: RunResult, g: Grant) -> str:

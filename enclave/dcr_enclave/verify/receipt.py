@@ -138,6 +138,21 @@ def _commitment_check(d: Path, manifest: ReceiptManifest) -> tuple[Check, tuple[
     ), entries
 
 
+def _disclosure_check(manifest: ReceiptManifest) -> Check:
+    """What the enclave's disclosure checks on tables found (kinds only; the schema and invariants have
+    already refused a released receipt with findings)."""
+    found = manifest.output_check.get("disclosure")
+    if found is None:
+        return Check("disclosure checks", True, "not recorded (the receipt predates them)")
+    if not found:
+        return Check("disclosure checks", True, "no finding")
+    return Check(
+        "disclosure checks",
+        True,
+        f"{'; '.join(found)}: outputs {'held for review' if manifest.decision == 'held' else 'refused'}",
+    )
+
+
 def _output_checks(
     root: Path, manifest: ReceiptManifest, revealed: tuple[OutputEntry, ...] | None
 ) -> list[Check]:
@@ -268,13 +283,14 @@ def check_receipt_dir(
                 )
             )
     if manifest is not None:
+        checks.append(_disclosure_check(manifest))
         revealed = None
         if manifest.decision == "held":
             check, revealed = _commitment_check(d, manifest)
             checks.append(check)
         checks.extend(_output_checks(d / contract.OUTPUTS_DIR, manifest, revealed))
     else:
-        for name in ("output digests", "no output added", "no output removed"):
+        for name in ("disclosure checks", "output digests", "no output added", "no output removed"):
             checks.append(Check(name, False, "not checked: no valid manifest"))
 
     # -- the token ------------------------------------------------------------------------------------
