@@ -61,7 +61,7 @@ from .policy import DCRPolicy, PolicyError
 RECEIPT_NAMES: Final = (contract.RECEIPT_FILE, contract.TOKEN_FILE, contract.SIGNER_JWKS_FILE)
 REQUIRED_NAMES: Final = (*RECEIPT_NAMES, contract.SEALED_OUTPUTS_FILE, contract.SEALED_REVEAL_FILE)
 #: A failed run's full detail (cell, exception, traceback), sealed to the airlock by the enclave.
-FAILURE_NAME: Final = getattr(contract, "SEALED_FAILURE_FILE", "failure-detail.sealed")
+FAILURE_NAME: Final = contract.SEALED_FAILURE_FILE
 OPTIONAL_NAMES: Final = (contract.SEALED_CHECK_FILE, FAILURE_NAME)
 ALLOWED_NAMES: Final = frozenset((*REQUIRED_NAMES, *OPTIONAL_NAMES))
 #: Re-sealed to the job's key on release (the researcher's server fetches these two).
