@@ -836,6 +836,7 @@ class DCRPolicy(LoggingConfigurable):
         """
         groups = set(hub_groups)
         self._check_providers_against(groups)
+        self._warn_unreviewable()
         manifests: dict[str, DatasetVersion] = {}
         for spec in self.specs():
             missing = sorted(spec.groups - groups)
@@ -887,15 +888,30 @@ class DCRPolicy(LoggingConfigurable):
                     provider=p.provider,
                     hint="declare them in c.JupyterHub.load_groups or create them in the hub first",
                 )
-            if not p.reviewer_users and not p.reviewer_groups:
-                held = [s.ref for s in specs if s.provider == p.provider and s.release == "review"]
-                if held:
-                    self.log.warning(
-                        "DCR: provider %s names no reviewers (c.DCRPolicy.providers), so nobody can release "
-                        "held outputs of %s",
-                        p.provider,
-                        ", ".join(held),
-                    )
+
+    def _warn_unreviewable(self) -> None:
+        """Say which datasets' held outputs nobody could release: a provider without reviewers (declared
+        or implicit) and no admins reviewing. Outputs of ``review`` datasets are always held; those of
+        ``auto`` ones when the enclave's disclosure checks flag them."""
+        if self.admins_review:
+            return
+        providers = self.provider_specs()
+        for provider in sorted({s.provider for s in self.specs()}):
+            p = providers.get(provider)
+            if p is not None and (p.reviewer_users or p.reviewer_groups):
+                continue
+            specs = [s for s in self.specs() if s.provider == provider]
+            refs = [s.ref for s in specs]
+            always = [s.ref for s in specs if s.release == "review"]
+            self.log.warning(
+                "DCR: provider %s names no reviewers (c.DCRPolicy.providers) and admins do not review "
+                "(c.DCRPolicy.admins_review), so nobody can release held outputs of %s%s",
+                provider,
+                ", ".join(refs),
+                f" (always held: {', '.join(always)})"
+                if always
+                else " (held when the disclosure checks flag them)",
+            )
 
     def fidelity_report(self, ref: str) -> FidelityReport | None:
         """The researcher-facing fidelity report of ``ref``, read and checked again now (the file may have

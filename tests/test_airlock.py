@@ -338,3 +338,30 @@ def test_a_failed_runs_sealed_traceback_waits_for_the_reviewers(
         tf.extractall(tmp_path / "released", filter="data")
     open_file(tmp_path / "released" / "failure-detail.sealed", tmp_path / "d.json", job_key, job_id=job_id)
     assert json.loads((tmp_path / "d.json").read_bytes()) == detail
+
+
+def test_the_hub_says_whose_held_outputs_nobody_can_release(
+    stores: Stores, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider without reviewers (and no admins reviewing): its review datasets' outputs are always held
+    and its auto ones' when the disclosure checks flag them, and nobody could release either."""
+    datasets = {
+        "acme/insurance": dataset_entry(stores.insurance, stores.root, users=["alice"]),
+        "globex/visits": dataset_entry(stores.visits, stores.root, users=["alice"], release="auto"),
+    }
+    providers = {"acme": {"name": "ACME", "reviewers": {"users": ["rita"]}}, "globex": {"name": "Globex"}}
+    policy = DCRPolicy(datasets=datasets, providers=providers)
+    with caplog.at_level("WARNING"):
+        policy.validate_against_hub(set())
+    lines = [r.getMessage() for r in caplog.records if "names no reviewers" in r.getMessage()]
+    assert len(lines) == 1 and "globex/visits" in lines[0] and "disclosure checks flag them" in lines[0]
+    caplog.clear()
+    implicit = DCRPolicy(datasets=datasets)
+    with caplog.at_level("WARNING"):
+        implicit.validate_against_hub(set())
+    lines = [r.getMessage() for r in caplog.records if "names no reviewers" in r.getMessage()]
+    assert any("always held: acme/insurance" in line for line in lines) and len(lines) == 2
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        DCRPolicy(datasets=datasets, admins_review=True).validate_against_hub(set())
+    assert "names no reviewers" not in caplog.text

@@ -111,6 +111,7 @@ def test_auto_without_an_airlock_refuses_outputs_with_findings(tmp_path, store, 
     cells = [READ, "df.groupby('smoker')['charges'].agg(['count', 'mean', 'max']).to_csv('agg.csv')"]
     _private, _job_id, job, out = _run_auto(host, store, make_notebook, tmp_path, cells, airlock=False)
     assert job["state"] == "failed", job
+    assert job["failure"]["reason"] == f"outputs refused: {EXTREMES}", job
     receipt = json.loads((out / contract.RECEIPT_FILE).read_text())
     assert receipt["release"]["decision"] == "rejected"
     assert receipt["output_check"]["disclosure"] == [EXTREMES]

@@ -27,6 +27,7 @@ from dcr_enclave.formats.grant import DisclosureRules, OutputLimits
 from dcr_enclave.formats.jwk import public_jwk, thumbprint
 from dcr_enclave.pack.signing_keys import generate_key, read_private_key, write_private_key
 from dcr_spawner import DCRPolicy, PolicyError, enable
+from dcr_spawner.audit_views import routes as audit_routes
 from dcr_spawner.grant_service import GrantsHandler
 from dcr_spawner.hubkey import load_or_create_airlock_key, load_or_create_hub_key
 
@@ -498,20 +499,30 @@ def test_unusable_airlock_key_is_refused(tmp_path: Path, content: bytes, mode: i
 
 
 def test_enable_adds_the_routes_once_and_keeps_others() -> None:
-    """``dcr_spawner.enable(c)`` adds the grant service's routes to the hub's extra handlers, keeps the
-    admin's own, and does not add them twice."""
+    """``dcr_spawner.enable(c)`` adds DCR's routes (grant service, airlock, audit) to the hub's extra
+    handlers, keeps the admin's own, and does not add them twice."""
     c = Config()
     mine = ("/my/page", GrantsHandler, {})
     c.JupyterHub.extra_handlers = [mine]
     enable(c)
     enable(c)
     paths = [h[0] for h in c.JupyterHub.extra_handlers]
+    job = "(job-[a-z0-9]+)"
     assert paths == [
         "/my/page",
         "/api/dcr/grants",
         "/api/dcr/jwks",
         "/api/dcr/datasets",
         "/api/dcr/datasets/([^/]+)/([^/]+)/fidelity-report",
+        f"/api/dcr/airlock/jobs/{job}",
+        f"/api/dcr/airlock/jobs/{job}/failure",
+        f"/api/dcr/airlock/jobs/{job}/release",
+        "/dcr/review",
+        f"/dcr/review/{job}",
+        f"/dcr/review/{job}/files/(.+)",
+        "/dcr/provider",
+        f"/dcr/receipts/{job}",
+        *[h[0] for h in audit_routes()],
     ]
 
 

@@ -236,7 +236,7 @@ def test_every_trait_has_help_an_example_and_a_security_note():
     expected = {
         DCRExtension: {
             "backend_class", "grant_source_class", "db_url", "data_dir", "outputs_dir", "bundle_include",
-            "bundle_exclude", "max_bundle_files", "max_bundle_bytes", "reconcile_interval", "trust_jwks",
+            "bundle_exclude", "max_bundle_files", "max_bundle_bytes", "reconcile_interval", "airlock_poll_interval", "trust_jwks",
             "trust_roots", "enclave_digests",
         },
         LocalBackend: {"socket_path", "timeout"},

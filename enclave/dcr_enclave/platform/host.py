@@ -729,7 +729,9 @@ class EnclaveHost:
             elif decision == "held":
                 self._set(job, state="held")
             else:
-                v = "; ".join(receipt["output_check"]["violations"])
+                # Kinds only (the receipt's public ones): limit violations, then disclosure findings.
+                check = receipt["output_check"]
+                v = "; ".join([*check["violations"], *check.get("disclosure", [])])
                 job.failure_code = EndReason.OUTPUTS_REFUSED
                 self._set(
                     job,
