@@ -482,11 +482,14 @@ class GrantService:
         return out
 
     def entitled_report(self, user: str, groups: set[str], ref: str) -> bool:
-        """Whether ``user`` may read the fidelity report of ``ref`` (entitled, and the policy names one)."""
-        if ref not in self.policy.entitled_refs(user, groups):
-            return False
+        """Whether ``user`` may read the fidelity report of ``ref``: the policy names one, and the user is
+        entitled to the dataset or reviews for its provider (the provider's page links to it)."""
         spec = self.policy.spec(ref)
-        return spec is not None and spec.fidelity_report is not None
+        if spec is None or spec.fidelity_report is None:
+            return False
+        provider = self.policy.provider(spec.provider)
+        reviewer = provider is not None and provider.may_review(user, groups)
+        return reviewer or ref in self.policy.entitled_refs(user, groups)
 
 
 def _with_trait(trait: str, fn: Callable[[], Any]) -> Any:

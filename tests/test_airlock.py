@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hub_harness import PostgresServer, Stores, dataset_entry, make_stores
+from hub_harness import PostgresServer, Stores, dataset_entry, make_stores, write_fidelity_reports
 from receipt_factory import IMAGE_DIGEST, Signer, held_result_tar, make_signer
 
 from dcr_enclave.formats import contract, sealing
@@ -365,3 +365,24 @@ def test_the_hub_says_whose_held_outputs_nobody_can_release(
     with caplog.at_level("WARNING"):
         DCRPolicy(datasets=datasets, admins_review=True).validate_against_hub(set())
     assert "names no reviewers" not in caplog.text
+
+
+def test_reviewers_read_their_providers_fidelity_reports(stores: Stores, tmp_path: Path) -> None:
+    """The provider's page links each dataset's researcher-facing fidelity report: its reviewers may read
+    it as entitled researchers do; nobody else may."""
+    reports = write_fidelity_reports(tmp_path / "reports")
+    entry = dataset_entry(stores.insurance, stores.root, users=["alice"])
+    datasets = {"acme/insurance": {**entry, "fidelity_report": str(reports["researchers.html"])}}
+    policy = DCRPolicy(
+        datasets=datasets,
+        providers={"acme": {"name": "ACME", "reviewers": {"users": ["rita"], "groups": ["acme-review"]}}},
+        db_url=f"sqlite:///{tmp_path / 'hub.sqlite'}",
+    )
+    service = GrantService.start(policy, {"acme-review"}, base_dir=tmp_path)
+    try:
+        assert service.entitled_report("alice", set(), "acme/insurance")
+        assert service.entitled_report("rita", set(), "acme/insurance")
+        assert service.entitled_report("rolf", {"acme-review"}, "acme/insurance")
+        assert not service.entitled_report("bob", set(), "acme/insurance")
+    finally:
+        service.db.dispose()
