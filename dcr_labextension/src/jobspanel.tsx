@@ -28,6 +28,7 @@ import {
   canCancel,
   elapsedMs,
   executedNotebookPath,
+  failureDetailOf,
   failureOf,
   formatElapsed,
   hasEnded,
@@ -223,6 +224,7 @@ function JobItem(props: {
   const [showOutputs, setShowOutputs] = useState(false);
   const progress = progressOf(view);
   const failure = failureOf(view);
+  const detail = failureDetailOf(view);
   const notebook = job?.notebook ?? view.id;
   const executed = job && hasOutputs(view.state) ? executedNotebookPath(job) : null;
 
@@ -304,6 +306,12 @@ function JobItem(props: {
         <div className="jp-DCR-failure" role="alert" data-testid="dcr-failure">
           {failure}
         </div>
+      )}
+      {detail && (
+        <details className="jp-DCR-failure-detail" data-testid="dcr-failure-detail">
+          <summary>Traceback (released by the reviewers)</summary>
+          <pre>{detail.traceback || detail.evalue}</pre>
+        </details>
       )}
       <div className="jp-DCR-job-actions">
         {canCancel(view) && (

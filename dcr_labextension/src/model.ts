@@ -357,6 +357,9 @@ export interface IReviewSummary {
  * reviewers' comment for a decided job.
  */
 export function reviewSummary(view: IJobView): IReviewSummary | null {
+  if (view.state === 'failed') {
+    return failureReviewSummary(view);
+  }
   if (view.state !== 'held' && !DECIDED.has(view.state)) {
     return null;
   }
@@ -397,6 +400,44 @@ export function reviewSummary(view: IJobView): IReviewSummary | null {
     comment: review?.comment ?? null,
     decidedAt
   };
+}
+
+/**
+ * A failed run whose full failure (its traceback) the enclave sealed for the provider's reviewers: where
+ * that review stands. ``null`` for a failed job without one.
+ */
+function failureReviewSummary(view: IJobView): IReviewSummary | null {
+  const review = reviewOf(view);
+  if (review === null) {
+    return null;
+  }
+  const by = ` by ${reviewersText(review.reviewers)}`;
+  const decidedAt = review.decided_at ?? null;
+  switch (review.status) {
+    case 'unsent': {
+      const note = review.note ? ` — ${review.note}` : '';
+      return { status: 'unsent', text: `traceback not yet sent for review${note}`, comment: null, decidedAt };
+    }
+    case 'waiting':
+      return {
+        status: 'waiting',
+        text: `traceback held for review${by} — ${approvalsText(review)}`,
+        comment: null,
+        decidedAt
+      };
+    case 'released':
+      return { status: 'released', text: `traceback released${by}`, comment: review.comment, decidedAt };
+    case 'rejected':
+      return { status: 'rejected', text: `traceback withheld${by}`, comment: review.comment, decidedAt };
+  }
+}
+
+/** The failed run's full failure, once the provider's reviewers released it. */
+export function failureDetailOf(view: IJobView): { evalue: string; traceback: string } | null {
+  if (view.state !== 'failed') {
+    return null;
+  }
+  return view.job?.failure?.detail ?? null;
 }
 
 /**

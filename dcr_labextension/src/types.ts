@@ -59,7 +59,13 @@ export interface IJob {
   datasets: IJobDataset[];
   progress: { cell: number | null; cells: number } | null;
   /** Why a failed (or rejected) job did not succeed; never data. */
-  failure: { reason: string; cell?: number | null; ename?: string | null } | null;
+  failure: {
+    reason: string;
+    cell?: number | null;
+    ename?: string | null;
+    /** The run's full failure, once the provider's reviewers released it. */
+    detail?: { evalue: string; traceback: string };
+  } | null;
   /** The airlock review of a held job and its outcome; null for a job that was never held. */
   review: IJobReview | null;
   outputs_path: string | null;

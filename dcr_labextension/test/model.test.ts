@@ -30,6 +30,7 @@ import {
   reduce,
   reviewOf,
   reviewSummary,
+  failureDetailOf,
   reviewersText
 } from '../src/model';
 import { IJob, IJobEvent, IJobReview, JobState } from '../src/types';
@@ -511,10 +512,39 @@ describe('review', () => {
   });
 
   it('no review line for the states that are not about review', () => {
-    for (const state of JOB_STATES.filter(s => !['held', 'released', 'rejected'].includes(s))) {
+    for (const state of JOB_STATES.filter(s => !['held', 'released', 'rejected', 'failed'].includes(s))) {
       const a = newId();
       expect(reviewSummary(listed(record(a, { state, review: review() })).byId[a])).toBeNull();
     }
+    const a = newId();
+    expect(reviewSummary(listed(record(a, { state: 'failed' })).byId[a])).toBeNull();
+  });
+
+  it('a failed run whose traceback waits for the reviewers says so, and shows it once released', () => {
+    const a = newId();
+    const failure = { reason: 'cell 3 failed', cell: 2, ename: 'ValueError' };
+    const view = (r: Partial<IJobReview>, f: object = failure) =>
+      listed(record(a, { state: 'failed', failure: f as never, review: review(r) })).byId[a];
+    expect(reviewSummary(view({ status: 'waiting', approvals: 0, required_approvals: 1 }))?.text).toBe(
+      'traceback held for review by Riverside Hospital — 0 of 1 approval'
+    );
+    expect(reviewSummary(view({ status: 'unsent', note: 'no airlock' }))?.text).toBe(
+      'traceback not yet sent for review — no airlock'
+    );
+    const withheld = reviewSummary(view({ status: 'rejected', comment: 'it names a patient' }));
+    expect(withheld).toMatchObject({
+      text: 'traceback withheld by Riverside Hospital',
+      comment: 'it names a patient'
+    });
+    expect(failureDetailOf(view({ status: 'waiting' }))).toBeNull();
+    const detail = { evalue: 'bad value', traceback: 'Traceback ...\nValueError: bad value' };
+    const released = view({ status: 'released' }, { ...failure, detail });
+    expect(reviewSummary(released)?.text).toBe('traceback released by Riverside Hospital');
+    expect(failureDetailOf(released)).toEqual(detail);
+    expect(failureOf(released)).toBe('cell 3 failed in code cell 3 (ValueError)');
+    expect(
+      failureDetailOf(listed(record(a, { state: 'held', failure: { ...failure, detail } })).byId[a])
+    ).toBeNull();
   });
 
   it('released outputs open like succeeded ones; nothing else has outputs to open', () => {
