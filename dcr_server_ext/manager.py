@@ -498,6 +498,7 @@ class JobManager:
             with contextlib.suppress(DCRError):
                 await self.backend.cleanup(job)
             if job.state == "held":
+                self._finishing.discard(job.id)  # the airlock step takes the job over
                 await self.airlock_step(job)
         except JobEnded as e:  # cancelled while the result was collected
             self.log.info("DCR: %s", e)

@@ -252,14 +252,8 @@ class Airlock:
             raise AirlockRefusal(413, f"the held result is larger than {self.max_body_bytes} bytes")
         files = _read_result_tar(body)
         receipt_digest = sha256_bytes(files[contract.RECEIPT_FILE])
-        existing = self.held(job_id)
-        if existing is not None:
-            with self.db.session() as s:
-                row = s.get(HeldRecord, job_id)
-                same = row is not None and row.receipt_digest == receipt_digest
-            if same:
-                return existing
-            raise AirlockRefusal(409, f"the airlock already holds another result of job {job_id}")
+        if (existing := self._delivered(job_id, receipt_digest)) is not None:
+            return existing
         try:
             manifest = self._check(job, files)
         except AirlockRefusal as r:
@@ -322,14 +316,8 @@ class Airlock:
         if len(body) > MAX_FAILURE_BYTES:
             raise AirlockRefusal(413, f"the failure detail is larger than {MAX_FAILURE_BYTES} bytes")
         digest = sha256_bytes(body)
-        existing = self.held(job_id)
-        if existing is not None:
-            with self.db.session() as s:
-                row = s.get(HeldRecord, job_id)
-                same = row is not None and row.receipt_digest == digest
-            if same:
-                return existing
-            raise AirlockRefusal(409, f"the airlock already holds another result of job {job_id}")
+        if (existing := self._delivered(job_id, digest)) is not None:
+            return existing
         try:
             doc = json.loads(self._open({FAILURE_NAME: body}, FAILURE_NAME, job_id, tar=False))
             if not isinstance(doc, dict):
@@ -366,6 +354,18 @@ class Airlock:
         held = self.held(job_id)
         assert held is not None
         return held
+
+    def _delivered(self, job_id: str, digest: str) -> HeldJob | None:
+        """The job's record if this very result (by digest) was delivered before; ``None`` if nothing was.
+        Another result of a job the airlock holds is refused (409)."""
+        with self.db.session() as s:
+            row = s.get(HeldRecord, job_id)
+            if row is None:
+                return None
+            same = row.receipt_digest == digest
+        if not same:
+            raise AirlockRefusal(409, f"the airlock already holds another result of job {job_id}")
+        return self.held(job_id)
 
     def _platform_events(self) -> None:
         if self.platform is not None:

@@ -259,18 +259,15 @@ class ReviewJobPage(_PageHandler):
         try:
             await asyncio.to_thread(airlock.decide, name, groups, held.job_id, decision, comment, admin=admin)
         except AirlockRefusal as r:
-            self.set_status(r.status)
-            self.redirect_message(held.job_id, r.message, r.status)
-            return
+            return self._refused(r)
         self.log.info("DCR: %s decided %s on %s", name, decision, held.job_id)
         self.redirect(self.page_url("review", held.job_id) + "?message=" + quote(f"recorded: {decision}"))
 
-    def redirect_message(self, job_id: str, message: str, status: int) -> None:
-        # A refused decision answers with its status and the page saying why (nothing was recorded).
-        self.clear_header("Location")
-        self.set_status(status)
+    def _refused(self, r: AirlockRefusal) -> None:
+        """A refused decision (nothing was recorded): its status, and why, for the person who made it."""
+        self.set_status(r.status)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish(f"{message}\n")
+        self.finish(f"{r.message}\n")
 
 
 class ReviewFilePage(_PageHandler):

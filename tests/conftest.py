@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import Any
 
 import nbformat
 import pytest
+from hub_harness import PostgresServer
 
 from dcr_enclave.commands.main import main as cli_main
 from dcr_enclave.formats.jwk import public_jwk
@@ -188,3 +190,24 @@ def make_notebook(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hub's records database: every test that takes ``db_url`` runs on SQLite and on a real PostgreSQL
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server on a free loopback port, one per test module."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh records database: a SQLite file, then a new database on the module's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'dcr-hub.sqlite'}"
+    server: PostgresServer = request.getfixturevalue("pg")
+    return server.create_database("dcr_" + uuid.uuid4().hex[:12])

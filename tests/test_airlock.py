@@ -12,14 +12,13 @@ import base64
 import io
 import json
 import tarfile
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hub_harness import PostgresServer, Stores, dataset_entry, make_stores, write_fidelity_reports
+from hub_harness import Stores, dataset_entry, make_stores, write_fidelity_reports
 from receipt_factory import IMAGE_DIGEST, Signer, held_result_tar, make_signer
 
 from dcr_enclave.formats import contract, sealing
@@ -44,20 +43,6 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
     return make_stores(
         base, "--protection", "dp", "--epsilon", "1.5", "--mechanism", "mst", rows=200, seeds=(3, 4)
     )
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    with PostgresServer() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'dcr-hub.sqlite'}"
-    server: PostgresServer = request.getfixturevalue("pg")
-    return server.create_database("dcr_" + uuid.uuid4().hex[:12])
 
 
 @dataclass

@@ -17,14 +17,13 @@ import sqlite3
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from hub_harness import Hub, PostgresServer, Stores, dataset_entry, make_stores, policy_config
+from hub_harness import Hub, Stores, dataset_entry, make_stores, policy_config
 from sqlalchemy import text
 
 from dcr_enclave.formats import contract, sealing
@@ -53,20 +52,6 @@ def _datasets(s: Stores) -> dict[str, Any]:
         "acme/insurance": dataset_entry(s.insurance, s.root, users=["alice"], groups=["analysts"]),
         "globex/visits": dataset_entry(s.visits, s.root, users=["alice"], release="auto"),
     }
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    with PostgresServer() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'dcr-hub.sqlite'}"
-    server: PostgresServer = request.getfixturevalue("pg")
-    return server.create_database("dcr_" + uuid.uuid4().hex[:12])
 
 
 def _body(datasets: list[str] | None = None) -> bytes:

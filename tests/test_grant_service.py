@@ -71,20 +71,6 @@ def _datasets(s: Stores) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    with PostgresServer() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'dcr-hub.sqlite'}"
-    server: PostgresServer = request.getfixturevalue("pg")
-    return server.create_database("dcr_" + uuid.uuid4().hex[:12])
-
-
 def _key() -> tuple[bytes, str]:
     _, public = sealing.generate_keypair()
     return public, base64.urlsafe_b64encode(public).rstrip(b"=").decode()

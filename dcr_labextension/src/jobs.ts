@@ -179,11 +179,25 @@ export class JobsModel implements IDisposable {
           this._ended.emit(this._state.byId[e.id] ?? e);
         }
       });
-    } else {
-      for (const e of ended) {
-        this._ended.emit(e);
-      }
+      return;
     }
+    for (const e of ended) {
+      this._ended.emit(e);
+    }
+    // A held job's events (and a failed one's under review) also announce its review moving on (sent,
+    // approvals, a decision), which only the record carries.
+    if (event.state === 'held' || (event.state === 'failed' && !!view?.job?.review)) {
+      void this._refetch(event.job_id);
+    }
+  }
+
+  /** Fetch a job's record after any request in flight (answered, maybe, before the change was stored). */
+  private async _refetch(id: string): Promise<void> {
+    const pending = this._inFlight.get(id);
+    if (pending) {
+      await pending;
+    }
+    await this._fetch(id);
   }
 
   /** Bring a stale job's record up to date with the events seen so far. */

@@ -355,6 +355,23 @@ describe('review decisions', () => {
     expect(h.ended).toHaveLength(1);
   });
 
+  it('an event of a held job fetches its record: the review moved on (sent, an approval)', async () => {
+    const h = new Harness();
+    const id = newId();
+    const unsent = { ...waiting, status: 'unsent' as const, approvals: 0, reviewers: [] };
+    await h.listed(record(id, 'held', { review: unsent }));
+    h.event(id, 'held');
+    await flush();
+    expect(h.server.gets.map(g => g.id)).toEqual([id]);
+    h.server.gets[0].answer.resolve(record(id, 'held', { review: waiting }));
+    await flush();
+    expect(h.view(id).job?.review?.status).toBe('waiting');
+    expect(h.ended).toEqual([]); // the review moving on is not an end
+    h.event(id, 'running'); // a progress event of another state needs no request
+    await flush();
+    expect(h.server.gets).toHaveLength(1);
+  });
+
   it('a decision whose event was missed is announced once when a listing brings it', async () => {
     const h = new Harness();
     const id = newId();
