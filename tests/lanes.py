@@ -42,6 +42,7 @@ CPU_LANE = (
     "test_manager.py",
     "test_airlock.py",
     "test_airlock_hub.py",
+    "test_review_render.py",
 )
 NO_TESTS = 5  # pytest's exit status when a selection holds no test
 

@@ -35,6 +35,7 @@ from dcr_demo.prepare import REVIEWER_ACCOUNT, Layout
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 USER = "alice"
+RIVERSIDE = "Riverside Hospital"
 BIN = Path(sys.executable).parent
 
 
@@ -366,9 +367,8 @@ def _review(
     # The researcher: released, with a notification; the outputs open and match the receipt.
     item = lab.job_item(page, job_id)
     expect(item).to_have_attribute("data-state", "released", timeout=60_000)
-    expect(page.locator(".jp-Notification-Toast").filter(has_text="released")).to_have_count(
-        1, timeout=30_000
-    )
+    toast = page.locator(".Toastify__toast").filter(has_text=f"released after review by {RIVERSIDE}")
+    expect(toast).to_have_count(1, timeout=30_000)
     expect(item.locator('[data-testid="dcr-open-notebook"]')).to_be_visible()
     outputs = demo.server("GET", USER, f"dcr/api/jobs/{job_id}/outputs", token).json()["files"]
     assert {f["path"] for f in outputs} == {"labs.ipynb", "results/tests.csv", "results/tests.png"}
@@ -390,6 +390,8 @@ def _review(
     item = lab.job_item(page, rejected)
     expect(item).to_have_attribute("data-state", "rejected", timeout=60_000)
     expect(item).to_contain_text("please aggregate by month first")
+    toast = page.locator(".Toastify__toast").filter(has_text=f"rejected in review by {RIVERSIDE}")
+    expect(toast).to_have_count(1, timeout=30_000)
     assert demo.server("GET", USER, f"dcr/api/jobs/{rejected}/outputs", token).json() == {"files": []}
     assert demo.api("GET", f"/dcr/airlock/jobs/{rejected}/release", token).status_code == 409
 
