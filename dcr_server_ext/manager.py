@@ -752,8 +752,7 @@ class JobManager:
     def outputs(self, job_id: str) -> builtins.list[dict[str, Any]]:
         job = self.get(job_id)
         root = self._outputs_root(job)
-        manifest = self._receipt_manifest(job)
-        listed = {o["path"]: o for o in manifest.get("outputs", [])}
+        listed = self._listed_outputs(job)
         files = []
         for path, entry in sorted(listed.items()):
             p = root / path
@@ -767,6 +766,16 @@ class JobManager:
                     }
                 )
         return files
+
+    def _listed_outputs(self, job: Job) -> dict[str, dict[str, Any]]:
+        """The outputs the receipt attests, by path: listed in it, or (released held outputs) in the reveal
+        of its commitment, checked against it."""
+        manifest = self._receipt_manifest(job)
+        commitment = manifest.get("release", {}).get("outputs_commitment")
+        reveal = self._job_dir(job.id) / "result" / contract.REVEAL_FILE
+        if isinstance(commitment, str) and reveal.is_file():
+            return {e.path: e.to_json() for e in open_commitment(reveal.read_bytes(), commitment)}
+        return {o["path"]: o for o in manifest.get("outputs", [])}
 
     def output_file(self, job_id: str, rel: Any) -> tuple[Path, str]:
         """The output's path (checked to lie inside the job's outputs, no links) and its content type."""
