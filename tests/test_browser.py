@@ -416,4 +416,6 @@ def _review(
         mine = [e["event"] for e in events if e["job_id"] == jid]
         wanted = ["grant.issued", "enclave.launch", "enclave.key_released", "enclave.end", "airlock.received"]
         wanted += ["airlock.approved", "airlock.released"] if outcome == "airlock.released" else [outcome]
-        assert [e for e in mine if e in wanted] == wanted, mine
+        seen = [e for e in mine if e in wanted]
+        # One key release per dataset of the job: the same event may come twice in a row.
+        assert [e for i, e in enumerate(seen) if i == 0 or e != seen[i - 1]] == wanted, mine

@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -304,6 +306,65 @@ def test_a_job_on_the_reviewed_dataset_is_held_for_the_reviewer(demo: DemoProces
     assert job["review"]["status"] == "waiting", job
     assert job["review"]["reviewers"] == [PROVIDERS[data.PROVIDER]["name"]], job
     assert job["review"]["approvals"] == 0 and job["review"]["required_approvals"] == 1, job
+
+
+def _put_notebook(demo: DemoProcess, user: str, token: str, name: str, source: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    r = demo.server(
+        "PUT", user, f"api/contents/{name}", token, json={"type": "notebook", "format": "json", "content": nb}
+    )
+    assert r.status_code in (200, 201), r.text
+
+
+def test_a_failed_runs_traceback_reaches_the_researcher_once_the_reviewer_releases_it(
+    demo: DemoProcess,
+) -> None:
+    """Bob's notebook on the lab results raises with real values in its message: he sees the cell and the
+    exception type only; the enclave sealed the traceback to the airlock, his server handed it to the hub,
+    and once the reviewer releases it (the review page's form) it appears on his failed job."""
+    token = demo.token("bob")
+    demo.spawn("bob", token)
+    path = f"/data/{data.PROVIDER}/{data.LABS.dataset}/{data.LABS.file_name}"
+    source = (
+        f"import pandas as pd\nlabs = pd.read_csv({path!r})\n"
+        "raise ValueError(f'first result {labs.result.iloc[0]}')"
+    )
+    _put_notebook(demo, "bob", token, "fails.ipynb", source)
+    r = demo.server(
+        "POST", "bob", "dcr/api/jobs", token, json={"path": "fails.ipynb", "datasets": [data.LABS.ref]}
+    )
+    assert r.status_code == 201, r.text
+    job = demo.wait_job("bob", r.json()["id"], token)
+    assert job["state"] == "failed" and job["failure"]["ename"] == "ValueError", job
+    assert "first result" not in json.dumps(job)
+
+    def review_status() -> dict[str, Any]:
+        return dict(demo.server("GET", "bob", f"dcr/api/jobs/{job['id']}", token).json())
+
+    deadline = time.monotonic() + 60
+    while (job := review_status())["review"]["status"] != "waiting" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job["review"]["status"] == "waiting" and "detail" not in job["failure"], job
+    rita = demo.login(REVIEWER_ACCOUNT)
+    page = rita.get(f"{demo.url}/hub/dcr/review/{job['id']}", timeout=60)
+    assert page.status_code == 200 and "first result" in page.text
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text)
+    assert xsrf, page.text[:500]
+    r = rita.post(
+        f"{demo.url}/hub/dcr/review/{job['id']}",
+        data={"decision": "approve", "comment": "", "_xsrf": xsrf.group(1)},
+        timeout=60,
+        allow_redirects=False,
+    )
+    assert r.status_code == 302, r.text
+    deadline = time.monotonic() + 60
+    while "detail" not in (job := review_status())["failure"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job["state"] == "failed" and job["review"]["status"] == "released", job
+    assert "first result" in job["failure"]["detail"]["evalue"], job
+    assert "ValueError" in job["failure"]["detail"]["traceback"], job
 
 
 def test_provider_account_gets_no_sample_notebook(demo: DemoProcess) -> None:
