@@ -10,6 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.errors import DCRError
+
 from .prepare import prepare
 from .run import run_demo
 
@@ -55,6 +58,14 @@ def register(subparsers: Any) -> None:
         metavar="PREFIX",
         help=f"prefix of the system accounts created for the demo users (default {DEFAULT_ACCOUNT_PREFIX})",
     )
+    p.add_argument(
+        "--review-time-quantum",
+        type=float,
+        default=contract.DEFAULT_TIME_QUANTUM,
+        metavar="SECONDS",
+        help="seconds to which the enclave rounds up the end of a job under review, so that its length "
+        "tells little about the data (default %(default)s; the enclave host's --review-time-quantum)",
+    )
     p.set_defaults(func=run)
 
 
@@ -62,8 +73,13 @@ def run(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, flush=True)
 
+    if not args.review_time_quantum > 0:
+        raise DCRError(
+            f"--review-time-quantum must be a positive number of seconds, not {args.review_time_quantum}",
+            hint="leave it out for the default (60)",
+        )
     demo = prepare(args.dir, args.port, args.proxy, args.account_prefix, say)
     try:
-        return run_demo(demo, say)
+        return run_demo(demo, say, review_time_quantum=args.review_time_quantum)
     finally:
         os.close(demo.lock_fd)

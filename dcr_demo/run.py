@@ -94,9 +94,11 @@ def descendants(pid: int) -> dict[int, str]:
 class DemoProcesses:
     """The demo's child processes and their lifecycle."""
 
-    def __init__(self, demo: Demo, say: Say = print) -> None:
+    def __init__(self, demo: Demo, say: Say = print, *, review_time_quantum: float | None = None) -> None:
         self.demo = demo
         self.say = say
+        #: The enclave host's rounding of a reviewed job's end (its own default when None).
+        self.review_time_quantum = review_time_quantum
         self.stopping = threading.Event()
         self.host: subprocess.Popen[bytes] | None = None
         self.hub: subprocess.Popen[bytes] | None = None
@@ -149,6 +151,11 @@ class DemoProcesses:
                 "--store", str(layout.store), "--hub-key", str(layout.hub_jwks),
                 "--state", str(layout.host_state), "--socket", str(layout.socket),
                 *(["--allow-visible-processes"] if not hidden_here() else []),
+                *(
+                    ["--review-time-quantum", str(self.review_time_quantum)]
+                    if self.review_time_quantum is not None
+                    else []
+                ),
             ],
             layout.host_log,
             layout.root,
@@ -313,9 +320,9 @@ class DemoProcesses:
         return [pid for pid, state in descendants(os.getpid()).items() if state != "Z"]
 
 
-def run_demo(demo: Demo, say: Say = print) -> int:
+def run_demo(demo: Demo, say: Say = print, *, review_time_quantum: float | None = None) -> int:
     """Start everything, print the logins, wait for Ctrl-C/SIGTERM, stop everything. Returns the exit status."""
-    procs = DemoProcesses(demo, say)
+    procs = DemoProcesses(demo, say, review_time_quantum=review_time_quantum)
     procs.install_signal_handlers()
     become_subreaper()
     try:

@@ -428,8 +428,8 @@ def test_refuses_a_directory_that_is_not_a_demo_directory(tmp_path: Path) -> Non
 
 
 def test_refuses_a_port_in_use_and_a_bad_account_prefix(tmp_path: Path) -> None:
-    """A port already taken on 127.0.0.1 and an account prefix that is not a valid account name prefix are
-    refused before the demo directory is created."""
+    """A port already taken on 127.0.0.1, an account prefix that is not a valid account name prefix and a
+    review time quantum that is not positive are refused before the demo directory is created."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -440,6 +440,9 @@ def test_refuses_a_port_in_use_and_a_bad_account_prefix(tmp_path: Path) -> None:
     r = _run_demo("--dir", str(tmp_path / "d2"), "--port", str(free_port()), "--account-prefix", "Root")
     assert r.returncode != 0 and "--account-prefix 'Root' is not a valid" in r.stderr
     assert not (tmp_path / "d2").exists()
+    r = _run_demo("--dir", str(tmp_path / "d3"), "--port", str(free_port()), "--review-time-quantum", "0")
+    assert r.returncode != 0 and "--review-time-quantum must be a positive number of seconds" in r.stderr
+    assert not (tmp_path / "d3").exists()
 
 
 def test_home_seeder_gives_each_file_once_and_never_writes_through_a_link(tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ from hub_harness import delete_account, login_session
 
 BIN = Path(sys.executable).parent
 READY_LINE = "DCR demo is running"
+#: The demo's rounding of a reviewed job's end, short for tests.
+REVIEW_TIME_QUANTUM = 5.0
 USERS = ("alice", "bob", "carol", "rita")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "held"})
 
@@ -99,6 +101,8 @@ class DemoProcess:
             [
                 str(self.dcr), "demo", "--dir", str(self.dir), "--port", str(self.port),
                 "--account-prefix", self.account_prefix,
+                # Jobs under review end on a multiple of this (60 s by default, to blur their length).
+                "--review-time-quantum", str(REVIEW_TIME_QUANTUM),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
