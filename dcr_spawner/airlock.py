@@ -39,9 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlalchemy.orm import Mapped, mapped_column
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import sha256_bytes
@@ -52,8 +51,9 @@ from dcr_enclave.formats.unsealing import open_to_memory, tar_members
 from dcr_enclave.verify.receipt import check_receipt_dir, open_commitment
 from dcr_enclave.verify.trust import TrustAnchors, load_trust_anchors
 
+from .airlock_records import HeldJob, HeldRecord, Review, ReviewRecord, held_job
 from .audit import ingest_platform_events
-from .hubdb import Base, GrantedJob, HubDB
+from .hubdb import GrantedJob, HubDB
 from .hubkey import AirlockKey, HubKey
 from .policy import DCRPolicy, PolicyError
 
@@ -83,80 +83,6 @@ class AirlockRefusal(DCRError):
     def __init__(self, status: int, message: str, *, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.status = status
-
-
-class HeldRecord(Base):
-    """A held job the airlock received."""
-
-    __tablename__ = "dcr_hub_airlock"
-    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    grant_id: Mapped[str] = mapped_column(String(64))
-    user: Mapped[str] = mapped_column(String(255), index=True)
-    received_at: Mapped[int] = mapped_column(BigInteger, index=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    #: sha256 of receipt.json: a second delivery must be the same receipt.
-    receipt_digest: Mapped[str] = mapped_column(String(80))
-    #: JSON list of ``[ref, version, release]``.
-    datasets: Mapped[str] = mapped_column(Text)
-    #: JSON list of provider keys whose reviewers decide.
-    providers: Mapped[str] = mapped_column(Text)
-    #: JSON ``{"violations": [...], "disclosure": [...]}``: the public kinds from the receipt.
-    findings: Mapped[str] = mapped_column(Text, default="{}")
-    notebook: Mapped[str] = mapped_column(Text, default="")
-    decided_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    comment: Mapped[str] = mapped_column(Text, default="")
-    #: ``outputs`` (a held job's outputs, checked against its receipt) or ``failure`` (a failed run's sealed
-    #: detail, which no receipt attests: the researcher may see it only once reviewers release it).
-    kind: Mapped[str] = mapped_column(String(16), default="outputs")
-
-
-class ReviewRecord(Base):
-    """One reviewer's decision on a held job."""
-
-    __tablename__ = "dcr_hub_reviews"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("dcr_hub_airlock.job_id"), index=True)
-    reviewer: Mapped[str] = mapped_column(String(255))
-    decision: Mapped[str] = mapped_column(String(16))
-    comment: Mapped[str] = mapped_column(Text, default="")
-    at: Mapped[int] = mapped_column(BigInteger)
-    #: JSON list of the job's providers this reviewer could review when deciding (their approval counts
-    #: for those).
-    providers: Mapped[str] = mapped_column(Text, default="[]")
-
-    __table_args__ = (UniqueConstraint("job_id", "reviewer", name="uq_dcr_hub_reviews_job_reviewer"),)
-
-
-@dataclass(frozen=True)
-class Review:
-    reviewer: str
-    decision: str
-    comment: str
-    at: int
-    providers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class HeldJob:
-    """A held job as the airlock's pages and the researcher's server see it (never its outputs)."""
-
-    job_id: str
-    grant_id: str
-    user: str
-    received_at: int
-    status: str
-    datasets: tuple[tuple[str, str, str], ...]
-    providers: tuple[str, ...]
-    findings: dict[str, list[str]]
-    notebook: str
-    decided_at: int | None
-    comment: str
-    reviews: tuple[Review, ...]
-    kind: str = "outputs"
-
-    @property
-    def approvers(self) -> list[str]:
-        return [r.reviewer for r in self.reviews if r.decision == "approve"]
 
 
 @dataclass(frozen=True)
@@ -479,7 +405,7 @@ class Airlock:
             reviews = s.scalars(
                 select(ReviewRecord).where(ReviewRecord.job_id == job_id).order_by(ReviewRecord.id)
             )
-            return _held(
+            return held_job(
                 row,
                 [
                     Review(r.reviewer, r.decision, r.comment, r.at, tuple(json.loads(r.providers or "[]")))
@@ -518,7 +444,7 @@ class Airlock:
                             r.reviewer, r.decision, r.comment, r.at, tuple(json.loads(r.providers or "[]"))
                         )
                     )
-            return [_held(r, reviews[r.job_id]) for r in page], len(rows)
+            return [held_job(r, reviews[r.job_id]) for r in page], len(rows)
 
     def reviewable_providers(self, user: str, groups: set[str], *, admin: bool = False) -> set[str]:
         specs = self.policy.provider_specs()
@@ -772,24 +698,6 @@ def _read_result_tar(body: bytes) -> dict[str, bytes]:
     if missing:
         raise AirlockRefusal(400, f"the held result lacks {', '.join(missing)}")
     return files
-
-
-def _held(row: HeldRecord, reviews: list[Review]) -> HeldJob:
-    return HeldJob(
-        job_id=row.job_id,
-        grant_id=row.grant_id,
-        user=row.user,
-        received_at=row.received_at,
-        status=row.status,
-        datasets=tuple((str(a), str(b), str(c)) for a, b, c in json.loads(row.datasets)),
-        providers=tuple(json.loads(row.providers)),
-        findings=json.loads(row.findings or "{}"),
-        notebook=row.notebook,
-        decided_at=row.decided_at,
-        comment=row.comment,
-        reviews=tuple(reviews),
-        kind=row.kind or "outputs",
-    )
 
 
 def _b64url(raw: bytes) -> str:

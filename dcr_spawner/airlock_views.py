@@ -42,7 +42,8 @@ from tornado import web
 
 from dcr_enclave.formats import contract
 
-from .airlock import Airlock, AirlockRefusal, HeldJob
+from .airlock import Airlock, AirlockRefusal
+from .airlock_records import HeldJob
 from .grant_service import API_PREFIX, REPORT_CSP, Refusal, _DCRHandler
 from .review_render import kind_of, render_file
 
