@@ -359,7 +359,7 @@ def _review(
     expect(reviewer.locator('section.dcr-file[data-path="labs.ipynb"]')).to_contain_text("lab results")
     expect(reviewer.locator("#dcr-findings")).to_be_visible()
     lab.ARTIFACTS.mkdir(exist_ok=True)
-    reviewer.screenshot(path=str(lab.ARTIFACTS / "review-page.png"), full_page=False)
+    reviewer.screenshot(path=str(lab.ARTIFACTS / "review-page.png"), full_page=True)
     reviewer.fill("#dcr-comment", "aggregate counts only")
     reviewer.click("#dcr-approve")
     expect(reviewer.locator("#dcr-review-job")).to_have_attribute("data-status", "released")
