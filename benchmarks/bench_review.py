@@ -13,9 +13,10 @@ anchor. It then
 3. runs the researcher's side in this process, as their server runs it: a job manager
    (``dcr_server_ext.manager.JobManager``) with the hub grant source and the user's token holds ``--jobs``
    held jobs (default 20) it delivered itself; the reviewer approves them one at a time through the review
-   page's form, and the time from the approval's answer to the job being ``released`` in the manager's
-   store (outputs fetched, checked against the receipt, opened) is printed as p50/p95, with the manager's
-   poll interval (``--poll``, default the extension's 5 s) beside it.
+   page's form, each at a random moment within a poll interval, and the time from the approval's answer to
+   the job being ``released`` in the manager's store (outputs fetched, checked against the receipt, opened)
+   is printed as p50/p95, with the manager's poll interval (``--poll``, default the extension's 5 s) beside
+   it.
 
 Run from the repository root::
 
@@ -31,6 +32,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import sys
 import tarfile
@@ -205,6 +207,8 @@ async def approvals(
     latencies = []
     try:
         for job_id in ids:
+            # Reviewers decide whenever they like: not in step with the server's polls.
+            await asyncio.sleep(random.uniform(0, args.poll))
             page = await asyncio.to_thread(rita.get, f"{hub.url}/hub/dcr/review/{job_id}", timeout=60)
             form = {"decision": "approve", "comment": "", "_xsrf": xsrf(page.text)}
             r = await asyncio.to_thread(
