@@ -43,6 +43,9 @@ CPU_LANE = (
     "test_airlock.py",
     "test_airlock_hub.py",
     "test_review_render.py",
+    "test_bundle.py",
+    "test_grant.py",
+    "test_jobstore.py",
 )
 NO_TESTS = 5  # pytest's exit status when a selection holds no test
 
