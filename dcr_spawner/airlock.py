@@ -626,28 +626,27 @@ class Airlock:
         recipient = _unb64url(job.output_public_key)
         d = self.root / job_id
         if not (d / contract.SEALED_OUTPUTS_FILE).exists():
-            detail = open_to_memory(
-                d / FAILURE_NAME, self.key.private, job_id=job_id, tar=False, max_bytes=MAX_FAILURE_BYTES
+            self._reseal(
+                d, job_id, FAILURE_NAME, RELEASED_FAILURE, recipient, tar=False, limit=MAX_FAILURE_BYTES
             )
-            seal_bytes(detail, d / RELEASED_FAILURE, recipient, job_id=job_id)
             return
-        payload = open_to_memory(
-            d / contract.SEALED_OUTPUTS_FILE,
-            self.key.private,
-            job_id=job_id,
-            tar=True,
-            max_bytes=self.max_body_bytes,
+        limit = self.max_body_bytes
+        self._reseal(
+            d, job_id, contract.SEALED_OUTPUTS_FILE, RELEASED_OUTPUTS, recipient, tar=True, limit=limit
         )
-        seal_tar_payload(payload, d / RELEASED_OUTPUTS, recipient, job_id=job_id)
-        reveal = open_to_memory(
-            d / contract.SEALED_REVEAL_FILE,
-            self.key.private,
-            job_id=job_id,
-            tar=False,
-            max_bytes=self.max_body_bytes,
+        self._reseal(
+            d, job_id, contract.SEALED_REVEAL_FILE, RELEASED_REVEAL, recipient, tar=False, limit=limit
         )
-        seal_bytes(reveal, d / RELEASED_REVEAL, recipient, job_id=job_id)
-        del payload, reveal
+
+    def _reseal(
+        self, d: Path, job_id: str, src: str, dest: str, recipient: bytes, *, tar: bool, limit: int
+    ) -> None:
+        """Open ``src`` with the airlock key in memory and seal the same bytes to ``recipient`` as ``dest``."""
+        clear = open_to_memory(d / src, self.key.private, job_id=job_id, tar=tar, max_bytes=limit)
+        if tar:
+            seal_tar_payload(clear, d / dest, recipient, job_id=job_id)
+        else:
+            seal_bytes(clear, d / dest, recipient, job_id=job_id)
 
     def released_files(self, user: str, job_id: str) -> bytes:
         """The released result for its owner: a tar of the outputs and the reveal, sealed to the job's key."""

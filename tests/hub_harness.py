@@ -674,6 +674,15 @@ def make_stores(base: Path, *visits_args: str, rows: int = 200, seeds: tuple[int
     return Stores(root, insurance, visits)
 
 
+#: Quotas no test reaches unless it means to: each test exercises one limit at a time.
+GENEROUS_QUOTAS = {
+    "concurrent_jobs_per_user": 100,
+    "jobs_per_day_per_user": 1000,
+    "jobs_per_day_per_dataset": 10_000,
+    "grant_requests_per_minute": 1000,
+}
+
+
 def policy_config(datasets: Mapping[str, Mapping[str, Any]], *, enable: bool = True, **traits: Any) -> str:
     """``jupyterhub_config.py`` lines for a DCR policy (``c.DCRPolicy.<trait> = <value>``) and the enable line."""
     lines = ["import dcr_spawner", f"c.DCRPolicy.datasets = {dict(datasets)!r}"]

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import requests
+from hub_harness import GENEROUS_QUOTAS as GENEROUS
 from hub_harness import Hub, Stores, dataset_entry, make_stores, policy_config
 from sqlalchemy import text
 
@@ -34,12 +35,6 @@ from dcr_spawner.hubdb import GENESIS_HASH, SCHEMA_VERSION, HubDB, NewAuditEvent
 from dcr_spawner.platform import EnclavePlatform
 
 BUNDLE = "sha256:" + "ab" * 32
-GENEROUS = {
-    "concurrent_jobs_per_user": 100,
-    "jobs_per_day_per_user": 1000,
-    "jobs_per_day_per_dataset": 10_000,
-    "grant_requests_per_minute": 1000,
-}
 
 
 @pytest.fixture(scope="module")

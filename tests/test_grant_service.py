@@ -21,6 +21,9 @@ from typing import Any, ClassVar
 import pytest
 import requests
 from hub_harness import (
+    GENEROUS_QUOTAS as GENEROUS,
+)
+from hub_harness import (
     Hub,
     PostgresServer,
     Stores,
@@ -49,12 +52,6 @@ from dcr_spawner.platform import EnclavePlatform
 #: The service clock starts now: grants issued at T0 verify against the real clock.
 T0 = int(time.time())
 BUNDLE = "sha256:" + "ab" * 32
-GENEROUS = {
-    "concurrent_jobs_per_user": 100,
-    "jobs_per_day_per_user": 1000,
-    "jobs_per_day_per_dataset": 10_000,
-    "grant_requests_per_minute": 1000,
-}
 
 
 @pytest.fixture(scope="module")
