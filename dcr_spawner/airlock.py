@@ -198,42 +198,15 @@ class Airlock:
             "violations": list(manifest.output_check.get("violations", [])),
             "disclosure": list(manifest.output_check.get("disclosure", [])),
         }
-        providers = sorted({ref.split("/", 1)[0] for ref, _, _ in job.datasets})
-        now = int(self.clock())
-        try:
-            with self.db.session() as s:
-                s.add(
-                    HeldRecord(
-                        job_id=job_id,
-                        grant_id=job.grant_id,
-                        user=user,
-                        received_at=now,
-                        status="waiting",
-                        receipt_digest=receipt_digest,
-                        datasets=json.dumps([list(d) for d in job.datasets]),
-                        providers=json.dumps(providers),
-                        findings=json.dumps(findings),
-                        notebook=manifest.notebook,
-                        comment="",
-                    )
-                )
-        except DBIntegrityError:  # delivered twice at once: the other delivery's record stands
-            held = self.held(job_id)
-            if held is None:
-                raise
-            return held
-        self._platform_events()
-        self.db.audit(
-            "airlock.received",
-            status=201,
-            user=user,
-            job_id=job_id,
-            grant_id=job.grant_id,
-            detail={"datasets": [ref for ref, _, _ in job.datasets], "receipt": receipt_digest},
+        return self._record(
+            job,
+            receipt_digest,
+            kind="outputs",
+            findings=findings,
+            notebook=manifest.notebook,
+            event="airlock.received",
+            detail={"receipt": receipt_digest},
         )
-        held = self.held(job_id)
-        assert held is not None
-        return held
 
     def receive_failure(self, user: str, job_id: str, body: bytes) -> HeldJob:
         """Keep a failed run's sealed detail (its traceback) for reviewers, who may release it to the
@@ -251,33 +224,57 @@ class Airlock:
         except (ValueError, UnicodeDecodeError):
             raise AirlockRefusal(400, "the failure detail is not a JSON document") from None
         self._keep(job_id, {FAILURE_NAME: body})
-        refs = [ref for ref, _, _ in job.datasets]
-        with self.db.session() as s:
-            s.add(
-                HeldRecord(
-                    job_id=job_id,
-                    grant_id=job.grant_id,
-                    user=user,
-                    received_at=int(self.clock()),
-                    status="waiting",
-                    receipt_digest=digest,
-                    datasets=json.dumps([list(d) for d in job.datasets]),
-                    providers=json.dumps(sorted({r.split("/", 1)[0] for r in refs})),
-                    findings="{}",
-                    notebook="",
-                    comment="",
-                    kind="failure",
-                )
-            )
-        self.db.audit(
-            "airlock.failure_received",
-            status=201,
-            user=user,
-            job_id=job_id,
-            grant_id=job.grant_id,
-            detail={"datasets": refs},
+        return self._record(
+            job, digest, kind="failure", findings={}, notebook="", event="airlock.failure_received"
         )
-        held = self.held(job_id)
+
+    def _record(
+        self,
+        job: GrantedJob,
+        digest: str,
+        *,
+        kind: str,
+        findings: dict[str, list[str]],
+        notebook: str,
+        event: str,
+        detail: dict[str, Any] | None = None,
+    ) -> HeldJob:
+        """Record a kept delivery as waiting for review and audit it (after the platform's own events of
+        the job, so the trail keeps their order)."""
+        refs = [ref for ref, _, _ in job.datasets]
+        try:
+            with self.db.session() as s:
+                s.add(
+                    HeldRecord(
+                        job_id=job.job_id,
+                        grant_id=job.grant_id,
+                        user=job.user,
+                        received_at=int(self.clock()),
+                        status="waiting",
+                        receipt_digest=digest,
+                        datasets=json.dumps([list(d) for d in job.datasets]),
+                        providers=json.dumps(sorted({r.split("/", 1)[0] for r in refs})),
+                        findings=json.dumps(findings),
+                        notebook=notebook,
+                        comment="",
+                        kind=kind,
+                    )
+                )
+        except DBIntegrityError:  # delivered twice at once: the other delivery's record stands
+            held = self.held(job.job_id)
+            if held is None:
+                raise
+            return held
+        self._platform_events()
+        self.db.audit(
+            event,
+            status=201,
+            user=job.user,
+            job_id=job.job_id,
+            grant_id=job.grant_id,
+            detail={"datasets": refs, **(detail or {})},
+        )
+        held = self.held(job.job_id)
         assert held is not None
         return held
 

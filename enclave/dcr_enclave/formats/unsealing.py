@@ -140,12 +140,7 @@ def _extract(payload: Path, tree: Path, label: str, max_files: int, max_bytes: i
             payload, mode="r:", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict"
         ) as tf:
             for m in tf:
-                name = check_member_name(m.name, label)
-                if name in seen:
-                    raise DCRError(f"{label}: the member {name!r} appears twice")
-                seen.add(name)
-                if len(seen) > max_files:
-                    raise LimitError(f"{label} holds more than {max_files} members")
+                name = _checked_name(m, seen, label, max_files)
                 target = tree / name
                 if m.type == tarfile.DIRTYPE:
                     # 0700 while filling it; the recorded mode is applied once everything is in place.
@@ -168,6 +163,17 @@ def _extract(payload: Path, tree: Path, label: str, max_files: int, max_bytes: i
         raise DCRError(f"{label}: members collide (a file and a directory of the same name)") from None
     for path, mode in reversed(dir_modes):
         os.chmod(path, mode)
+
+
+def _checked_name(m: tarfile.TarInfo, seen: set[str], label: str, max_files: int) -> str:
+    """A member's name once it is safe, new and within the count: what both openers check first."""
+    name = check_member_name(m.name, label)
+    if name in seen:
+        raise DCRError(f"{label}: the member {name!r} appears twice")
+    seen.add(name)
+    if len(seen) > max_files:
+        raise LimitError(f"{label} holds more than {max_files} members")
+    return name
 
 
 def _write_member(tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path, label: str) -> None:
@@ -219,12 +225,7 @@ def tar_members(payload: bytes, label: str, *, max_files: int = MAX_MEMBERS) -> 
     try:
         with tarfile.open(fileobj=io.BytesIO(payload), mode="r:", encoding="utf-8", errors="strict") as tf:
             for m in tf:
-                name = check_member_name(m.name, label)
-                if name in seen:
-                    raise DCRError(f"{label}: the member {name!r} appears twice")
-                seen.add(name)
-                if len(seen) > max_files:
-                    raise LimitError(f"{label} holds more than {max_files} members")
+                name = _checked_name(m, seen, label, max_files)
                 if m.type == tarfile.DIRTYPE:
                     continue
                 if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
