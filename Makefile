@@ -55,7 +55,7 @@ dist: $(LABEXT)
 $(STAMP): setup.cfg pyproject.toml enclave/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -e './enclave[runtime]' -e '.[test,synthesis,kubernetes]'
+	$(BIN)/python -m pip install --quiet -e './enclave[runtime,gcp]' -e '.[test,synthesis,kubernetes,gcp]'
 	# SmartNoise's MST and AIM without its declared torch/opacus pins (docs/synthesis.md).
 	$(BIN)/python -m pip install --quiet --no-deps smartnoise-synth==1.0.8 smartnoise-sql==1.0.10
 	touch $@
