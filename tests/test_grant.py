@@ -299,3 +299,46 @@ def test_expiry_is_checked_against_the_callers_clock(hub: PrivateKey) -> None:
     _verify(token, hub, now=exp + LEEWAY_SECONDS)
     with pytest.raises(DCRError, match="expired"):
         _verify(token, hub, now=exp + LEEWAY_SECONDS + 1)
+
+
+def test_supervisor_refuses_an_attested_dataset_list_other_than_the_grants(tmp_path: Any) -> None:
+    """``DCR_DATASETS`` is what a cloud provider's pool condition pins: a launch whose value differs from
+    the verified grant's datasets in any way (a version, an extra or a missing dataset) is refused before
+    anything else happens; without the variable (the local host) the grant alone decides."""
+    from dcr_enclave.formats.grant import GrantedDataset
+    from dcr_enclave.formats.sealing import generate_keypair
+    from dcr_enclave.runtime.supervisor import Launch, Supervisor
+
+    key = generate_key()
+    jwk = public_jwk(key)
+    job_id, bundle = contract.new_job_id(), "sha256:" + "ab" * 32
+    v1, v2 = "sha256:" + "01" * 32, "sha256:" + "02" * 32
+    granted = [GrantedDataset("acme", "claims", v1, "auto"), GrantedDataset("zed", "labs", v2, "auto")]
+    token = issue_grant(
+        key, user="t", job_id=job_id, bundle_digest=bundle, datasets=granted,
+        output_public_key=generate_keypair()[1],
+    )  # fmt: skip
+
+    def supervisor(datasets: str | None) -> Supervisor:
+        env = {
+            contract.ENV.JOB_ID: job_id, contract.ENV.BUNDLE_DIGEST: bundle, contract.ENV.BUNDLE_URI: "/b",
+            contract.ENV.GRANT: token, contract.ENV.HUB_KEY_THUMBPRINT: jwk["kid"],
+            contract.ENV.HUB_JWKS: json.dumps({"keys": [jwk]}), contract.ENV.STORE_URI: "/s",
+            contract.ENV.OUTPUT_URI: "/o",
+        }  # fmt: skip
+        if datasets is not None:
+            env[contract.ENV.DATASETS] = datasets
+        return Supervisor(Launch.from_env(env), link=None, scratch=tmp_path, sandbox_ids=(1, 1))  # type: ignore[arg-type]
+
+    exact = contract.datasets_env_value([("zed", "labs", v2), ("acme", "claims", v1)])
+    assert exact == f",acme/claims@{v1},zed/labs@{v2},"
+    assert supervisor(exact).verify_grant().job_id == job_id
+    assert supervisor(None).verify_grant().job_id == job_id
+    for wrong in (
+        contract.datasets_env_value([("acme", "claims", v2), ("zed", "labs", v2)]),
+        contract.datasets_env_value([("acme", "claims", v1)]),
+        contract.datasets_env_value([("acme", "claims", v1), ("zed", "labs", v2), ("zed", "x", v1)]),
+        exact[1:],
+    ):
+        with pytest.raises(DCRError, match="DCR_DATASETS"):
+            supervisor(wrong).verify_grant()

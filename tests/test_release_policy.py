@@ -68,6 +68,9 @@ def cs_claims() -> dict[str, Any]:
                     contract.ENV.JOB_ID: "job-" + "0" * 24,
                     contract.ENV.BUNDLE_DIGEST: BUNDLE,
                     contract.ENV.HUB_KEY_THUMBPRINT: HUB_TP,
+                    contract.ENV.DATASETS: contract.datasets_env_value(
+                        [("acme", "other", digest("9")), ("insurer", "claims", VERSION)]
+                    ),
                 },
             },
             "confidential_space": {"support_attributes": ["LATEST", "STABLE", "USABLE"]},
@@ -318,8 +321,40 @@ def test_wip_condition_contains_the_expected_clauses() -> None:
         f"assertion.submods.container.image_digest in ['{IMAGE}']",
         f"assertion.submods.container.env.DCR_HUB_KEY_THUMBPRINT in ['{HUB_TP}']",
         f"assertion.submods.container.env.DCR_BUNDLE_DIGEST in ['{BUNDLE}']",
+        f"assertion.submods.container.env.DCR_DATASETS.contains(',insurer/claims@{VERSION},')",
     ]
     assert text.split(" && ") == expected
+
+
+def test_wip_condition_pins_the_granted_dataset_versions() -> None:
+    """The key goes only to a job whose attested dataset list names one of the condition's versions,
+    exactly: another version, another dataset of the same provider, or a name that merely starts the
+    same way does not satisfy it; several versions become a disjunction."""
+    cond = cs_condition(versions=[VERSION, digest("2")])
+    text = compile_wip_condition(cond)
+    assert f"(assertion.submods.container.env.DCR_DATASETS.contains(',insurer/claims@{VERSION},') || " in text
+
+    def with_datasets(*refs: tuple[str, str, str]) -> dict[str, Any]:
+        claims = cs_claims()
+        claims["submods"]["container"]["env"][contract.ENV.DATASETS] = contract.datasets_env_value(list(refs))
+        return claims
+
+    assert _wip_eval(text, with_datasets(("insurer", "claims", digest("2")))) is True
+    for refs in (
+        [("insurer", "claims", digest("3"))],
+        [("insurer", "claims2", VERSION)],
+        [("insurer", "other", VERSION)],
+        [],
+    ):
+        assert _wip_eval(text, with_datasets(*refs)) is False, refs
+    claims = cs_claims()
+    del claims["submods"]["container"]["env"][contract.ENV.DATASETS]
+    # A missing variable is an evaluation error, never true: Google denies the exchange.
+    try:
+        outcome = _wip_eval(text, claims)
+    except Exception:
+        outcome = "error"
+    assert outcome is not True
 
 
 def _wip_eval(text: str, claims: dict[str, Any]) -> Any:

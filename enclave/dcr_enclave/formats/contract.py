@@ -130,14 +130,35 @@ class LaunchEnv:
     OUTPUT_URI: str = "DCR_OUTPUT_URI"
     #: Where progress messages go (see :class:`Progress`).
     PROGRESS_URI: str = "DCR_PROGRESS_URI"
+    #: The granted dataset versions (:func:`datasets_env_value`). In Confidential Space every ``tee-env-*``
+    #: variable is in the attestation token, so a provider's Workload Identity Pool condition can pin its
+    #: dataset versions on it; the supervisor refuses a value that is not exactly its grant's datasets.
+    DATASETS: str = "DCR_DATASETS"
 
 
 ENV: Final = LaunchEnv()
 
 #: Every launch variable, in a fixed order (the image's ``tee.launch_policy.allow_env_override`` label).
 LAUNCH_ENV_NAMES: Final = tuple(getattr(ENV, f) for f in LaunchEnv.__dataclass_fields__)
+#: Launch variables the local enclave host may leave out (it links progress itself; its broker reads the
+#: dataset versions from the verified grant).
+OPTIONAL_LOCAL_ENV_NAMES: Final = (ENV.PROGRESS_URI, ENV.DATASETS)
 #: The subset carried into attestation claims (``submods.container.env``) and pinned by conditions.
 ATTESTED_ENV_NAMES: Final = (ENV.JOB_ID, ENV.BUNDLE_DIGEST, ENV.HUB_KEY_THUMBPRINT)
+
+
+
+def datasets_env_value(refs: "list[tuple[str, str, str]] | tuple[tuple[str, str, str], ...]") -> str:
+    """``DCR_DATASETS`` for ``(provider, dataset, version)`` triples: ``,p/d@sha256:...,q/e@sha256:...,``.
+
+    Sorted, and every entry between commas, so a condition can test one dataset version with a plain
+    substring test (``.contains(',p/d@sha256:...,')``): names and versions contain no comma.
+    """
+    items = sorted(f"{check_name(p, 'provider')}/{check_name(d, 'dataset')}@{v}" for p, d, v in refs)
+    if any("," in i for i in items) or len(set(items)) != len(items):
+        raise DCRError("dataset versions must be distinct and contain no comma")
+    return "," + ",".join(items) + "," if items else ","
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The progress channel: one JSON object per line (local) or per object (cloud). Never data.

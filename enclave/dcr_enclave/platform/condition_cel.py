@@ -35,6 +35,7 @@ WIP_CONDITION_MAX_CHARS: Final = 4096
 _ENV: Final = "assertion.submods.container.env"
 _HUB_TP: Final = f"{_ENV}.{contract.ENV.HUB_KEY_THUMBPRINT}"
 _BUNDLE: Final = f"{_ENV}.{contract.ENV.BUNDLE_DIGEST}"
+_DATASETS: Final = f"{_ENV}.{contract.ENV.DATASETS}"
 _IMAGE: Final = "assertion.submods.container.image_digest"
 _SUPPORT: Final = "assertion.submods.confidential_space.support_attributes"
 _PROJECT: Final = "assertion.submods.gce.project_id"
@@ -174,10 +175,9 @@ def compile_wip_condition(cond: Mapping[str, Any] | KeyReleaseCondition) -> str:
     """The Workload Identity Pool attribute condition for a ``confidential_space`` condition.
 
     Covers everything the Confidential Space token carries: platform claims, project, service account,
-    image digest and the attested launch variables (hub key thumbprint, bundle digest). The dataset and its
-    versions are not in the token; in the cloud they are enforced by which Cloud KMS key (one per dataset
-    version) grants this pool's principals the decrypter role, and the grant by the supervisor, whose image
-    digest this condition pins.
+    image digest and the attested launch variables: hub key thumbprint, bundle digest, and the granted
+    dataset versions (``DCR_DATASETS``, which the supervisor, pinned by its image digest, checks against the
+    verified grant), so the key is released only to a job granted one of the condition's versions.
     """
     c = _as_condition(cond)
     p = c.platform
@@ -207,6 +207,8 @@ def compile_wip_condition(cond: Mapping[str, Any] | KeyReleaseCondition) -> str:
     parts.append(f"{_HUB_TP} in {_list_literal(c.hub_key_thumbprints)}")
     if c.bundle_digests is not None:
         parts.append(f"{_BUNDLE} in {_list_literal(c.bundle_digests)}")
+    versions = [f"{_DATASETS}.contains({cel_string_literal(f',{c.ref}@{v},')})" for v in c.versions]
+    parts.append(versions[0] if len(versions) == 1 else "(" + " || ".join(versions) + ")")
     text = " && ".join(parts)
     if len(text) > WIP_CONDITION_MAX_CHARS:
         raise LimitError(

@@ -85,10 +85,14 @@ class Launch:
     hub_jwks: list[dict[str, Any]]
     store: Path
     output: Path
+    #: ``DCR_DATASETS`` when the platform attests it (Confidential Space); checked against the grant.
+    datasets: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Launch:
-        missing = [n for n in contract.LAUNCH_ENV_NAMES if n not in env and n != ENV.PROGRESS_URI]
+        missing = [
+            n for n in contract.LAUNCH_ENV_NAMES if n not in env and n not in contract.OPTIONAL_LOCAL_ENV_NAMES
+        ]
         if missing:
             raise DCRError(f"launch environment lacks {', '.join(missing)}")
         return cls(
@@ -100,6 +104,7 @@ class Launch:
             hub_jwks=parse_jwks(env[ENV.HUB_JWKS], "hub JWKS"),
             store=Path(env[ENV.STORE_URI]),
             output=Path(env[ENV.OUTPUT_URI]),
+            datasets=env.get(ENV.DATASETS),
         )
 
 
@@ -136,13 +141,20 @@ class Supervisor:
     # -- steps ------------------------------------------------------------------------------------------
 
     def verify_grant(self) -> Grant:
-        return verify_grant(
+        g = verify_grant(
             self.launch.grant_token,
             self.launch.hub_jwks,
             hub_key_thumbprint=self.launch.hub_key_thumbprint,
             job_id=self.launch.job_id,
             bundle_digest=self.launch.bundle_digest,
         )
+        if self.launch.datasets is not None:
+            # Providers' cloud conditions pin dataset versions on this attested variable: it must say
+            # exactly what the grant lets the job read, or a condition could be met by a label alone.
+            granted = contract.datasets_env_value([(d.provider, d.dataset, d.version) for d in g.datasets])
+            if self.launch.datasets != granted:
+                raise DCRError(f"the launch variable {ENV.DATASETS} does not list exactly the granted datasets")
+        return g
 
     def unpack(self) -> BundleManifest:
         # The sandbox gives the working copy to its account when it starts the kernel.
