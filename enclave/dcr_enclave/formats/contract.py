@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -147,8 +148,7 @@ OPTIONAL_LOCAL_ENV_NAMES: Final = (ENV.PROGRESS_URI, ENV.DATASETS)
 ATTESTED_ENV_NAMES: Final = (ENV.JOB_ID, ENV.BUNDLE_DIGEST, ENV.HUB_KEY_THUMBPRINT)
 
 
-
-def datasets_env_value(refs: "list[tuple[str, str, str]] | tuple[tuple[str, str, str], ...]") -> str:
+def datasets_env_value(refs: Iterable[tuple[str, str, str]]) -> str:
     """``DCR_DATASETS`` for ``(provider, dataset, version)`` triples: ``,p/d@sha256:...,q/e@sha256:...,``.
 
     Sorted, and every entry between commas, so a condition can test one dataset version with a plain

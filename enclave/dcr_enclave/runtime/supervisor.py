@@ -91,7 +91,9 @@ class Launch:
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Launch:
         missing = [
-            n for n in contract.LAUNCH_ENV_NAMES if n not in env and n not in contract.OPTIONAL_LOCAL_ENV_NAMES
+            n
+            for n in contract.LAUNCH_ENV_NAMES
+            if n not in env and n not in contract.OPTIONAL_LOCAL_ENV_NAMES
         ]
         if missing:
             raise DCRError(f"launch environment lacks {', '.join(missing)}")
@@ -153,7 +155,9 @@ class Supervisor:
             # exactly what the grant lets the job read, or a condition could be met by a label alone.
             granted = contract.datasets_env_value([(d.provider, d.dataset, d.version) for d in g.datasets])
             if self.launch.datasets != granted:
-                raise DCRError(f"the launch variable {ENV.DATASETS} does not list exactly the granted datasets")
+                raise DCRError(
+                    f"the launch variable {ENV.DATASETS} does not list exactly the granted datasets"
+                )
         return g
 
     def unpack(self) -> BundleManifest:
