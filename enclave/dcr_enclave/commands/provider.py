@@ -47,6 +47,15 @@ from dcr_enclave.formats.digests import check_digest
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.jwk import MAX_JWKS_BYTES, load_jwks_file, public_jwk, thumbprint
 from dcr_enclave.formats.streamcrypt import DEFAULT_CHUNK_SIZE, check_chunk_size
+from dcr_enclave.pack.gcp import (
+    GsUri,
+    KmsKeyWrapper,
+    check_kms_key,
+    gcp_policy,
+    gcp_policy_text,
+    storage_client,
+    upload_version,
+)
 from dcr_enclave.pack.signing_keys import load_or_create_key, read_private_key
 from dcr_enclave.pack.store import DEFAULT_MAX_BYTES, DEV_HUB_KEY_FILE, Store, inspect_input
 from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
@@ -79,7 +88,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--synthetic, in order; each file keeps the real file's name in both stages (in the sandbox and in "
         "the enclave) unless --synthetic-name gives it another.",
     )
-    add.add_argument("--store", type=Path, required=True, metavar="DIR", help="the dataset store directory")
+    add.add_argument(
+        "--store",
+        required=True,
+        metavar="DIR|gs://BUCKET/PREFIX",
+        help="the dataset store: a directory, or a Cloud Storage location (needs --kms-key and --keys) to "
+        "which the encrypted version is uploaded",
+    )
     add.add_argument("--provider", required=True, metavar="NAME", help="provider name, e.g. acme")
     add.add_argument("--dataset", required=True, metavar="NAME", help="dataset name, e.g. insurance")
     add.add_argument("--real", type=Path, action="append", required=True, metavar="FILE", help="a real file")
@@ -149,6 +164,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add.add_argument("--project-id", help="confidential-space: the enclave's Google Cloud project")
     add.add_argument(
+        "--kms-key",
+        metavar="NAME",
+        help="confidential-space: wrap the data key with this Cloud KMS key "
+        "(projects/P/locations/L/keyRings/R/cryptoKeys/K) instead of a local key-encryption key",
+    )
+    add.add_argument(
+        "--hub-copy",
+        type=Path,
+        metavar="DIR",
+        help="with a gs:// store: also keep the version in this local store directory (the manifest and "
+        "synthetic files are what the hub's 'store' must hold)",
+    )
+    add.add_argument("--kms-endpoint", metavar="URL", help=argparse.SUPPRESS)  # tests: a loopback fake
+    add.add_argument("--storage-endpoint", metavar="URL", help=argparse.SUPPRESS)
+    add.add_argument(
         "--service-account",
         action="append",
         default=[],
@@ -196,6 +226,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retire.add_argument("--provider", required=True, metavar="NAME", help="provider name")
     retire.add_argument("--dataset", required=True, metavar="NAME", help="dataset name")
     retire.add_argument("--version", required=True, metavar="sha256:HEX", help="the version to retire")
+
+    policy = sub.add_parser(
+        "policy",
+        help="print what Google Cloud needs to release a dataset's key",
+        description="Print a dataset's key-release condition compiled for Google Cloud: the Workload "
+        "Identity Pool provider (issuer, audience, attribute mapping and condition) and the IAM bindings "
+        "(KMS decrypt for the pool's principal set only; object read for the enclave's service account).",
+    )
+    policy.add_argument("--keys", type=Path, required=True, metavar="DIR", help="the keys directory")
+    policy.add_argument("--provider", required=True, metavar="NAME", help="provider name")
+    policy.add_argument("--dataset", required=True, metavar="NAME", help="dataset name")
+    policy.add_argument("--gcp", action="store_true", required=True, help="compile for Google Cloud")
+    policy.add_argument(
+        "--wip-provider",
+        required=True,
+        metavar="NAME",
+        help="projects/<number>/locations/global/workloadIdentityPools/<pool>/providers/<provider>",
+    )
+    policy.add_argument("--kms-key", required=True, metavar="NAME", help="the dataset's Cloud KMS key")
+    policy.add_argument("--store", required=True, metavar="gs://BUCKET/PREFIX", help="the dataset's store")
+    policy.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     parser.set_defaults(func=run)
 
 
@@ -204,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         return run_add(args)
     if args.provider_command == "retire":
         return run_retire(args)
+    if args.provider_command == "policy":
+        return run_policy(args)
     return run_list(args)
 
 
@@ -542,13 +595,41 @@ def _deliver_reports(reports: list[Path], dest: Path) -> list[Path]:
 def run_add(args: argparse.Namespace) -> int:
     # Everything is validated before anything is written: a refusal leaves store and keys untouched.
     _check_synthesis_args(args)
+    upload = _check_cloud_args(args)
     with tempfile.TemporaryDirectory(prefix="dcr-synthesis-") as work:
-        return _run_add(args, Path(work))
+        if upload is not None and args.hub_copy is None:
+            args.store = str(Path(work) / "store")  # built here, then uploaded
+        return _run_add(args, Path(work), upload)
 
 
-def _run_add(args: argparse.Namespace, work: Path) -> int:
+def _check_cloud_args(args: argparse.Namespace) -> GsUri | None:
+    """The upload destination for a gs:// store (None for a directory), once the cloud options agree."""
+    cloud = str(args.store).startswith("gs://")
+    if args.kms_key is not None:
+        check_kms_key(args.kms_key)
+        if args.platform != "confidential-space":
+            raise DCRError(
+                "--kms-key is for --platform confidential-space", hint="add --platform confidential-space"
+            )
+    if not cloud:
+        if args.hub_copy is not None:
+            raise DCRError("--hub-copy is only for a gs:// --store")
+        args.store = Path(args.store)
+        return None
+    if args.kms_key is None or args.keys is None:
+        raise DCRError(
+            "a gs:// store needs --kms-key (the enclave unwraps the data key with Cloud KMS) and --keys "
+            "(where the key-release condition is kept)"
+        )
+    return GsUri.parse(args.store)
+
+
+def _run_add(args: argparse.Namespace, work: Path, upload: GsUri | None = None) -> int:
+    if upload is not None and args.hub_copy is not None:
+        args.store = args.hub_copy
     store = Store(args.store)
     keys = KeyDirectory(args.keys if args.keys else store.default_keys_dir)
+    wrapper: Any = keys if args.kms_key is None else KmsKeyWrapper(args.kms_key, endpoint=args.kms_endpoint)
     if keys.path.exists():
         ensure_private_dir(keys.path)  # refuses a keys directory others can read, before any work
     check_chunk_size(args.chunk_size)
@@ -593,7 +674,7 @@ def _run_add(args: argparse.Namespace, work: Path) -> int:
         if store.exists(prepared.provider, prepared.dataset, prepared.version)
         else None
     )
-    if existing is not None and existing.files_mac is not None:  # a v1 manifest is rebuilt below
+    if existing is not None and existing.files_mac is not None and upload is None:  # v1: rebuilt below
         print(
             f"{existing.ref} version {existing.version} is already in the store {store.root}; nothing changed."
         )
@@ -604,10 +685,17 @@ def _run_add(args: argparse.Namespace, work: Path) -> int:
     if thumbprints is None:  # the local development hub key, created on first use
         ensure_private_dir(keys.path)
         thumbprints = [thumbprint(public_jwk(load_or_create_key(dev_key)))]
-    result = store.commit(prepared, keys, args.chunk_size, progress=progress.bytes("encrypting"))
+    result = store.commit(prepared, wrapper, args.chunk_size, progress=progress.bytes("encrypting"))
     progress.done()
     manifest = result.manifest
-    if not result.created:  # a concurrent add of the same content got there first
+    if upload is not None:
+        rel = result.path.relative_to(store.root).as_posix()
+        client = storage_client(args.storage_endpoint, project=args.project_id)
+        objects = upload_version(result.path, rel, upload, client)
+        print(
+            f"Uploaded {manifest.ref} version {manifest.version} to {upload}{rel}/ ({len(objects)} objects)"
+        )
+    if not result.created and upload is None:  # a concurrent add of the same content got there first
         print(
             f"{manifest.ref} version {manifest.version} is already in the store {store.root}; nothing changed."
         )
@@ -647,19 +735,31 @@ def _run_add(args: argparse.Namespace, work: Path) -> int:
             if RESEARCHERS_MARK in r.name:
                 for_researchers.append(r.resolve())
     print()
-    print(hub_snippet(store, manifest, args.release, description=args.description, reports=for_researchers))
+    cloud = None if upload is None else {"store": str(upload), "kms_key": args.kms_key}
+    hub_store = store if upload is None or args.hub_copy is not None else None
+    print(
+        hub_snippet(
+            hub_store,
+            manifest,
+            args.release,
+            description=args.description,
+            reports=for_researchers,
+            cloud=cloud,
+        )
+    )
     print()
     print(condition_text(condition, condition_path, hub_key_file, dev=args.hub_key is None))
     return 0
 
 
 def hub_snippet(
-    store: Store,
+    store: Store | None,
     manifest: DatasetVersion,
     release: str,
     *,
     description: str | None = None,
     reports: list[Path] | None = None,
+    cloud: dict[str, str] | None = None,
 ) -> str:
     """The ``jupyterhub_config.py`` lines that make the hub offer this dataset version.
 
@@ -680,6 +780,20 @@ def hub_snippet(
             f"        'fidelity_report': {str(shown[0])!r},\n"
         )
     about = "what the dataset is, shown to researchers" + ("" if description else ": fill in")
+    store_line = (
+        f"        'store': {str(store.root)!r},\n"
+        if store is not None
+        else "        # The hub's copy of the manifest and synthetic files (copy them from the bucket): fill in.\n"
+        "        'store': '/srv/dcr/store',\n"
+    )
+    cloud_lines = ""
+    if cloud is not None:
+        cloud_lines = (
+            "        # Where the enclave reads the encrypted version, the KMS key that wraps its data key, and\n"
+            "        # the pool provider whose condition releases it (`dcr provider policy --gcp`): fill in.\n"
+            f"        'cloud': {{'store': {cloud['store']!r}, 'kms_key': {cloud['kms_key']!r},\n"
+            "                  'wip_provider': 'projects/<number>/locations/global/workloadIdentityPools/<pool>/providers/<provider>'},\n"
+        )
     return (
         f"{_RULE}\n"
         f"# Hub side: add to jupyterhub_config.py (merge into c.DCRPolicy.datasets if it already lists\n"
@@ -689,7 +803,8 @@ def hub_snippet(
         f"    {manifest.ref!r}: {{\n"
         f"        # The content digest of the registered version; jobs run on exactly this data.\n"
         f"        'version': {manifest.version!r},\n"
-        f"        'store': {str(store.root)!r},\n"
+        f"{store_line}"
+        f"{cloud_lines}"
         f"        # Synthetic files (name: sha256) shown to entitled users at /data/{manifest.ref}/<name>;\n"
         f"        # protection: {protection}.\n"
         f"        'synthetic': {{\n"
@@ -735,6 +850,23 @@ def condition_text(condition: KeyReleaseCondition, path: Path, hub_key_file: Pat
 # ---------------------------------------------------------------------------------------------------------
 # list
 # ---------------------------------------------------------------------------------------------------------
+
+
+def run_policy(args: argparse.Namespace) -> int:
+    keys = KeyDirectory(args.keys)
+    condition = keys.read_condition(
+        check_name(args.provider, "provider"), check_name(args.dataset, "dataset")
+    )
+    if condition is None:
+        raise DCRError(
+            f"{args.provider}/{args.dataset} has no key-release condition in {args.keys}",
+            hint="`dcr provider add --platform confidential-space ... --keys DIR` writes it",
+        )
+    policy = gcp_policy(
+        condition, wip_provider=args.wip_provider, kms_key=args.kms_key, store=GsUri.parse(args.store)
+    )
+    print(json.dumps(policy, indent=2) if args.format == "json" else gcp_policy_text(policy))
+    return 0
 
 
 def run_retire(args: argparse.Namespace) -> int:

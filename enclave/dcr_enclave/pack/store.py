@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Protocol
 
 from dcr_enclave.formats import streamcrypt
 from dcr_enclave.formats.contract import check_file_name, check_name
@@ -45,7 +45,7 @@ from dcr_enclave.formats.dataset import (
 from dcr_enclave.formats.digests import READ_SIZE, check_digest, sha256_json
 from dcr_enclave.formats.errors import DCRError, IntegrityError, LimitError
 from dcr_enclave.formats.store_layout import StoreLayout
-from dcr_enclave.platform.key_store import KeyDirectory, new_data_key
+from dcr_enclave.platform.key_store import new_data_key
 
 #: The local development hub key, in the keys directory (created by ``dcr provider add`` when no hub key
 #: is given). For local development only: a real hub has its own key and providers pin its thumbprint.
@@ -58,6 +58,12 @@ DEFAULT_MAX_BYTES: Final = 16 << 30
 _VERSION_DIR_RE = re.compile(r"^[0-9a-f]{64}$")
 _DIR_MODE = 0o755
 _FILE_MODE = 0o644
+
+
+class KeyWrapper(Protocol):
+    """What wraps a version's data key: a local keys directory, or a Cloud KMS key (:mod:`.gcp`)."""
+
+    def wrap(self, provider: str, dataset: str, version: str, data_key: bytes) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -306,7 +312,7 @@ class Store(StoreLayout):
     def commit(
         self,
         prepared: PreparedVersion,
-        keys: KeyDirectory,
+        keys: KeyWrapper,
         chunk_size: int = streamcrypt.DEFAULT_CHUNK_SIZE,
         progress: Callable[[int, int], None] | None = None,
     ) -> AddResult:
@@ -336,7 +342,7 @@ class Store(StoreLayout):
         progress(total, total)
         return result
 
-    def _commit(self, prepared: PreparedVersion, keys: KeyDirectory, chunk_size: int) -> AddResult:
+    def _commit(self, prepared: PreparedVersion, keys: KeyWrapper, chunk_size: int) -> AddResult:
         p = prepared
         final = self.version_dir(p.provider, p.dataset, p.version)
         previous = None
@@ -379,7 +385,7 @@ class Store(StoreLayout):
         provider: str,
         dataset: str,
         files: Sequence[tuple[str | Path, str | Path]],
-        keys: KeyDirectory,
+        keys: KeyWrapper,
         protection: Protection | None = None,
         chunk_size: int = streamcrypt.DEFAULT_CHUNK_SIZE,
         max_bytes: int = DEFAULT_MAX_BYTES,
@@ -409,7 +415,7 @@ class Store(StoreLayout):
         self,
         p: PreparedVersion,
         tmp: Path,
-        keys: KeyDirectory,
+        keys: KeyWrapper,
         chunk_size: int,
         previous: DatasetVersion | None = None,
     ) -> DatasetVersion:
