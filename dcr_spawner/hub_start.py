@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from jinja2 import ChoiceLoader, FileSystemLoader
 from jupyterhub import orm
@@ -64,6 +64,14 @@ def active_policy() -> DCRPolicy | None:
     return _active
 
 
+#: Environment variable prefixes of cloud SDK credentials and settings (Google's, and others' for good measure).
+CLOUD_CREDENTIAL_PREFIXES: Final = ("GOOGLE_", "CLOUDSDK_", "GCE_", "GCLOUD_", "AWS_", "AZURE_")
+
+
+def is_cloud_credential_name(name: str) -> bool:
+    return name.upper().startswith(CLOUD_CREDENTIAL_PREFIXES)
+
+
 class PolicySpawnerMixin:
     """What every DCR spawner asks of the policy: the user's entitled datasets at spawn time."""
 
@@ -90,6 +98,20 @@ class PolicySpawnerMixin:
         """What the server needs to talk to this hub and its enclave platform (the hub's grant service,
         never the development one; the backend; the trust anchors). A spawner may add settings of its own."""
         return self._policy().platform().server_config()
+
+    def get_env(self) -> dict[str, Any]:
+        """The server's environment without any cloud credential the hub's own environment or configuration
+        would pass on (``env_keep``, ``environment``): researchers' servers hold none, only the hub
+        launches enclaves."""
+        env: dict[str, Any] = super().get_env()  # type: ignore[misc]
+        dropped = sorted(k for k in env if is_cloud_credential_name(k))
+        if dropped:
+            self.log.warning(
+                "DCR: not passing %s to %s's server: servers hold no cloud credential",
+                dropped,
+                self.user.name,
+            )
+        return {k: v for k, v in env.items() if k not in dropped}
 
     def get_args(self) -> list[str]:
         # Last, so they outrank c.Spawner.args and every configuration file the server reads.

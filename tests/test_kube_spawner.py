@@ -383,3 +383,17 @@ def test_entry_points_name_both_spawners() -> None:
 
     found = {e.name: e.load() for e in entry_points(group="jupyterhub.spawners") if e.name.startswith("dcr-")}
     assert found == {"dcr-kube": DCRKubeSpawner, "dcr-local": DCRLocalSpawner}
+
+
+def test_no_cloud_credential_reaches_the_server(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Researchers' servers hold no cloud credential: variables the hub's environment would pass on
+    (``env_keep``) or the admin sets (``environment``) are dropped, whatever their case; others stay."""
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/etc/hub/sa.json")
+    c = config_for(stores, ENTITLED)
+    c.Spawner.env_keep = ["PATH", "GOOGLE_APPLICATION_CREDENTIALS"]
+    c.Spawner.environment = {"CLOUDSDK_CONFIG": "/srv/gcloud", "google_cloud_project": "x", "TEAM": "a"}
+    pod = manifest(c, "alice")
+    (container,) = pod["spec"]["containers"]
+    names = {e["name"] for e in container["env"]}
+    assert "TEAM" in names and "PATH" in names
+    assert not {n for n in names if n.upper().startswith(("GOOGLE_", "CLOUDSDK_"))}
