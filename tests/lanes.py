@@ -27,6 +27,7 @@ CPU_LANE = (
     "test_provider_options.py",
     "test_provider.py",
     "test_provider_versions.py",
+    "test_provider_gcp.py",
     "test_dataset_files_mac.py",
     "test_streamcrypt.py",
     "test_attestation.py",
