@@ -209,6 +209,7 @@ def run(env: Mapping[str, str]) -> int:
     report: dict[str, Any]
     try:
         mount_scratch(scratch, scratch_bytes(env))
+        cloud.launch.output.mkdir(mode=0o700)  # the supervisor seals and writes its results here
         sup = CloudSupervisor(cloud, link, storage, scratch, sandbox_ids(env))
         sup.run()
         upload_results(storage, scratch / "result", cloud.output, SUCCESS_FILES)
