@@ -426,10 +426,10 @@ def test_two_providers_each_release_under_their_own_pool(
     ]
     run = run_job(world, make_notebook, [acme.granted(), beta.granted()], cells)
     assert run.rc == 0, (run.objects.get(contract.FAILURE_FILE), run.stderr[-3000:])
-    principals = {p: pool_principal_set(p.wip_provider) for p in (acme, beta)}
-    assert principals[acme] != principals[beta]
-    for p in (acme, beta):
-        assert (p.kms_key, principals[p]) in world.google.kms.decrypts
+    principals = [pool_principal_set(p.wip_provider) for p in (acme, beta)]
+    assert principals[0] != principals[1]
+    for p, principal in zip((acme, beta), principals, strict=True):
+        assert (p.kms_key, principal) in world.google.kms.decrypts
     receipt = json.loads(run.objects[contract.RECEIPT_FILE])
     assert sorted(receipt["policies"]["conditions"]) == ["acme/insurance", "beta/visits"]
     d = _receipt_dir(run, tmp_path)

@@ -232,7 +232,7 @@ class CloudLink:
                 },
                 timeout=TIMEOUT,
             )
-        except aexc.RefreshError as e:
+        except (aexc.RefreshError, aexc.OAuthError) as e:
             if _CONDITION_REFUSED in str(e):
                 raise DCRError(
                     f"dataset {d.key}: key release refused: the provider's attestation condition refused "
