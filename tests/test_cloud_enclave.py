@@ -34,6 +34,7 @@ from google.oauth2.credentials import Credentials
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import sha256_bytes
+from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import CloudDataset, GrantedDataset
 from dcr_enclave.formats.jwk import jwks, thumbprint
 from dcr_enclave.formats.sealing import generate_keypair
@@ -120,9 +121,9 @@ class Provider:
     wip_provider: str
     store: str
 
-    def granted(self, **cloud: str) -> GrantedDataset:
+    def granted(self, release: str = "auto", **cloud: str) -> GrantedDataset:
         entry = {"store": self.store, "kms_key": self.kms_key, "wip_provider": self.wip_provider, **cloud}
-        return GrantedDataset(self.name, self.dataset, self.version, "auto", CloudDataset(**entry))
+        return GrantedDataset(self.name, self.dataset, self.version, release, CloudDataset(**entry))
 
 
 @dataclass
@@ -205,6 +206,8 @@ def run_job(
     *,
     claims: dict[str, Any] | None = None,
     hub_key: Any = None,
+    airlock_public: bytes | None = None,
+    drop: tuple[str, ...] = (),
 ) -> Run:
     """Upload a bundle, sign a grant and run ``python -m dcr_enclave.cloud`` as the VM would."""
     g = world.google
@@ -228,6 +231,7 @@ def run_job(
         output_public_key=out_public,
         time_limit=300,
         memory_bytes=2 * 2**30,
+        airlock_public_key=airlock_public,
     )
     launch = {
         contract.ENV.JOB_ID: job_id,
@@ -241,6 +245,8 @@ def run_job(
         contract.ENV.PROGRESS_URI: contract.cloud_progress_uri(JOBS_URI, job_id),
     }
     assert tuple(launch) == contract.LAUNCH_ENV_NAMES
+    for name in drop:
+        del launch[name]
     vm = claims if claims is not None else vm_claims(image_digest=IMAGE_DIGEST, env={})
     vm["submods"]["container"]["env"] = dict(launch)  # the launcher attests the tee-env-* it passed
     sock = tmp / "launcher" / "teeserver.sock"
@@ -460,6 +466,62 @@ def test_a_grant_pinning_another_kms_key_is_refused_before_sts(
     assert not [r for r in run.tee.requests if r["audience"] == contract.KEY_RELEASE_AUDIENCE]
 
 
+def test_under_review_the_outputs_are_sealed_to_the_airlock_and_no_cell_is_reported(
+    world: World, acme: Provider, make_notebook: Any, tmp_path: Path
+) -> None:
+    airlock_private, airlock_public = generate_keypair()
+    run = run_job(world, make_notebook, [acme.granted("review")], COUNT_ROWS, airlock_public=airlock_public)
+    assert run.rc == 0, (run.objects.get(contract.FAILURE_FILE), run.stderr[-3000:])
+    assert set(run.objects) == {
+        contract.RECEIPT_FILE,
+        contract.TOKEN_FILE,
+        contract.SIGNER_JWKS_FILE,
+        contract.SEALED_OUTPUTS_FILE,
+        contract.SEALED_REVEAL_FILE,
+    }
+    receipt = json.loads(run.objects[contract.RECEIPT_FILE])
+    assert receipt["release"]["decision"] == "held" and receipt["outputs"] == []
+    # The researcher learns the states only: no cell, no "checking" (their times would time the notebook).
+    assert run.states == ["launching", "running"] and run.cells == []
+    sealed = tmp_path / "held.sealed"
+    sealed.write_bytes(run.objects[contract.SEALED_OUTPUTS_FILE])
+    with pytest.raises(DCRError):  # not to the job's own key
+        open_dir(sealed, tmp_path / "mine", run.output_private, run.job_id)
+    open_dir(sealed, tmp_path / "airlock", airlock_private, run.job_id)
+    assert (tmp_path / "airlock" / "results" / "summary.csv").is_file()
+
+
+def test_a_failing_cell_reports_its_index_and_type_and_seals_the_detail(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    _, airlock_public = generate_keypair()
+    cells = ["x = 1", "raise ValueError('row 17 of the real data says ' + str(x))"]
+    run = run_job(world, make_notebook, [acme.granted()], cells, airlock_public=airlock_public)
+    assert run.rc == 1
+    assert set(run.objects) == {contract.FAILURE_FILE, contract.SEALED_FAILURE_FILE}
+    failure = run.failure()
+    assert (failure["cell"], failure["ename"]) == (1, "ValueError")
+    assert b"row 17" not in run.objects[contract.FAILURE_FILE]
+    assert run.states == ["launching", "running"] and run.cells == [0, 1]
+    assert run.progress[-1] == {"kind": "failed", **failure}
+
+
+def test_without_the_kms_binding_the_key_is_refused_with_a_clear_reason(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    world.google.kms.revoke_decrypt(acme.kms_key)
+    run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS)
+    _assert_refused_before_any_cell(run, "Cloud KMS denied decrypt")
+    assert world.google.sts.exchanges[-1].outcome == "ok"
+
+
+def test_a_launch_missing_a_variable_writes_nothing(world: World, acme: Provider, make_notebook: Any) -> None:
+    run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS, drop=(contract.ENV.GRANT,))
+    assert run.rc == 1
+    assert f"launch environment lacks {contract.ENV.GRANT}" in run.stderr
+    assert run.objects == {} and run.progress == []
+
+
 def test_a_launch_without_a_cloud_entry_in_the_grant_is_refused(
     world: World, acme: Provider, make_notebook: Any
 ) -> None:
@@ -478,8 +540,6 @@ def test_the_scratch_tmpfs_is_only_in_the_supervisors_mount_namespace(
 
 
 def test_grant_cloud_entries_are_validated_and_absent_when_unset() -> None:
-    from dcr_enclave.formats.errors import DCRError
-
     plain = GrantedDataset("acme", "insurance", "sha256:" + "a" * 64, "auto")
     assert "cloud" not in plain.to_json()
     assert GrantedDataset.from_json(plain.to_json()) == plain

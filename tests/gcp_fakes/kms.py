@@ -64,6 +64,10 @@ class KmsFake:
     def allow_decrypt(self, name: str, principal_set: str) -> None:
         self._keys[name].decrypters.add(principal_set)
 
+    def revoke_decrypt(self, name: str) -> None:
+        """Remove every decrypt binding of the key."""
+        self._keys[name].decrypters.clear()
+
     def _handle(self, method: str, path: str, headers: Any, body: bytes) -> Reply:
         m = _PATH_RE.match(path.split("?")[0])
         if method != "POST" or not m:

@@ -42,15 +42,7 @@ from dcr_enclave.runtime.supervisor import JobFailed, Launch, Supervisor, mount_
 
 #: The bundle object may be this much bigger than its files (tar headers, its manifest).
 BUNDLE_OVERHEAD_BYTES = 16 * 2**20
-#: Result files the enclave writes: what a success or a failure may upload, and in which order.
-SUCCESS_FILES = (
-    contract.SEALED_OUTPUTS_FILE,
-    contract.SEALED_REVEAL_FILE,
-    contract.SEALED_CHECK_FILE,
-    contract.SIGNER_JWKS_FILE,
-    contract.TOKEN_FILE,
-    contract.RECEIPT_FILE,  # last: its presence means the job is complete
-)
+#: What a failed job may upload besides ``failure.json``: nothing the run produced but the sealed detail.
 FAILURE_FILES = (contract.SEALED_FAILURE_FILE,)
 
 
@@ -180,12 +172,16 @@ def scratch_bytes(env: Mapping[str, str]) -> int:
     return 2 * 2**30
 
 
-def upload_results(storage: Bucketed, result: Path, output: GsUri, names: tuple[str, ...]) -> None:
-    """Upload the files among ``names`` that the run wrote, in that order (create-only)."""
-    for name in names:
-        path = result / name
-        if path.is_file() and not path.is_symlink():
-            storage.create(output.child(name), path)
+def upload_results(
+    storage: Bucketed, result: Path, output: GsUri, names: tuple[str, ...] | None = None
+) -> None:
+    """Upload what the supervisor wrote (only ``names``, when given), ``receipt.json`` last; create-only."""
+    if not result.is_dir():  # the job failed before the tmpfs was there
+        return
+    present = sorted(p.name for p in result.iterdir() if p.is_file() and not p.is_symlink())
+    chosen = [n for n in present if names is None or n in names]
+    for name in sorted(chosen, key=lambda n: n == contract.RECEIPT_FILE):
+        storage.create(output.child(name), result / name)
 
 
 def write_failure(storage: Bucketed, result: Path, output: GsUri, report: dict[str, Any]) -> None:
@@ -212,7 +208,7 @@ def run(env: Mapping[str, str]) -> int:
         cloud.launch.output.mkdir(mode=0o700)  # the supervisor seals and writes its results here
         sup = CloudSupervisor(cloud, link, storage, scratch, sandbox_ids(env))
         sup.run()
-        upload_results(storage, scratch / "result", cloud.output, SUCCESS_FILES)
+        upload_results(storage, scratch / "result", cloud.output)
         return 0
     except JobFailed as e:
         report = e.report
