@@ -569,3 +569,32 @@ def test_the_contracts_cloud_uris() -> None:
     assert contract.cloud_progress_uri("gs://jobs/", job) == f"gs://jobs/jobs/{job}/progress/"
     assert contract.progress_object_name(7) == "00000007.json"
     assert len(sha256_bytes(b"x")) == 71  # a receipt nonce fits Google's 10..74 bytes
+
+
+def test_tokens_keep_to_googles_nonce_limits(google: Google, tmp_path: Path) -> None:
+    from dcr_enclave.cloud.gcs import Bucketed
+    from dcr_enclave.cloud.link import CloudLink
+
+    sock = tmp_path / "t.sock"
+    tee = TeeServerFake(sock, google.issuer, vm_claims(image_digest=IMAGE_DIGEST, env={})).start()
+    try:
+        link = CloudLink(
+            {contract.CLOUD_TEESERVER_SOCKET: str(sock)},
+            Bucketed(google.storage.client()),
+            contract.parse_gs_uri("gs://dcr-jobs/unused/"),
+        )
+        receipt_nonce = sha256_bytes(b"a manifest")
+        token = link.token(contract.RECEIPT_AUDIENCE, [receipt_nonce])
+        assert tee.requests == [
+            {"audience": contract.RECEIPT_AUDIENCE, "nonces": [receipt_nonce], "token_type": "PKI"}
+        ]
+        assert token.count(".") == 2
+        for bad in (["short"], ["x" * 75], [link.challenge()] * 7, []):
+            with pytest.raises(DCRError, match="nonce"):
+                link.token(contract.KEY_RELEASE_AUDIENCE, bad)
+        assert len(tee.requests) == 1  # refused before the launcher was asked
+        info = link.info()
+        assert info["kind"] == "confidential_space" and info["image_digest"] == IMAGE_DIGEST
+        assert len(info["jwks"]["keys"]) == 1  # the x5c leaf's public key
+    finally:
+        tee.stop()
