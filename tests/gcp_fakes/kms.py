@@ -41,18 +41,21 @@ def _int64(v: Any) -> int | None:
 
 
 class KmsFake:
-    def __init__(self, sts: StsFake) -> None:
+    """Serves from construction (``start`` is a no-op kept for symmetry); ``sts`` says which principal set a
+    federated access token stands for (set it before the first decrypt when not given here)."""
+
+    def __init__(self, sts: StsFake | None = None) -> None:
         self.sts = sts
         self._keys: dict[str, _Key] = {}
         self.decrypts: list[tuple[str, str]] = []
         self._http = LoopbackServer(self._handle)
+        self._http.start()
 
     @property
     def endpoint(self) -> str:
         return self._http.endpoint
 
     def start(self) -> KmsFake:
-        self._http.start()
         return self
 
     def stop(self) -> None:
@@ -85,7 +88,7 @@ class KmsFake:
             return _status(400, "INVALID_ARGUMENT", "Invalid JSON payload.")
         if op == "encrypt":
             return self._encrypt(name, key, req)
-        principal = self.sts.principal_of(auth.removeprefix("Bearer "))
+        principal = self.sts.principal_of(auth.removeprefix("Bearer ")) if self.sts else None
         if principal is None or principal not in key.decrypters:
             self.decrypts.append((name, "denied"))
             return _status(
