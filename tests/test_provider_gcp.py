@@ -10,7 +10,8 @@ import pytest
 
 from dcr_enclave.commands import main as cli
 from dcr_enclave.formats import contract
-from dcr_enclave.pack.gcp import GsUri, attribute_mapping, principal_set
+from dcr_enclave.formats.contract import GsUri
+from dcr_enclave.pack.gcp import attribute_mapping, parse_store, principal_set
 from dcr_enclave.platform.key_store import KeyDirectory
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "insurance"
@@ -114,7 +115,7 @@ def test_policy_text_is_gcloud_commands(registered: Path, capsys: pytest.Capture
     code, out, err = _dcr(capsys, *_policy(registered))
     assert code == 0, err
     assert "gcloud iam workload-identity-pools providers create-oidc acme-claims" in out
-    assert "--allowed-audiences=https://sts.googleapis.com" in out
+    assert "--allowed-audiences=dcr:key-release" in out
     assert "gcloud kms keys add-iam-policy-binding claims --keyring=dcr --location=europe-west4" in out
     assert "--role=roles/cloudkms.cryptoKeyDecrypter" in out
 
@@ -184,9 +185,9 @@ def test_add_refuses_inconsistent_cloud_options_and_writes_nothing(
     assert not (tmp_path / "store").exists() and not (tmp_path / "keys").exists()
 
 
-def test_gs_uri_parsing() -> None:
-    assert str(GsUri.parse("gs://acme-dcr")) == "gs://acme-dcr/"
-    assert GsUri.parse("gs://acme-dcr/a/b/") == GsUri("acme-dcr", "a/b/")
+def test_store_locations() -> None:
+    assert str(parse_store("gs://acme-dcr")) == "gs://acme-dcr/"
+    assert parse_store("gs://acme-dcr/a/b") == GsUri("acme-dcr", "a/b/")
     for bad in ("gs://acme-dcr/a/../b", "gs://acme-dcr/a//b", "gs:/acme", "gs://A"):
         with pytest.raises(Exception, match="not a Cloud Storage location"):
-            GsUri.parse(bad)
+            parse_store(bad)

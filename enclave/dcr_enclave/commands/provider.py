@@ -53,6 +53,7 @@ from dcr_enclave.pack.gcp import (
     check_kms_key,
     gcp_policy,
     gcp_policy_text,
+    parse_store,
     storage_client,
     upload_version,
 )
@@ -621,7 +622,7 @@ def _check_cloud_args(args: argparse.Namespace) -> GsUri | None:
             "a gs:// store needs --kms-key (the enclave unwraps the data key with Cloud KMS) and --keys "
             "(where the key-release condition is kept)"
         )
-    return GsUri.parse(args.store)
+    return parse_store(args.store)
 
 
 def _run_add(args: argparse.Namespace, work: Path, upload: GsUri | None = None) -> int:
@@ -863,7 +864,7 @@ def run_policy(args: argparse.Namespace) -> int:
             hint="`dcr provider add --platform confidential-space ... --keys DIR` writes it",
         )
     policy = gcp_policy(
-        condition, wip_provider=args.wip_provider, kms_key=args.kms_key, store=GsUri.parse(args.store)
+        condition, wip_provider=args.wip_provider, kms_key=args.kms_key, store=parse_store(args.store)
     )
     print(json.dumps(policy, indent=2) if args.format == "json" else gcp_policy_text(policy))
     return 0

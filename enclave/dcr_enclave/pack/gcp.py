@@ -17,31 +17,21 @@ works without them.
 from __future__ import annotations
 
 import base64
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from dcr_enclave.formats.contract import check_name
+from dcr_enclave.formats.contract import KEY_RELEASE_AUDIENCE, GsUri, check_name, parse_gs_uri
 from dcr_enclave.formats.digests import check_digest
 from dcr_enclave.formats.errors import DCRError
+from dcr_enclave.formats.grant import KMS_KEY_RE, WIP_PROVIDER_RE
 from dcr_enclave.formats.store_layout import MANIFEST_FILE
 from dcr_enclave.platform.condition import KeyReleaseCondition
 from dcr_enclave.platform.condition_cel import compile_wip_condition
 
-KMS_KEY_RE: Final = re.compile(
-    r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/locations/[a-z0-9-]+/keyRings/[A-Za-z0-9_-]{1,63}"
-    r"/cryptoKeys/[A-Za-z0-9_-]{1,63}$"
-)
-WIP_PROVIDER_RE: Final = re.compile(
-    r"^projects/(?P<number>[0-9]{1,20})/locations/global/workloadIdentityPools/(?P<pool>[a-z0-9-]{4,32})"
-    r"/providers/(?P<provider>[a-z0-9-]{4,32})$"
-)
-GS_URI_RE: Final = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(?:/(?P<prefix>.*))?$")
 #: Issuer of Confidential Space attestation tokens, as a pool provider names it.
 CS_ISSUER_URI: Final = "https://confidentialcomputing.googleapis.com/"
 #: The audience the enclave asks its key-release tokens for (the pool provider's allowed audience).
-STS_AUDIENCE: Final = "https://sts.googleapis.com"
+STS_AUDIENCE: Final = KEY_RELEASE_AUDIENCE
 DECRYPTER_ROLE: Final = "roles/cloudkms.cryptoKeyDecrypter"
 OBJECT_VIEWER_ROLE: Final = "roles/storage.objectViewer"
 
@@ -55,31 +45,24 @@ def check_kms_key(name: str) -> str:
     return name
 
 
-def check_wip_provider(name: str) -> re.Match[str]:
-    m = WIP_PROVIDER_RE.match(name) if isinstance(name, str) else None
-    if m is None:
+def wip_provider_parts(name: str) -> tuple[str, str, str]:
+    """``(project number, pool, provider)`` of a Workload Identity Pool provider's resource name."""
+    if not isinstance(name, str) or not WIP_PROVIDER_RE.match(name):
         raise DCRError(
             f"{name!r} is not a Workload Identity Pool provider",
             hint="projects/<project number>/locations/global/workloadIdentityPools/<pool>/providers/<provider>",
         )
-    return m
+    parts = name.split("/")
+    return parts[1], parts[5], parts[7]
 
 
-@dataclass(frozen=True)
-class GsUri:
-    bucket: str
-    prefix: str  # "" or ending in "/"
-
-    @classmethod
-    def parse(cls, uri: str) -> GsUri:
-        m = GS_URI_RE.match(uri) if isinstance(uri, str) else None
-        prefix = (m.group("prefix") or "") if m else ""
-        if m is None or ".." in prefix.split("/") or "//" in prefix:
-            raise DCRError(f"{uri!r} is not a Cloud Storage location", hint="gs://<bucket>[/<prefix>]")
-        return cls(m.group("bucket"), prefix.rstrip("/") + "/" if prefix.strip("/") else "")
-
-    def __str__(self) -> str:
-        return f"gs://{self.bucket}/{self.prefix}"
+def parse_store(uri: str) -> GsUri:
+    """A gs:// store location, as a prefix (ending in ``/`` unless it is the bucket's root)."""
+    try:
+        u = parse_gs_uri(uri, "store")
+    except DCRError as e:
+        raise DCRError(f"{uri!r} is not a Cloud Storage location", hint="gs://<bucket>[/<prefix>]") from e
+    return u if not u.name or u.name.endswith("/") else GsUri(u.bucket, u.name + "/")
 
 
 def _crc32c(data: bytes) -> int:
@@ -169,7 +152,7 @@ def upload_version(version_dir: Path, rel: str, dest: GsUri, client: Any) -> lis
     files = sorted(p for p in version_dir.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     names = []
     for path in [*files, version_dir / MANIFEST_FILE]:  # the manifest last: it says the version is complete
-        name = dest.prefix + rel.rstrip("/") + "/" + path.relative_to(version_dir).as_posix()
+        name = dest.name + rel.rstrip("/") + "/" + path.relative_to(version_dir).as_posix()
         blob = bucket.blob(name)
         try:
             blob.upload_from_filename(str(path), if_generation_match=0, checksum="crc32c")
@@ -198,17 +181,17 @@ PROVIDER_ATTRIBUTE: Final = "dcr_wip_provider"
 
 def principal_set(wip_provider: str) -> str:
     """The principals of one pool provider: those whose token met that provider's condition."""
-    m = check_wip_provider(wip_provider)
+    number, pool, provider = wip_provider_parts(wip_provider)
     return (
-        f"principalSet://iam.googleapis.com/projects/{m.group('number')}/locations/global/"
-        f"workloadIdentityPools/{m.group('pool')}/attribute.{PROVIDER_ATTRIBUTE}/{m.group('provider')}"
+        f"principalSet://iam.googleapis.com/projects/{number}/locations/global/"
+        f"workloadIdentityPools/{pool}/attribute.{PROVIDER_ATTRIBUTE}/{provider}"
     )
 
 
 def attribute_mapping(wip_provider: str) -> dict[str, str]:
-    m = check_wip_provider(wip_provider)
+    provider = wip_provider_parts(wip_provider)[2]
     # A constant: the provider's id (letters, digits, '-') as a CEL string literal.
-    return {"google.subject": "assertion.sub", f"attribute.{PROVIDER_ATTRIBUTE}": f"'{m.group('provider')}'"}
+    return {"google.subject": "assertion.sub", f"attribute.{PROVIDER_ATTRIBUTE}": f"'{provider}'"}
 
 
 def gcp_policy(
@@ -218,16 +201,16 @@ def gcp_policy(
     (compiled from the structured condition; refused over Google's length limit), its attribute mapping
     and issuer, and the IAM bindings (KMS decrypt only for the principals of this pool provider, never a
     service account nor the whole pool; object read for the enclave's service accounts)."""
-    m = check_wip_provider(wip_provider)
+    number, pool, provider = wip_provider_parts(wip_provider)
     check_kms_key(kms_key)
     text = compile_wip_condition(condition)
     return {
         "dataset": condition.ref,
         "versions": list(condition.versions),
         "workload_identity_pool": {
-            "project_number": m.group("number"),
-            "pool": m.group("pool"),
-            "provider": m.group("provider"),
+            "project_number": number,
+            "pool": pool,
+            "provider": provider,
             "issuer_uri": CS_ISSUER_URI,
             "allowed_audiences": [STS_AUDIENCE],
             "attribute_mapping": attribute_mapping(wip_provider),
@@ -240,7 +223,7 @@ def gcp_policy(
                     "resource": f"gs://{store.bucket}",
                     "role": OBJECT_VIEWER_ROLE,
                     "member": f"serviceAccount:{sa}",
-                    "condition_prefix": f"projects/_/buckets/{store.bucket}/objects/{store.prefix}",
+                    "condition_prefix": f"projects/_/buckets/{store.bucket}/objects/{store.name}",
                 }
                 for sa in condition.platform.service_accounts
             ),
