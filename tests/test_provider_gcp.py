@@ -191,3 +191,83 @@ def test_store_locations() -> None:
     for bad in ("gs://acme-dcr/a/../b", "gs://acme-dcr/a//b", "gs:/acme", "gs://A"):
         with pytest.raises(Exception, match="not a Cloud Storage location"):
             parse_store(bad)
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Any:
+    """The pinned Cloud Storage emulator and the KMS fake, on loopback."""
+    from gcp_fakes.kms import KmsFake
+    from gcp_fakes.storage import StorageEmulator
+
+    storage, kms = StorageEmulator().start(), KmsFake().start()
+    storage.create_bucket("acme-dcr")
+    kms.create_key(KMS)
+    try:
+        yield storage, kms
+    finally:
+        kms.stop()
+        storage.stop()
+
+
+def _gs_add(tmp_path: Path, files: tuple[Path, Path], cloud: Any, prefix: str, *extra: Any) -> list[Any]:
+    storage, kms = cloud
+    return _add(
+        f"gs://acme-dcr/{prefix}", files, *CLOUD, "--kms-key", KMS, "--keys", tmp_path / "keys",
+        "--kms-endpoint", kms.endpoint, "--storage-endpoint", storage.endpoint, *extra,
+    )  # fmt: skip
+
+
+def test_add_to_a_gs_store_wraps_with_kms_and_uploads_the_version(
+    tmp_path: Path, files: tuple[Path, Path], cloud: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The data key is wrapped by Cloud KMS (the manifest names the key), the version's objects land in
+    the store layout under the prefix (manifest, ciphertext, synthetic file), the hub copy holds the same
+    manifest, and the snippet carries the cloud entry; a second run is a no-op."""
+    from dcr_enclave.formats.dataset import DatasetVersion
+
+    storage, _kms = cloud
+    args = _gs_add(tmp_path, files, cloud, "datasets", "--hub-copy", tmp_path / "hub")
+    code, out, err = _dcr(capsys, *args)
+    assert code == 0, err
+    names = sorted(b.name for b in storage.client().list_blobs("acme-dcr", prefix="datasets/"))
+    manifest_name = next(n for n in names if n.endswith("/manifest.json"))
+    version_dir = manifest_name.removesuffix("manifest.json")
+    assert manifest_name.startswith("datasets/acme/claims/")
+    assert {n.removeprefix(version_dir) for n in names} == {
+        "manifest.json", "real/claims.csv.dcrenc", "synthetic/claims.csv",
+    }  # fmt: skip
+    manifest = DatasetVersion.from_json(
+        storage.client().bucket("acme-dcr").blob(manifest_name).download_as_bytes()
+    )
+    assert manifest.key.to_json()["kind"] == "gcp-kms" and manifest.key.to_json()["name"] == KMS
+    hub_manifest = tmp_path / "hub" / manifest_name.removeprefix("datasets/")
+    assert DatasetVersion.from_json(hub_manifest.read_bytes()) == manifest
+    assert "'cloud': {'store': 'gs://acme-dcr/datasets/'" in out and f"'kms_key': {KMS!r}" in out
+    assert f"'store': {str(tmp_path / 'hub')!r}" in out
+    # Again, into a new hub copy: the same content digest, the objects already there with the same bytes.
+    args = _gs_add(tmp_path, files, cloud, "datasets", "--hub-copy", tmp_path / "hub2")
+    code, out, err = _dcr(capsys, *args)
+    assert code == 0, err
+    assert "is already in gs://acme-dcr/datasets/; nothing changed" in out
+    assert sorted(b.name for b in storage.client().list_blobs("acme-dcr", prefix="datasets/")) == names
+
+
+def test_add_to_a_gs_store_refuses_an_object_with_other_content(
+    tmp_path: Path, files: tuple[Path, Path], cloud: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A version's objects never change: a stray object with other bytes under its name is refused."""
+    storage, _kms = cloud
+    code, _out, err = _dcr(capsys, *_gs_add(tmp_path, files, cloud, "first"))
+    assert code == 0, err
+    (synthetic,) = [
+        b for b in storage.client().list_blobs("acme-dcr", prefix="first/") if "/synthetic/" in b.name
+    ]
+    target = "second/" + synthetic.name.removeprefix("first/")
+    storage.client().bucket("acme-dcr").blob(target).upload_from_string(b"not the synthetic file")
+    code, _out, err = _dcr(capsys, *_gs_add(tmp_path / "again", files, cloud, "second"))
+    assert code != 0 and "already exists with other content" in err
+    assert not [
+        b
+        for b in storage.client().list_blobs("acme-dcr", prefix="second/")
+        if b.name.endswith("manifest.json")
+    ]

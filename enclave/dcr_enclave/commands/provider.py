@@ -56,6 +56,7 @@ from dcr_enclave.pack.gcp import (
     parse_store,
     storage_client,
     upload_version,
+    uploaded_manifest,
 )
 from dcr_enclave.pack.signing_keys import load_or_create_key, read_private_key
 from dcr_enclave.pack.store import DEFAULT_MAX_BYTES, DEV_HUB_KEY_FILE, Store, inspect_input
@@ -675,6 +676,16 @@ def _run_add(args: argparse.Namespace, work: Path, upload: GsUri | None = None) 
         if store.exists(prepared.provider, prepared.dataset, prepared.version)
         else None
     )
+    if upload is not None:
+        # Encrypting again would give other ciphertext (a new data key) for the same version.
+        rel = store.version_dir(prepared.provider, prepared.dataset, prepared.version).relative_to(store.root)
+        client = storage_client(args.storage_endpoint, project=args.project_id)
+        there = uploaded_manifest(rel.as_posix(), upload, client)
+        if there is not None:
+            print(
+                f"{prepared.provider}/{prepared.dataset} version {prepared.version} is already in {upload}; nothing changed."
+            )
+            return 0
     if existing is not None and existing.files_mac is not None and upload is None:  # v1: rebuilt below
         print(
             f"{existing.ref} version {existing.version} is already in the store {store.root}; nothing changed."
@@ -690,9 +701,7 @@ def _run_add(args: argparse.Namespace, work: Path, upload: GsUri | None = None) 
     progress.done()
     manifest = result.manifest
     if upload is not None:
-        rel = result.path.relative_to(store.root).as_posix()
-        client = storage_client(args.storage_endpoint, project=args.project_id)
-        objects = upload_version(result.path, rel, upload, client)
+        objects = upload_version(result.path, rel.as_posix(), upload, client)
         print(
             f"Uploaded {manifest.ref} version {manifest.version} to {upload}{rel}/ ({len(objects)} objects)"
         )

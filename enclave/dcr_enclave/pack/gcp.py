@@ -95,8 +95,14 @@ class KmsKeyWrapper:
         from google.cloud import kms_v1
 
         options = ClientOptions(api_endpoint=self.endpoint) if self.endpoint else None
+        credentials = self.credentials
+        if credentials is None and self.endpoint:
+            # An emulator (tests): a placeholder bearer token, never the machine's own credentials.
+            from google.oauth2.credentials import Credentials
+
+            credentials = Credentials(token="dcr-emulator")  # noqa: S106 (not a secret)
         return kms_v1.KeyManagementServiceClient(
-            credentials=self.credentials, transport="rest", client_options=options
+            credentials=credentials, transport="rest", client_options=options
         )
 
     def wrap(self, provider: str, dataset: str, version: str, data_key: bytes) -> dict[str, Any]:
@@ -144,7 +150,7 @@ def upload_version(version_dir: Path, rel: str, dest: GsUri, client: Any) -> lis
     """Upload a version directory to ``dest`` + ``rel`` (its path in the store layout); returns the objects.
 
     Every object is created only if absent. An object already there with the same bytes (a re-run) is
-    fine; different bytes are refused: a version is immutable, its name is its content digest.
+    left as it is; different bytes are refused: a version is immutable, its name is its content digest.
     """
     from google.api_core import exceptions
 
@@ -153,21 +159,25 @@ def upload_version(version_dir: Path, rel: str, dest: GsUri, client: Any) -> lis
     names = []
     for path in [*files, version_dir / MANIFEST_FILE]:  # the manifest last: it says the version is complete
         name = dest.name + rel.rstrip("/") + "/" + path.relative_to(version_dir).as_posix()
-        blob = bucket.blob(name)
         try:
-            blob.upload_from_filename(str(path), if_generation_match=0, checksum="crc32c")
-        except exceptions.PreconditionFailed:
-            there = bucket.blob(name)
-            there.reload()
-            if there.size != path.stat().st_size or there.crc32c != _file_crc32c(path):
+            there = bucket.get_blob(name)
+            if there is None:
+                # Create-only, so a concurrent writer cannot be overwritten between the look and the write.
+                bucket.blob(name).upload_from_filename(str(path), if_generation_match=0, checksum="crc32c")
+            elif there.size != path.stat().st_size or there.crc32c != _file_crc32c(path):
                 raise DCRError(
                     f"gs://{dest.bucket}/{name} already exists with other content",
                     hint="a version's objects never change: remove the stray object or use another prefix",
-                ) from None
+                )
+        except exceptions.PreconditionFailed:
+            raise DCRError(
+                f"gs://{dest.bucket}/{name} appeared while it was being uploaded",
+                hint="run the command again",
+            ) from None
         except exceptions.GoogleAPICallError as e:
             raise DCRError(
                 f"cannot upload to gs://{dest.bucket}/{name}: {e.message}",
-                hint="you need roles/storage.objectCreator on the bucket",
+                hint="you need roles/storage.objectCreator and objectViewer on the bucket",
             ) from None
         names.append(name)
     return names
@@ -177,6 +187,12 @@ def upload_version(version_dir: Path, rel: str, dest: GsUri, client: Any) -> lis
 #: principals: a pool's ``/*`` principal set would let a token that meets any provider's condition in
 #: the pool (another dataset's, a laxer one) decrypt every key bound to the pool.
 PROVIDER_ATTRIBUTE: Final = "dcr_wip_provider"
+
+
+def uploaded_manifest(rel: str, dest: GsUri, client: Any) -> bytes | None:
+    """The manifest of the version at ``dest`` + ``rel`` if it was uploaded completely (it goes last)."""
+    blob = client.bucket(dest.bucket).get_blob(dest.name + rel.rstrip("/") + "/" + MANIFEST_FILE)
+    return None if blob is None else bytes(blob.download_as_bytes())
 
 
 def principal_set(wip_provider: str) -> str:
