@@ -805,7 +805,7 @@ def test_policy_validates_and_the_spawner_builds_valid_pods(
     without a token, and get the hub-backed server configuration."""
     c, values, kid = hub_config
     policy = DCRPolicy(config=c)
-    policy.validate_against_hub({g for s in policy.specs() for g in s.groups})
+    policy.validate_against_hub(set(c.JupyterHub.load_groups))  # the groups the hub would load
     assert load_or_create_hub_key(c.DCRPolicy.hub_key_file).thumbprint == kid
     set_active_policy(policy)
     objects = render([Path(values["paths"]["state"]).parent / "dcr-values.yaml"])
