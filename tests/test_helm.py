@@ -886,3 +886,15 @@ def test_rendered_python_is_clean() -> None:
         cwd=REPO,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_values_cannot_become_code(tmp_path: Path) -> None:
+    """Whatever a value holds (quotes of every kind, backslashes, newlines, Python), the rendered file
+    gives it back as the same string."""
+    nasty = 'a """ b \'\'\' c \\ d \\" e\n"""); import os; os.system("id"); ("\\'
+    values = with_change(load_yaml(CASES["minimal"][0]), "policy.datasets.acme/insurance.description", nasty)
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    c = Config()
+    exec(compile(hub_files(render([path]))["dcr.py"], "dcr.py", "exec"), {"c": c})  # noqa: S102
+    assert c.DCRPolicy.datasets["acme/insurance"]["description"] == nasty
