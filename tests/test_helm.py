@@ -219,6 +219,16 @@ BAD_VALUES: dict[str, tuple[str, Any, str]] = {
         "europe-west4-docker.pkg.dev/dcr-example-hub/dcr/dcr-enclave:latest",
         "image_reference",
     ),
+    "image with a tag beside its digest (the launcher takes the digest alone)": (
+        "launcher.image_reference",
+        "europe-west4-docker.pkg.dev/p/dcr/dcr-enclave:1.0@sha256:" + "0" * 64,
+        "image_reference",
+    ),
+    "real-data store with a '..' component": (
+        "policy.datasets.acme/insurance.cloud.store",
+        "gs://acme-dcr-store/a/../b",
+        "store",
+    ),
     "egress to every IPv4 address": ("singleuser.dns.extraCidrs", ["0.0.0.0/0"], "extraCidrs"),
     "egress to every IPv6 address": ("singleuser.dns.extraCidrs", ["::/0"], "extraCidrs"),
     "egress to half the internet": ("singleuser.dns.extraCidrs", ["0.0.0.0/1"], "extraCidrs"),
@@ -294,24 +304,21 @@ def test_no_secret_and_no_key_material(case: str) -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_sandbox_egress_only_to_the_hub_api_and_dns(case: str) -> None:
-    """The one NetworkPolicy selects the pods DCRKubeSpawner labels, limits their egress, and each of its
-    rules allows one of: the z2jh hub pod on the hub's API port; DNS (port 53) on the cluster's DNS pods or
-    on the admin's listed DNS ranges. No rule without ports, no ipBlock of a whole address family."""
+    """The one NetworkPolicy selects the pods DCRKubeSpawner labels and limits both directions. Each egress
+    rule allows one of: the z2jh hub pod on the hub's API port; DNS (port 53) on the cluster's DNS pods or on
+    the admin's listed DNS ranges. No rule without ports or destinations, no ipBlock of a whole address
+    family. Ingress: z2jh's proxy and hub pods, on the server's port."""
     values = values_of(case)
     (netpol,) = of_kind(render(CASES[case]), "NetworkPolicy")
     spec = netpol["spec"]
     assert spec["podSelector"] == {"matchLabels": {SANDBOX_LABEL: "true"}}
     assert (DCRKubeSpawner.sandbox_labels.default() or {}).get(SANDBOX_LABEL) == "true"
-    assert "Egress" in spec["policyTypes"]
-    hub = {
-        "podSelector": {
-            "matchLabels": {
-                "app": "jupyterhub",
-                "component": "hub",
-                "release": values["jupyterhub"]["release"],
-            }
-        }
-    }
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+
+    def z2jh_pod(component: str) -> dict[str, Any]:
+        labels = {"app": "jupyterhub", "component": component, "release": values["jupyterhub"]["release"]}
+        return {"podSelector": {"matchLabels": labels}}
+
     dns = {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
         "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
@@ -319,9 +326,9 @@ def test_sandbox_egress_only_to_the_hub_api_and_dns(case: str) -> None:
     extra = [{"ipBlock": {"cidr": c}} for c in values["singleuser"]["dns"]["extraCidrs"]]
     seen = set()
     for rule in spec["egress"]:
+        assert rule.get("to") and rule.get("ports"), "a rule without destinations or ports allows them all"
         ports = {(p["protocol"], p["port"]) for p in rule["ports"]}
-        assert rule["to"], "a rule without destinations allows every destination"
-        if rule["to"] == [hub]:
+        if rule["to"] == [z2jh_pod("hub")]:
             assert ports == {("TCP", 8081)}
             seen.add("hub")
         else:
@@ -333,6 +340,12 @@ def test_sandbox_egress_only_to_the_hub_api_and_dns(case: str) -> None:
                 assert not peer["ipBlock"]["cidr"].endswith("/0")
                 assert peer["ipBlock"]["cidr"] in values["singleuser"]["dns"]["extraCidrs"]
     assert seen == {"hub", "dns"}
+    assert spec["ingress"] == [
+        {
+            "from": [z2jh_pod("proxy"), z2jh_pod("hub")],
+            "ports": [{"protocol": "TCP", "port": "notebook-port"}],
+        }
+    ]
 
 
 def dataset_entitlement(ref: str, version: str) -> Entitlement:
@@ -428,6 +441,8 @@ def test_z2jh_values_fit_the_chart(case: str) -> None:
     assert hub["config"]["JupyterHub"]["spawner_class"] == "dcr-kube"
     assert hub["config"]["DCRKubeSpawner"]["automount_service_account_token"] is False
     assert singleuser["cloudMetadata"]["blockWithIptables"] is False
+    # z2jh's singleuser policy is off (it always allows its proxy and autohttps pods), its egress rules too.
+    assert singleuser["networkPolicy"]["enabled"] is False
     rules = singleuser["networkPolicy"]["egressAllowRules"]
     assert set(rules) == {
         "cloudMetadataServer",
