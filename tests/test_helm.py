@@ -229,6 +229,7 @@ BAD_VALUES: dict[str, tuple[str, Any, str]] = {
         "gs://acme-dcr-store/a/../b",
         "store",
     ),
+    "TDX on an AMD machine type": ("launcher.confidential_instance_type", "TDX", "machine_type"),
     "egress to every IPv4 address": ("singleuser.dns.extraCidrs", ["0.0.0.0/0"], "extraCidrs"),
     "egress to every IPv6 address": ("singleuser.dns.extraCidrs", ["::/0"], "extraCidrs"),
     "egress to half the internet": ("singleuser.dns.extraCidrs", ["0.0.0.0/1"], "extraCidrs"),
@@ -850,6 +851,7 @@ def test_policy_validates_and_the_spawner_builds_valid_pods(
     c, values, kid = hub_config
     policy = DCRPolicy(config=c)
     policy.validate_against_hub(set(c.JupyterHub.load_groups))  # the groups the hub would load
+    policy.platform().check_at_start()  # the launcher's own checks of the chart's values
     assert load_or_create_hub_key(c.DCRPolicy.hub_key_file).thumbprint == kid
     set_active_policy(policy)
     objects = render([Path(values["paths"]["state"]).parent / "dcr-values.yaml"])
