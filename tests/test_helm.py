@@ -24,6 +24,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -472,11 +473,13 @@ def test_z2jh_values_fit_the_chart(case: str) -> None:
     assert volumes["dcr-hub-state"]["persistentVolumeClaim"]["claimName"] == "dcr-hub-state"
     mounts = {m["mountPath"]: m for m in hub["extraVolumeMounts"]}
     assert mounts["/usr/local/etc/jupyterhub/jupyterhub_config.d/dcr.py"]["name"] == "dcr-hub-config"
-    assert mounts[chart["paths"]["keys"]]["name"] == "dcr-keys"
+    # The memory volume holds the key directory (which the script makes, private, inside it).
+    memory = next(m["mountPath"] for m in hub["extraVolumeMounts"] if m["name"] == "dcr-keys")
+    assert Path(chart["paths"]["keys"]).parent == Path(memory)
     assert mounts[chart["paths"]["state"]]["name"] == "dcr-hub-state"
     assert "dcr-keys-secret" not in {m["name"] for m in hub["extraVolumeMounts"]}  # the init container's only
     init_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
-    assert init_mounts["dcr-keys"] == chart["paths"]["keys"]
+    assert init_mounts["dcr-keys"] == memory
     # Every dataset version is mounted read-only where the policy's store puts it.
     data = {
         m["mountPath"]: m
@@ -570,12 +573,14 @@ def test_key_copy_gives_the_loader_what_it_requires(tmp_path: Path) -> None:
         load_or_create_hub_key(secret / "hub-key.pem")
     with pytest.raises(DCRError, match="readable by others"):
         load_or_create_hub_key(secret / "..data" / "hub-key.pem")
-    keys = tmp_path / "keys"
-    keys.mkdir(mode=0o777)
+    memory = tmp_path / "memory"  # the emptyDir: world-writable, its root not the hub's to change
+    memory.mkdir()
+    memory.chmod(0o1777)
+    keys = memory / "keys"
     script = hub_files(render(CASES["minimal"]))["copy-keys.sh"]
     r = run_copy_script(script, secret, keys)
     assert r.returncode == 0, r.stderr
-    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    assert stat.S_IMODE(keys.stat().st_mode) & 0o777 == 0o700
     assert sorted(p.name for p in keys.iterdir()) == ["airlock.key", "hub-key.pem"]
     for p in keys.iterdir():
         assert stat.S_ISREG(p.lstat().st_mode) and stat.S_IMODE(p.lstat().st_mode) == 0o600
@@ -583,6 +588,42 @@ def test_key_copy_gives_the_loader_what_it_requires(tmp_path: Path) -> None:
     assert load_or_create_airlock_key(keys / "airlock.key").private == airlock
     # A second start of the pod copies again over the first copies.
     assert run_copy_script(script, secret, keys).returncode == 0
+
+
+@pytest.mark.root
+def test_key_copy_as_the_hub_user_into_a_root_owned_volume() -> None:
+    """The init container's case exactly: the script runs as the hub's user (1000:1000, no root), the Secret
+    entries belong to root and are readable through the pod's fsGroup (1000), and the memory volume's root
+    belongs to root (world-writable, setgid to the fsGroup). The copies and their directory are the hub
+    user's own, 0600 and 0700."""
+    base = Path(tempfile.mkdtemp(prefix="dcr-helm-keys-"))
+    try:
+        base.chmod(0o755)
+        pem, kid, airlock = hub_key_pair()
+        secret = secret_volume(base / "secret", {"hub-key.pem": pem, "airlock.key": airlock})
+        for p in [secret, *secret.iterdir(), *(secret / "..data").iterdir()]:
+            os.lchown(p, 0, 1000)
+        memory = base / "memory"
+        memory.mkdir()
+        os.chown(memory, 0, 1000)
+        memory.chmod(0o2777)
+        script = base / "copy-keys.sh"
+        script.write_text(hub_files(render(CASES["minimal"]))["copy-keys.sh"])
+        script.chmod(0o644)
+        keys = memory / "keys"
+        env = {"PATH": "/usr/bin:/bin", "DCR_KEYS_SECRET_DIR": str(secret), "DCR_KEYS_DIR": str(keys)}
+        argv = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "sh", str(script)]
+        r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+        assert r.returncode == 0, r.stderr
+        st = keys.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode) & 0o777) == (1000, 0o700)
+        for name in ("hub-key.pem", "airlock.key"):
+            st = (keys / name).lstat()
+            assert stat.S_ISREG(st.st_mode) and (st.st_uid, stat.S_IMODE(st.st_mode)) == (1000, 0o600)
+        assert load_or_create_hub_key(keys / "hub-key.pem").thumbprint == kid
+        assert load_or_create_airlock_key(keys / "airlock.key").private == airlock
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.parametrize("missing", ["hub-key.pem", "airlock.key"])
