@@ -505,6 +505,23 @@ def test_z2jh_values_fit_the_chart(case: str) -> None:
     assert z["cull"]["enabled"] is True and z["cull"]["users"] is False
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c != "defaults"])
+def test_notes_give_the_hub_volumes_the_examples_use(case: str) -> None:
+    """After install the chart prints the hub's dataset volumes and mounts for the z2jh values; the
+    examples' z2jh values hold exactly those."""
+    r = helm("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-f", CASES[case][0])
+    assert r.returncode == 0, r.stderr
+    notes = r.stdout.split("\nNOTES:\n", 1)[1]
+    snippet = yaml.safe_load(notes[notes.index("hub:\n") : notes.index("\ndocs/kubernetes.md")])
+    hub = z2jh_values(case)["hub"]
+    assert [v for v in hub["extraVolumes"] if v["name"].startswith("dcr-store-")] == snippet["hub"][
+        "extraVolumes"
+    ]
+    mounts = [m for m in hub["extraVolumeMounts"] if m["name"].startswith("dcr-store-")]
+    assert mounts == snippet["hub"]["extraVolumeMounts"]
+    assert len(mounts) == len(values_of(case)["policy"]["datasets"])
+
+
 def test_gke_example_uses_postgres_and_workload_identity() -> None:
     z = z2jh_values("gke-postgres")
     assert z["hub"]["db"]["type"] == "postgres"
