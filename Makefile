@@ -10,7 +10,7 @@ DEBS   := python3-venv bubblewrap libseccomp2 iproute2 util-linux postgresql chr
 
 CHP    := .npm/node_modules/.bin/configurable-http-proxy
 
-.PHONY: demo test test-fast lint system-deps venv jupyter dist clean
+.PHONY: demo test test-fast lint system-deps venv jupyter dist clean tools
 
 # JupyterHub's proxy, from the npm registry, pinned by .npm/package-lock.json.
 $(CHP): .npm/package.json .npm/package-lock.json
@@ -18,6 +18,22 @@ $(CHP): .npm/package.json .npm/package-lock.json
 	touch $@
 
 venv: $(STAMP)
+
+# Tools the tests run that are not Python packages, in a git-ignored directory: helm (tests/test_helm.py
+# renders and lints helm/dcr with it), built from the Go module proxy. `go version -m` tells which module
+# and version a binary was built from; the build (about two minutes cold) runs only when that is not the
+# pinned one.
+TOOLS        := .tools/bin
+HELM         := $(TOOLS)/helm
+HELM_MODULE  := helm.sh/helm/v4
+HELM_VERSION := v4.3.2
+
+tools:
+	@if go version -m $(HELM) 2>/dev/null | grep -Eq '^[[:space:]]+mod[[:space:]]+$(subst .,\.,$(HELM_MODULE))[[:space:]]+$(subst .,\.,$(HELM_VERSION))([[:space:]]|$$)'; then \
+	  echo "$(HELM): $(HELM_MODULE) $(HELM_VERSION)"; \
+	else \
+	  mkdir -p $(TOOLS) && GOBIN=$(CURDIR)/$(TOOLS) go install $(HELM_MODULE)/cmd/helm@$(HELM_VERSION); \
+	fi
 
 # The JupyterLab extension, built from source (npm registry only), its jest tests run, and made visible to
 # the venv's JupyterLab by a link to the build output (a rebuild needs no reinstall); the server extension's
@@ -79,14 +95,14 @@ demo: system-deps $(STAMP) $(CHP) jupyter
 
 # The whole suite, in two lanes side by side (tests/lanes.py): the modules that only compute beside
 # everything else. PYTEST_ARGS go to both; naming test files runs just those: make test PYTEST_ARGS=tests/x.py
-test: system-deps $(STAMP) $(CHP) jupyter
+test: system-deps tools $(STAMP) $(CHP) jupyter
 	$(BIN)/python tests/lanes.py $(PYTEST_ARGS)
 
 # The fast lane while developing: every test that needs neither root nor minutes (the markers `root` and
 # `slow`, declared in pyproject.toml), with the 20 slowest printed. Needs the virtualenv and the built
 # JupyterLab extension (rebuilt only when its sources changed), no Debian packages; `make test` runs
 # everything, as CI does. Options as for `make test`: make test-fast PYTEST_ARGS="tests/test_verify.py -x"
-test-fast: $(STAMP) jupyter
+test-fast: tools $(STAMP) jupyter
 	$(BIN)/python -m pytest -m "not root and not slow" --durations=20 $(PYTEST_ARGS)
 
 # Python: ruff (lint and format). The JupyterLab extension: eslint (typescript-eslint's type-checked rules,
@@ -97,4 +113,4 @@ lint: $(STAMP) $(LABEXT)
 	cd dcr_labextension && npm run --silent lint
 
 clean:
-	rm -rf $(VENV) .demo build enclave/build dist .pytest_cache .ruff_cache .mypy_cache test-artifacts .npm/node_modules dcr_labextension/node_modules dcr_labextension/lib dcr_labextension/labextension
+	rm -rf $(VENV) .tools .demo build enclave/build dist .pytest_cache .ruff_cache .mypy_cache test-artifacts .npm/node_modules dcr_labextension/node_modules dcr_labextension/lib dcr_labextension/labextension
