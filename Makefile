@@ -21,8 +21,8 @@ venv: $(STAMP)
 
 # Tools the tests run that are not Python packages, in a git-ignored directory: helm (tests/test_helm.py
 # renders and lints helm/dcr with it), built from the Go module proxy. `go version -m` tells which module
-# and version a binary was built from; the build (about two minutes cold) runs only when that is not the
-# pinned one.
+# and version a binary was built from; the build (two to six minutes on a cold Go cache, seconds on a warm
+# one) runs only when that is not the pinned one.
 TOOLS        := .tools/bin
 HELM         := $(TOOLS)/helm
 HELM_MODULE  := helm.sh/helm/v4
@@ -95,7 +95,9 @@ demo: system-deps $(STAMP) $(CHP) jupyter
 
 # The whole suite, in two lanes side by side (tests/lanes.py): the modules that only compute beside
 # everything else. PYTEST_ARGS go to both; naming test files runs just those: make test PYTEST_ARGS=tests/x.py
-test: system-deps tools $(STAMP) $(CHP) jupyter
+# helm's build (minutes on a cold Go cache) runs beside the Python and npm installs.
+test: system-deps
+	$(MAKE) --no-print-directory -j3 tools $(STAMP) $(CHP) jupyter
 	$(BIN)/python tests/lanes.py $(PYTEST_ARGS)
 
 # The fast lane while developing: every test that needs neither root nor minutes (the markers `root` and

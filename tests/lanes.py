@@ -28,6 +28,8 @@ CPU_LANE = (
     "test_provider.py",
     "test_provider_versions.py",
     "test_provider_gcp.py",
+    "test_helm.py",
+    "test_enclave_image.py",
     "test_dataset_files_mac.py",
     "test_streamcrypt.py",
     "test_attestation.py",
