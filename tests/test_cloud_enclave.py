@@ -16,8 +16,10 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +187,7 @@ class Run:
     progress: list[dict[str, Any]]
     tee: TeeServerFake
     output_private: bytes
+    elapsed: float
 
     @property
     def states(self) -> list[str]:
@@ -208,6 +211,7 @@ def run_job(
     hub_key: Any = None,
     airlock_public: bytes | None = None,
     drop: tuple[str, ...] = (),
+    quantum: float = 1.0,
 ) -> Run:
     """Upload a bundle, sign a grant and run ``python -m dcr_enclave.cloud`` as the VM would."""
     g = world.google
@@ -263,9 +267,11 @@ def run_job(
         contract.CLOUD_SCRATCH: str(scratch),
         contract.CLOUD_SCRATCH_BYTES: str(2**30),
         contract.CLOUD_SANDBOX_IDS: f"{uid}:{gid}",
+        contract.CLOUD_TIME_QUANTUM: str(quantum),
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": "C.UTF-8",
     }
+    started = time.monotonic()
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "dcr_enclave.cloud"],
@@ -276,6 +282,7 @@ def run_job(
             timeout=RUN_TIMEOUT,
         )
     finally:
+        elapsed = time.monotonic() - started
         tee.stop()
         # The tmpfs lived in the enclave's own mount namespace: here the mount point is empty.
         scratch.rmdir()
@@ -288,7 +295,7 @@ def run_job(
     names = sorted(b.name for b in g.storage.client().list_blobs("dcr-jobs", prefix=progress_prefix))
     assert names == [progress_prefix + contract.progress_object_name(i) for i in range(len(names))]
     progress = [json.loads(jobs.blob(n).download_as_bytes()) for n in names]
-    return Run(job_id, proc.returncode, proc.stderr, objects, progress, tee, out_private)
+    return Run(job_id, proc.returncode, proc.stderr, objects, progress, tee, out_private, elapsed)
 
 
 @pytest.fixture
@@ -375,6 +382,10 @@ def test_a_job_runs_and_its_receipt_verifies_as_hardware(
         "verify", d, "--trust-root", root, "--enclave-digest", OTHER_IMAGE_DIGEST, "--require-hardware"
     )
     assert code != 0 and "FAIL pinned enclave digest" in out
+
+
+def _seconds(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def _assert_refused_before_any_cell(run: Run, reason: str) -> None:
@@ -470,8 +481,22 @@ def test_under_review_the_outputs_are_sealed_to_the_airlock_and_no_cell_is_repor
     world: World, acme: Provider, make_notebook: Any, tmp_path: Path
 ) -> None:
     airlock_private, airlock_public = generate_keypair()
-    run = run_job(world, make_notebook, [acme.granted("review")], COUNT_ROWS, airlock_public=airlock_public)
+    quantum = 12.0  # longer than the job itself takes here
+    run = run_job(
+        world,
+        make_notebook,
+        [acme.granted("review")],
+        COUNT_ROWS,
+        airlock_public=airlock_public,
+        quantum=quantum,
+    )
     assert run.rc == 0, (run.objects.get(contract.FAILURE_FILE), run.stderr[-3000:])
+    # Its end (the objects' appearance, the process's exit) waited for the quantum, and the receipt's end
+    # time is rounded to it.
+    assert run.elapsed >= quantum
+    times = json.loads(run.objects[contract.RECEIPT_FILE])
+    span = _seconds(times["finished_at"]) - _seconds(times["started_at"])
+    assert span in (quantum, quantum + 1)  # whole seconds, each truncated
     assert set(run.objects) == {
         contract.RECEIPT_FILE,
         contract.TOKEN_FILE,
