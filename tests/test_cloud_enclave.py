@@ -540,6 +540,33 @@ def test_without_the_kms_binding_the_key_is_refused_with_a_clear_reason(
     assert world.google.sts.exchanges[-1].outcome == "ok"
 
 
+def test_a_data_key_that_fails_its_crc32c_is_refused(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    world.google.kms.corrupt_plaintext_crc = True
+    try:
+        run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS)
+    finally:
+        world.google.kms.corrupt_plaintext_crc = False
+    _assert_refused_before_any_cell(run, "the data key from Cloud KMS failed its CRC32C check")
+
+
+def test_a_truncated_file_in_the_bucket_is_refused_before_any_cell(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    """Storage is untrusted: the copy onto the tmpfs is checked against the manifest (whose file list the
+    released key authenticates) before anything is decrypted."""
+    store = contract.parse_gs_uri(acme.store)
+    bucket = world.google.storage.client().bucket(store.bucket)
+    prefix = f"{store.name}acme/insurance/{acme.version.removeprefix('sha256:')}/real/"
+    (blob,) = list(bucket.list_blobs(prefix=prefix))
+    data = blob.download_as_bytes()
+    bucket.blob(blob.name).upload_from_string(data[: len(data) // 2])
+    run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS)
+    _assert_refused_before_any_cell(run, "dataset acme/insurance")
+    assert "real.csv" in run.failure()["reason"]
+
+
 def test_a_launch_missing_a_variable_writes_nothing(world: World, acme: Provider, make_notebook: Any) -> None:
     run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS, drop=(contract.ENV.GRANT,))
     assert run.rc == 1
