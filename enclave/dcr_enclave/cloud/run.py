@@ -184,6 +184,8 @@ def sandbox_ids(env: Mapping[str, str]) -> tuple[int, int]:
 def scratch_bytes(env: Mapping[str, str]) -> int:
     """The tmpfs's size limit: as set, else half the machine's memory (a limit, not an allocation)."""
     if value := env.get(contract.CLOUD_SCRATCH_BYTES):
+        if not value.isdigit() or int(value) < 2**20:
+            raise DCRError(f"{contract.CLOUD_SCRATCH_BYTES} must be a number of bytes (at least 1 MiB)")
         return int(value)
     try:
         with open("/proc/meminfo") as f:
@@ -228,8 +230,11 @@ def run(env: Mapping[str, str]) -> int:
     report: dict[str, Any]
     sup: CloudSupervisor | None = None
     try:
-        quantum = float(env.get(contract.CLOUD_TIME_QUANTUM) or contract.DEFAULT_TIME_QUANTUM)
-        if not quantum > 0:
+        try:
+            quantum = float(env.get(contract.CLOUD_TIME_QUANTUM) or contract.DEFAULT_TIME_QUANTUM)
+        except ValueError:
+            quantum = math.nan
+        if not 0 < quantum < math.inf:
             raise DCRError(f"{contract.CLOUD_TIME_QUANTUM} must be a positive number of seconds")
         mount_scratch(scratch, scratch_bytes(env))
         cloud.launch.output.mkdir(mode=0o700)  # the supervisor seals and writes its results here
