@@ -373,10 +373,18 @@ def test_a_job_runs_and_its_receipt_verifies_as_hardware(
     root = tmp_path / "google-root.pem"
     root.write_bytes(world.google.issuer.root_pem)
     code, out, err = run_cli(
-        "verify", d, "--trust-root", root, "--enclave-digest", IMAGE_DIGEST, "--require-hardware"
+        "verify",
+        d,
+        "--trust-root",
+        root,
+        "--enclave-digest",
+        IMAGE_DIGEST,
+        "--hub-key",
+        world.hub_thumbprint,
+        "--require-hardware",
     )
     assert code == 0, out + err
-    assert "FAIL" not in out
+    assert "FAIL" not in out and "PASS hardware" in out and "PASS pinned hub key" in out
     # Pinned to another image, the same receipt fails.
     code, out, _ = run_cli(
         "verify", d, "--trust-root", root, "--enclave-digest", OTHER_IMAGE_DIGEST, "--require-hardware"
