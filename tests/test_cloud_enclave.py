@@ -658,3 +658,42 @@ def test_tokens_keep_to_googles_nonce_limits(google: Google, tmp_path: Path) -> 
         assert len(info["jwks"]["keys"]) == 1  # the x5c leaf's public key
     finally:
         tee.stop()
+
+
+def test_sts_verifies_the_subject_token_and_evaluates_the_condition(google: Google) -> None:
+    """The STS fake through google-auth's own token exchange: PKI and OIDC tokens of the pool's issuer pass
+    the condition; a token from another issuer, another audience or a failing claim does not."""
+    from google.auth import exceptions as auth_exceptions
+    from google.auth import identity_pool
+    from google.auth.transport.requests import Request
+
+    wip = f"projects/555000111222/locations/global/workloadIdentityPools/sts-{secrets.token_hex(3)}/providers/cs-one"
+    google.sts.add_provider(
+        wip, "assertion.swname == 'CONFIDENTIAL_SPACE' && assertion.secboot", google.issuer
+    )
+    claims = vm_claims(image_digest=IMAGE_DIGEST, env={})
+    nonce = ["n" * 32]
+
+    def exchange(token: str) -> str:
+        creds = identity_pool.Credentials(
+            audience="//iam.googleapis.com/" + wip,
+            subject_token_type="urn:ietf:params:oauth:token-type:jwt",
+            token_url=f"{google.sts.endpoint}/v1/token",
+            subject_token_supplier=type("S", (), {"get_subject_token": lambda self, c, r: token})(),
+            scopes=["https://www.googleapis.com/auth/cloud-platform"],
+        )
+        try:
+            creds.refresh(Request())
+        except (auth_exceptions.OAuthError, auth_exceptions.RefreshError) as e:
+            return str(e)
+        assert google.sts.principal_of(creds.token) == pool_principal_set(wip)
+        return "ok"
+
+    key_release = contract.KEY_RELEASE_AUDIENCE
+    assert exchange(google.issuer.issue(claims, key_release, nonce, "PKI")) == "ok"
+    assert exchange(google.issuer.issue(claims, key_release, nonce, "OIDC")) == "ok"
+    forged = FakeAttestationIssuer("Someone else").issue(claims, key_release, nonce, "PKI")
+    assert "invalid_grant" in exchange(forged)
+    assert "invalid_grant" in exchange(google.issuer.issue(claims, contract.RECEIPT_AUDIENCE, nonce, "PKI"))
+    insecure = {**claims, "secboot": False}
+    assert "attribute condition" in exchange(google.issuer.issue(insecure, key_release, nonce, "PKI"))
