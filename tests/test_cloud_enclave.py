@@ -10,27 +10,24 @@ storage and the receipt checked with ``dcr verify --require-hardware`` against t
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import pytest
 from gcp_fakes.issuer import FakeAttestationIssuer, vm_claims
 from gcp_fakes.kms import KmsFake
 from gcp_fakes.storage import StorageEmulator
 from gcp_fakes.sts import StsFake, pool_principal_set
 from gcp_fakes.teeserver import TeeServerFake
-from google.api_core.client_options import ClientOptions
-from google.cloud import kms_v1
-from google.oauth2.credentials import Credentials
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import sha256_bytes
@@ -40,6 +37,7 @@ from dcr_enclave.formats.jwk import jwks, thumbprint
 from dcr_enclave.formats.sealing import generate_keypair
 from dcr_enclave.formats.unsealing import open_dir
 from dcr_enclave.pack.bundle_builder import build_bundle
+from dcr_enclave.pack.gcp import KmsKeyWrapper, upload_version
 from dcr_enclave.pack.grant_issuer import issue_grant
 from dcr_enclave.pack.signing_keys import generate_key
 from dcr_enclave.pack.store import Store
@@ -65,14 +63,6 @@ class Google:
     sts: StsFake
     kms: KmsFake
 
-    def kms_client(self) -> Any:
-        # The provider's own credentials: encrypt is open to any bearer token in the fake.
-        return kms_v1.KeyManagementServiceClient(
-            credentials=Credentials(token="provider-admin"),
-            transport="rest",
-            client_options=ClientOptions(api_endpoint=self.kms.endpoint),
-        )
-
 
 @pytest.fixture(scope="module")
 def google() -> Iterator[Google]:
@@ -87,29 +77,6 @@ def google() -> Iterator[Google]:
         kms.stop()
         sts.stop()
         storage.stop()
-
-
-class KmsWrapping:
-    """The provider's registration side: the data key wrapped by Cloud KMS through the real client."""
-
-    def __init__(self, client: Any, key_name: str) -> None:
-        self.client, self.key_name = client, key_name
-
-    def wrap(self, provider: str, dataset: str, version: str, data_key: bytes) -> dict[str, str]:
-        resp = self.client.encrypt(
-            request={
-                "name": self.key_name,
-                "plaintext": data_key,
-                "plaintext_crc32c": google_crc32c.value(data_key),
-            }
-        )
-        assert resp.verified_plaintext_crc32c
-        assert int(resp.ciphertext_crc32c) == google_crc32c.value(resp.ciphertext)
-        return {
-            "kind": "gcp-kms",
-            "name": self.key_name,
-            "wrapped_data_key": base64.b64encode(resp.ciphertext).decode(),
-        }
 
 
 @dataclass
@@ -150,16 +117,13 @@ class World:
         kms_key = f"projects/{provider}-data/locations/europe-west4/keyRings/dcr/cryptoKeys/{dataset}-{tag}"
         self.google.kms.create_key(kms_key)
         local = Store(self.tmp / f"store-{provider}-{tag}")
-        added = local.add(
-            provider, dataset, [(real, synthetic)], keys=KmsWrapping(self.google.kms_client(), kms_key)
-        )  # type: ignore[arg-type]
+        # The provider's side, as `dcr provider add --store gs://... --kms-key ...` does it.
+        wrapper = KmsKeyWrapper(kms_key, endpoint=self.google.kms.endpoint)
+        added = local.add(provider, dataset, [(real, synthetic)], keys=wrapper)
         m = added.manifest
         prefix = f"stores/{tag}/"
-        bucket = self.google.storage.client().bucket(DATASETS_BUCKET)
-        for f in added.path.rglob("*"):
-            if f.is_file():
-                rel = f.relative_to(local.root).as_posix()
-                bucket.blob(prefix + rel).upload_from_filename(str(f))
+        rel = added.path.relative_to(local.root).as_posix()
+        upload_version(added.path, rel, contract.GsUri(DATASETS_BUCKET, prefix), self.google.storage.client())
         wip = f"projects/555000111222/locations/global/workloadIdentityPools/{provider}-{tag}/providers/cs-{tag}"
         cond = KeyReleaseCondition(
             provider=provider,
@@ -185,6 +149,7 @@ class Run:
     progress: list[dict[str, Any]]
     tee: TeeServerFake
     output_private: bytes
+    elapsed: float
 
     @property
     def states(self) -> list[str]:
@@ -209,6 +174,7 @@ def run_job(
     airlock_public: bytes | None = None,
     drop: tuple[str, ...] = (),
     override: dict[str, str] | None = None,
+    quantum: float = 1.0,
 ) -> Run:
     """Upload a bundle, sign a grant and run ``python -m dcr_enclave.cloud`` as the VM would."""
     g = world.google
@@ -268,9 +234,11 @@ def run_job(
         contract.CLOUD_SCRATCH: str(scratch),
         contract.CLOUD_SCRATCH_BYTES: str(2**30),
         contract.CLOUD_SANDBOX_IDS: f"{uid}:{gid}",
+        contract.CLOUD_TIME_QUANTUM: str(quantum),
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": "C.UTF-8",
     }
+    started = time.monotonic()
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "dcr_enclave.cloud"],
@@ -281,6 +249,7 @@ def run_job(
             timeout=RUN_TIMEOUT,
         )
     finally:
+        elapsed = time.monotonic() - started
         tee.stop()
         # The tmpfs lived in the enclave's own mount namespace: here the mount point is empty.
         scratch.rmdir()
@@ -293,7 +262,7 @@ def run_job(
     names = sorted(b.name for b in g.storage.client().list_blobs("dcr-jobs", prefix=progress_prefix))
     assert names == [progress_prefix + contract.progress_object_name(i) for i in range(len(names))]
     progress = [json.loads(jobs.blob(n).download_as_bytes()) for n in names]
-    return Run(job_id, proc.returncode, proc.stderr, objects, progress, tee, out_private)
+    return Run(job_id, proc.returncode, proc.stderr, objects, progress, tee, out_private, elapsed)
 
 
 @pytest.fixture
@@ -371,15 +340,27 @@ def test_a_job_runs_and_its_receipt_verifies_as_hardware(
     root = tmp_path / "google-root.pem"
     root.write_bytes(world.google.issuer.root_pem)
     code, out, err = run_cli(
-        "verify", d, "--trust-root", root, "--enclave-digest", IMAGE_DIGEST, "--require-hardware"
+        "verify",
+        d,
+        "--trust-root",
+        root,
+        "--enclave-digest",
+        IMAGE_DIGEST,
+        "--hub-key",
+        world.hub_thumbprint,
+        "--require-hardware",
     )
     assert code == 0, out + err
-    assert "FAIL" not in out
+    assert "FAIL" not in out and "PASS hardware" in out and "PASS pinned hub key" in out
     # Pinned to another image, the same receipt fails.
     code, out, _ = run_cli(
         "verify", d, "--trust-root", root, "--enclave-digest", OTHER_IMAGE_DIGEST, "--require-hardware"
     )
     assert code != 0 and "FAIL pinned enclave digest" in out
+
+
+def _seconds(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def _assert_refused_before_any_cell(run: Run, reason: str) -> None:
@@ -488,8 +469,22 @@ def test_under_review_the_outputs_are_sealed_to_the_airlock_and_no_cell_is_repor
     world: World, acme: Provider, make_notebook: Any, tmp_path: Path
 ) -> None:
     airlock_private, airlock_public = generate_keypair()
-    run = run_job(world, make_notebook, [acme.granted("review")], COUNT_ROWS, airlock_public=airlock_public)
+    quantum = 12.0  # longer than the job itself takes here
+    run = run_job(
+        world,
+        make_notebook,
+        [acme.granted("review")],
+        COUNT_ROWS,
+        airlock_public=airlock_public,
+        quantum=quantum,
+    )
     assert run.rc == 0, (run.objects.get(contract.FAILURE_FILE), run.stderr[-3000:])
+    # Its end (the objects' appearance, the process's exit) waited for the quantum, and the receipt's end
+    # time is rounded to it.
+    assert run.elapsed >= quantum
+    times = json.loads(run.objects[contract.RECEIPT_FILE])
+    span = _seconds(times["finished_at"]) - _seconds(times["started_at"])
+    assert span in (quantum, quantum + 1)  # whole seconds, each truncated
     assert set(run.objects) == {
         contract.RECEIPT_FILE,
         contract.TOKEN_FILE,
@@ -531,6 +526,33 @@ def test_without_the_kms_binding_the_key_is_refused_with_a_clear_reason(
     run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS)
     _assert_refused_before_any_cell(run, "Cloud KMS denied decrypt")
     assert world.google.sts.exchanges[-1].outcome == "ok"
+
+
+def test_a_data_key_that_fails_its_crc32c_is_refused(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    world.google.kms.corrupt_plaintext_crc = True
+    try:
+        run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS)
+    finally:
+        world.google.kms.corrupt_plaintext_crc = False
+    _assert_refused_before_any_cell(run, "the data key from Cloud KMS failed its CRC32C check")
+
+
+def test_a_truncated_file_in_the_bucket_is_refused_before_any_cell(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    """Storage is untrusted: the copy onto the tmpfs is checked against the manifest (whose file list the
+    released key authenticates) before anything is decrypted."""
+    store = contract.parse_gs_uri(acme.store)
+    bucket = world.google.storage.client().bucket(store.bucket)
+    prefix = f"{store.name}acme/insurance/{acme.version.removeprefix('sha256:')}/real/"
+    (blob,) = list(bucket.list_blobs(prefix=prefix))
+    data = blob.download_as_bytes()
+    bucket.blob(blob.name).upload_from_string(data[: len(data) // 2])
+    run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS)
+    _assert_refused_before_any_cell(run, "dataset acme/insurance")
+    assert "real.csv" in run.failure()["reason"]
 
 
 def test_a_launch_missing_a_variable_writes_nothing(world: World, acme: Provider, make_notebook: Any) -> None:
@@ -616,3 +638,42 @@ def test_tokens_keep_to_googles_nonce_limits(google: Google, tmp_path: Path) -> 
         assert len(info["jwks"]["keys"]) == 1  # the x5c leaf's public key
     finally:
         tee.stop()
+
+
+def test_sts_verifies_the_subject_token_and_evaluates_the_condition(google: Google) -> None:
+    """The STS fake through google-auth's own token exchange: PKI and OIDC tokens of the pool's issuer pass
+    the condition; a token from another issuer, another audience or a failing claim does not."""
+    from google.auth import exceptions as auth_exceptions
+    from google.auth import identity_pool
+    from google.auth.transport.requests import Request
+
+    wip = f"projects/555000111222/locations/global/workloadIdentityPools/sts-{secrets.token_hex(3)}/providers/cs-one"
+    google.sts.add_provider(
+        wip, "assertion.swname == 'CONFIDENTIAL_SPACE' && assertion.secboot", google.issuer
+    )
+    claims = vm_claims(image_digest=IMAGE_DIGEST, env={})
+    nonce = ["n" * 32]
+
+    def exchange(token: str) -> str:
+        creds = identity_pool.Credentials(
+            audience="//iam.googleapis.com/" + wip,
+            subject_token_type="urn:ietf:params:oauth:token-type:jwt",
+            token_url=f"{google.sts.endpoint}/v1/token",
+            subject_token_supplier=type("S", (), {"get_subject_token": lambda self, c, r: token})(),
+            scopes=["https://www.googleapis.com/auth/cloud-platform"],
+        )
+        try:
+            creds.refresh(Request())
+        except (auth_exceptions.OAuthError, auth_exceptions.RefreshError) as e:
+            return str(e)
+        assert google.sts.principal_of(creds.token) == pool_principal_set(wip)
+        return "ok"
+
+    key_release = contract.KEY_RELEASE_AUDIENCE
+    assert exchange(google.issuer.issue(claims, key_release, nonce, "PKI")) == "ok"
+    assert exchange(google.issuer.issue(claims, key_release, nonce, "OIDC")) == "ok"
+    forged = FakeAttestationIssuer("Someone else").issue(claims, key_release, nonce, "PKI")
+    assert "invalid_grant" in exchange(forged)
+    assert "invalid_grant" in exchange(google.issuer.issue(claims, contract.RECEIPT_AUDIENCE, nonce, "PKI"))
+    insecure = {**claims, "secboot": False}
+    assert "attribute condition" in exchange(google.issuer.issue(insecure, key_release, nonce, "PKI"))

@@ -48,6 +48,8 @@ class KmsFake:
         self.sts = sts
         self._keys: dict[str, _Key] = {}
         self.decrypts: list[tuple[str, str]] = []
+        #: Test knob: answer decrypts with a plaintext CRC32C that does not match (a corrupted response).
+        self.corrupt_plaintext_crc = False
         self._http = LoopbackServer(self._handle)
         self._http.start()
 
@@ -138,7 +140,9 @@ class KmsFake:
             200,
             {
                 "plaintext": base64.b64encode(plaintext).decode(),
-                "plaintextCrc32c": str(google_crc32c.value(plaintext)),
+                "plaintextCrc32c": str(
+                    google_crc32c.value(plaintext) ^ (1 if self.corrupt_plaintext_crc else 0)
+                ),
                 "usedPrimary": True,
             },
         )
