@@ -1,0 +1,1 @@
+"""Loopback fakes of the Google services the Confidential Space path uses (see each module)."""
