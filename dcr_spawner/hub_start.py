@@ -43,9 +43,9 @@ from traitlets.config import Config
 from dcr_enclave.formats.errors import DCRError
 
 from . import airlock_views, audit_views
-from .cloud import views as cloud_views
 from .airlock import Airlock
 from .audit import ingest_platform_events
+from .cloud import views as cloud_views
 from .grant_service import SETTINGS_KEY, GrantService, GrantsHandler
 from .grant_service import routes as grant_routes
 from .platform import make_server_args

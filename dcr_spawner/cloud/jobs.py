@@ -16,6 +16,7 @@ views call it on a worker thread; the tests call it directly). Every step stores
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -113,7 +114,9 @@ def bundle_digest(data: bytes) -> str:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
             member = tf.next()
             if member is None or member.name != MANIFEST_MEMBER or not member.isreg():
-                raise CloudRefusal(400, f"the body is not a DCR bundle (its first member is not {MANIFEST_MEMBER})")
+                raise CloudRefusal(
+                    400, f"the body is not a DCR bundle (its first member is not {MANIFEST_MEMBER})"
+                )
             if member.size > MAX_MANIFEST_BYTES:
                 raise CloudRefusal(413, "the bundle manifest is too large")
             f = tf.extractfile(member)
@@ -140,12 +143,10 @@ class Storage:
         """Write ``data`` unless the object exists (a retried launch finds its first upload)."""
         from google.api_core import exceptions as gexc
 
-        try:
+        with contextlib.suppress(gexc.PreconditionFailed):
             self.client.bucket(bucket).blob(name).upload_from_string(
                 data, content_type="application/x-tar", if_generation_match=0
             )
-        except gexc.PreconditionFailed:
-            pass
 
     def names(self, bucket: str, prefix: str, limit: int) -> list[tuple[str, int]]:
         out = []
@@ -168,10 +169,8 @@ class Storage:
         from google.api_core import exceptions as gexc
 
         for blob in self.client.list_blobs(bucket, prefix=prefix):
-            try:
+            with contextlib.suppress(gexc.NotFound):
                 blob.delete()
-            except gexc.NotFound:
-                pass
 
 
 @dataclass
@@ -230,10 +229,9 @@ class CloudJobs:
         job, existing = self._owned(user, job_id)
         if grant_id != job.grant_id:
             raise CloudRefusal(409, f"grant {grant_id[:64]!r} is not the grant of job {job_id}")
-        if existing is not None:
-            if existing.ended:
-                return self._ended_status(existing)
-            # Sent again (a retry, the server or the hub restarted): the same insert, once.
+        if existing is not None and existing.ended:
+            return self._ended_status(existing)
+        # A launch sent again (a retry; the server or the hub restarted) repeats the same insert, once.
         if len(body) > self.config.max_bundle_bytes:
             raise CloudRefusal(413, f"the bundle is larger than {self.config.max_bundle_bytes} bytes")
         try:
@@ -270,7 +268,11 @@ class CloudJobs:
                 user=user,
                 job_id=job_id,
                 grant_id=job.grant_id,
-                detail={"instance": launch.instance, "zone": launch.zone, "datasets": [d[0] for d in job.datasets]},
+                detail={
+                    "instance": launch.instance,
+                    "zone": launch.zone,
+                    "datasets": [d[0] for d in job.datasets],
+                },
             )
         paths = JobPaths.of(self.config.jobs_bucket, job_id)
         try:
@@ -292,9 +294,16 @@ class CloudJobs:
             raise CloudRefusal(503, f"the launch did not complete: {e.message}") from None
         except Exception as e:
             self.log.exception("DCR: launching %s failed", job_id)
-            raise CloudRefusal(503, f"the launch did not complete ({type(e).__name__}); send it again") from None
+            raise CloudRefusal(
+                503, f"the launch did not complete ({type(e).__name__}); send it again"
+            ) from None
         self.launches.mark_running(launch.grant_id)
-        return {"job_id": job_id, "grant_id": launch.grant_id, "state": "launching", "instance": launch.instance}
+        return {
+            "job_id": job_id,
+            "grant_id": launch.grant_id,
+            "state": "launching",
+            "instance": launch.instance,
+        }
 
     def _env(self, job: GrantedJob, grant: str, paths: JobPaths) -> dict[str, str]:
         e = contract.ENV
@@ -375,7 +384,10 @@ class CloudJobs:
             if vm is None or vm.get("status") in STOPPED:
                 done = self._completion(paths)  # written just before the VM powered off
                 if done is None and launch.state == "running":
-                    done = ("failed", {"reason": "the enclave VM stopped without a result", "cell": None, "ename": None})
+                    done = (
+                        "failed",
+                        {"reason": "the enclave VM stopped without a result", "cell": None, "ename": None},
+                    )
                 elif done is None and self.clock() > launch.created_at + LAUNCH_GRACE_SECONDS:
                     done = ("failed", {"reason": "the enclave VM never started", "cell": None, "ename": None})
             if done is None and self.clock() > launch.deadline:
@@ -410,7 +422,11 @@ class CloudJobs:
             if kind == contract.Progress.STATE and msg.get("state") in contract.JOB_STATES:
                 if msg["state"] not in contract.TERMINAL_STATES and msg["state"] != "held":
                     state = msg["state"]  # the end is read from the completion object only
-            elif kind == contract.Progress.CELL and isinstance(msg.get("index"), int) and isinstance(msg.get("count"), int):
+            elif (
+                kind == contract.Progress.CELL
+                and isinstance(msg.get("index"), int)
+                and isinstance(msg.get("count"), int)
+            ):
                 cell, cells = msg["index"], msg["count"]
             elif kind == contract.Progress.FAILED:
                 failure = _failure(msg)
@@ -423,7 +439,11 @@ class CloudJobs:
             try:
                 decision = json.loads(raw)["release"]["decision"]
             except (ValueError, KeyError, TypeError):
-                return "failed", {"reason": "the enclave wrote an unreadable receipt", "cell": None, "ename": None}
+                return "failed", {
+                    "reason": "the enclave wrote an unreadable receipt",
+                    "cell": None,
+                    "ename": None,
+                }
             if decision == "released":
                 return "succeeded", None
             if decision == "held":
@@ -466,7 +486,7 @@ class CloudJobs:
         total = 0
         with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
             for name, size in self.storage.names(paths.bucket, paths.result, MAX_RESULT_OBJECTS):
-                rel = name[len(paths.result):]
+                rel = name[len(paths.result) :]
                 try:
                     contract.check_file_name(rel)  # flat, as the local layout: nothing else is handed on
                 except DCRError:

@@ -110,12 +110,16 @@ def make_instance(
     if not NAME_RE.match(name):
         raise DCRError(f"{name!r} is not a valid Compute instance name")
     if s.confidential_instance_type not in CONFIDENTIAL_TYPES:
-        raise DCRError(f"confidential instance type {s.confidential_instance_type!r} is not one of {CONFIDENTIAL_TYPES}")
+        raise DCRError(
+            f"confidential instance type {s.confidential_instance_type!r} is not one of {CONFIDENTIAL_TYPES}"
+        )
     check_image_reference(s.image_reference)
     if set(env) != set(contract.LAUNCH_ENV_NAMES):
         # Exactly the contract's names: the image's launch policy allows no other, and a missing one
         # would make the supervisor refuse the job after the VM had booted.
-        raise DCRError(f"launch environment names {sorted(env)} are not the contract's {contract.LAUNCH_ENV_NAMES}")
+        raise DCRError(
+            f"launch environment names {sorted(env)} are not the contract's {contract.LAUNCH_ENV_NAMES}"
+        )
     for k, v in labels.items():
         if not LABEL_KEY_RE.match(k) or not LABEL_VALUE_RE.match(v):
             raise DCRError(f"label {k}={v!r} is not a valid GCE label")
@@ -195,7 +199,9 @@ class InsertRefused(DCRError):
 class Compute:
     """The few Compute Engine calls the launcher makes, through the real client library."""
 
-    def __init__(self, project: str, zone: str, endpoint: str = GOOGLE_COMPUTE, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self, project: str, zone: str, endpoint: str = GOOGLE_COMPUTE, *, timeout: float = 60.0
+    ) -> None:
         from google.cloud import compute_v1
 
         self.project, self.zone, self.endpoint, self.timeout = project, zone, endpoint, timeout
@@ -226,7 +232,9 @@ class Compute:
     def _wait(self, operation: str, deadline_s: float) -> None:
         deadline = time.monotonic() + deadline_s
         while True:
-            op = self.operations.wait(project=self.project, zone=self.zone, operation=operation, timeout=self.timeout)
+            op = self.operations.wait(
+                project=self.project, zone=self.zone, operation=operation, timeout=self.timeout
+            )
             # compute_v1 keeps enum fields as their names (strings).
             if str(op.status) in ("DONE", str(int(self._v1.Operation.Status.DONE))):
                 errors = list(op.error.errors) if op.error else []
@@ -242,7 +250,9 @@ class Compute:
         from google.api_core import exceptions as gexc
 
         try:
-            inst = self.instances.get(project=self.project, zone=self.zone, instance=name, timeout=self.timeout)
+            inst = self.instances.get(
+                project=self.project, zone=self.zone, instance=name, timeout=self.timeout
+            )
         except gexc.NotFound:
             return None
         return dict(json.loads(type(inst).to_json(inst)))
@@ -283,5 +293,9 @@ def _reason(e: Any) -> str:
     parts = []
     for err in getattr(e, "errors", None) or []:
         if isinstance(err, dict):
-            parts.append(str(err.get("reason") or "") + (": " if err.get("reason") else "") + str(err.get("message") or ""))
+            parts.append(
+                str(err.get("reason") or "")
+                + (": " if err.get("reason") else "")
+                + str(err.get("message") or "")
+            )
     return ("; ".join(parts) or getattr(e, "message", "") or str(e))[:500]

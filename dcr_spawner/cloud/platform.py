@@ -290,7 +290,9 @@ class ConfidentialSpacePlatform(EnclavePlatform):
         if value and not value.endswith("/"):
             value += "/"
         if value and not _BUCKET_RE.match(value):
-            raise TraitError(f"ConfidentialSpacePlatform.jobs_bucket: {value!r} is not gs://<bucket>/<prefix>/")
+            raise TraitError(
+                f"ConfidentialSpacePlatform.jobs_bucket: {value!r} is not gs://<bucket>/<prefix>/"
+            )
         return value
 
     @validate("max_run_seconds_margin", "max_bundle_bytes")
@@ -304,7 +306,9 @@ class ConfidentialSpacePlatform(EnclavePlatform):
     def _valid_endpoint(self, proposal: Any) -> str:
         value = str(proposal["value"]).rstrip("/")
         if not re.match(r"^https?://[^/\s]+$", value):
-            raise TraitError(f"ConfidentialSpacePlatform.{proposal['trait'].name}: {value!r} is not an http(s) origin")
+            raise TraitError(
+                f"ConfidentialSpacePlatform.{proposal['trait'].name}: {value!r} is not an http(s) origin"
+            )
         return value
 
     _jobs: Any = None
@@ -373,7 +377,7 @@ class ConfidentialSpacePlatform(EnclavePlatform):
         for spec in policy.specs():
             if spec.cloud is None:
                 raise DCRError(
-                    f"c.DCRPolicy.datasets[{spec.ref!r}] has no \"cloud\" entry: Confidential Space needs its "
+                    f'c.DCRPolicy.datasets[{spec.ref!r}] has no "cloud" entry: Confidential Space needs its '
                     "store, KMS key and Workload Identity pool provider",
                     hint='add "cloud": {"store": "gs://...", "kms_key": "projects/...", "wip_provider": '
                     '"projects/<number>/locations/global/workloadIdentityPools/.../providers/..."}',

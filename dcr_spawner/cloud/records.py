@@ -65,8 +65,17 @@ class Launch:
 
 def _launch(r: LaunchRecord) -> Launch:
     return Launch(
-        r.grant_id, r.job_id, r.user, r.instance, r.zone, r.state, r.deadline, r.created_at, r.ended_at,
-        r.end_state or "", r.reason or "",
+        r.grant_id,
+        r.job_id,
+        r.user,
+        r.instance,
+        r.zone,
+        r.state,
+        r.deadline,
+        r.created_at,
+        r.ended_at,
+        r.end_state or "",
+        r.reason or "",
     )
 
 

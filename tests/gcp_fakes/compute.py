@@ -53,7 +53,9 @@ TEE_KEYS = {
     "tee-monitoring-memory-enable",
     "tee-impersonate-service-accounts",
 }
-_PATH = re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/(instances|operations)(?:/([^/]+))?(?:/(wait))?$")
+_PATH = re.compile(
+    r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/(instances|operations)(?:/([^/]+))?(?:/(wait))?$"
+)
 
 
 class ApiError(Exception):
@@ -85,7 +87,7 @@ class FakeVM:
     @property
     def env(self) -> dict[str, str]:
         """The ``tee-env-*`` values, as the launcher hands them to the container."""
-        return {k[len("tee-env-"):]: v for k, v in self.metadata.items() if k.startswith("tee-env-")}
+        return {k[len("tee-env-") :]: v for k, v in self.metadata.items() if k.startswith("tee-env-")}
 
 
 @dataclass
@@ -225,7 +227,11 @@ class ComputeFake:
             with self._lock:
                 inst = self.instances.get((project, zone, name))
             if inst is None:
-                raise ApiError(404, f"The resource 'projects/{project}/zones/{zone}/instances/{name}' was not found", "notFound")
+                raise ApiError(
+                    404,
+                    f"The resource 'projects/{project}/zones/{zone}/instances/{name}' was not found",
+                    "notFound",
+                )
             return 200, inst
         if req.method == "DELETE" and name is not None:
             return 200, self._delete(project, zone, name, req.query.get("requestId"))
@@ -233,7 +239,9 @@ class ComputeFake:
 
     # -- operations ------------------------------------------------------------------------------------
 
-    def _new_op(self, project: str, zone: str, kind: str, target: str, error: str | None = None) -> dict[str, Any]:
+    def _new_op(
+        self, project: str, zone: str, kind: str, target: str, error: str | None = None
+    ) -> dict[str, Any]:
         op_id = next(self._ids)
         name = f"operation-{op_id}-{uuid.uuid4().hex[:12]}"
         op: dict[str, Any] = {
@@ -258,7 +266,11 @@ class ComputeFake:
         with self._lock:
             op = self.operations.get(name)
         if op is None:
-            raise ApiError(404, f"The resource 'projects/{project}/zones/{zone}/operations/{name}' was not found", "notFound")
+            raise ApiError(
+                404,
+                f"The resource 'projects/{project}/zones/{zone}/operations/{name}' was not found",
+                "notFound",
+            )
         return op
 
     # -- instances -------------------------------------------------------------------------------------
@@ -269,7 +281,9 @@ class ComputeFake:
             try:
                 parsed = uuid.UUID(rid)
             except ValueError:
-                raise ApiError(400, f"Invalid value for field 'requestId': '{rid}'. Must be a UUID.") from None
+                raise ApiError(
+                    400, f"Invalid value for field 'requestId': '{rid}'. Must be a UUID."
+                ) from None
             if parsed.int == 0:
                 raise ApiError(400, "Invalid value for field 'requestId': the zero UUID is not supported.")
         with self._lock:
@@ -283,7 +297,11 @@ class ComputeFake:
             self._validate(zone, body)
             key = (project, zone, body["name"])
             if key in self.instances:
-                raise ApiError(409, f"The resource 'projects/{project}/zones/{zone}/instances/{body['name']}' already exists", "alreadyExists")
+                raise ApiError(
+                    409,
+                    f"The resource 'projects/{project}/zones/{zone}/instances/{body['name']}' already exists",
+                    "alreadyExists",
+                )
             error = self._fail_ops.pop(0) if self._fail_ops else None
             op = self._new_op(project, zone, "insert", body["name"], error)
             if rid is not None:
@@ -338,7 +356,11 @@ class ComputeFake:
                 return self.operations[self._by_request_id[rid]]
             key = (project, zone, name)
             if key not in self.instances:
-                raise ApiError(404, f"The resource 'projects/{project}/zones/{zone}/instances/{name}' was not found", "notFound")
+                raise ApiError(
+                    404,
+                    f"The resource 'projects/{project}/zones/{zone}/instances/{name}' was not found",
+                    "notFound",
+                )
             self.instances.pop(key)
             vm = self.vms.pop(key, None)
             op = self._new_op(project, zone, "delete", name)
@@ -356,24 +378,42 @@ class ComputeFake:
             items = [
                 dict(i)
                 for (p, z, _), i in sorted(self.instances.items())
-                if p == project and z == zone and all(i.get("labels", {}).get(k) == v for k, v in wanted.items())
+                if p == project
+                and z == zone
+                and all(i.get("labels", {}).get(k) == v for k, v in wanted.items())
             ]
-        return {"kind": "compute#instanceList", "id": f"projects/{project}/zones/{zone}/instances", "items": items}
+        return {
+            "kind": "compute#instanceList",
+            "id": f"projects/{project}/zones/{zone}/instances",
+            "items": items,
+        }
 
     # -- validation, as the real API (and the image's launch policy) --------------------------------------
 
     def _validate(self, zone: str, body: dict[str, Any]) -> None:
         name = body.get("name")
         if not name:
-            raise ApiError(400, "Invalid value for field 'resource.name': ''. Must be a match of regex '[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?'", "invalid")
+            raise ApiError(
+                400,
+                "Invalid value for field 'resource.name': ''. Must be a match of regex '[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?'",
+                "invalid",
+            )
         if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ApiError(400, f"Invalid value for field 'resource.name': '{name}'. Must be a match of regex '[a-z](?:[-a-z0-9]{{0,61}}[a-z0-9])?'")
+            raise ApiError(
+                400,
+                f"Invalid value for field 'resource.name': '{name}'. Must be a match of regex '[a-z](?:[-a-z0-9]{{0,61}}[a-z0-9])?'",
+            )
         mt = body.get("machineType")
-        if not isinstance(mt, str) or not re.match(rf"^(zones/{re.escape(zone)}/)?machineTypes/[a-z0-9-]+$|^[a-z0-9-]+$", mt.rsplit("/zones/", 1)[-1] if mt.startswith("http") else mt):
+        if not isinstance(mt, str) or not re.match(
+            rf"^(zones/{re.escape(zone)}/)?machineTypes/[a-z0-9-]+$|^[a-z0-9-]+$",
+            mt.rsplit("/zones/", 1)[-1] if mt.startswith("http") else mt,
+        ):
             raise ApiError(400, "Invalid value for field 'resource.machineType'.", "required")
         disks = body.get("disks")
         if not isinstance(disks, list) or not any(isinstance(d, dict) and d.get("boot") for d in disks):
-            raise ApiError(400, "Invalid value for field 'resource.disks': no boot disk specified.", "required")
+            raise ApiError(
+                400, "Invalid value for field 'resource.disks': no boot disk specified.", "required"
+            )
         nics = body.get("networkInterfaces")
         if not isinstance(nics, list) or not nics:
             raise ApiError(400, "Required field 'resource.networkInterfaces' not specified", "required")
@@ -387,12 +427,20 @@ class ComputeFake:
         confidential = (body.get("confidentialInstanceConfig") or {}).get("confidentialInstanceType")
         if confidential is not None:
             if confidential not in ("SEV", "SEV_SNP", "TDX"):
-                raise ApiError(400, f"Invalid value for field 'resource.confidentialInstanceConfig.confidentialInstanceType': '{confidential}'.")
+                raise ApiError(
+                    400,
+                    f"Invalid value for field 'resource.confidentialInstanceConfig.confidentialInstanceType': '{confidential}'.",
+                )
             if sched.get("onHostMaintenance") != "TERMINATE":
-                raise ApiError(400, "Confidential VMs do not support live migration: set scheduling.onHostMaintenance to TERMINATE.")
+                raise ApiError(
+                    400,
+                    "Confidential VMs do not support live migration: set scheduling.onHostMaintenance to TERMINATE.",
+                )
         if "maxRunDuration" in sched:
             if sched.get("instanceTerminationAction") not in ("DELETE", "STOP"):
-                raise ApiError(400, "scheduling.maxRunDuration requires scheduling.instanceTerminationAction.")
+                raise ApiError(
+                    400, "scheduling.maxRunDuration requires scheduling.instanceTerminationAction."
+                )
             seconds = int(sched["maxRunDuration"].get("seconds", 0))
             if not 30 <= seconds <= 120 * 86400:
                 raise ApiError(400, "Invalid value for field 'resource.scheduling.maxRunDuration.seconds'.")
@@ -409,11 +457,16 @@ class ComputeFake:
             if not key.startswith("tee-"):
                 continue
             if key.startswith("tee-env-"):
-                if key[len("tee-env-"):] not in self.allow_env_override:
-                    raise ApiError(400, f"launch policy: env override {key[len('tee-env-'):]!r} is not allowed by the image")
+                if key[len("tee-env-") :] not in self.allow_env_override:
+                    raise ApiError(
+                        400,
+                        f"launch policy: env override {key[len('tee-env-') :]!r} is not allowed by the image",
+                    )
             elif key not in TEE_KEYS:
                 raise ApiError(400, f"launch policy: unknown metadata key {key!r}")
             elif key == "tee-container-log-redirect" and not debug:
-                raise ApiError(400, "launch policy: log redirect is allowed only on the debug image (debugonly)")
+                raise ApiError(
+                    400, "launch policy: log redirect is allowed only on the debug image (debugonly)"
+                )
             elif key == "tee-restart-policy" and value not in ("Never", "Always", "OnFailure"):
                 raise ApiError(400, f"launch policy: restart policy {value!r}")
