@@ -373,12 +373,13 @@ class CloudJobs:
     def refresh(self, launch: Launch) -> dict[str, Any]:
         """Read the job's progress, completion and VM; record its end when it has ended."""
         paths = JobPaths.of(self.config.jobs_bucket, launch.job_id)
+        # Completion first: every progress object was written before it, so the read below sees them all.
+        done = None if launch.ended else self._completion(paths)
         doc = self._progress(paths)
         doc.update(job_id=launch.job_id, grant_id=launch.grant_id, enclave=self.enclave_info())
         prior = self._ended_prior(launch, doc)
         if prior is not None:
             return prior
-        done = self._completion(paths)
         if done is None:
             vm = self.compute.get(launch.instance)
             if vm is None or vm.get("status") in STOPPED:
