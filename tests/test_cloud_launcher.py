@@ -236,7 +236,7 @@ def test_a_request_id_must_be_a_uuid(compute: ComputeFake) -> None:
 def test_quota_and_operation_errors(compute: ComputeFake) -> None:
     c = _client(compute)
     compute.refuse_next_insert()
-    with pytest.raises(InsertRefused, match="HTTP 403.*quotaExceeded"):
+    with pytest.raises(InsertRefused, match=r"HTTP 403.*quotaExceeded"):
         c.insert(_body(), request_id("grant-" + "4" * 32, "insert"))
     compute.fail_next_operation()
     with pytest.raises(InsertRefused, match="ZONE_RESOURCE_POOL_EXHAUSTED"):
@@ -449,7 +449,6 @@ def test_a_job_runs_to_success_and_leaves_no_vm(cloud: Cloud) -> None:
 
 
 def test_the_same_grant_twice_and_a_hub_restart_launch_one_vm(cloud: Cloud) -> None:
-    cloud.standin.modes  # noqa: B018
     job_id, grant_id, token, bundle = cloud.grant()
     cloud.standin.modes[job_id] = "hang"
     cloud.jobs().launch("alice", job_id, grant_id, token, bundle)
@@ -493,7 +492,7 @@ def test_a_hub_that_died_between_insert_and_record_launches_no_second_vm(cloud: 
 def test_bad_launches_are_refused_and_leave_nothing(cloud: Cloud) -> None:
     jobs = cloud.jobs(max_bundle_bytes=20000)
     job_id, grant_id, token, bundle = cloud.grant()
-    other_id, other_grant, other_token, other_bundle = cloud.grant()
+    _, other_grant, other_token, other_bundle = cloud.grant()
     cases = [
         (("mallory", job_id, grant_id, token, bundle), 404),  # another user's job
         (("alice", "job-" + "f" * 24, grant_id, token, bundle), 404),

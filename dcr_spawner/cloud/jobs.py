@@ -131,7 +131,7 @@ class Storage:
     credentials (none for a loopback emulator)."""
 
     def __init__(self, endpoint: str, project: str) -> None:
-        from google.cloud import storage
+        from google.cloud import storage  # type: ignore[attr-defined]
 
         self.client = storage.Client(
             project=project or None,

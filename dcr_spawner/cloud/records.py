@@ -133,12 +133,12 @@ class Launches:
     def end(self, grant_id: str, end_state: str, reason: str, at: int) -> bool:
         """Record the job's end once; ``True`` if this call ended it (the caller audits it then)."""
         with self.db.session() as s:
-            n = s.execute(
+            result = s.execute(
                 update(LaunchRecord)
                 .where(LaunchRecord.grant_id == grant_id, LaunchRecord.state != "ended")
                 .values(state="ended", end_state=end_state, reason=reason[:2000], ended_at=at)
-            ).rowcount
-        return bool(n)
+            )
+        return bool(getattr(result, "rowcount", 0))  # a conditional update: 1 only for the first end
 
     def live(self) -> list[Launch]:
         with self.db.session() as s:
