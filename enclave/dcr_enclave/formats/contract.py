@@ -222,3 +222,109 @@ LOCAL_SCRATCH_BYTES: Final = "DCR_LOCAL_SCRATCH_BYTES"
 LOCAL_SANDBOX_IDS: Final = "DCR_LOCAL_SANDBOX_IDS"
 #: Seconds to which the end of a job under review is rounded up (receipt and reported state).
 LOCAL_TIME_QUANTUM: Final = "DCR_LOCAL_TIME_QUANTUM"
+
+# ---------------------------------------------------------------------------------------------------------
+# Google Confidential Space: Cloud Storage layout and the process environment only tests set.
+# The real launcher passes the allowed ``tee-env-*`` names and the image's own ENV, and the image sets none
+# of the ``DCR_CLOUD_*`` names below, so in production each takes its default.
+# ---------------------------------------------------------------------------------------------------------
+
+#: The launcher's socket for custom attestation tokens (``POST /v1/token``).
+CLOUD_TEESERVER_SOCKET: Final = "DCR_CLOUD_TEESERVER_SOCKET"
+DEFAULT_TEESERVER_SOCKET: Final = "/run/container_launcher/teeserver.sock"
+#: Security Token Service (token exchange under a Workload Identity pool provider).
+CLOUD_STS_ENDPOINT: Final = "DCR_CLOUD_STS_ENDPOINT"
+DEFAULT_STS_ENDPOINT: Final = "https://sts.googleapis.com"
+#: Cloud KMS (decrypt of the wrapped data keys).
+CLOUD_KMS_ENDPOINT: Final = "DCR_CLOUD_KMS_ENDPOINT"
+DEFAULT_KMS_ENDPOINT: Final = "https://cloudkms.googleapis.com"
+#: Cloud Storage; when set, anonymous credentials are used (the tests' emulator).
+CLOUD_STORAGE_ENDPOINT: Final = "DCR_CLOUD_STORAGE_ENDPOINT"
+DEFAULT_STORAGE_ENDPOINT: Final = "https://storage.googleapis.com"
+#: Mount point of the supervisor's private tmpfs.
+CLOUD_SCRATCH: Final = "DCR_CLOUD_SCRATCH"
+DEFAULT_CLOUD_SCRATCH: Final = "/run/dcr-scratch"
+#: ``uid:gid`` of the kernel sandbox account; default the image's fixed account.
+CLOUD_SANDBOX_IDS: Final = "DCR_CLOUD_SANDBOX_IDS"
+#: The image's kernel account (``enclave/Dockerfile`` creates it with exactly these ids).
+CLOUD_KERNEL_UID: Final = 10001
+CLOUD_KERNEL_GID: Final = 10001
+#: Size in bytes of the scratch tmpfs (the image may set it; a test sets a small one).
+CLOUD_SCRATCH_BYTES: Final = "DCR_CLOUD_SCRATCH_BYTES"
+#: The image's launch-policy labels, derived from this contract (checked against enclave/Dockerfile).
+LAUNCH_POLICY_LABELS: Final = {
+    "tee.launch_policy.allow_env_override": ",".join(LAUNCH_ENV_NAMES),
+    "tee.launch_policy.log_redirect": "debugonly",
+    # The supervisor mounts its private tmpfs and bubblewrap builds the kernel's namespaces: both need
+    # CAP_SYS_ADMIN, which the launcher adds only when the image allows it (tee-added-capabilities).
+    "tee.launch_policy.allow_capabilities": "true",
+}
+#: What the hub's launcher asks for in ``tee-added-capabilities``.
+CLOUD_ADDED_CAPABILITIES: Final = ("CAP_SYS_ADMIN",)
+
+#: Names of the objects of a job under the jobs prefix.
+CLOUD_BUNDLE_OBJECT: Final = "bundle"
+CLOUD_RESULT_PREFIX: Final = "result/"
+CLOUD_PROGRESS_PREFIX: Final = "progress/"
+#: The completion objects: exactly one of them is written, and last.
+CLOUD_COMPLETION_FILES: Final = (RECEIPT_FILE, FAILURE_FILE)
+
+_GS_BUCKET_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class GsUri:
+    """A ``gs://bucket/name`` URI, parsed; ``name`` may be a prefix ending in ``/`` (or empty)."""
+
+    bucket: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"gs://{self.bucket}/{self.name}"
+
+    def child(self, rel: str) -> GsUri:
+        """The object ``rel`` under this prefix."""
+        base = self.name if not self.name or self.name.endswith("/") else self.name + "/"
+        return GsUri(self.bucket, base + rel)
+
+
+def parse_gs_uri(value: str, what: str = "Cloud Storage URI") -> GsUri:
+    """Parse ``gs://bucket[/name]``; refuses anything else (other schemes, odd bucket names, ``..``)."""
+    if not isinstance(value, str) or not value.startswith("gs://"):
+        raise DCRError(f"{what} {value!r} is not a gs:// URI")
+    bucket, _, name = value[len("gs://") :].partition("/")
+    if not _GS_BUCKET_RE.match(bucket) or ".." in bucket:
+        raise DCRError(f"{what} {value!r}: {bucket!r} is not a Cloud Storage bucket name")
+    if any(p in (".", "..") for p in name.split("/")) or "//" in name or any(ord(c) < 32 for c in name):
+        raise DCRError(f"{what} {value!r} has an empty, '.' or '..' component or control characters")
+    if len(name.encode()) > 1024:
+        raise DCRError(f"{what} {value!r}: object names are at most 1024 bytes")
+    return GsUri(bucket, name)
+
+
+def cloud_job_prefix(jobs_uri: str, job_id: str) -> str:
+    """``gs://<bucket>/<prefix>jobs/<job_id>/`` for a jobs URI ``gs://<bucket>/<prefix>``."""
+    base = parse_gs_uri(jobs_uri, "jobs bucket URI")
+    return str(base.child(f"jobs/{check_job_id(job_id)}/"))
+
+
+def cloud_bundle_uri(jobs_uri: str, job_id: str) -> str:
+    """The launch's BUNDLE_URI: one object, the bundle file."""
+    return cloud_job_prefix(jobs_uri, job_id) + CLOUD_BUNDLE_OBJECT
+
+
+def cloud_output_uri(jobs_uri: str, job_id: str) -> str:
+    """The launch's OUTPUT_URI: a prefix; the result files are named as in the local layout."""
+    return cloud_job_prefix(jobs_uri, job_id) + CLOUD_RESULT_PREFIX
+
+
+def cloud_progress_uri(jobs_uri: str, job_id: str) -> str:
+    """The launch's PROGRESS_URI: a prefix of ``<seq:08d>.json`` objects, one Progress message each."""
+    return cloud_job_prefix(jobs_uri, job_id) + CLOUD_PROGRESS_PREFIX
+
+
+def progress_object_name(seq: int) -> str:
+    """The name of progress message ``seq`` (from 0) under PROGRESS_URI; names sort in order."""
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 10**8:
+        raise DCRError(f"progress sequence number {seq!r} out of range")
+    return f"{seq:08d}.json"

@@ -10,6 +10,7 @@ thumbprint; nothing the user's server says can widen it.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,12 +122,70 @@ class DisclosureRules:
         )
 
 
+#: A Cloud KMS crypto key's resource name (Google's documented id characters, bounded lengths).
+KMS_KEY_RE = re.compile(
+    r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/locations/[a-z0-9-]{1,63}"
+    r"/keyRings/[A-Za-z0-9_-]{1,63}/cryptoKeys/[A-Za-z0-9_-]{1,63}$"
+)
+#: A Workload Identity pool provider's resource name (project *number*, global location).
+WIP_PROVIDER_RE = re.compile(
+    r"^projects/[0-9]{1,20}/locations/global/workloadIdentityPools/[a-z0-9-]{4,32}"
+    r"/providers/[a-z0-9-]{4,32}$"
+)
+CLOUD_KEYS = ("store", "kms_key", "wip_provider")
+
+
+@dataclass(frozen=True)
+class CloudDataset:
+    """Where a granted dataset lives in Google Cloud and what releases its key, as the hub's policy pins it.
+
+    The supervisor refuses a manifest whose key is not the Cloud KMS key ``kms_key``, and exchanges its
+    attestation token at STS for the audience ``//iam.googleapis.com/<wip_provider>``: both come from the
+    grant, never from storage.
+    """
+
+    store: str
+    kms_key: str
+    wip_provider: str
+
+    def __post_init__(self) -> None:
+        contract.parse_gs_uri(self.store, "granted dataset cloud.store")
+        if not isinstance(self.kms_key, str) or not KMS_KEY_RE.match(self.kms_key):
+            raise DCRError(
+                f"granted dataset cloud.kms_key {self.kms_key!r} is not a Cloud KMS key name",
+                hint="projects/P/locations/L/keyRings/R/cryptoKeys/K",
+            )
+        if not isinstance(self.wip_provider, str) or not WIP_PROVIDER_RE.match(self.wip_provider):
+            raise DCRError(
+                f"granted dataset cloud.wip_provider {self.wip_provider!r} is not a Workload Identity "
+                "pool provider name",
+                hint="projects/<NUMBER>/locations/global/workloadIdentityPools/<POOL>/providers/<PROVIDER>",
+            )
+
+    @property
+    def sts_audience(self) -> str:
+        return "//iam.googleapis.com/" + self.wip_provider
+
+    def to_json(self) -> dict[str, str]:
+        return {"store": self.store, "kms_key": self.kms_key, "wip_provider": self.wip_provider}
+
+    @classmethod
+    def from_json(cls, d: Any) -> CloudDataset:
+        if not isinstance(d, dict):
+            raise DCRError("granted dataset cloud entry must be an object")
+        if set(d) != set(CLOUD_KEYS):
+            raise DCRError(f"granted dataset cloud entry must have exactly the keys {', '.join(CLOUD_KEYS)}")
+        return cls(store=d["store"], kms_key=d["kms_key"], wip_provider=d["wip_provider"])
+
+
 @dataclass(frozen=True)
 class GrantedDataset:
     provider: str
     dataset: str
     version: str
     release: str = "review"
+    #: Google Cloud coordinates (the confidential_space platform); ``None`` locally, and then absent from JSON.
+    cloud: CloudDataset | None = None
 
     @property
     def key(self) -> str:
@@ -138,6 +197,7 @@ class GrantedDataset:
             "dataset": self.dataset,
             "version": self.version,
             "release": self.release,
+            **({"cloud": self.cloud.to_json()} if self.cloud is not None else {}),
         }
 
     @classmethod
@@ -152,6 +212,7 @@ class GrantedDataset:
             dataset=contract.check_name(d.get("dataset"), "dataset"),  # type: ignore[arg-type]
             version=check_digest(d.get("version"), "granted dataset version"),
             release=release,
+            cloud=CloudDataset.from_json(d["cloud"]) if "cloud" in d else None,
         )
 
 

@@ -18,11 +18,16 @@ from dcr_enclave.formats.errors import DCRError, IntegrityError
 from dcr_enclave.formats.grant import Grant
 from dcr_enclave.formats.store_layout import StoreLayout
 from dcr_enclave.formats.streamcrypt import FileContext, decrypt_file
-from dcr_enclave.runtime.platform_link import TeeLink
+from dcr_enclave.runtime.platform_link import PlatformLink
 
 
 def fetch_datasets(
-    link: TeeLink, g: Grant, grant_token: str, hub_jwks: list[dict[str, Any]], store_root: Path, data: Path
+    link: PlatformLink,
+    g: Grant,
+    grant_token: str,
+    hub_jwks: list[dict[str, Any]],
+    store_root: Path,
+    data: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Release every granted dataset's key, check every manifest and file, then decrypt into ``data``.
 

@@ -4,17 +4,44 @@ Locally the enclave host hands each supervisor one end of a socket pair (file de
 ``contract.LOCAL_LINK_FD``); nothing on the file system leads to it, so the kernel sandbox cannot reach it.
 Messages are JSON objects, one per line, each request answered by one reply ``{"ok": true, ...}`` or
 ``{"ok": false, "error": "..."}``. In Confidential Space the same requests go to the launcher's
-``teeserver.sock`` (tokens) and to STS/KMS (key release).
+``teeserver.sock`` (tokens) and to STS/KMS (key release): :class:`dcr_enclave.cloud.link.CloudLink`.
+Both satisfy :class:`PlatformLink`, the only thing the supervisor knows of its platform.
 """
 
 from __future__ import annotations
 
 import base64
 import socket
-from typing import Any
+from typing import Any, Protocol
 
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.messages import MAX_MESSAGE, decode, encode
+
+
+class PlatformLink(Protocol):
+    """What the supervisor asks of its TEE platform (blocking; one request at a time)."""
+
+    def challenge(self) -> str:
+        """A fresh nonce for the next key-release token."""
+        ...
+
+    def token(self, audience: str, nonces: list[str]) -> str:
+        """An attestation token for ``audience`` carrying ``nonces``."""
+        ...
+
+    def release(self, **request: Any) -> tuple[bytes, str]:
+        """A dataset's data key and the digest of the condition that released it; DCRError if refused."""
+        ...
+
+    def progress(self, msg: dict[str, Any]) -> None:
+        """Report one Progress message (never data)."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """``{"kind", "image_digest", "jwks"}``: what the receipt says about the platform."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class TeeLink:
@@ -51,6 +78,9 @@ class TeeLink:
 
     def progress(self, msg: dict[str, Any]) -> None:
         self.call("progress", msg=msg)
+
+    def info(self) -> dict[str, Any]:
+        return self.call("info")
 
     def close(self) -> None:
         self._rfile.close()

@@ -66,7 +66,7 @@ from dcr_enclave.runtime.kernel_layout import SandboxSpec
 from dcr_enclave.runtime.kernel_process import check_sandbox
 from dcr_enclave.runtime.notebook_run import NotebookRun, RunResult
 from dcr_enclave.runtime.outputs import OutputCheck, collect_outputs
-from dcr_enclave.runtime.platform_link import TeeLink
+from dcr_enclave.runtime.platform_link import PlatformLink, TeeLink
 from dcr_enclave.runtime.receipt_writer import output_entries, write_receipt_dir
 
 ENV = contract.ENV
@@ -115,7 +115,7 @@ class Supervisor:
     def __init__(
         self,
         launch: Launch,
-        link: TeeLink,
+        link: PlatformLink,
         scratch: Path,
         sandbox_ids: tuple[int, int],
         time_quantum: float = DEFAULT_TIME_QUANTUM,
@@ -311,7 +311,7 @@ class Supervisor:
             commitment = output_commitment(reveal)
             seal_bytes(canonical_json(reveal), out / contract.SEALED_REVEAL_FILE, seal_to, job_id=g.job_id)
             entries = []
-        platform = self.link.call("info")
+        platform = self.link.info()
         manifest = build_manifest(
             job_id=g.job_id,
             notebook=bundle.notebook,
@@ -407,7 +407,7 @@ def main() -> int:
         link.close()
 
 
-def _fail(link: TeeLink, report: dict[str, Any]) -> None:
+def _fail(link: PlatformLink, report: dict[str, Any]) -> None:
     msg = {"kind": contract.Progress.FAILED, **report}
     try:
         link.progress(msg)

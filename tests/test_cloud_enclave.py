@@ -1,0 +1,511 @@
+"""The enclave on Confidential Space, end to end with real processes and the real Google clients on loopback.
+
+Each test registers datasets whose data keys are wrapped by the Cloud KMS fake (through the real KMS client),
+uploads them with a bundle to the Cloud Storage emulator, signs a grant with a test hub key, and runs
+``python -m dcr_enclave.cloud`` as a subprocess (as root: its private mount namespace and the kernel
+sandbox) with a teeserver fake whose tokens carry the VM's claims. The key release goes through STS (the
+provider's compiled Workload Identity condition, evaluated with CEL) and KMS; results are read back from
+storage and the receipt checked with ``dcr verify --require-hardware`` against the fake root.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import pytest
+from gcp_fakes.issuer import FakeAttestationIssuer, vm_claims
+from gcp_fakes.kms import KmsFake
+from gcp_fakes.storage import StorageEmulator
+from gcp_fakes.sts import StsFake, pool_principal_set
+from gcp_fakes.teeserver import TeeServerFake
+from google.api_core.client_options import ClientOptions
+from google.cloud import kms_v1
+from google.oauth2.credentials import Credentials
+
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.digests import sha256_bytes
+from dcr_enclave.formats.grant import CloudDataset, GrantedDataset
+from dcr_enclave.formats.jwk import jwks, thumbprint
+from dcr_enclave.formats.sealing import generate_keypair
+from dcr_enclave.formats.unsealing import open_dir
+from dcr_enclave.pack.bundle_builder import build_bundle
+from dcr_enclave.pack.grant_issuer import issue_grant
+from dcr_enclave.pack.signing_keys import generate_key
+from dcr_enclave.pack.store import Store
+from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
+from dcr_enclave.platform.condition_cel import compile_wip_condition
+from dcr_enclave.platform.sandbox_ids import SandboxIds
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+IMAGE_DIGEST = sha256_bytes(b"the released enclave image")
+OTHER_IMAGE_DIGEST = sha256_bytes(b"an image no provider approved")
+PROJECT = "dcr-enclaves"
+WORKLOAD_SA = f"dcr-workload@{PROJECT}.iam.gserviceaccount.com"
+DATASETS_BUCKET = "dcr-datasets"
+JOBS_URI = "gs://dcr-jobs/hub-a/"
+RUN_TIMEOUT = 300
+
+
+@dataclass
+class Google:
+    issuer: FakeAttestationIssuer
+    storage: StorageEmulator
+    sts: StsFake
+    kms: KmsFake
+
+    def kms_client(self) -> Any:
+        # The provider's own credentials: encrypt is open to any bearer token in the fake.
+        return kms_v1.KeyManagementServiceClient(
+            credentials=Credentials(token="provider-admin"),
+            transport="rest",
+            client_options=ClientOptions(api_endpoint=self.kms.endpoint),
+        )
+
+
+@pytest.fixture(scope="module")
+def google() -> Iterator[Google]:
+    storage = StorageEmulator().start()
+    sts = StsFake().start()
+    kms = KmsFake(sts).start()
+    try:
+        storage.create_bucket(DATASETS_BUCKET)
+        storage.create_bucket("dcr-jobs")
+        yield Google(FakeAttestationIssuer(), storage, sts, kms)
+    finally:
+        kms.stop()
+        sts.stop()
+        storage.stop()
+
+
+class KmsWrapping:
+    """The provider's registration side: the data key wrapped by Cloud KMS through the real client."""
+
+    def __init__(self, client: Any, key_name: str) -> None:
+        self.client, self.key_name = client, key_name
+
+    def wrap(self, provider: str, dataset: str, version: str, data_key: bytes) -> dict[str, str]:
+        resp = self.client.encrypt(
+            request={
+                "name": self.key_name,
+                "plaintext": data_key,
+                "plaintext_crc32c": google_crc32c.value(data_key),
+            }
+        )
+        assert resp.verified_plaintext_crc32c
+        assert int(resp.ciphertext_crc32c) == google_crc32c.value(resp.ciphertext)
+        return {
+            "kind": "gcp-kms",
+            "name": self.key_name,
+            "wrapped_data_key": base64.b64encode(resp.ciphertext).decode(),
+        }
+
+
+@dataclass
+class Provider:
+    name: str
+    dataset: str
+    version: str
+    kms_key: str
+    wip_provider: str
+    store: str
+
+    def granted(self, **cloud: str) -> GrantedDataset:
+        entry = {"store": self.store, "kms_key": self.kms_key, "wip_provider": self.wip_provider, **cloud}
+        return GrantedDataset(self.name, self.dataset, self.version, "auto", CloudDataset(**entry))
+
+
+@dataclass
+class World:
+    google: Google
+    tmp: Path
+    hub_key: Any = field(default_factory=generate_key)
+
+    @property
+    def hub_thumbprint(self) -> str:
+        return thumbprint(jwks(self.hub_key)["keys"][0])
+
+    def register(
+        self,
+        provider: str,
+        dataset: str,
+        real: Path,
+        synthetic: Path,
+        *,
+        enclave_digests: tuple[str, ...] = (IMAGE_DIGEST,),
+    ) -> Provider:
+        """Register a version (its own KMS key and pool provider), upload it, deploy its condition."""
+        tag = secrets.token_hex(4)
+        kms_key = f"projects/{provider}-data/locations/europe-west4/keyRings/dcr/cryptoKeys/{dataset}-{tag}"
+        self.google.kms.create_key(kms_key)
+        local = Store(self.tmp / f"store-{provider}-{tag}")
+        added = local.add(
+            provider, dataset, [(real, synthetic)], keys=KmsWrapping(self.google.kms_client(), kms_key)
+        )  # type: ignore[arg-type]
+        m = added.manifest
+        prefix = f"stores/{tag}/"
+        bucket = self.google.storage.client().bucket(DATASETS_BUCKET)
+        for f in added.path.rglob("*"):
+            if f.is_file():
+                rel = f.relative_to(local.root).as_posix()
+                bucket.blob(prefix + rel).upload_from_filename(str(f))
+        wip = f"projects/555000111222/locations/global/workloadIdentityPools/{provider}-{tag}/providers/cs-{tag}"
+        cond = KeyReleaseCondition(
+            provider=provider,
+            dataset=dataset,
+            versions=(m.version,),
+            platform=PlatformCondition.defaults(
+                "confidential_space", project_id=PROJECT, service_accounts=[WORKLOAD_SA]
+            ),
+            enclave_digests=enclave_digests,
+            hub_key_thumbprints=(self.hub_thumbprint,),
+        )
+        principal = self.google.sts.add_provider(wip, compile_wip_condition(cond), self.google.issuer)
+        self.google.kms.allow_decrypt(kms_key, principal)
+        return Provider(provider, dataset, m.version, kms_key, wip, f"gs://{DATASETS_BUCKET}/{prefix}")
+
+
+@dataclass
+class Run:
+    job_id: str
+    rc: int
+    stderr: str
+    objects: dict[str, bytes]
+    progress: list[dict[str, Any]]
+    tee: TeeServerFake
+    output_private: bytes
+
+    @property
+    def states(self) -> list[str]:
+        return [m["state"] for m in self.progress if m["kind"] == "state"]
+
+    @property
+    def cells(self) -> list[int]:
+        return [m["index"] for m in self.progress if m["kind"] == "cell"]
+
+    def failure(self) -> dict[str, Any]:
+        return json.loads(self.objects[contract.FAILURE_FILE])
+
+
+def run_job(
+    world: World,
+    make_notebook: Any,
+    datasets: list[GrantedDataset],
+    cells: list[str],
+    *,
+    claims: dict[str, Any] | None = None,
+    hub_key: Any = None,
+) -> Run:
+    """Upload a bundle, sign a grant and run ``python -m dcr_enclave.cloud`` as the VM would."""
+    g = world.google
+    tmp = world.tmp / secrets.token_hex(4)
+    tmp.mkdir()
+    job_id = contract.new_job_id()
+    nb = make_notebook(cells, workspace=f"ws-{job_id}")
+    bundle = tmp / "bundle.tar"
+    digest = build_bundle(nb, bundle).digest
+    jobs = g.storage.client().bucket("dcr-jobs")
+    bundle_uri = contract.parse_gs_uri(contract.cloud_bundle_uri(JOBS_URI, job_id))
+    jobs.blob(bundle_uri.name).upload_from_filename(str(bundle))
+    key = hub_key or world.hub_key
+    out_private, out_public = generate_keypair()
+    grant = issue_grant(
+        key,
+        user="alice",
+        job_id=job_id,
+        bundle_digest=digest,
+        datasets=datasets,
+        output_public_key=out_public,
+        time_limit=300,
+        memory_bytes=2 * 2**30,
+    )
+    launch = {
+        contract.ENV.JOB_ID: job_id,
+        contract.ENV.BUNDLE_DIGEST: digest,
+        contract.ENV.BUNDLE_URI: str(bundle_uri),
+        contract.ENV.GRANT: grant,
+        contract.ENV.HUB_KEY_THUMBPRINT: thumbprint(jwks(key)["keys"][0]),
+        contract.ENV.HUB_JWKS: json.dumps(jwks(key)),
+        contract.ENV.STORE_URI: f"gs://{DATASETS_BUCKET}/stores/",
+        contract.ENV.OUTPUT_URI: contract.cloud_output_uri(JOBS_URI, job_id),
+        contract.ENV.PROGRESS_URI: contract.cloud_progress_uri(JOBS_URI, job_id),
+    }
+    assert tuple(launch) == contract.LAUNCH_ENV_NAMES
+    vm = claims if claims is not None else vm_claims(image_digest=IMAGE_DIGEST, env={})
+    vm["submods"]["container"]["env"] = dict(launch)  # the launcher attests the tee-env-* it passed
+    sock = tmp / "launcher" / "teeserver.sock"
+    tee = TeeServerFake(sock, g.issuer, vm).start()
+    uid, gid = SandboxIds(tmp / "sandbox-ids").allocate()
+    # Short: the kernel's unix sockets live under it (sockaddr_un's 108 bytes).
+    scratch = Path(tempfile.mkdtemp(prefix="dcr-cs-", dir="/tmp"))
+    env = {
+        **launch,
+        contract.CLOUD_TEESERVER_SOCKET: str(sock),
+        contract.CLOUD_STS_ENDPOINT: g.sts.endpoint,
+        contract.CLOUD_KMS_ENDPOINT: g.kms.endpoint,
+        contract.CLOUD_STORAGE_ENDPOINT: g.storage.endpoint,
+        contract.CLOUD_SCRATCH: str(scratch),
+        contract.CLOUD_SCRATCH_BYTES: str(2**30),
+        contract.CLOUD_SANDBOX_IDS: f"{uid}:{gid}",
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+    }
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dcr_enclave.cloud"],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+        )
+    finally:
+        tee.stop()
+        # The tmpfs lived in the enclave's own mount namespace: here the mount point is empty.
+        scratch.rmdir()
+    result_prefix = contract.parse_gs_uri(launch[contract.ENV.OUTPUT_URI]).name
+    objects = {
+        b.name.removeprefix(result_prefix): b.download_as_bytes()
+        for b in g.storage.client().list_blobs("dcr-jobs", prefix=result_prefix)
+    }
+    progress_prefix = contract.parse_gs_uri(launch[contract.ENV.PROGRESS_URI]).name
+    names = sorted(b.name for b in g.storage.client().list_blobs("dcr-jobs", prefix=progress_prefix))
+    assert names == [progress_prefix + contract.progress_object_name(i) for i in range(len(names))]
+    progress = [json.loads(jobs.blob(n).download_as_bytes()) for n in names]
+    return Run(job_id, proc.returncode, proc.stderr, objects, progress, tee, out_private)
+
+
+@pytest.fixture
+def world(google: Google, tmp_path: Path) -> World:
+    return World(google, tmp_path)
+
+
+@pytest.fixture
+def acme(world: World, insurance_real: Path, insurance_synthetic: Path) -> Provider:
+    return world.register("acme", "insurance", insurance_real, insurance_synthetic)
+
+
+def _small_dataset(tmp: Path, name: str) -> tuple[Path, Path]:
+    real, synthetic = tmp / name / "real", tmp / name / "synthetic"
+    real.mkdir(parents=True)
+    synthetic.mkdir(parents=True)
+    (real / "visits.csv").write_text("region,visits\nnorth,120\nsouth,87\n")
+    (synthetic / "visits.csv").write_text("region,visits\nnorth,100\nsouth,100\n")
+    return real / "visits.csv", synthetic / "visits.csv"
+
+
+COUNT_ROWS = [
+    "import csv, os\n"
+    "rows = list(csv.DictReader(open('/data/acme/insurance/real.csv')))\n"
+    "os.makedirs('results', exist_ok=True)\n"
+    "open('results/summary.csv', 'w').write(f'rows\\n{len(rows)}\\n')",
+    "print('done')",
+]
+
+
+def _receipt_dir(run: Run, tmp: Path) -> Path:
+    d = tmp / f"receipt-{run.job_id}"
+    d.mkdir()
+    for name in (contract.RECEIPT_FILE, contract.TOKEN_FILE, contract.SIGNER_JWKS_FILE):
+        (d / name).write_bytes(run.objects[name])
+    (d / "sealed").write_bytes(run.objects[contract.SEALED_OUTPUTS_FILE])
+    open_dir(d / "sealed", d / contract.OUTPUTS_DIR, run.output_private, run.job_id)
+    (d / "sealed").unlink()
+    return d
+
+
+def test_a_job_runs_and_its_receipt_verifies_as_hardware(
+    world: World, acme: Provider, make_notebook: Any, run_cli: Any, insurance_real: Path, tmp_path: Path
+) -> None:
+    run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS)
+    assert run.rc == 0, (run.objects.get(contract.FAILURE_FILE), run.stderr[-3000:])
+    assert set(run.objects) == {
+        contract.RECEIPT_FILE,
+        contract.TOKEN_FILE,
+        contract.SIGNER_JWKS_FILE,
+        contract.SEALED_OUTPUTS_FILE,
+    }
+    # Progress in order: launching, running, each cell, checking; never a failure.
+    assert run.states == ["launching", "running", "checking"]
+    assert run.cells == [0, 1]
+    kinds = [m["kind"] for m in run.progress]
+    assert kinds.index("cell") > run.progress.index({"kind": "state", "state": "running"})
+    # The sealed outputs open with the job's key and hold what the notebook computed on the real rows.
+    d = _receipt_dir(run, tmp_path)
+    real_rows = len(insurance_real.read_text().splitlines()) - 1
+    assert (d / "outputs" / "results" / "summary.csv").read_text() == f"rows\n{real_rows}\n"
+    receipt = json.loads(run.objects[contract.RECEIPT_FILE])
+    assert receipt["enclave"] == {"kind": "confidential_space", "image_digest": IMAGE_DIGEST}
+    assert receipt["release"]["decision"] == "released"
+    # The receipt's token is a PKI token with the manifest's sha256 (71 bytes: within Google's 10..74).
+    nonce = sha256_bytes(run.objects[contract.RECEIPT_FILE])
+    receipt_requests = [r for r in run.tee.requests if r["audience"] == contract.RECEIPT_AUDIENCE]
+    assert receipt_requests[-1] == {
+        "audience": contract.RECEIPT_AUDIENCE,
+        "nonces": [nonce],
+        "token_type": "PKI",
+    }
+    # The key came from KMS, to this provider's pool only.
+    assert (acme.kms_key, pool_principal_set(acme.wip_provider)) in world.google.kms.decrypts
+    root = tmp_path / "google-root.pem"
+    root.write_bytes(world.google.issuer.root_pem)
+    code, out, err = run_cli(
+        "verify", d, "--trust-root", root, "--enclave-digest", IMAGE_DIGEST, "--require-hardware"
+    )
+    assert code == 0, out + err
+    assert "FAIL" not in out
+    # Pinned to another image, the same receipt fails.
+    code, out, _ = run_cli(
+        "verify", d, "--trust-root", root, "--enclave-digest", OTHER_IMAGE_DIGEST, "--require-hardware"
+    )
+    assert code != 0 and "FAIL pinned enclave digest" in out
+
+
+def _assert_refused_before_any_cell(run: Run, reason: str) -> None:
+    assert run.rc == 1, run.stderr[-3000:]
+    assert contract.RECEIPT_FILE not in run.objects
+    assert set(run.objects) == {contract.FAILURE_FILE}
+    failure = run.failure()
+    assert reason in failure["reason"], failure
+    assert failure["cell"] is None and failure["ename"] is None
+    assert "running" not in run.states and run.cells == []
+    assert run.progress[-1]["kind"] == "failed"
+    assert run.progress[-1]["reason"] == failure["reason"]
+
+
+CONDITION_REFUSED = "the provider's attestation condition refused this enclave"
+
+
+@pytest.mark.parametrize(
+    "platform",
+    [
+        {"image_digest": OTHER_IMAGE_DIGEST},
+        # A debug image (dbgstat enabled) under the production condition.
+        {"image_digest": IMAGE_DIGEST, "dbgstat": "enabled"},
+    ],
+    ids=["another-image", "debug-image"],
+)
+def test_the_providers_condition_refuses_another_image_or_a_debug_one(
+    world: World, acme: Provider, make_notebook: Any, platform: dict[str, Any]
+) -> None:
+    before = len(world.google.kms.decrypts)
+    run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS, claims=vm_claims(env={}, **platform))
+    _assert_refused_before_any_cell(run, CONDITION_REFUSED)
+    assert "acme/insurance" in run.failure()["reason"]
+    assert world.google.sts.exchanges[-1].outcome.startswith("unauthorized_client")
+    assert len(world.google.kms.decrypts) == before
+
+
+def test_a_grant_from_another_hub_key_is_refused_by_the_condition(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    """The enclave verifies the grant against the hub key the launch names; the provider pins its own hub's
+    key thumbprint, which the token attests, so STS refuses."""
+    run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS, hub_key=generate_key())
+    _assert_refused_before_any_cell(run, CONDITION_REFUSED)
+
+
+def test_two_providers_each_release_under_their_own_pool(
+    world: World, acme: Provider, make_notebook: Any, tmp_path: Path
+) -> None:
+    beta = world.register("beta", "visits", *_small_dataset(tmp_path, "beta"))
+    cells = [
+        COUNT_ROWS[0],
+        "v = open('/data/beta/visits/visits.csv').read().splitlines()\n"
+        "open('results/visits.txt', 'w').write(str(len(v)))",
+    ]
+    run = run_job(world, make_notebook, [acme.granted(), beta.granted()], cells)
+    assert run.rc == 0, (run.objects.get(contract.FAILURE_FILE), run.stderr[-3000:])
+    principals = {p: pool_principal_set(p.wip_provider) for p in (acme, beta)}
+    assert principals[acme] != principals[beta]
+    for p in (acme, beta):
+        assert (p.kms_key, principals[p]) in world.google.kms.decrypts
+    receipt = json.loads(run.objects[contract.RECEIPT_FILE])
+    assert sorted(receipt["policies"]["conditions"]) == ["acme/insurance", "beta/visits"]
+    d = _receipt_dir(run, tmp_path)
+    assert (d / "outputs" / "results" / "visits.txt").read_text() == "3"
+
+
+def test_when_one_providers_condition_fails_the_job_fails_before_any_cell(
+    world: World, acme: Provider, make_notebook: Any, tmp_path: Path
+) -> None:
+    beta = world.register(
+        "beta", "visits", *_small_dataset(tmp_path, "beta"), enclave_digests=(OTHER_IMAGE_DIGEST,)
+    )
+    run = run_job(world, make_notebook, [acme.granted(), beta.granted()], COUNT_ROWS)
+    _assert_refused_before_any_cell(run, CONDITION_REFUSED)
+    assert "beta/visits" in run.failure()["reason"]
+    assert [e.outcome.split(":")[0] for e in world.google.sts.exchanges[-2:]] == ["ok", "unauthorized_client"]
+
+
+def test_a_grant_pinning_another_kms_key_is_refused_before_sts(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    other = acme.kms_key.rsplit("/", 1)[0] + "/someone-elses-key"
+    world.google.kms.create_key(other)
+    exchanges = len(world.google.sts.exchanges)
+    run = run_job(world, make_notebook, [acme.granted(kms_key=other)], COUNT_ROWS)
+    _assert_refused_before_any_cell(run, "not wrapped by the Cloud KMS key the grant pins")
+    assert len(world.google.sts.exchanges) == exchanges
+    assert not [r for r in run.tee.requests if r["audience"] == contract.KEY_RELEASE_AUDIENCE]
+
+
+def test_a_launch_without_a_cloud_entry_in_the_grant_is_refused(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    plain = GrantedDataset(acme.name, acme.dataset, acme.version, "auto")
+    run = run_job(world, make_notebook, [plain], COUNT_ROWS)
+    _assert_refused_before_any_cell(run, "the grant names no Cloud KMS key")
+
+
+def test_the_scratch_tmpfs_is_only_in_the_supervisors_mount_namespace(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    run = run_job(world, make_notebook, [acme.granted()], ["print(1)"])
+    assert run.rc == 0, (run.objects.get(contract.FAILURE_FILE), run.stderr[-3000:])
+    # run_job removed the (empty) mount point: nothing was mounted on it in this namespace.
+    assert not any("dcr-scratch" in line for line in Path("/proc/self/mounts").read_text().splitlines())
+
+
+def test_grant_cloud_entries_are_validated_and_absent_when_unset() -> None:
+    from dcr_enclave.formats.errors import DCRError
+
+    plain = GrantedDataset("acme", "insurance", "sha256:" + "a" * 64, "auto")
+    assert "cloud" not in plain.to_json()
+    assert GrantedDataset.from_json(plain.to_json()) == plain
+    good = {
+        "store": "gs://bucket/prefix/",
+        "kms_key": "projects/acme-data/locations/europe-west4/keyRings/dcr/cryptoKeys/insurance",
+        "wip_provider": "projects/123/locations/global/workloadIdentityPools/acme-pool/providers/cs-prov",
+    }
+    cloudy = GrantedDataset.from_json({**plain.to_json(), "cloud": good})
+    assert cloudy.cloud is not None and cloudy.to_json()["cloud"] == good
+    for bad in (
+        {**good, "store": "s3://bucket/x"},
+        {**good, "store": "gs://bucket/../x"},
+        {**good, "kms_key": "projects/p/keyRings/r/cryptoKeys/k"},
+        {**good, "wip_provider": "projects/acme/locations/global/workloadIdentityPools/p/providers/q"},
+        {**good, "extra": "x"},
+        {k: v for k, v in good.items() if k != "store"},
+    ):
+        with pytest.raises(DCRError):
+            GrantedDataset.from_json({**plain.to_json(), "cloud": bad})
+
+
+def test_the_contracts_cloud_uris() -> None:
+    job = "job-" + "0" * 24
+    assert contract.cloud_bundle_uri("gs://jobs/hub/", job) == f"gs://jobs/hub/jobs/{job}/bundle"
+    assert contract.cloud_output_uri("gs://jobs/hub", job) == f"gs://jobs/hub/jobs/{job}/result/"
+    assert contract.cloud_progress_uri("gs://jobs/", job) == f"gs://jobs/jobs/{job}/progress/"
+    assert contract.progress_object_name(7) == "00000007.json"
+    assert len(sha256_bytes(b"x")) == 71  # a receipt nonce fits Google's 10..74 bytes
