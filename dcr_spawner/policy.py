@@ -31,7 +31,13 @@ from dcr_enclave.formats import contract
 from dcr_enclave.formats.dataset import DatasetVersion, Protection
 from dcr_enclave.formats.digests import DIGEST_RE
 from dcr_enclave.formats.errors import DCRError
-from dcr_enclave.formats.grant import RELEASE_MODES, DisclosureRules, OutputLimits
+from dcr_enclave.formats.grant import (
+    KMS_KEY_RE,
+    RELEASE_MODES,
+    WIP_PROVIDER_RE,
+    DisclosureRules,
+    OutputLimits,
+)
 from dcr_enclave.pack.store import Store
 
 _DATASET_KEYS: Final = frozenset(
@@ -51,14 +57,8 @@ _DATASET_KEYS: Final = frozenset(
 #: its data key is wrapped with, and the Workload Identity pool provider whose condition releases it.
 CLOUD_RES: Final = {
     "store": re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._~/-]*)?$"),
-    "kms_key": re.compile(
-        r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/locations/[a-z0-9-]{1,63}/keyRings/[A-Za-z0-9_-]{1,63}"
-        r"/cryptoKeys/[A-Za-z0-9_-]{1,63}$"
-    ),
-    "wip_provider": re.compile(
-        r"^projects/[0-9]{1,20}/locations/global/workloadIdentityPools/[a-z0-9-]{4,32}"
-        r"/providers/[a-z0-9-]{4,32}$"
-    ),
+    "kms_key": KMS_KEY_RE,
+    "wip_provider": WIP_PROVIDER_RE,
 }
 _ENTITLED_KEYS: Final = frozenset({"users", "groups"})
 _PROVIDER_KEYS: Final = frozenset({"name", "reviewers"})
@@ -310,6 +310,12 @@ def _cloud_entry(value: Any, ref: str) -> dict[str, str]:
         item = value[key]
         if not isinstance(item, str) or not pattern.match(item):
             raise PolicyError(f"{item!r} is not a valid {key}", trait=_trait(ref, "cloud", key), ref=ref)
+    from dcr_enclave.formats.grant import CloudDataset
+
+    try:  # the grant's own check too: the hub never grants what the enclave would refuse
+        CloudDataset.from_json({k: value[k] for k in CLOUD_RES})
+    except DCRError as e:
+        raise PolicyError(e.message, trait=trait, ref=ref) from None
     return {k: str(value[k]) for k in sorted(CLOUD_RES)}
 
 

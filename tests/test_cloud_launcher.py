@@ -5,7 +5,6 @@ Compute fake, the Cloud Storage emulator): one VM per grant, ends recorded, no V
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 from gcp_fakes.compute import ComputeFake, FakeVM
+from gcp_fakes.storage import StorageEmulator
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.errors import DCRError
@@ -88,6 +88,7 @@ def test_the_instance_body_is_exactly_this() -> None:
             "items": [
                 {"key": "tee-image-reference", "value": IMAGE},
                 {"key": "tee-restart-policy", "value": "Never"},
+                {"key": "tee-added-capabilities", "value": '["CAP_SYS_ADMIN"]'},
                 {"key": "tee-env-DCR_JOB_ID", "value": "v-DCR_JOB_ID"},
                 {"key": "tee-env-DCR_BUNDLE_DIGEST", "value": "v-DCR_BUNDLE_DIGEST"},
                 {"key": "tee-env-DCR_BUNDLE_URI", "value": "v-DCR_BUNDLE_URI"},
@@ -247,23 +248,14 @@ def test_quota_and_operation_errors(compute: ComputeFake) -> None:
 # -- the cloud jobs service -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def storage_endpoint() -> Iterator[str]:
-    from gcp_storage_emulator.server import create_server
-
-    port = _free_port()
-    server = create_server("127.0.0.1", port, in_memory=True)
-    server.start()
+    emulator = StorageEmulator().start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        emulator.create_bucket("dcr-jobs")
+        yield emulator.endpoint
     finally:
-        server.stop()
+        emulator.stop()
 
 
 def _gcs(endpoint: str) -> Any:
@@ -385,9 +377,6 @@ class Cloud:
 
 @pytest.fixture
 def cloud(tmp_path: Path, storage_endpoint: str) -> Iterator[Cloud]:
-    gcs = _gcs(storage_endpoint)
-    if gcs.lookup_bucket("dcr-jobs") is None:
-        gcs.create_bucket("dcr-jobs")
     standin = StandIn(storage_endpoint)
     db = HubDB(f"sqlite:///{tmp_path / 'hub.sqlite'}")
     db.setup()

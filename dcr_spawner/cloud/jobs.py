@@ -79,33 +79,23 @@ class JobPaths:
 
     @classmethod
     def of(cls, jobs_uri: str, job_id: str) -> JobPaths:
-        bucket, prefix = split_gs(jobs_uri)
-        return cls(bucket, f"{prefix}jobs/{contract.check_job_id(job_id)}/")
+        prefix = contract.parse_gs_uri(contract.cloud_job_prefix(jobs_uri, job_id))
+        return cls(prefix.bucket, prefix.name)
 
     @property
     def bundle(self) -> str:
-        return self.prefix + "bundle"
+        return self.prefix + contract.CLOUD_BUNDLE_OBJECT
 
     @property
     def result(self) -> str:
-        return self.prefix + "result/"
+        return self.prefix + contract.CLOUD_RESULT_PREFIX
 
     @property
     def progress(self) -> str:
-        return self.prefix + "progress/"
+        return self.prefix + contract.CLOUD_PROGRESS_PREFIX
 
     def uri(self, name: str) -> str:
         return f"gs://{self.bucket}/{name}"
-
-
-def split_gs(uri: str) -> tuple[str, str]:
-    """``gs://bucket/prefix/`` -> ``("bucket", "prefix/")`` (the prefix empty or ending in ``/``)."""
-    if not uri.startswith("gs://"):
-        raise DCRError(f"{uri!r} is not a gs:// URI")
-    bucket, _, prefix = uri[5:].partition("/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    return bucket, prefix
 
 
 def bundle_digest(data: bytes) -> str:

@@ -136,6 +136,9 @@ def make_instance(
     metadata = [
         {"key": "tee-image-reference", "value": s.image_reference},
         {"key": "tee-restart-policy", "value": "Never"},
+        # The supervisor's private tmpfs and the kernel sandbox's namespaces need CAP_SYS_ADMIN; the
+        # image's launch policy allows exactly this (contract.LAUNCH_POLICY_LABELS).
+        {"key": "tee-added-capabilities", "value": json.dumps(list(contract.CLOUD_ADDED_CAPABILITIES))},
         *({"key": f"tee-env-{n}", "value": env[n]} for n in contract.LAUNCH_ENV_NAMES),
     ]
     return {

@@ -52,6 +52,7 @@ TEE_KEYS = {
     "tee-mount",
     "tee-monitoring-memory-enable",
     "tee-impersonate-service-accounts",
+    "tee-added-capabilities",
 }
 _PATH = re.compile(
     r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/(instances|operations)(?:/([^/]+))?(?:/(wait))?$"
@@ -104,7 +105,9 @@ class ComputeFake:
         self,
         boot: Callable[[FakeVM], None] | None = None,
         *,
-        allow_env_override: tuple[str, ...] = contract.LAUNCH_ENV_NAMES,
+        allow_env_override: tuple[str, ...] = tuple(
+            contract.LAUNCH_POLICY_LABELS["tee.launch_policy.allow_env_override"].split(",")
+        ),
         enforce_max_run: bool = True,
     ) -> None:
         self.boot = boot
@@ -390,6 +393,18 @@ class ComputeFake:
 
     # -- validation, as the real API (and the image's launch policy) --------------------------------------
 
+    def _capabilities_allowed(self, value: Any) -> bool:
+        """``tee-added-capabilities`` is a JSON array of capability names; the image must allow them."""
+        if contract.LAUNCH_POLICY_LABELS.get("tee.launch_policy.allow_capabilities") != "true":
+            return False
+        try:
+            caps = json.loads(value)
+        except (TypeError, ValueError):
+            return False
+        return isinstance(caps, list) and all(
+            isinstance(c, str) and re.match(r"^CAP_[A-Z_]+$", c) for c in caps
+        )
+
     def _validate(self, zone: str, body: dict[str, Any]) -> None:
         name = body.get("name")
         if not name:
@@ -470,3 +485,5 @@ class ComputeFake:
                 )
             elif key == "tee-restart-policy" and value not in ("Never", "Always", "OnFailure"):
                 raise ApiError(400, f"launch policy: restart policy {value!r}")
+            elif key == "tee-added-capabilities" and not self._capabilities_allowed(value):
+                raise ApiError(400, f"launch policy: capabilities {value!r} are not allowed by the image")
