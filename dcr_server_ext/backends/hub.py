@@ -174,7 +174,7 @@ class HubBackend(Backend):
             await asyncio.sleep(self.poll_interval)
 
     async def cancel(self, job: Job) -> None:
-        code, body = await self._request("POST", job.id, "/cancel")
+        code, body = await self._request("POST", job.id, "/cancel", body=b"")
         if code != 404:
             self._check(code, body, "the cancel")
 
