@@ -46,6 +46,8 @@ SETTINGS = InstanceSettings(
 )
 JOB = "job-" + "0a" * 12
 ENV = {n: f"v-{n}" for n in contract.LAUNCH_ENV_NAMES}
+KMS = "projects/acme-data/locations/europe-west4/keyRings/dcr/cryptoKeys/visits"
+WIP = "projects/555000111222/locations/global/workloadIdentityPools/acme-pool/providers/cs-acme"
 LABELS = {"dcr-hub": "h1", "dcr-user": "alice-2bd806c97f0e", "dcr-job": JOB}
 
 
@@ -442,7 +444,7 @@ def test_the_same_grant_twice_and_a_hub_restart_launch_one_vm(cloud: Cloud) -> N
     cloud.standin.modes[job_id] = "hang"
     cloud.jobs().launch("alice", job_id, grant_id, token, bundle)
     cloud.jobs().launch("alice", job_id, grant_id, token, bundle)  # a second hub process, same grant
-    assert cloud.fake.inserts_created == 1 and len(cloud.fake.inserts()) == 2
+    assert cloud.fake.inserts_created == 1 and len(cloud.fake.inserts()) == 1
     assert len(cloud.fake.live()) == 1 and cloud.standin.booted == [job_id]
 
 
@@ -569,3 +571,124 @@ def test_the_reconciler_deletes_orphans_and_finishes_vanished_vms(cloud: Cloud) 
     assert sorted(i["name"] for i in cloud.fake.live()) == ["dcr-other"]
     assert jobs.ended([grant_id]) == {grant_id}
     assert jobs.status("alice", job_id)["failure"]["reason"] == "the enclave VM stopped without a result"
+
+
+def test_a_launch_sent_after_its_insert_completed_inserts_nothing(cloud: Cloud) -> None:
+    jobs = cloud.jobs()
+    job_id, grant_id, token, bundle = cloud.grant()
+    cloud.standin.modes[job_id] = "hang"
+    jobs.launch("alice", job_id, grant_id, token, bundle)
+    requests_before = len(cloud.fake.inserts())
+    doc = jobs.launch("alice", job_id, grant_id, token, bundle)
+    assert doc["instance"] == instance_name(job_id) and doc["state"] in ("launching", "running")
+    assert len(cloud.fake.inserts()) == requests_before
+
+
+# -- the platform's configuration and the policy's cloud entries -----------------------------------------
+
+
+def test_the_platform_gives_servers_the_hub_backend_and_refuses_unpinned_images() -> None:
+    from traitlets import TraitError
+
+    from dcr_spawner.cloud import ConfidentialSpacePlatform
+
+    p = ConfidentialSpacePlatform(image_reference=IMAGE, jobs_bucket="gs://dcr-jobs/hub1")
+    assert p.jobs_bucket == "gs://dcr-jobs/hub1/"
+    assert p.server_config()["DCRExtension"]["backend_class"] == "dcr_server_ext.backends.hub.HubBackend"
+    assert (
+        p.server_config()["DCRExtension"]["grant_source_class"]
+        == "dcr_server_ext.grant_sources.HubGrantSource"
+    )
+    for trait, value in (
+        ("image_reference", "europe-docker.pkg.dev/acme/enclave/dcr:latest"),
+        ("jobs_bucket", "s3://bucket/"),
+        ("compute_endpoint", "compute.googleapis.com"),
+        ("confidential_instance_type", "NONE"),
+        ("max_bundle_bytes", 0),
+    ):
+        with pytest.raises(TraitError):
+            ConfidentialSpacePlatform(**{trait: value})
+
+
+def test_the_platform_checks_its_settings_at_start() -> None:
+    from dcr_spawner.cloud import ConfidentialSpacePlatform
+
+    good = {
+        "project": "acme-dcr-enclaves",
+        "zone": "europe-west4-a",
+        "image_reference": IMAGE,
+        "service_account": SETTINGS.service_account,
+        "jobs_bucket": "gs://dcr-jobs/hub1/",
+        "enclave_digests": ["sha256:" + "4f" * 32],
+    }
+    ConfidentialSpacePlatform(**good).check_at_start()
+    for change, message in (
+        ({"project": ""}, "project: '' is not set"),
+        ({"service_account": "someone@gmail.com"}, "service_account"),
+        ({"confidential_instance_type": "TDX"}, "TDX needs a c3-"),
+        ({"machine_type": "c3-standard-4"}, "AMD machine type"),
+    ):
+        with pytest.raises(DCRError, match=message):
+            ConfidentialSpacePlatform(**{**good, **change}).check_at_start()
+
+
+@pytest.mark.parametrize(
+    ("cloud", "message"),
+    [
+        (
+            {"store": "gs://b/s/", "kms_key": "projects/acme-data/locations/eu/keyRings/r/cryptoKeys/k"},
+            "exactly the keys",
+        ),
+        ({"store": "/srv/store", "kms_key": KMS, "wip_provider": WIP}, "store"),
+        ({"store": "gs://dcr-data/s/", "kms_key": "projects/x/keys/k", "wip_provider": WIP}, "kms_key"),
+        (
+            {"store": "gs://dcr-data/s/", "kms_key": KMS, "wip_provider": "projects/acme/locations/global/x"},
+            "wip_provider",
+        ),
+    ],
+)
+def test_the_policy_refuses_malformed_cloud_entries(cloud: dict[str, str], message: str) -> None:
+    from dcr_spawner.policy import PolicyError, parse_dataset
+
+    entry = {"version": "sha256:" + "cd" * 32, "store": "/srv/store", "cloud": cloud}
+    with pytest.raises(PolicyError, match=message):
+        parse_dataset("acme/visits", entry)
+
+
+def test_the_grant_carries_the_policys_cloud_entry() -> None:
+    from dcr_spawner.grant_service import granted_dataset
+    from dcr_spawner.policy import parse_dataset
+
+    cloud = {"store": "gs://dcr-data/stores/acme/", "kms_key": KMS, "wip_provider": WIP}
+    spec = parse_dataset(
+        "acme/visits", {"version": "sha256:" + "cd" * 32, "store": "/srv/store", "cloud": cloud}
+    )
+    assert granted_dataset(spec).to_json()["cloud"] == cloud
+    local = parse_dataset("acme/visits", {"version": "sha256:" + "cd" * 32, "store": "/srv/store"})
+    assert "cloud" not in granted_dataset(local).to_json()
+
+
+def test_launch_records_on_postgresql(tmp_path: Path) -> None:
+    from hub_harness import PostgresServer
+
+    from dcr_spawner.cloud.records import Launch, Launches, setup
+
+    with PostgresServer() as pg:
+        db = HubDB(pg.create_database("dcr_cloud"))
+        db.setup()
+        setup(db)
+        setup(db)  # idempotent: an existing table is kept
+        launches = Launches(db)
+        launch = Launch(
+            "grant-" + "1" * 32, JOB, "alice", instance_name(JOB), "europe-west4-a", "launching", 100, 10
+        )
+        assert launches.claim(launch) == (launch, True)
+        again, new = launches.claim(launch)
+        assert not new and again.grant_id == launch.grant_id
+        launches.mark_running(launch.grant_id)
+        assert launches.end(launch.grant_id, "succeeded", "", 20) is True
+        assert launches.end(launch.grant_id, "failed", "late", 30) is False  # the first end stays
+        assert launches.by_job(JOB).end_state == "succeeded"
+        assert launches.ended_among([launch.grant_id, "grant-" + "2" * 32]) == {launch.grant_id}
+        assert launches.live() == []
+        db.dispose()

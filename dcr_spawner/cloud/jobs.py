@@ -221,7 +221,10 @@ class CloudJobs:
             raise CloudRefusal(409, f"grant {grant_id[:64]!r} is not the grant of job {job_id}")
         if existing is not None and existing.ended:
             return self._ended_status(existing)
-        # A launch sent again (a retry; the server or the hub restarted) repeats the same insert, once.
+        # A launch sent again (a retry; the server or the hub restarted) repeats the same insert while the
+        # record says "launching" (the insert's outcome unknown). Once the insert is known done it is never
+        # sent again: Compute remembers request ids for a limited time only, and a VM that has since ended
+        # and deleted itself must not come back.
         if len(body) > self.config.max_bundle_bytes:
             raise CloudRefusal(413, f"the bundle is larger than {self.config.max_bundle_bytes} bytes")
         try:
@@ -239,6 +242,8 @@ class CloudJobs:
             raise CloudRefusal(400, "the grant is not the one this hub issued for this job")
         if bundle_digest(body) != job.bundle_digest:
             raise CloudRefusal(400, "the bundle's digest is not the one the job was granted for")
+        if existing is not None and existing.state == "running":
+            return {**self.refresh(existing), "instance": existing.instance}
         now = int(self.clock())
         launch = Launch(
             grant_id=job.grant_id,
