@@ -115,7 +115,7 @@ def main() -> int:
             from google.oauth2.credentials import Credentials
 
             client = kms_v1.KeyManagementServiceClient(
-                credentials=Credentials(token="provider"),
+                credentials=Credentials(token="provider"),  # noqa: S106 - the KMS fake takes any token
                 transport="rest",
                 client_options=ClientOptions(api_endpoint=kms.endpoint),
             )
@@ -213,7 +213,8 @@ def main() -> int:
                     job_id, t0, t1 = submit("alice")
                     name = f"dcr-{job_id}"
                     with seen:
-                        assert seen.wait_for(lambda: name in inserts, timeout=30), f"no insert for {job_id}"
+                        got = seen.wait_for(lambda n=name: n in inserts, timeout=30)  # type: ignore[misc]
+                        assert got, f"no insert for {job_id}"
                     to_insert.append(inserts[name] - t0)
                     alice_post.append(t1 - t0)
                     _, b0, b1 = submit("bob")

@@ -321,8 +321,9 @@ class CloudJobs:
     def end_job(self, launch: Launch, state: str, reason: str) -> None:
         """Record the end once (audited), then delete the VM (already gone is fine)."""
         now = int(self.clock())
+        # The quota's own record of ends (dcr_hub_job_ends) is written by the grant service, from
+        # ended(), on its one worker thread: writing it here too would race that insert.
         if self.launches.end(launch.grant_id, state, reason, now):
-            self.db.record_ends([launch.grant_id], now)
             self.db.audit(
                 "cloud.end",
                 status=200,
