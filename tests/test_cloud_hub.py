@@ -363,6 +363,28 @@ def test_submit_runs_on_a_confidential_vm_and_leaves_none(cloud_hub: CloudHub) -
     assert done["enclave"]["image_digest"] == IMAGE_DIGEST
     assert cloud_hub.vms() == []
     assert cloud_hub.launches()[job["id"]] == ("ended", "succeeded")
+    # The result, opened in alice's server with her job key, verifies offline as hardware-attested.
+    result = cloud_hub.work / "hub" / "home" / "alice" / done["outputs_path"]
+    assert (result / contract.OUTPUTS_DIR / "results" / "summary.csv").read_text().startswith("rows\n")
+    verify = [
+        sys.executable,
+        "-m",
+        "dcr_enclave",
+        "verify",
+        str(result),
+        "--trust-root",
+        str(cloud_hub.work / "cs-root.pem"),
+    ]
+    ok = subprocess.run(
+        [*verify, "--enclave-digest", IMAGE_DIGEST, "--require-hardware"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and "FAIL" not in ok.stdout, ok.stdout + ok.stderr
+    other = subprocess.run(
+        [*verify, "--enclave-digest", sha256_bytes(b"other"), "--require-hardware"],
+        capture_output=True,
+        text=True,
+    )
+    assert other.returncode != 0 and "FAIL pinned enclave digest" in other.stdout
     # Launch and end are in the hub's (hash-chained) audit trail.
     with sqlite3.connect(cloud_hub.work / "hub" / "dcr-hub.sqlite") as db:
         events = [
