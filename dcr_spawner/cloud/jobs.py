@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -200,6 +201,9 @@ class CloudJobs:
         self.compute = compute or Compute(s.project, s.zone, config.compute_endpoint)
         self.storage = storage or Storage(config.storage_endpoint, s.project)
         self.log = log or logging.getLogger("dcr.cloud")
+        #: Progress objects already read (they are create-only): each status read fetches only new ones.
+        self._seen: dict[str, dict[str, Any] | None] = {}
+        self._seen_lock = threading.Lock()
 
     # -- who may ask -----------------------------------------------------------------------------------
 
@@ -323,6 +327,7 @@ class CloudJobs:
         now = int(self.clock())
         # The quota's own record of ends (dcr_hub_job_ends) is written by the grant service, from
         # ended(), on its one worker thread: writing it here too would race that insert.
+        self._forget_progress(launch.job_id)
         if self.launches.end(launch.grant_id, state, reason, now):
             self.db.audit(
                 "cloud.end",
@@ -406,14 +411,8 @@ class CloudJobs:
     def _progress(self, paths: JobPaths) -> dict[str, Any]:
         state, cell, cells, failure = "launching", None, None, None
         for name, size in self.storage.names(paths.bucket, paths.progress, MAX_PROGRESS_OBJECTS):
-            if size > contract.Progress.MAX_MESSAGE_BYTES:
-                continue
-            raw = self.storage.read(paths.bucket, name, contract.Progress.MAX_MESSAGE_BYTES)
-            try:
-                msg = json.loads(raw or b"")
-            except ValueError:
-                continue
-            if not isinstance(msg, dict):
+            msg = self._progress_message(paths.bucket, name, size)
+            if msg is None:
                 continue
             kind = msg.get("kind")
             if kind == contract.Progress.STATE and msg.get("state") in contract.JOB_STATES:
@@ -428,6 +427,28 @@ class CloudJobs:
             elif kind == contract.Progress.FAILED:
                 failure = _failure(msg)
         return {"state": state, "cell": cell, "cells": cells, "failure": failure}
+
+    def _progress_message(self, bucket: str, name: str, size: int) -> dict[str, Any] | None:
+        with self._seen_lock:
+            if name in self._seen:
+                return self._seen[name]
+        msg: Any = None
+        if size <= contract.Progress.MAX_MESSAGE_BYTES:
+            raw = self.storage.read(bucket, name, contract.Progress.MAX_MESSAGE_BYTES)
+            try:
+                msg = json.loads(raw or b"")
+            except ValueError:
+                msg = None
+        msg = msg if isinstance(msg, dict) else None
+        with self._seen_lock:
+            self._seen[name] = msg
+        return msg
+
+    def _forget_progress(self, job_id: str) -> None:
+        prefix = JobPaths.of(self.config.jobs_bucket, job_id).progress
+        with self._seen_lock:
+            for name in [n for n in self._seen if n.startswith(prefix)]:
+                del self._seen[name]
 
     def _completion(self, paths: JobPaths) -> tuple[str, dict[str, Any] | None] | None:
         """The job's end from its completion object, or ``None`` while there is none."""
