@@ -536,3 +536,29 @@ def test_the_concurrent_jobs_quota_frees_when_a_job_ends(cloud_hub: CloudHub, tm
         assert _launch(cloud_hub, "alice", job_id, grant_id, grant, bundle).status_code == 201
         assert cloud_hub.cloud_api("POST", f"{job_id}/cancel", "alice").json()["state"] == "cancelled"
     assert cloud_hub.vms() == [] or all(not n.startswith("dcr-job-") for n in cloud_hub.vms())
+
+
+def test_the_hubs_reconciler_deletes_a_vm_no_job_owns(cloud_hub: CloudHub) -> None:
+    """A VM labelled as this hub's with no launch record (left by a hub whose database was restored, or
+    created by hand) is deleted by the hub's periodic sweep; another hub's VM is left alone."""
+    from dcr_spawner.cloud.launcher import Compute, hub_label, request_id
+    from dcr_spawner.hubkey import load_or_create_hub_key
+
+    hub = hub_label(load_or_create_hub_key(cloud_hub.work / "hub" / "dcr-hub.key").thumbprint)
+    compute = Compute(PROJECT, ZONE, cloud_hub.compute.endpoint, timeout=10)
+    base = {
+        "machineType": f"zones/{ZONE}/machineTypes/n2d-standard-4",
+        "disks": [{"boot": True, "initializeParams": {"sourceImage": "projects/x/global/images/family/y"}}],
+        "networkInterfaces": [{}],
+    }
+    job = contract.new_job_id()
+    cloud_hub.vm.hang.add(job)
+    env_items = [{"key": f"tee-env-{contract.ENV.JOB_ID}", "value": job}]
+    for name, label in ((f"dcr-{job}", hub), ("dcr-other-hub", "hother")):
+        body = {**base, "name": name, "labels": {"dcr-hub": label}, "metadata": {"items": env_items}}
+        compute.insert(body, request_id(name, "insert"))
+    deadline = time.monotonic() + 20
+    while f"dcr-{job}" in cloud_hub.vms() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cloud_hub.vms() == ["dcr-other-hub"]
+    compute.delete("dcr-other-hub", wait=10)
