@@ -16,8 +16,10 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from google.oauth2.credentials import Credentials
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import sha256_bytes
+from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import CloudDataset, GrantedDataset
 from dcr_enclave.formats.jwk import jwks, thumbprint
 from dcr_enclave.formats.sealing import generate_keypair
@@ -120,9 +123,9 @@ class Provider:
     wip_provider: str
     store: str
 
-    def granted(self, **cloud: str) -> GrantedDataset:
+    def granted(self, release: str = "auto", **cloud: str) -> GrantedDataset:
         entry = {"store": self.store, "kms_key": self.kms_key, "wip_provider": self.wip_provider, **cloud}
-        return GrantedDataset(self.name, self.dataset, self.version, "auto", CloudDataset(**entry))
+        return GrantedDataset(self.name, self.dataset, self.version, release, CloudDataset(**entry))
 
 
 @dataclass
@@ -184,6 +187,7 @@ class Run:
     progress: list[dict[str, Any]]
     tee: TeeServerFake
     output_private: bytes
+    elapsed: float
 
     @property
     def states(self) -> list[str]:
@@ -205,6 +209,9 @@ def run_job(
     *,
     claims: dict[str, Any] | None = None,
     hub_key: Any = None,
+    airlock_public: bytes | None = None,
+    drop: tuple[str, ...] = (),
+    quantum: float = 1.0,
 ) -> Run:
     """Upload a bundle, sign a grant and run ``python -m dcr_enclave.cloud`` as the VM would."""
     g = world.google
@@ -228,6 +235,7 @@ def run_job(
         output_public_key=out_public,
         time_limit=300,
         memory_bytes=2 * 2**30,
+        airlock_public_key=airlock_public,
     )
     launch = {
         contract.ENV.JOB_ID: job_id,
@@ -241,6 +249,8 @@ def run_job(
         contract.ENV.PROGRESS_URI: contract.cloud_progress_uri(JOBS_URI, job_id),
     }
     assert tuple(launch) == contract.LAUNCH_ENV_NAMES
+    for name in drop:
+        del launch[name]
     vm = claims if claims is not None else vm_claims(image_digest=IMAGE_DIGEST, env={})
     vm["submods"]["container"]["env"] = dict(launch)  # the launcher attests the tee-env-* it passed
     sock = tmp / "launcher" / "teeserver.sock"
@@ -257,9 +267,11 @@ def run_job(
         contract.CLOUD_SCRATCH: str(scratch),
         contract.CLOUD_SCRATCH_BYTES: str(2**30),
         contract.CLOUD_SANDBOX_IDS: f"{uid}:{gid}",
+        contract.CLOUD_TIME_QUANTUM: str(quantum),
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": "C.UTF-8",
     }
+    started = time.monotonic()
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "dcr_enclave.cloud"],
@@ -270,6 +282,7 @@ def run_job(
             timeout=RUN_TIMEOUT,
         )
     finally:
+        elapsed = time.monotonic() - started
         tee.stop()
         # The tmpfs lived in the enclave's own mount namespace: here the mount point is empty.
         scratch.rmdir()
@@ -282,7 +295,7 @@ def run_job(
     names = sorted(b.name for b in g.storage.client().list_blobs("dcr-jobs", prefix=progress_prefix))
     assert names == [progress_prefix + contract.progress_object_name(i) for i in range(len(names))]
     progress = [json.loads(jobs.blob(n).download_as_bytes()) for n in names]
-    return Run(job_id, proc.returncode, proc.stderr, objects, progress, tee, out_private)
+    return Run(job_id, proc.returncode, proc.stderr, objects, progress, tee, out_private, elapsed)
 
 
 @pytest.fixture
@@ -360,15 +373,27 @@ def test_a_job_runs_and_its_receipt_verifies_as_hardware(
     root = tmp_path / "google-root.pem"
     root.write_bytes(world.google.issuer.root_pem)
     code, out, err = run_cli(
-        "verify", d, "--trust-root", root, "--enclave-digest", IMAGE_DIGEST, "--require-hardware"
+        "verify",
+        d,
+        "--trust-root",
+        root,
+        "--enclave-digest",
+        IMAGE_DIGEST,
+        "--hub-key",
+        world.hub_thumbprint,
+        "--require-hardware",
     )
     assert code == 0, out + err
-    assert "FAIL" not in out
+    assert "FAIL" not in out and "PASS hardware" in out and "PASS pinned hub key" in out
     # Pinned to another image, the same receipt fails.
     code, out, _ = run_cli(
         "verify", d, "--trust-root", root, "--enclave-digest", OTHER_IMAGE_DIGEST, "--require-hardware"
     )
     assert code != 0 and "FAIL pinned enclave digest" in out
+
+
+def _seconds(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def _assert_refused_before_any_cell(run: Run, reason: str) -> None:
@@ -426,10 +451,10 @@ def test_two_providers_each_release_under_their_own_pool(
     ]
     run = run_job(world, make_notebook, [acme.granted(), beta.granted()], cells)
     assert run.rc == 0, (run.objects.get(contract.FAILURE_FILE), run.stderr[-3000:])
-    principals = {p: pool_principal_set(p.wip_provider) for p in (acme, beta)}
-    assert principals[acme] != principals[beta]
-    for p in (acme, beta):
-        assert (p.kms_key, principals[p]) in world.google.kms.decrypts
+    principals = [pool_principal_set(p.wip_provider) for p in (acme, beta)]
+    assert principals[0] != principals[1]
+    for p, principal in zip((acme, beta), principals, strict=True):
+        assert (p.kms_key, principal) in world.google.kms.decrypts
     receipt = json.loads(run.objects[contract.RECEIPT_FILE])
     assert sorted(receipt["policies"]["conditions"]) == ["acme/insurance", "beta/visits"]
     d = _receipt_dir(run, tmp_path)
@@ -460,6 +485,103 @@ def test_a_grant_pinning_another_kms_key_is_refused_before_sts(
     assert not [r for r in run.tee.requests if r["audience"] == contract.KEY_RELEASE_AUDIENCE]
 
 
+def test_under_review_the_outputs_are_sealed_to_the_airlock_and_no_cell_is_reported(
+    world: World, acme: Provider, make_notebook: Any, tmp_path: Path
+) -> None:
+    airlock_private, airlock_public = generate_keypair()
+    quantum = 12.0  # longer than the job itself takes here
+    run = run_job(
+        world,
+        make_notebook,
+        [acme.granted("review")],
+        COUNT_ROWS,
+        airlock_public=airlock_public,
+        quantum=quantum,
+    )
+    assert run.rc == 0, (run.objects.get(contract.FAILURE_FILE), run.stderr[-3000:])
+    # Its end (the objects' appearance, the process's exit) waited for the quantum, and the receipt's end
+    # time is rounded to it.
+    assert run.elapsed >= quantum
+    times = json.loads(run.objects[contract.RECEIPT_FILE])
+    span = _seconds(times["finished_at"]) - _seconds(times["started_at"])
+    assert span in (quantum, quantum + 1)  # whole seconds, each truncated
+    assert set(run.objects) == {
+        contract.RECEIPT_FILE,
+        contract.TOKEN_FILE,
+        contract.SIGNER_JWKS_FILE,
+        contract.SEALED_OUTPUTS_FILE,
+        contract.SEALED_REVEAL_FILE,
+    }
+    receipt = json.loads(run.objects[contract.RECEIPT_FILE])
+    assert receipt["release"]["decision"] == "held" and receipt["outputs"] == []
+    # The researcher learns the states only: no cell, no "checking" (their times would time the notebook).
+    assert run.states == ["launching", "running"] and run.cells == []
+    sealed = tmp_path / "held.sealed"
+    sealed.write_bytes(run.objects[contract.SEALED_OUTPUTS_FILE])
+    with pytest.raises(DCRError):  # not to the job's own key
+        open_dir(sealed, tmp_path / "mine", run.output_private, run.job_id)
+    open_dir(sealed, tmp_path / "airlock", airlock_private, run.job_id)
+    assert (tmp_path / "airlock" / "results" / "summary.csv").is_file()
+
+
+def test_a_failing_cell_reports_its_index_and_type_and_seals_the_detail(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    _, airlock_public = generate_keypair()
+    cells = ["x = 1", "raise ValueError('row 17 of the real data says ' + str(x))"]
+    run = run_job(world, make_notebook, [acme.granted()], cells, airlock_public=airlock_public)
+    assert run.rc == 1
+    assert set(run.objects) == {contract.FAILURE_FILE, contract.SEALED_FAILURE_FILE}
+    failure = run.failure()
+    assert (failure["cell"], failure["ename"]) == (1, "ValueError")
+    assert b"row 17" not in run.objects[contract.FAILURE_FILE]
+    assert run.states == ["launching", "running"] and run.cells == [0, 1]
+    assert run.progress[-1] == {"kind": "failed", **failure}
+
+
+def test_without_the_kms_binding_the_key_is_refused_with_a_clear_reason(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    world.google.kms.revoke_decrypt(acme.kms_key)
+    run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS)
+    _assert_refused_before_any_cell(run, "Cloud KMS denied decrypt")
+    assert world.google.sts.exchanges[-1].outcome == "ok"
+
+
+def test_a_data_key_that_fails_its_crc32c_is_refused(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    world.google.kms.corrupt_plaintext_crc = True
+    try:
+        run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS)
+    finally:
+        world.google.kms.corrupt_plaintext_crc = False
+    _assert_refused_before_any_cell(run, "the data key from Cloud KMS failed its CRC32C check")
+
+
+def test_a_truncated_file_in_the_bucket_is_refused_before_any_cell(
+    world: World, acme: Provider, make_notebook: Any
+) -> None:
+    """Storage is untrusted: the copy onto the tmpfs is checked against the manifest (whose file list the
+    released key authenticates) before anything is decrypted."""
+    store = contract.parse_gs_uri(acme.store)
+    bucket = world.google.storage.client().bucket(store.bucket)
+    prefix = f"{store.name}acme/insurance/{acme.version.removeprefix('sha256:')}/real/"
+    (blob,) = list(bucket.list_blobs(prefix=prefix))
+    data = blob.download_as_bytes()
+    bucket.blob(blob.name).upload_from_string(data[: len(data) // 2])
+    run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS)
+    _assert_refused_before_any_cell(run, "dataset acme/insurance")
+    assert "real.csv" in run.failure()["reason"]
+
+
+def test_a_launch_missing_a_variable_writes_nothing(world: World, acme: Provider, make_notebook: Any) -> None:
+    run = run_job(world, make_notebook, [acme.granted()], COUNT_ROWS, drop=(contract.ENV.GRANT,))
+    assert run.rc == 1
+    assert f"launch environment lacks {contract.ENV.GRANT}" in run.stderr
+    assert run.objects == {} and run.progress == []
+
+
 def test_a_launch_without_a_cloud_entry_in_the_grant_is_refused(
     world: World, acme: Provider, make_notebook: Any
 ) -> None:
@@ -478,8 +600,6 @@ def test_the_scratch_tmpfs_is_only_in_the_supervisors_mount_namespace(
 
 
 def test_grant_cloud_entries_are_validated_and_absent_when_unset() -> None:
-    from dcr_enclave.formats.errors import DCRError
-
     plain = GrantedDataset("acme", "insurance", "sha256:" + "a" * 64, "auto")
     assert "cloud" not in plain.to_json()
     assert GrantedDataset.from_json(plain.to_json()) == plain
@@ -509,3 +629,71 @@ def test_the_contracts_cloud_uris() -> None:
     assert contract.cloud_progress_uri("gs://jobs/", job) == f"gs://jobs/jobs/{job}/progress/"
     assert contract.progress_object_name(7) == "00000007.json"
     assert len(sha256_bytes(b"x")) == 71  # a receipt nonce fits Google's 10..74 bytes
+
+
+def test_tokens_keep_to_googles_nonce_limits(google: Google, tmp_path: Path) -> None:
+    from dcr_enclave.cloud.gcs import Bucketed
+    from dcr_enclave.cloud.link import CloudLink
+
+    sock = tmp_path / "t.sock"
+    tee = TeeServerFake(sock, google.issuer, vm_claims(image_digest=IMAGE_DIGEST, env={})).start()
+    try:
+        link = CloudLink(
+            {contract.CLOUD_TEESERVER_SOCKET: str(sock)},
+            Bucketed(google.storage.client()),
+            contract.parse_gs_uri("gs://dcr-jobs/unused/"),
+        )
+        receipt_nonce = sha256_bytes(b"a manifest")
+        token = link.token(contract.RECEIPT_AUDIENCE, [receipt_nonce])
+        assert tee.requests == [
+            {"audience": contract.RECEIPT_AUDIENCE, "nonces": [receipt_nonce], "token_type": "PKI"}
+        ]
+        assert token.count(".") == 2
+        for bad in (["short"], ["x" * 75], [link.challenge()] * 7, []):
+            with pytest.raises(DCRError, match="nonce"):
+                link.token(contract.KEY_RELEASE_AUDIENCE, bad)
+        assert len(tee.requests) == 1  # refused before the launcher was asked
+        info = link.info()
+        assert info["kind"] == "confidential_space" and info["image_digest"] == IMAGE_DIGEST
+        assert len(info["jwks"]["keys"]) == 1  # the x5c leaf's public key
+    finally:
+        tee.stop()
+
+
+def test_sts_verifies_the_subject_token_and_evaluates_the_condition(google: Google) -> None:
+    """The STS fake through google-auth's own token exchange: PKI and OIDC tokens of the pool's issuer pass
+    the condition; a token from another issuer, another audience or a failing claim does not."""
+    from google.auth import exceptions as auth_exceptions
+    from google.auth import identity_pool
+    from google.auth.transport.requests import Request
+
+    wip = f"projects/555000111222/locations/global/workloadIdentityPools/sts-{secrets.token_hex(3)}/providers/cs-one"
+    google.sts.add_provider(
+        wip, "assertion.swname == 'CONFIDENTIAL_SPACE' && assertion.secboot", google.issuer
+    )
+    claims = vm_claims(image_digest=IMAGE_DIGEST, env={})
+    nonce = ["n" * 32]
+
+    def exchange(token: str) -> str:
+        creds = identity_pool.Credentials(
+            audience="//iam.googleapis.com/" + wip,
+            subject_token_type="urn:ietf:params:oauth:token-type:jwt",
+            token_url=f"{google.sts.endpoint}/v1/token",
+            subject_token_supplier=type("S", (), {"get_subject_token": lambda self, c, r: token})(),
+            scopes=["https://www.googleapis.com/auth/cloud-platform"],
+        )
+        try:
+            creds.refresh(Request())
+        except (auth_exceptions.OAuthError, auth_exceptions.RefreshError) as e:
+            return str(e)
+        assert google.sts.principal_of(creds.token) == pool_principal_set(wip)
+        return "ok"
+
+    key_release = contract.KEY_RELEASE_AUDIENCE
+    assert exchange(google.issuer.issue(claims, key_release, nonce, "PKI")) == "ok"
+    assert exchange(google.issuer.issue(claims, key_release, nonce, "OIDC")) == "ok"
+    forged = FakeAttestationIssuer("Someone else").issue(claims, key_release, nonce, "PKI")
+    assert "invalid_grant" in exchange(forged)
+    assert "invalid_grant" in exchange(google.issuer.issue(claims, contract.RECEIPT_AUDIENCE, nonce, "PKI"))
+    insecure = {**claims, "secboot": False}
+    assert "attribute condition" in exchange(google.issuer.issue(insecure, key_release, nonce, "PKI"))

@@ -1,7 +1,8 @@
 """The enclave package's layers: who may import whom, and what the local measurement covers.
 
-``formats`` is shared by every side; ``runtime`` is what the enclave image runs; ``verify`` is the offline
-verifier; ``platform`` (the local TEE simulation), ``pack`` (producers) and ``commands`` stay outside the
+``formats`` is shared by every side; ``runtime`` is what the enclave image runs; ``cloud`` is the image's
+Confidential Space entry point around it (the only layer of the TCB that may import Google's client
+libraries); ``verify`` is the offline verifier; ``platform`` (the local TEE simulation), ``pack`` (producers) and ``commands`` stay outside the
 image. The rules are checked twice: statically over every module's imports, and by importing the entry
 points in a fresh interpreter and listing what was loaded.
 """
@@ -22,11 +23,12 @@ from dcr_enclave.platform import measure
 from dcr_enclave.platform.measure import MEASURED_PARTS, combine, environment_manifest, measure_tree
 
 PACKAGE = Path(dcr_enclave.__file__).parent
-LAYERS = ("formats", "runtime", "verify", "platform", "pack", "commands")
+LAYERS = ("formats", "runtime", "cloud", "verify", "platform", "pack", "commands")
 #: The layers each layer may import (besides itself and the package's ``__init__``).
 ALLOWED = {
     "formats": set(),
     "runtime": {"formats"},
+    "cloud": {"formats", "runtime"},
     "verify": {"formats"},
     "platform": {"formats", "verify", "pack"},
     "pack": {"formats", "verify", "platform"},
@@ -62,6 +64,36 @@ def test_each_layer_imports_only_what_it_may(layer: str) -> None:
             if target is not None and target != layer and target not in ALLOWED[layer]:
                 bad.append(f"{path.relative_to(PACKAGE)} imports {module}")
     assert not bad, "\n".join(bad)
+
+
+#: The layers whose modules may import Google's client libraries (the ``gcp`` extra).
+GOOGLE_ALLOWED = {"cloud"}
+
+
+def _google_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        found.update(n for n in names if n == "google" or n.startswith(("google.", "google_")))
+    return found
+
+
+@pytest.mark.parametrize("layer", [layer for layer in LAYERS if layer not in GOOGLE_ALLOWED])
+def test_only_the_cloud_layer_imports_google_libraries(layer: str) -> None:
+    bad = [
+        f"{path.relative_to(PACKAGE)} imports {module}"
+        for path in sorted((PACKAGE / layer).rglob("*.py"))
+        for module in _google_imports(path)
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_cloud_entry_point_loads_no_local_platform_or_producer_code() -> None:
+    loaded = _loaded_by("import dcr_enclave.cloud.run, dcr_enclave.cloud.link, dcr_enclave.cloud.__main__")
+    assert "dcr_enclave.cloud.run" in loaded
+    assert [m for m in loaded if _layer(m) not in (None, "formats", "runtime", "cloud")] == []
 
 
 def test_no_module_is_left_outside_the_layers() -> None:

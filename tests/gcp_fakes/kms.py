@@ -41,18 +41,23 @@ def _int64(v: Any) -> int | None:
 
 
 class KmsFake:
-    def __init__(self, sts: StsFake) -> None:
+    """Serves from construction (``start`` is a no-op kept for symmetry); ``sts`` says which principal set a
+    federated access token stands for (set it before the first decrypt when not given here)."""
+
+    def __init__(self, sts: StsFake | None = None) -> None:
         self.sts = sts
         self._keys: dict[str, _Key] = {}
         self.decrypts: list[tuple[str, str]] = []
+        #: Test knob: answer decrypts with a plaintext CRC32C that does not match (a corrupted response).
+        self.corrupt_plaintext_crc = False
         self._http = LoopbackServer(self._handle)
+        self._http.start()
 
     @property
     def endpoint(self) -> str:
         return self._http.endpoint
 
     def start(self) -> KmsFake:
-        self._http.start()
         return self
 
     def stop(self) -> None:
@@ -63,6 +68,10 @@ class KmsFake:
 
     def allow_decrypt(self, name: str, principal_set: str) -> None:
         self._keys[name].decrypters.add(principal_set)
+
+    def revoke_decrypt(self, name: str) -> None:
+        """Remove every decrypt binding of the key."""
+        self._keys[name].decrypters.clear()
 
     def _handle(self, method: str, path: str, headers: Any, body: bytes) -> Reply:
         m = _PATH_RE.match(path.split("?")[0])
@@ -81,7 +90,7 @@ class KmsFake:
             return _status(400, "INVALID_ARGUMENT", "Invalid JSON payload.")
         if op == "encrypt":
             return self._encrypt(name, key, req)
-        principal = self.sts.principal_of(auth.removeprefix("Bearer "))
+        principal = self.sts.principal_of(auth.removeprefix("Bearer ")) if self.sts else None
         if principal is None or principal not in key.decrypters:
             self.decrypts.append((name, "denied"))
             return _status(
@@ -131,7 +140,9 @@ class KmsFake:
             200,
             {
                 "plaintext": base64.b64encode(plaintext).decode(),
-                "plaintextCrc32c": str(google_crc32c.value(plaintext)),
+                "plaintextCrc32c": str(
+                    google_crc32c.value(plaintext) ^ (1 if self.corrupt_plaintext_crc else 0)
+                ),
                 "usedPrimary": True,
             },
         )

@@ -25,6 +25,9 @@ class StorageEmulator:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> StorageEmulator:
+        """Start the emulator (once) and wait until it listens; ``client`` and ``create_bucket`` start it too."""
+        if self._proc is not None:
+            return self
         self._proc = subprocess.Popen(
             [
                 sys.executable,
@@ -44,9 +47,9 @@ class StorageEmulator:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"the storage emulator exited: {self._proc.stderr.read().decode()[-2000:] if self._proc.stderr else ''}"
-                )
+                err = self._proc.stderr.read().decode()[-2000:] if self._proc.stderr else ""
+                self.stop()
+                raise RuntimeError(f"the storage emulator exited: {err}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return self
@@ -68,9 +71,14 @@ class StorageEmulator:
             self._proc = None
 
     def client(self) -> Any:
+        self.start()
         return storage.Client(
             project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": self.endpoint}
         )
 
     def create_bucket(self, name: str) -> Any:
         return self.client().create_bucket(name)
+
+
+#: The name the shared spec's readers may look for.
+StorageFake = StorageEmulator

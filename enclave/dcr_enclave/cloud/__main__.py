@@ -18,7 +18,11 @@ def main() -> int:
     if sys.argv[1:] != [IN_NAMESPACE]:
         argv = ["unshare", "--mount", "--propagation", "private", "--"]
         argv += [sys.executable, "-m", "dcr_enclave.cloud", IN_NAMESPACE]
-        os.execvp(argv[0], argv)  # noqa: S606 (a fixed argument list, no shell)
+        try:
+            os.execvp(argv[0], argv)  # noqa: S606 (a fixed argument list, no shell)
+        except OSError as e:
+            print(f"dcr enclave: cannot enter a private mount namespace: {e.strerror}", file=sys.stderr)
+            return 1
     from dcr_enclave.cloud.run import main as run_main
 
     return run_main()

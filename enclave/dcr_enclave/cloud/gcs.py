@@ -20,7 +20,7 @@ from dcr_enclave.formats.errors import DCRError
 
 def storage_client(env: Mapping[str, str]) -> Any:
     """A storage client: the VM's service account by default; anonymous against a test endpoint."""
-    from google.cloud import storage
+    from google.cloud import storage  # type: ignore[attr-defined]
 
     endpoint = env.get(contract.CLOUD_STORAGE_ENDPOINT)
     if endpoint:
@@ -28,7 +28,7 @@ def storage_client(env: Mapping[str, str]) -> Any:
 
         return storage.Client(
             project="dcr-enclave",
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            credentials=AnonymousCredentials(),
             client_options={"api_endpoint": endpoint},
         )
     return storage.Client()

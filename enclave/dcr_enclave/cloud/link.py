@@ -232,7 +232,7 @@ class CloudLink:
                 },
                 timeout=TIMEOUT,
             )
-        except aexc.RefreshError as e:
+        except (aexc.RefreshError, aexc.OAuthError) as e:
             if _CONDITION_REFUSED in str(e):
                 raise DCRError(
                     f"dataset {d.key}: key release refused: the provider's attestation condition refused "
@@ -244,7 +244,7 @@ class CloudLink:
                 f"dataset {d.key}: key release refused: STS did not exchange the attestation token "
                 f"({_sts_error(e)})"
             ) from None
-        except gexc.PermissionDenied:
+        except (gexc.PermissionDenied, gexc.Forbidden):
             raise DCRError(
                 f"dataset {d.key}: key release refused: Cloud KMS denied decrypt on {key_name} to this "
                 "provider's Workload Identity pool"

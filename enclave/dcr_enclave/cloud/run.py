@@ -12,7 +12,10 @@ Order, each step refusing before the next (the supervisor's own steps are in
    manifest, refused unless its key is the Cloud KMS key the grant pins, then its encrypted files, all onto
    the tmpfs; then the supervisor's key release (:class:`~dcr_enclave.cloud.link.CloudLink`), checks and
    decryption as locally; the ciphertext copies are dropped once decrypted;
-4. the results (sealed outputs, sealed details, the receipt) are written under OUTPUT_URI create-only,
+4. under review, nothing more is written before the next multiple of the time quantum since the start:
+   the hub sees when objects appear and when the VM stops, and how long the notebook ran is its code's to
+   choose (the local enclave host holds back the end the same way);
+5. the results (sealed outputs, sealed details, the receipt) are written under OUTPUT_URI create-only,
    ``receipt.json`` last; a failed job writes its sealed detail (if any) and ``failure.json`` last. The
    completion object's presence means the job is over; exit status 0 or 1.
 """
@@ -21,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,15 +47,7 @@ from dcr_enclave.runtime.supervisor import JobFailed, Launch, Supervisor, mount_
 
 #: The bundle object may be this much bigger than its files (tar headers, its manifest).
 BUNDLE_OVERHEAD_BYTES = 16 * 2**20
-#: Result files the enclave writes: what a success or a failure may upload, and in which order.
-SUCCESS_FILES = (
-    contract.SEALED_OUTPUTS_FILE,
-    contract.SEALED_REVEAL_FILE,
-    contract.SEALED_CHECK_FILE,
-    contract.SIGNER_JWKS_FILE,
-    contract.TOKEN_FILE,
-    contract.RECEIPT_FILE,  # last: its presence means the job is complete
-)
+#: What a failed job may upload besides ``failure.json``: nothing the run produced but the sealed detail.
 FAILURE_FILES = (contract.SEALED_FAILURE_FILE,)
 
 
@@ -86,17 +83,35 @@ class CloudSupervisor(Supervisor):
     """The supervisor, with its inputs staged from Cloud Storage onto its private tmpfs."""
 
     def __init__(
-        self, cloud: CloudLaunch, link: CloudLink, storage: Bucketed, scratch: Path, ids: tuple[int, int]
+        self,
+        cloud: CloudLaunch,
+        link: CloudLink,
+        storage: Bucketed,
+        scratch: Path,
+        ids: tuple[int, int],
+        time_quantum: float = contract.DEFAULT_TIME_QUANTUM,
     ) -> None:
-        super().__init__(cloud.launch, link, scratch, ids)
+        super().__init__(cloud.launch, link, scratch, ids, time_quantum)
         self.cloud = cloud
         self.cloud_link = link
         self.storage = storage
+        self.grant: Grant | None = None
 
     def verify_grant(self) -> Grant:
         g = super().verify_grant()
         self.cloud_link.bind(g)
+        self.grant = g
         return g
+
+    def hold_until_quantum(self) -> None:
+        """Under review, sleep until the next multiple of the time quantum since the start (see module doc).
+        Before the grant verified nothing of the notebook's has run, and there is nothing to hide."""
+        if self.grant is None or self.grant.release_mode != "review":
+            return
+        q = self.time_quantum
+        due = self.started_at + math.ceil(max(time.time() - self.started_at, 1e-9) / q) * q
+        while (left := due - time.time()) > 0:
+            time.sleep(left)
 
     def unpack(self) -> BundleManifest:
         self.storage.download(
@@ -169,6 +184,8 @@ def sandbox_ids(env: Mapping[str, str]) -> tuple[int, int]:
 def scratch_bytes(env: Mapping[str, str]) -> int:
     """The tmpfs's size limit: as set, else half the machine's memory (a limit, not an allocation)."""
     if value := env.get(contract.CLOUD_SCRATCH_BYTES):
+        if not value.isdigit() or int(value) < 2**20:
+            raise DCRError(f"{contract.CLOUD_SCRATCH_BYTES} must be a number of bytes (at least 1 MiB)")
         return int(value)
     try:
         with open("/proc/meminfo") as f:
@@ -180,12 +197,16 @@ def scratch_bytes(env: Mapping[str, str]) -> int:
     return 2 * 2**30
 
 
-def upload_results(storage: Bucketed, result: Path, output: GsUri, names: tuple[str, ...]) -> None:
-    """Upload the files among ``names`` that the run wrote, in that order (create-only)."""
-    for name in names:
-        path = result / name
-        if path.is_file() and not path.is_symlink():
-            storage.create(output.child(name), path)
+def upload_results(
+    storage: Bucketed, result: Path, output: GsUri, names: tuple[str, ...] | None = None
+) -> None:
+    """Upload what the supervisor wrote (only ``names``, when given), ``receipt.json`` last; create-only."""
+    if not result.is_dir():  # the job failed before the tmpfs was there
+        return
+    present = sorted(p.name for p in result.iterdir() if p.is_file() and not p.is_symlink())
+    chosen = [n for n in present if names is None or n in names]
+    for name in sorted(chosen, key=lambda n: n == contract.RECEIPT_FILE):
+        storage.create(output.child(name), result / name)
 
 
 def write_failure(storage: Bucketed, result: Path, output: GsUri, report: dict[str, Any]) -> None:
@@ -207,12 +228,20 @@ def run(env: Mapping[str, str]) -> int:
         return 1
     link = CloudLink(env, storage, cloud.progress)
     report: dict[str, Any]
+    sup: CloudSupervisor | None = None
     try:
+        try:
+            quantum = float(env.get(contract.CLOUD_TIME_QUANTUM) or contract.DEFAULT_TIME_QUANTUM)
+        except ValueError:
+            quantum = math.nan
+        if not 0 < quantum < math.inf:
+            raise DCRError(f"{contract.CLOUD_TIME_QUANTUM} must be a positive number of seconds")
         mount_scratch(scratch, scratch_bytes(env))
         cloud.launch.output.mkdir(mode=0o700)  # the supervisor seals and writes its results here
-        sup = CloudSupervisor(cloud, link, storage, scratch, sandbox_ids(env))
+        sup = CloudSupervisor(cloud, link, storage, scratch, sandbox_ids(env), quantum)
         sup.run()
-        upload_results(storage, scratch / "result", cloud.output, SUCCESS_FILES)
+        sup.hold_until_quantum()
+        upload_results(storage, scratch / "result", cloud.output)
         return 0
     except JobFailed as e:
         report = e.report
@@ -220,6 +249,8 @@ def run(env: Mapping[str, str]) -> int:
         report = {"reason": str(e), "cell": None, "ename": None}
     except Exception as e:  # a bug: say which kind, never the message (it could carry data)
         report = {"reason": f"supervisor error ({type(e).__name__})", "cell": None, "ename": None}
+    if sup is not None:
+        sup.hold_until_quantum()
     with contextlib.suppress(DCRError, OSError):  # the failure object below is what counts
         link.progress({"kind": contract.Progress.FAILED, **report})
     try:

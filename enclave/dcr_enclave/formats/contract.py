@@ -251,6 +251,8 @@ CLOUD_KERNEL_UID: Final = 10001
 CLOUD_KERNEL_GID: Final = 10001
 #: Size in bytes of the scratch tmpfs (the image may set it; a test sets a small one).
 CLOUD_SCRATCH_BYTES: Final = "DCR_CLOUD_SCRATCH_BYTES"
+#: Seconds to which the end of a job under review is rounded up (default :data:`DEFAULT_TIME_QUANTUM`).
+CLOUD_TIME_QUANTUM: Final = "DCR_CLOUD_TIME_QUANTUM"
 #: The image's launch-policy labels, derived from this contract (checked against enclave/Dockerfile).
 LAUNCH_POLICY_LABELS: Final = {
     "tee.launch_policy.allow_env_override": ",".join(LAUNCH_ENV_NAMES),
