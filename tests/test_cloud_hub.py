@@ -21,6 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -100,11 +101,16 @@ class EnclaveVM:
         self.google, self.tmp = google, tmp
         self.hang: set[str] = set()
         self.runs: list[tuple[str, int, str]] = []
+        #: What the next boots do instead of the usual (taken in order): ``"hang"``, or claims to change.
+        self.next: list[str | dict[str, Any]] = []
+        self._lock = threading.Lock()
 
     def __call__(self, vm: FakeVM) -> None:
         launch = vm.env
         job_id = launch[contract.ENV.JOB_ID]
-        if job_id in self.hang:
+        with self._lock:
+            special = self.next.pop(0) if self.next and job_id not in self.hang else None
+        if job_id in self.hang or special == "hang":
             vm.stopping.wait(600)
             return
         work = Path(tempfile.mkdtemp(prefix="vm-", dir=self.tmp))
@@ -119,6 +125,9 @@ class EnclaveVM:
             image_reference=vm.metadata["tee-image-reference"],
         )
         claims["submods"]["container"]["env"] = dict(launch)
+        if isinstance(special, dict):
+            claims = {**claims, **special.get("top", {})}
+            claims["submods"]["container"].update(special.get("container", {}))
         sock = work / "launcher" / "teeserver.sock"
         tee = TeeServerFake(sock, self.google.issuer, claims).start()
         uid, gid = SandboxIds(self.tmp / "sandbox-ids").allocate()
@@ -419,8 +428,8 @@ def test_cancel_while_running_deletes_the_vm(cloud_hub: CloudHub) -> None:
 
 
 def test_a_vm_that_never_stops_is_deleted_at_its_deadline(cloud_hub: CloudHub) -> None:
+    cloud_hub.vm.next.append("hang")
     job_id = cloud_hub.submit(COUNT_ROWS, "stuck")["id"]
-    cloud_hub.vm.hang.add(job_id)  # before the insert reaches the fake: the submission returns first
     cloud_hub.wait(job_id, lambda j: (j["state"] == "launching" and bool(cloud_hub.vms())) or terminal(j))
     # The deadline is the grant's time limit plus the margin; bring it to now rather than wait for it.
     with sqlite3.connect(cloud_hub.work / "hub" / "dcr-hub.sqlite") as db:
@@ -562,3 +571,22 @@ def test_the_hubs_reconciler_deletes_a_vm_no_job_owns(cloud_hub: CloudHub) -> No
         time.sleep(0.2)
     assert cloud_hub.vms() == ["dcr-other-hub"]
     compute.delete("dcr-other-hub", wait=10)
+
+
+@pytest.mark.parametrize(
+    ("claims", "why"),
+    [
+        ({"container": {"image_digest": sha256_bytes(b"an image no provider approved")}}, "another image"),
+        ({"top": {"dbgstat": "enabled"}}, "a debug image"),
+    ],
+)
+def test_a_vm_the_providers_condition_refuses_fails_before_any_cell(
+    cloud_hub: CloudHub, claims: dict[str, Any], why: str
+) -> None:
+    """STS refuses the token under the provider's condition: no key, the job fails before any cell, and
+    the VM (powered off by the enclave) is deleted."""
+    cloud_hub.vm.next.append(claims)
+    job = cloud_hub.wait(cloud_hub.submit(COUNT_ROWS, "refused")["id"], terminal)
+    assert job["state"] == "failed", (why, job)
+    assert job["failure"]["cell"] is None and "key" in job["failure"]["reason"], job
+    assert cloud_hub.vms() == []
