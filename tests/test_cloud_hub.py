@@ -478,6 +478,13 @@ def test_one_vm_per_grant_and_only_for_its_owner(cloud_hub: CloudHub, tmp_path: 
     # Another user's token can neither launch, read, cancel nor fetch alice's job: 404, nothing created.
     before = cloud_hub.compute.inserts_created
     assert _launch(cloud_hub, "bob", job_id, grant_id, grant, bundle).status_code == 404
+    # Malformed launches: clear 400s, nothing recorded.
+    r = cloud_hub.cloud_api("POST", f"{job_id}?grant={grant_id}", "alice", data=bundle)
+    assert r.status_code == 400 and "X-DCR-Grant" in r.json()["error"]
+    r = _launch(cloud_hub, "alice", job_id, "grant-nope", grant, bundle)
+    assert r.status_code == 400 and "grant" in r.json()["error"]
+    assert r.headers["Content-Type"].startswith("application/json")
+    assert job_id not in cloud_hub.launches()
     assert cloud_hub.compute.inserts_created == before
     for r in (
         _launch(cloud_hub, "alice", job_id, grant_id, grant, bundle),

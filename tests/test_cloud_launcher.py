@@ -692,3 +692,41 @@ def test_launch_records_on_postgresql(tmp_path: Path) -> None:
         assert launches.ended_among([launch.grant_id, "grant-" + "2" * 32]) == {launch.grant_id}
         assert launches.live() == []
         db.dispose()
+
+
+# -- the researcher's server side: the hub's result as HubBackend unpacks it --------------------------------
+
+
+def _tar(members: list[tuple[str, bytes | None, bytes]]) -> bytes:
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tf:
+        for name, link, data in members:
+            info = tarfile.TarInfo(name)
+            if link is not None:
+                info.type, info.linkname = tarfile.SYMTYPE, link.decode()
+            else:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if link is None else None)
+    return out.getvalue()
+
+
+def test_hub_backend_unpacks_flat_regular_files_only(tmp_path: Path) -> None:
+    from dcr_server_ext.backends.hub import _extract
+
+    names = _extract(_tar([("receipt.json", None, b"{}"), ("outputs.sealed", None, b"x")]), tmp_path / "ok")
+    assert names == ["outputs.sealed", "receipt.json"]
+    assert (tmp_path / "ok" / "outputs.sealed").read_bytes() == b"x"
+    for i, members in enumerate(
+        [
+            [("../escape", None, b"x")],
+            [("sub/receipt.json", None, b"x")],
+            [("receipt.json", b"/etc/passwd", b"")],
+            [("receipt.json", None, b"1"), ("receipt.json", None, b"2")],
+        ]
+    ):
+        with pytest.raises(DCRError):
+            _extract(_tar(members), tmp_path / f"bad{i}")
+    assert not (tmp_path / "escape").exists()

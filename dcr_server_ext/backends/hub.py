@@ -248,6 +248,8 @@ def _extract(data: bytes, dest: Path) -> list[str]:
                 names.append(name)
     except tarfile.TarError as e:
         raise DCRError(f"the hub's result is not a tar archive: {e}") from None
+    except FileExistsError:
+        raise DCRError("the hub's result names a file twice") from None
     return sorted(names)
 
 
