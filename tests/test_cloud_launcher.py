@@ -730,3 +730,18 @@ def test_hub_backend_unpacks_flat_regular_files_only(tmp_path: Path) -> None:
         with pytest.raises(DCRError):
             _extract(_tar(members), tmp_path / f"bad{i}")
     assert not (tmp_path / "escape").exists()
+
+
+def test_a_compute_outage_leaves_the_launch_to_be_retried(cloud: Cloud) -> None:
+    """A 503 from Compute is not a refusal: the hub answers 503, the record stays "launching", and the
+    retried launch (same request id) starts the one VM."""
+    jobs = cloud.jobs()
+    job_id, grant_id, token, bundle = cloud.grant()
+    cloud.standin.modes[job_id] = "hang"
+    cloud.fake.refuse_next_insert(503, "backendError", "Internal error. Please try again.")
+    with pytest.raises(CloudRefusal) as e:
+        jobs.launch("alice", job_id, grant_id, token, bundle)
+    assert e.value.status == 503
+    assert jobs.launches.by_job(job_id).state == "launching"
+    assert jobs.launch("alice", job_id, grant_id, token, bundle)["state"] == "launching"
+    assert [i["name"] for i in cloud.fake.live()] == [instance_name(job_id)]

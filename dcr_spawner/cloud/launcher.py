@@ -229,6 +229,10 @@ class Compute:
                 timeout=self.timeout,
             )
         except gexc.GoogleAPICallError as e:
+            if e.code is not None and int(e.code) >= 500:
+                # Compute's own failure: the insert may or may not have happened; the caller retries it
+                # with the same request id (and the reconciler ends a launch whose VM never appears).
+                raise DCRError(f"Compute failed (HTTP {e.code}): {_reason(e)}") from None
             raise InsertRefused(f"Compute refused the instance (HTTP {e.code}): {_reason(e)}") from None
         self._wait(op.name, wait)
 
