@@ -303,7 +303,7 @@ class GrantService:
                 Store(spec.store).grantable(spec.provider, spec.dataset, spec.version)
             except DCRError as e:
                 raise Refusal(403, f"{ref}: {e.message}") from None
-            out.append(GrantedDataset(spec.provider, spec.dataset, spec.version, spec.release))
+            out.append(granted_dataset(spec))
         return out
 
     def _note_ended_jobs(self, user: str, now: int) -> None:
@@ -490,6 +490,20 @@ class GrantService:
         provider = self.policy.provider(spec.provider)
         reviewer = provider is not None and provider.may_review(user, groups)
         return reviewer or ref in self.policy.entitled_refs(user, groups)
+
+
+def granted_dataset(spec: Any) -> GrantedDataset:
+    """The grant's entry for a policy dataset, with its ``cloud`` entry (KMS key, pool provider, store) when
+    the policy gives one: the enclave uses exactly these, never what storage says."""
+    doc: dict[str, Any] = {
+        "provider": spec.provider,
+        "dataset": spec.dataset,
+        "version": spec.version,
+        "release": spec.release,
+    }
+    if spec.cloud is not None:
+        doc["cloud"] = dict(spec.cloud)
+    return GrantedDataset.from_json(doc)
 
 
 def _with_trait(trait: str, fn: Callable[[], Any]) -> Any:

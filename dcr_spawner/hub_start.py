@@ -36,7 +36,7 @@ from typing import Any, Final
 from jinja2 import ChoiceLoader, FileSystemLoader
 from jupyterhub import orm
 from jupyterhub.apihandlers.base import API404
-from tornado.ioloop import PeriodicCallback
+from tornado.ioloop import IOLoop, PeriodicCallback
 from traitlets import TraitError
 from traitlets.config import Config
 
@@ -45,6 +45,7 @@ from dcr_enclave.formats.errors import DCRError
 from . import airlock_views, audit_views
 from .airlock import Airlock
 from .audit import ingest_platform_events
+from .cloud import views as cloud_views
 from .grant_service import SETTINGS_KEY, GrantService, GrantsHandler
 from .grant_service import routes as grant_routes
 from .platform import make_server_args
@@ -120,7 +121,7 @@ class PolicySpawnerMixin:
 
 def routes() -> list[tuple[str, type, dict[str, Any]]]:
     """Every DCR route in the hub, relative to its prefix: the grant service's and the airlock's."""
-    return [*grant_routes(), *airlock_views.routes(), *audit_views.routes()]
+    return [*grant_routes(), *airlock_views.routes(), *audit_views.routes(), *cloud_views.routes()]
 
 
 def grant_handlers() -> list[tuple[str, type, dict[str, Any]]]:
@@ -188,6 +189,8 @@ def _on_hub_handlers(change: Any) -> None:
         platform.check_at_start()
         airlock = Airlock.start(policy, service, platform)
         platform.check_datasets(policy, service.hub_key.thumbprint)
+        attach = getattr(platform, "attach", None)
+        cloud_jobs = attach(service) if callable(attach) else None
         check = getattr(app.spawner_class, "dcr_check_at_start", None)
         if callable(check):
             check(app, policy)  # the spawner's own config, checked now rather than at the first spawn
@@ -209,11 +212,31 @@ def _on_hub_handlers(change: Any) -> None:
     add_templates(app.tornado_settings)
     app.tornado_settings["dcr_policy"] = policy
     set_active_policy(policy)
+    if cloud_jobs is not None:
+        _start_cloud(app, platform, cloud_jobs)
     interval = float(getattr(platform, "audit_interval", 0) or 0)
     if interval > 0:
         ingest = PeriodicCallback(lambda: _ingest(app, service), interval * 1000)
         ingest.start()
         app.tornado_settings["dcr_audit_ingest"] = ingest
+
+
+def _start_cloud(app: Any, platform: Any, jobs: Any) -> None:
+    """Serve the cloud API and start the reconciler: once now (VMs a previous hub process left), then
+    every ``reconcile_interval`` seconds."""
+    from .cloud.reconciler import run_logged
+
+    app.tornado_settings[cloud_views.SETTINGS_KEY] = jobs
+    interval = float(getattr(platform, "reconcile_interval", 0) or 0)
+    if interval <= 0:
+        app.log.warning("DCR: the cloud reconciler is off (reconcile_interval = 0): VMs are not swept")
+        return
+
+    async def sweep() -> None:
+        await asyncio.to_thread(run_logged, jobs, app.log)
+
+    PeriodicCallback(sweep, interval * 1000).start()
+    IOLoop.current().add_callback(sweep)
 
 
 async def _ingest(app: Any, service: GrantService) -> None:

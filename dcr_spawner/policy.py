@@ -31,12 +31,35 @@ from dcr_enclave.formats import contract
 from dcr_enclave.formats.dataset import DatasetVersion, Protection
 from dcr_enclave.formats.digests import DIGEST_RE
 from dcr_enclave.formats.errors import DCRError
-from dcr_enclave.formats.grant import RELEASE_MODES, DisclosureRules, OutputLimits
+from dcr_enclave.formats.grant import (
+    KMS_KEY_RE,
+    RELEASE_MODES,
+    WIP_PROVIDER_RE,
+    DisclosureRules,
+    OutputLimits,
+)
 from dcr_enclave.pack.store import Store
 
 _DATASET_KEYS: Final = frozenset(
-    {"version", "store", "release", "entitled", "synthetic", "description", "fidelity_report", "disclosure"}
+    {
+        "version",
+        "store",
+        "release",
+        "entitled",
+        "synthetic",
+        "description",
+        "fidelity_report",
+        "disclosure",
+        "cloud",
+    }
 )
+#: The ``cloud`` entry of a dataset (Confidential Space): where its encrypted version is, the Cloud KMS key
+#: its data key is wrapped with, and the Workload Identity pool provider whose condition releases it.
+CLOUD_RES: Final = {
+    "store": re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._~/-]*)?$"),
+    "kms_key": KMS_KEY_RE,
+    "wip_provider": WIP_PROVIDER_RE,
+}
 _ENTITLED_KEYS: Final = frozenset({"users", "groups"})
 _PROVIDER_KEYS: Final = frozenset({"name", "reviewers"})
 DEFAULT_QUOTAS: Final = {
@@ -127,6 +150,8 @@ class DatasetSpec:
     fidelity_report: Path | None = None
     #: The dataset's own disclosure-check thresholds (over ``c.DCRPolicy.disclosure_checks``), if any.
     disclosure: Mapping[str, Any] | None = None
+    #: ``{"store", "kms_key", "wip_provider"}`` for Confidential Space (copied into each grant), if given.
+    cloud: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +275,9 @@ def parse_dataset(ref: Any, spec: Any) -> DatasetSpec:
     if disclosure is not None:
         _disclosure_rules(disclosure, _trait(ref, "disclosure"), ref)
         disclosure = dict(disclosure)
+    cloud = spec.get("cloud")
+    if cloud is not None:
+        cloud = _cloud_entry(cloud, ref)
     return DatasetSpec(
         ref=ref,
         provider=provider,
@@ -262,7 +290,33 @@ def parse_dataset(ref: Any, spec: Any) -> DatasetSpec:
         synthetic=synthetic,
         fidelity_report=Path(report) if report is not None else None,
         disclosure=disclosure,
+        cloud=cloud,
     )
+
+
+def _cloud_entry(value: Any, ref: str) -> dict[str, str]:
+    """Check a dataset's ``cloud`` entry: exactly ``store``, ``kms_key``, ``wip_provider``, each well-formed."""
+    trait = _trait(ref, "cloud")
+    if not isinstance(value, Mapping) or set(value) != set(CLOUD_RES):
+        raise PolicyError(
+            f"must be a dict with exactly the keys {sorted(CLOUD_RES)}",
+            trait=trait,
+            ref=ref,
+            hint='e.g. {"store": "gs://acme-dcr/store/", "kms_key": "projects/acme/locations/europe-west4/'
+            'keyRings/dcr/cryptoKeys/insurance", "wip_provider": "projects/123456789/locations/global/'
+            'workloadIdentityPools/dcr/providers/acme"}',
+        )
+    for key, pattern in CLOUD_RES.items():
+        item = value[key]
+        if not isinstance(item, str) or not pattern.match(item):
+            raise PolicyError(f"{item!r} is not a valid {key}", trait=_trait(ref, "cloud", key), ref=ref)
+    from dcr_enclave.formats.grant import CloudDataset
+
+    try:  # the grant's own check too: the hub never grants what the enclave would refuse
+        CloudDataset.from_json({k: value[k] for k in CLOUD_RES})
+    except DCRError as e:
+        raise PolicyError(e.message, trait=trait, ref=ref) from None
+    return {k: str(value[k]) for k in sorted(CLOUD_RES)}
 
 
 def _disclosure_rules(value: Any, trait: str, ref: str | None = None) -> DisclosureRules:
@@ -410,7 +464,12 @@ class DCRPolicy(LoggingConfigurable):
         of the version's synthetic file (``<file>.fidelity-researchers.html``, or its ``.json``, written by
         ``dcr provider add --report DIR --report-epsilon E``); the hub serves it to entitled users at
         ``/hub/api/dcr/datasets/<provider>/<dataset>/fidelity-report`` and the JupyterLab datasets view
-        links to it.
+        links to it. ``"cloud"`` (optional; required by the Confidential Space platform) is
+        ``{"store": "gs://...", "kms_key": "projects/.../cryptoKeys/...", "wip_provider":
+        "projects/<number>/locations/global/workloadIdentityPools/<pool>/providers/<provider>"}``: where the
+        encrypted version is in Cloud Storage, the Cloud KMS key its data key is wrapped with, and the
+        Workload Identity pool provider whose attribute condition (the provider's policy) releases it.
+        Every grant copies it, so the enclave refuses any other key or pool whatever storage says.
 
         Example::
 

@@ -523,6 +523,7 @@ def test_enable_adds_the_routes_once_and_keeps_others() -> None:
         "/dcr/provider",
         f"/dcr/receipts/{job}",
         *[h[0] for h in audit_routes()],
+        "/api/dcr/cloud/jobs/([^/]+)(?:/(cancel|result))?",
     ]
 
 

@@ -1,0 +1,599 @@
+"""Confidential Space through a real JupyterHub: the hub launches each job on a Confidential VM.
+
+A real hub (real proxy) runs ``ConfidentialSpacePlatform`` against loopback Google: the Compute fake
+(``gcp_fakes.compute``), the pinned Cloud Storage emulator, the STS and KMS fakes and the attestation
+issuer. A "VM" the Compute fake boots runs the real ``python -m dcr_enclave.cloud`` with its ``tee-env-*``
+metadata as environment and a teeserver fake whose tokens carry the instance's claims; the provider's
+dataset key is wrapped by the KMS fake and released under the compiled Workload Identity condition.
+Alice's real server (the DCR extension with ``HubBackend``) submits with her hub token only: it holds no
+Google credential.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import pytest
+import requests
+from gcp_fakes.compute import ComputeFake, FakeVM
+from gcp_fakes.issuer import FakeAttestationIssuer, vm_claims
+from gcp_fakes.kms import KmsFake
+from gcp_fakes.storage import StorageEmulator
+from gcp_fakes.sts import StsFake
+from gcp_fakes.teeserver import TeeServerFake
+from google.api_core.client_options import ClientOptions
+from google.cloud import kms_v1
+from google.oauth2.credentials import Credentials
+from hub_harness import INSURANCE_REAL, INSURANCE_SYNTHETIC, Hub, policy_config
+
+from dcr_enclave.formats import contract
+from dcr_enclave.formats.digests import sha256_bytes
+from dcr_enclave.pack.bundle_builder import build_bundle
+from dcr_enclave.pack.store import Store
+from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
+from dcr_enclave.platform.condition_cel import compile_wip_condition
+from dcr_enclave.platform.sandbox_ids import SandboxIds
+from dcr_spawner.hubkey import load_or_create_hub_key
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+IMAGE_DIGEST = sha256_bytes(b"the released enclave image")
+IMAGE = "europe-docker.pkg.dev/dcr-enclaves/enclave/dcr-enclave@" + IMAGE_DIGEST
+PROJECT = "dcr-enclaves"
+ZONE = "europe-west4-a"
+WORKLOAD_SA = f"dcr-workload@{PROJECT}.iam.gserviceaccount.com"
+KMS_KEY = (
+    f"projects/acme-data/locations/europe-west4/keyRings/dcr/cryptoKeys/insurance-{secrets.token_hex(3)}"
+)
+WIP = "projects/555000111222/locations/global/workloadIdentityPools/acme-pool/providers/cs-acme"
+COUNT_ROWS = [
+    "import csv, os\n"
+    "rows = list(csv.DictReader(open('/data/acme/insurance/real.csv')))\n"
+    "os.makedirs('results', exist_ok=True)\n"
+    "open('results/summary.csv', 'w').write(f'rows\\n{len(rows)}\\n')",
+    "print('done')",
+]
+
+
+class KmsWrapping:
+    """The provider's registration: the data key wrapped by Cloud KMS through the real client."""
+
+    def __init__(self, client: Any, key_name: str) -> None:
+        self.client, self.key_name = client, key_name
+
+    def wrap(self, provider: str, dataset: str, version: str, data_key: bytes) -> dict[str, str]:
+        resp = self.client.encrypt(
+            request={
+                "name": self.key_name,
+                "plaintext": data_key,
+                "plaintext_crc32c": google_crc32c.value(data_key),
+            }
+        )
+        return {
+            "kind": "gcp-kms",
+            "name": self.key_name,
+            "wrapped_data_key": base64.b64encode(resp.ciphertext).decode(),
+        }
+
+
+class EnclaveVM:
+    """What the Compute fake boots: the real enclave entry point, as the Confidential Space launcher runs
+    it (the ``tee-env-*`` metadata as its environment, a teeserver socket whose tokens carry this
+    instance's claims). Jobs named in ``hang`` never stop by themselves (a VM stuck after boot)."""
+
+    def __init__(self, google: Google, tmp: Path) -> None:
+        self.google, self.tmp = google, tmp
+        self.hang: set[str] = set()
+        self.runs: list[tuple[str, int, str]] = []
+        #: What the next boots do instead of the usual (taken in order): ``"hang"``, or claims to change.
+        self.next: list[str | dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, vm: FakeVM) -> None:
+        launch = vm.env
+        job_id = launch[contract.ENV.JOB_ID]
+        with self._lock:
+            special = self.next.pop(0) if self.next and job_id not in self.hang else None
+        if job_id in self.hang or special == "hang":
+            vm.stopping.wait(600)
+            return
+        work = Path(tempfile.mkdtemp(prefix="vm-", dir=self.tmp))
+        claims = vm_claims(
+            image_digest=IMAGE_DIGEST,
+            env=dict(launch),
+            project_id=PROJECT,
+            zone=ZONE,
+            instance_name=vm.instance["name"],
+            instance_id=vm.instance["id"],
+            service_accounts=[vm.instance["serviceAccounts"][0]["email"]],
+            image_reference=vm.metadata["tee-image-reference"],
+        )
+        claims["submods"]["container"]["env"] = dict(launch)
+        if isinstance(special, dict):
+            claims = {**claims, **special.get("top", {})}
+            claims["submods"]["container"].update(special.get("container", {}))
+        sock = work / "launcher" / "teeserver.sock"
+        tee = TeeServerFake(sock, self.google.issuer, claims).start()
+        uid, gid = SandboxIds(self.tmp / "sandbox-ids").allocate()
+        scratch = Path(tempfile.mkdtemp(prefix="dcr-cs-", dir="/tmp"))
+        env = {
+            **launch,
+            contract.CLOUD_TEESERVER_SOCKET: str(sock),
+            contract.CLOUD_STS_ENDPOINT: self.google.sts.endpoint,
+            contract.CLOUD_KMS_ENDPOINT: self.google.kms.endpoint,
+            contract.CLOUD_STORAGE_ENDPOINT: self.google.storage.endpoint,
+            contract.CLOUD_SCRATCH: str(scratch),
+            contract.CLOUD_SCRATCH_BYTES: str(2**30),
+            contract.CLOUD_SANDBOX_IDS: f"{uid}:{gid}",
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dcr_enclave.cloud"],
+            env=env,
+            cwd=work,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            while proc.poll() is None:
+                if vm.stopping.wait(0.2):  # deleted: the VM's power is cut
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            self.runs.append((job_id, proc.returncode, err[-3000:]))
+        finally:
+            tee.stop()
+            with contextlib.suppress(OSError):
+                scratch.rmdir()
+
+
+@dataclass
+class Google:
+    issuer: FakeAttestationIssuer
+    storage: StorageEmulator
+    sts: StsFake
+    kms: KmsFake
+
+
+@dataclass
+class CloudHub:
+    hub: Hub
+    google: Google
+    compute: ComputeFake
+    vm: EnclaveVM
+    work: Path
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def token(self, user: str) -> str:
+        if user not in self.tokens:
+            self.tokens[user] = self.hub.new_token(user)
+        return self.tokens[user]
+
+    def submit(self, cells: list[str], name: str) -> dict[str, Any]:
+        token = self.token("alice")
+        self.hub.put_notebook("alice", f"{name}.ipynb", cells, token=token)
+        r = self.hub.server_api(
+            "alice",
+            "POST",
+            "dcr/api/jobs",
+            token=token,
+            json_body={"path": f"{name}.ipynb", "datasets": ["acme/insurance"]},
+        )
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        r = self.hub.server_api("alice", "GET", f"dcr/api/jobs/{job_id}", token=self.token("alice"))
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def wait(
+        self, job_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 240
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if until(job):
+                return job
+            time.sleep(0.3)
+        raise AssertionError(
+            f"job {job_id} stuck at {job}; VM runs: {self.vm.runs[-2:]}\n{self.hub._tail(40)}"
+        )
+
+    def vms(self) -> list[str]:
+        return sorted(i["name"] for i in self.compute.live())
+
+    def cloud_api(self, method: str, path: str, user: str, **kw: Any) -> requests.Response:
+        return self.hub.api(method, f"/dcr/cloud/jobs/{path}", token=self.token(user), **kw)
+
+    def launches(self) -> dict[str, tuple[str, str]]:
+        with sqlite3.connect(self.work / "hub" / "dcr-hub.sqlite") as db:
+            return {
+                j: (s, e)
+                for j, s, e in db.execute("SELECT job_id, state, end_state FROM dcr_hub_cloud_launches")
+            }
+
+
+def terminal(job: dict[str, Any]) -> bool:
+    return job["state"] in contract.TERMINAL_STATES
+
+
+@pytest.fixture(scope="module")
+def cloud_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudHub]:
+    work = tmp_path_factory.mktemp("cloud-hub")
+    work.chmod(0o755)
+    storage = StorageEmulator().start()
+    sts = StsFake().start()
+    kms = KmsFake(sts).start()
+    google = Google(FakeAttestationIssuer(), storage, sts, kms)
+    vm = EnclaveVM(google, work)
+    compute = ComputeFake(vm).start()
+    try:
+        storage.create_bucket("dcr-datasets")
+        storage.create_bucket("dcr-jobs")
+        (work / "hub").mkdir()
+        hub_key = load_or_create_hub_key(work / "hub" / "dcr-hub.key")
+        # The provider registers the version with its data key wrapped by Cloud KMS, uploads it, and
+        # deploys its condition (this hub's key, the released image, Confidential Space) on its pool.
+        kms.create_key(KMS_KEY)
+        kms_client = kms_v1.KeyManagementServiceClient(
+            credentials=Credentials(token="provider-admin"),
+            transport="rest",
+            client_options=ClientOptions(api_endpoint=kms.endpoint),
+        )
+        local = Store(work / "store")
+        added = local.add(
+            "acme",
+            "insurance",
+            [(INSURANCE_REAL, INSURANCE_SYNTHETIC)],
+            keys=KmsWrapping(kms_client, KMS_KEY),
+        )  # type: ignore[arg-type]
+        bucket = storage.client().bucket("dcr-datasets")
+        for f in added.path.rglob("*"):
+            if f.is_file():
+                bucket.blob("stores/acme/" + f.relative_to(local.root).as_posix()).upload_from_filename(
+                    str(f)
+                )
+        cond = KeyReleaseCondition(
+            provider="acme",
+            dataset="insurance",
+            versions=(added.manifest.version,),
+            platform=PlatformCondition.defaults(
+                "confidential_space", project_id=PROJECT, service_accounts=[WORKLOAD_SA]
+            ),
+            enclave_digests=(IMAGE_DIGEST,),
+            hub_key_thumbprints=(hub_key.thumbprint,),
+        )
+        kms.allow_decrypt(KMS_KEY, sts.add_provider(WIP, compile_wip_condition(cond), google.issuer))
+
+        root_pem = work / "cs-root.pem"
+        root_pem.write_bytes(google.issuer.root_pem)
+        root_pem.chmod(0o644)
+        server_config = work / "server-config"
+        server_config.mkdir()
+        (server_config / "jupyter_server_config.json").write_text(
+            json.dumps(
+                {
+                    "ServerApp": {"jpserver_extensions": {"dcr_server_ext": True}},
+                    "DCRExtension": {
+                        "grant_source_class": "dcr_server_ext.grant_sources.HubGrantSource",
+                        "backend_class": "dcr_server_ext.backends.hub.HubBackend",
+                        "trust_roots": [str(root_pem)],
+                        "enclave_digests": [IMAGE_DIGEST],
+                    },
+                    "HubBackend": {"poll_interval": 0.3},
+                }
+            )
+        )
+        datasets = {
+            "acme/insurance": {
+                "version": added.manifest.version,
+                "store": str(local.root),
+                "release": "auto",
+                "entitled": {"users": ["alice"]},
+                "cloud": {"store": "gs://dcr-datasets/stores/acme/", "kms_key": KMS_KEY, "wip_provider": WIP},
+            }
+        }
+        config = policy_config(
+            datasets,
+            time_limit=300,
+            hub_key_file=str(work / "hub" / "dcr-hub.key"),
+            platform_class="dcr_spawner.cloud.ConfidentialSpacePlatform",
+            quotas={
+                "concurrent_jobs_per_user": 2,
+                "jobs_per_day_per_user": 500,
+                "jobs_per_day_per_dataset": 5000,
+                "grant_requests_per_minute": 500,
+            },
+        ) + "\n".join(
+            [
+                f"c.ConfidentialSpacePlatform.{k} = {v!r}"
+                for k, v in {
+                    "project": PROJECT,
+                    "zone": ZONE,
+                    "image_reference": IMAGE,
+                    "service_account": WORKLOAD_SA,
+                    "jobs_bucket": "gs://dcr-jobs/hub-1/",
+                    "compute_endpoint": compute.endpoint,
+                    "storage_endpoint": storage.endpoint,
+                    "reconcile_interval": 1.0,
+                    "max_run_seconds_margin": 60,
+                    "enclave_digests": [IMAGE_DIGEST],
+                    "trust_roots": [str(root_pem)],
+                }.items()
+            ]
+            + [f"c.Spawner.environment = {{'JUPYTER_CONFIG_DIR': {str(server_config)!r}}}"]
+        )
+        hub = Hub(work / "hub", config=config)
+        with hub:
+            hub.spawn("alice")
+            hub.create_user("bob")
+            yield CloudHub(hub, google, compute, vm, work)
+    finally:
+        compute.stop()
+        kms.stop()
+        sts.stop()
+        storage.stop()
+
+
+def test_the_researchers_server_holds_no_google_credential(cloud_hub: CloudHub) -> None:
+    env = cloud_hub.hub.server_env("alice")
+    assert not [k for k in env if k.startswith(("GOOGLE_", "CLOUDSDK_", "GCE_"))]
+    home = Path(env.get("HOME", "/nonexistent"))
+    assert not (home / ".config" / "gcloud").exists()
+    assert "application_default_credentials" not in json.dumps(env)
+
+
+def test_submit_runs_on_a_confidential_vm_and_leaves_none(cloud_hub: CloudHub) -> None:
+    job = cloud_hub.submit(COUNT_ROWS, "count")
+    done = cloud_hub.wait(job["id"], terminal)
+    assert done["state"] == "succeeded", (done, cloud_hub.vm.runs[-1:])
+    assert done["enclave"]["kind"] == "confidential_space" and done["enclave"]["simulated"] is False
+    assert done["enclave"]["image_digest"] == IMAGE_DIGEST
+    assert cloud_hub.vms() == []
+    assert cloud_hub.launches()[job["id"]] == ("ended", "succeeded")
+    # The result, opened in alice's server with her job key, verifies offline as hardware-attested.
+    result = cloud_hub.work / "hub" / "home" / "alice" / done["outputs_path"]
+    assert (result / contract.OUTPUTS_DIR / "results" / "summary.csv").read_text().startswith("rows\n")
+    verify = [
+        sys.executable,
+        "-m",
+        "dcr_enclave",
+        "verify",
+        str(result),
+        "--trust-root",
+        str(cloud_hub.work / "cs-root.pem"),
+    ]
+    ok = subprocess.run(
+        [*verify, "--enclave-digest", IMAGE_DIGEST, "--require-hardware"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and "FAIL" not in ok.stdout, ok.stdout + ok.stderr
+    other = subprocess.run(
+        [*verify, "--enclave-digest", sha256_bytes(b"other"), "--require-hardware"],
+        capture_output=True,
+        text=True,
+    )
+    assert other.returncode != 0 and "FAIL pinned enclave digest" in other.stdout
+    # Launch and end are in the hub's (hash-chained) audit trail.
+    with sqlite3.connect(cloud_hub.work / "hub" / "dcr-hub.sqlite") as db:
+        events = [
+            e
+            for (e,) in db.execute(
+                "SELECT event FROM dcr_hub_audit WHERE job_id = ? ORDER BY id", (job["id"],)
+            )
+        ]
+    assert events == ["grant.issued", "cloud.launch", "cloud.end"]
+
+
+def test_insert_refused_and_operation_errors_fail_the_job_with_a_reason(cloud_hub: CloudHub) -> None:
+    cloud_hub.compute.refuse_next_insert()
+    job = cloud_hub.wait(cloud_hub.submit(COUNT_ROWS, "quota")["id"], terminal)
+    assert job["state"] == "failed" and "quotaExceeded" in job["failure"]["reason"], job
+    cloud_hub.compute.fail_next_operation()
+    job = cloud_hub.wait(cloud_hub.submit(COUNT_ROWS, "op-error")["id"], terminal)
+    assert job["state"] == "failed" and "ZONE_RESOURCE_POOL_EXHAUSTED" in job["failure"]["reason"], job
+    assert cloud_hub.vms() == []
+
+
+def test_cancel_while_running_deletes_the_vm(cloud_hub: CloudHub) -> None:
+    job = cloud_hub.submit(["import time\ntime.sleep(120)"], "sleepy")
+    cloud_hub.wait(job["id"], lambda j: j["state"] == "running")
+    r = cloud_hub.hub.server_api(
+        "alice", "POST", f"dcr/api/jobs/{job['id']}/cancel", token=cloud_hub.token("alice")
+    )
+    assert r.status_code in (200, 202), r.text
+    assert cloud_hub.wait(job["id"], terminal)["state"] == "cancelled"
+    assert cloud_hub.vms() == []
+    assert cloud_hub.launches()[job["id"]] == ("ended", "cancelled")
+
+
+def test_a_vm_that_never_stops_is_deleted_at_its_deadline(cloud_hub: CloudHub) -> None:
+    cloud_hub.vm.next.append("hang")
+    job_id = cloud_hub.submit(COUNT_ROWS, "stuck")["id"]
+    cloud_hub.wait(job_id, lambda j: (j["state"] == "launching" and bool(cloud_hub.vms())) or terminal(j))
+    # The deadline is the grant's time limit plus the margin; bring it to now rather than wait for it.
+    with sqlite3.connect(cloud_hub.work / "hub" / "dcr-hub.sqlite") as db:
+        db.execute(
+            "UPDATE dcr_hub_cloud_launches SET deadline = ? WHERE job_id = ?", (int(time.time()) - 1, job_id)
+        )
+    job = cloud_hub.wait(job_id, terminal, timeout=60)
+    assert job["state"] == "failed" and "time limit" in job["failure"]["reason"], job
+    assert cloud_hub.vms() == []
+
+
+def _grant(cloud_hub: CloudHub, tmp: Path, user: str = "alice") -> tuple[str, str, str, bytes]:
+    """A grant from the hub's grant service for a bundle built here: ``(job id, grant id, grant, bundle)``."""
+    nb = tmp / f"{secrets.token_hex(4)}.ipynb"
+    nb.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    bundle = tmp / (nb.stem + ".tar")
+    digest = build_bundle(nb, bundle).digest
+    job_id = contract.new_job_id()
+    body = {
+        "job_id": job_id,
+        "bundle_digest": digest,
+        "datasets": ["acme/insurance"],
+        "output_public_key": base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode(),
+    }
+    r = cloud_hub.hub.api("POST", "/dcr/grants", token=cloud_hub.token(user), json_body=body)
+    assert r.status_code == 201, r.text
+    doc = r.json()
+    return job_id, doc["grant_id"], doc["grant"], bundle.read_bytes()
+
+
+def _launch(
+    cloud_hub: CloudHub, user: str, job_id: str, grant_id: str, grant: str, bundle: bytes
+) -> requests.Response:
+    return cloud_hub.cloud_api(
+        "POST",
+        f"{job_id}?grant={grant_id}",
+        user,
+        data=bundle,
+        headers={"X-DCR-Grant": grant, "Content-Type": "application/x-tar"},
+    )
+
+
+def test_one_vm_per_grant_and_only_for_its_owner(cloud_hub: CloudHub, tmp_path: Path) -> None:
+    job_id, grant_id, grant, bundle = _grant(cloud_hub, tmp_path)
+    cloud_hub.vm.hang.add(job_id)
+    # Another user's token can neither launch, read, cancel nor fetch alice's job: 404, nothing created.
+    before = cloud_hub.compute.inserts_created
+    assert _launch(cloud_hub, "bob", job_id, grant_id, grant, bundle).status_code == 404
+    # Malformed launches: clear 400s, nothing recorded.
+    r = cloud_hub.cloud_api("POST", f"{job_id}?grant={grant_id}", "alice", data=bundle)
+    assert r.status_code == 400 and "X-DCR-Grant" in r.json()["error"]
+    r = _launch(cloud_hub, "alice", job_id, "grant-nope", grant, bundle)
+    assert r.status_code == 400 and "grant" in r.json()["error"]
+    assert r.headers["Content-Type"].startswith("application/json")
+    assert job_id not in cloud_hub.launches()
+    assert cloud_hub.compute.inserts_created == before
+    for r in (
+        _launch(cloud_hub, "alice", job_id, grant_id, grant, bundle),
+        _launch(cloud_hub, "alice", job_id, grant_id, grant, bundle),
+    ):
+        assert r.status_code == 201, r.text
+    assert cloud_hub.compute.inserts_created == before + 1
+    assert cloud_hub.vms().count(f"dcr-{job_id}") == 1
+    for method, path in (
+        ("GET", job_id),
+        ("POST", f"{job_id}/cancel"),
+        ("GET", f"{job_id}/result"),
+        ("DELETE", job_id),
+    ):
+        r = cloud_hub.cloud_api(method, path, "bob")
+        assert r.status_code == 404 and "error" in r.json(), (method, path, r.text)
+    assert f"dcr-{job_id}" in cloud_hub.vms()
+    # A bundle other than the granted one is refused, and nothing is launched for it.
+    other_job, other_grant, other_token, _ = _grant(cloud_hub, tmp_path)
+    r = _launch(cloud_hub, "alice", other_job, other_grant, other_token, bundle)
+    assert r.status_code == 400 and "digest" in r.json()["error"]
+    assert other_job not in cloud_hub.launches()
+    assert cloud_hub.cloud_api("POST", f"{job_id}/cancel", "alice").json()["state"] == "cancelled"
+    assert f"dcr-{job_id}" not in cloud_hub.vms()
+
+
+def test_a_hub_restart_between_insert_and_its_record_launches_no_second_vm(
+    cloud_hub: CloudHub, tmp_path: Path
+) -> None:
+    job_id, grant_id, grant, bundle = _grant(cloud_hub, tmp_path)
+    cloud_hub.vm.hang.add(job_id)
+    assert _launch(cloud_hub, "alice", job_id, grant_id, grant, bundle).status_code == 201
+    created = cloud_hub.compute.inserts_created
+    cloud_hub.hub.stop()
+    # As if the hub had died after the insert reached Compute but before it noted the insert done.
+    with sqlite3.connect(cloud_hub.work / "hub" / "dcr-hub.sqlite") as db:
+        db.execute("UPDATE dcr_hub_cloud_launches SET state = 'launching' WHERE job_id = ?", (job_id,))
+    cloud_hub.hub.start()
+    cloud_hub.tokens.clear()
+    assert _launch(cloud_hub, "alice", job_id, grant_id, grant, bundle).status_code == 201
+    time.sleep(2)  # a reconciler pass of the new hub: a live job's VM stays
+    assert cloud_hub.compute.inserts_created == created
+    assert cloud_hub.vms().count(f"dcr-{job_id}") == 1
+    assert cloud_hub.cloud_api("POST", f"{job_id}/cancel", "alice").json()["state"] == "cancelled"
+    # The hub's restart stopped alice's server: start it again for the tests after this one.
+    cloud_hub.hub.spawn("alice")
+
+
+def test_the_researchers_server_restarting_mid_job(cloud_hub: CloudHub) -> None:
+    job = cloud_hub.submit(["import time\ntime.sleep(8)", *COUNT_ROWS], "restart")
+    cloud_hub.wait(job["id"], lambda j: j["state"] == "running")
+    cloud_hub.hub.stop_server("alice")
+    cloud_hub.hub.spawn("alice")
+    cloud_hub.tokens.pop("alice", None)
+    done = cloud_hub.wait(job["id"], terminal)
+    assert done["state"] == "succeeded", done
+    assert cloud_hub.vms() == []
+
+
+def test_the_concurrent_jobs_quota_frees_when_a_job_ends(cloud_hub: CloudHub, tmp_path: Path) -> None:
+    """The quota is 2 running jobs: jobs that ended count no more, at once (not at their time limit)."""
+    for _ in range(3):
+        job_id, grant_id, grant, bundle = _grant(cloud_hub, tmp_path)
+        cloud_hub.vm.hang.add(job_id)
+        assert _launch(cloud_hub, "alice", job_id, grant_id, grant, bundle).status_code == 201
+        assert cloud_hub.cloud_api("POST", f"{job_id}/cancel", "alice").json()["state"] == "cancelled"
+    assert cloud_hub.vms() == [] or all(not n.startswith("dcr-job-") for n in cloud_hub.vms())
+
+
+def test_the_hubs_reconciler_deletes_a_vm_no_job_owns(cloud_hub: CloudHub) -> None:
+    """A VM labelled as this hub's with no launch record (left by a hub whose database was restored, or
+    created by hand) is deleted by the hub's periodic sweep; another hub's VM is left alone."""
+    from dcr_spawner.cloud.launcher import Compute, hub_label, request_id
+    from dcr_spawner.hubkey import load_or_create_hub_key
+
+    hub = hub_label(load_or_create_hub_key(cloud_hub.work / "hub" / "dcr-hub.key").thumbprint)
+    compute = Compute(PROJECT, ZONE, cloud_hub.compute.endpoint, timeout=10)
+    base = {
+        "machineType": f"zones/{ZONE}/machineTypes/n2d-standard-4",
+        "disks": [{"boot": True, "initializeParams": {"sourceImage": "projects/x/global/images/family/y"}}],
+        "networkInterfaces": [{}],
+    }
+    job = contract.new_job_id()
+    cloud_hub.vm.hang.add(job)
+    env_items = [{"key": f"tee-env-{contract.ENV.JOB_ID}", "value": job}]
+    for name, label in ((f"dcr-{job}", hub), ("dcr-other-hub", "hother")):
+        body = {**base, "name": name, "labels": {"dcr-hub": label}, "metadata": {"items": env_items}}
+        compute.insert(body, request_id(name, "insert"))
+    deadline = time.monotonic() + 20
+    while f"dcr-{job}" in cloud_hub.vms() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cloud_hub.vms() == ["dcr-other-hub"]
+    compute.delete("dcr-other-hub", wait=10)
+
+
+@pytest.mark.parametrize(
+    ("claims", "why"),
+    [
+        ({"container": {"image_digest": sha256_bytes(b"an image no provider approved")}}, "another image"),
+        ({"top": {"dbgstat": "enabled"}}, "a debug image"),
+    ],
+)
+def test_a_vm_the_providers_condition_refuses_fails_before_any_cell(
+    cloud_hub: CloudHub, claims: dict[str, Any], why: str
+) -> None:
+    """STS refuses the token under the provider's condition: no key, the job fails before any cell, and
+    the VM (powered off by the enclave) is deleted."""
+    cloud_hub.vm.next.append(claims)
+    job = cloud_hub.wait(cloud_hub.submit(COUNT_ROWS, "refused")["id"], terminal)
+    assert job["state"] == "failed", (why, job)
+    assert job["failure"]["cell"] is None and "key" in job["failure"]["reason"], job
+    assert cloud_hub.vms() == []
