@@ -100,6 +100,7 @@ def test_the_instance_body_is_exactly_this() -> None:
                 {"key": "tee-env-DCR_STORE_URI", "value": "v-DCR_STORE_URI"},
                 {"key": "tee-env-DCR_OUTPUT_URI", "value": "v-DCR_OUTPUT_URI"},
                 {"key": "tee-env-DCR_PROGRESS_URI", "value": "v-DCR_PROGRESS_URI"},
+                {"key": "tee-env-DCR_DATASETS", "value": "v-DCR_DATASETS"},
             ]
         },
     }

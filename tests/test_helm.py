@@ -761,9 +761,6 @@ def z2jh_config(values: dict[str, Any], config_d: list[str]) -> Config:
     return c
 
 
-CLOUD_PLATFORM = importlib.util.find_spec("dcr_spawner.cloud") is not None
-
-
 @pytest.fixture(scope="module")
 def store_disks(
     tmp_path_factory: pytest.TempPathFactory, insurance_real: Path, insurance_synthetic: Path
@@ -893,12 +890,6 @@ def test_hub_configuration_sets_the_names_of_the_platform(
     assert "dcr-server-config" in c.KubeSpawner.volumes
 
 
-@pytest.mark.xfail(
-    not CLOUD_PLATFORM,
-    reason="needs dcr_spawner.cloud.ConfidentialSpacePlatform and the policy's 'cloud' dataset entry "
-    "(the Confidential Space issue, docs/kubernetes.md); strict: passes, and must, once they are in",
-    strict=True,
-)
 def test_policy_validates_and_the_spawner_builds_valid_pods(
     hub_config: tuple[Config, dict[str, Any], str],
 ) -> None:

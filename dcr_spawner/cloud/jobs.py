@@ -318,6 +318,11 @@ class CloudJobs:
             e.STORE_URI: default_store,
             e.OUTPUT_URI: paths.uri(paths.result),
             e.PROGRESS_URI: paths.uri(paths.progress),
+            # Attested (every tee-env variable is in the token): providers' pool conditions pin their
+            # dataset versions on it, and the supervisor refuses it unless it is exactly the grant's.
+            e.DATASETS: contract.datasets_env_value(
+                (*ref.split("/"), version) for ref, version, _ in job.datasets
+            ),
         }
 
     # -- ends ------------------------------------------------------------------------------------------
