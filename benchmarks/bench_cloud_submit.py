@@ -34,11 +34,10 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from gcp_fakes.compute import ComputeFake, Request  # noqa: E402
-from gcp_fakes.kms import KmsFake  # noqa: E402
-from gcp_fakes.storage import StorageEmulator  # noqa: E402
-from gcp_fakes.sts import StsFake  # noqa: E402
+from gcp_fakes.google import Google, register_version  # noqa: E402
 from hub_harness import INSURANCE_REAL, INSURANCE_SYNTHETIC, Hub, policy_config  # noqa: E402
 
+from dcr_enclave.formats.contract import GsUri  # noqa: E402
 from dcr_server_ext.backends.base import Backend, BackendStatus  # noqa: E402
 
 IMAGE = "europe-docker.pkg.dev/dcr-enclaves/enclave/dcr-enclave@sha256:" + "4f" * 32
@@ -86,8 +85,6 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=50, help="submissions per researcher")
     args = ap.parse_args()
 
-    from test_cloud_hub import KmsWrapping  # the provider's KMS registration, as the tests do it
-
     from dcr_enclave.pack.store import Store
 
     inserts: dict[str, float] = {}
@@ -102,29 +99,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dcr-bench-cloud-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)
-        storage = StorageEmulator().start()
-        sts = StsFake().start()
-        kms = KmsFake(sts).start()
+        google = Google.start(buckets=("dcr-jobs", "dcr-datasets"))
         compute = ComputeFake(lambda vm: None).start()  # VMs power off at once
         compute.on_request = on_request
         try:
-            storage.create_bucket("dcr-jobs")
-            kms.create_key(KMS_KEY)
-            from google.api_core.client_options import ClientOptions
-            from google.cloud import kms_v1
-            from google.oauth2.credentials import Credentials
-
-            client = kms_v1.KeyManagementServiceClient(
-                credentials=Credentials(token="provider"),  # noqa: S106 - the KMS fake takes any token
-                transport="rest",
-                client_options=ClientOptions(api_endpoint=kms.endpoint),
-            )
-            added = Store(work / "store").add(
-                "acme",
-                "insurance",
-                [(INSURANCE_REAL, INSURANCE_SYNTHETIC)],
-                keys=KmsWrapping(client, KMS_KEY),  # type: ignore[arg-type]
-            )
+            # No VM boots here: the condition only has to exist, so its pins are placeholders.
+            manifest, _cond = register_version(
+                google, Store(work / "store"), "acme", "insurance", [(INSURANCE_REAL, INSURANCE_SYNTHETIC)],
+                kms_key=KMS_KEY, wip_provider=WIP, upload_to=GsUri("dcr-datasets", "stores/acme/"),
+                enclave_digests=(IMAGE.split("@")[1],), hub_key_thumbprints=("sha256:" + "0" * 64,),
+                project="dcr-enclaves", service_accounts=("dcr-workload@dcr-enclaves.iam.gserviceaccount.com",),
+            )  # fmt: skip
             configs = {}
             for user, backend in (
                 ("alice", "dcr_server_ext.backends.hub.HubBackend"),
@@ -149,7 +134,7 @@ def main() -> int:
             total = 4 * args.n
             datasets = {
                 "acme/insurance": {
-                    "version": added.manifest.version,
+                    "version": manifest.version,
                     "store": str(work / "store"),
                     "release": "auto",
                     "entitled": {"users": ["alice", "bob"]},
@@ -167,7 +152,7 @@ def main() -> int:
                 "service_account": "dcr-workload@dcr-enclaves.iam.gserviceaccount.com",
                 "jobs_bucket": "gs://dcr-jobs/bench/",
                 "compute_endpoint": compute.endpoint,
-                "storage_endpoint": storage.endpoint,
+                "storage_endpoint": google.storage.endpoint,
                 "reconcile_interval": 30.0,
             }
             config = policy_config(
@@ -229,9 +214,7 @@ def main() -> int:
                 )
         finally:
             compute.stop()
-            kms.stop()
-            sts.stop()
-            storage.stop()
+            google.stop()
     return 0
 
 

@@ -490,8 +490,16 @@ class HubGrantSource(GrantSource):
         return self._answer(resp, expect=(expect,), field=field, what=what)
 
     async def _send(
-        self, method: str, path: str, body: bytes | None, content_type: str | None, what: str
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        content_type: str | None,
+        what: str,
+        *,
+        extra: dict[str, str] | None = None,
     ) -> HTTPResponse:
+        """One request to the hub's API with this server's token (``extra``: more headers)."""
         api_url = (self.api_url or self._env_api_url()).rstrip("/")
         # The token comes from the environment only: it is this server's credential, never configuration.
         token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
@@ -500,7 +508,7 @@ class HubGrantSource(GrantSource):
                 "this server has no hub API URL or token (JUPYTERHUB_API_URL, JUPYTERHUB_API_TOKEN)",
                 hint="HubGrantSource works in servers started by JupyterHub",
             )
-        headers = {"Authorization": f"token {token}"}
+        headers = {**(extra or {}), "Authorization": f"token {token}"}
         if content_type is not None:
             headers["Content-Type"] = content_type
         # JupyterHub's internal SSL, when enabled, gives each server a client certificate for the hub.

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gcp_fakes.google import Google, register_version
 from gcp_fakes.issuer import FakeAttestationIssuer, vm_claims
-from gcp_fakes.kms import KmsFake
-from gcp_fakes.storage import StorageEmulator
-from gcp_fakes.sts import StsFake, pool_principal_set
+from gcp_fakes.sts import pool_principal_set
 from gcp_fakes.teeserver import TeeServerFake
 
 from dcr_enclave.formats import contract
@@ -37,12 +36,9 @@ from dcr_enclave.formats.jwk import jwks, thumbprint
 from dcr_enclave.formats.sealing import generate_keypair
 from dcr_enclave.formats.unsealing import open_dir
 from dcr_enclave.pack.bundle_builder import build_bundle
-from dcr_enclave.pack.gcp import KmsKeyWrapper, upload_version
 from dcr_enclave.pack.grant_issuer import issue_grant
 from dcr_enclave.pack.signing_keys import generate_key
 from dcr_enclave.pack.store import Store
-from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
-from dcr_enclave.platform.condition_cel import compile_wip_condition
 from dcr_enclave.platform.sandbox_ids import SandboxIds
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -56,27 +52,13 @@ JOBS_URI = "gs://dcr-jobs/hub-a/"
 RUN_TIMEOUT = 300
 
 
-@dataclass
-class Google:
-    issuer: FakeAttestationIssuer
-    storage: StorageEmulator
-    sts: StsFake
-    kms: KmsFake
-
-
 @pytest.fixture(scope="module")
 def google() -> Iterator[Google]:
-    storage = StorageEmulator().start()
-    sts = StsFake().start()
-    kms = KmsFake(sts).start()
+    g = Google.start(buckets=(DATASETS_BUCKET, "dcr-jobs"))
     try:
-        storage.create_bucket(DATASETS_BUCKET)
-        storage.create_bucket("dcr-jobs")
-        yield Google(FakeAttestationIssuer(), storage, sts, kms)
+        yield g
     finally:
-        kms.stop()
-        sts.stop()
-        storage.stop()
+        g.stop()
 
 
 @dataclass
@@ -115,28 +97,14 @@ class World:
         """Register a version (its own KMS key and pool provider), upload it, deploy its condition."""
         tag = secrets.token_hex(4)
         kms_key = f"projects/{provider}-data/locations/europe-west4/keyRings/dcr/cryptoKeys/{dataset}-{tag}"
-        self.google.kms.create_key(kms_key)
-        local = Store(self.tmp / f"store-{provider}-{tag}")
-        # The provider's side, as `dcr provider add --store gs://... --kms-key ...` does it.
-        wrapper = KmsKeyWrapper(kms_key, endpoint=self.google.kms.endpoint)
-        added = local.add(provider, dataset, [(real, synthetic)], keys=wrapper)
-        m = added.manifest
         prefix = f"stores/{tag}/"
-        rel = added.path.relative_to(local.root).as_posix()
-        upload_version(added.path, rel, contract.GsUri(DATASETS_BUCKET, prefix), self.google.storage.client())
         wip = f"projects/555000111222/locations/global/workloadIdentityPools/{provider}-{tag}/providers/cs-{tag}"
-        cond = KeyReleaseCondition(
-            provider=provider,
-            dataset=dataset,
-            versions=(m.version,),
-            platform=PlatformCondition.defaults(
-                "confidential_space", project_id=PROJECT, service_accounts=[WORKLOAD_SA]
-            ),
-            enclave_digests=enclave_digests,
-            hub_key_thumbprints=(self.hub_thumbprint,),
-        )
-        principal = self.google.sts.add_provider(wip, compile_wip_condition(cond), self.google.issuer)
-        self.google.kms.allow_decrypt(kms_key, principal)
+        m, _cond = register_version(
+            self.google, Store(self.tmp / f"store-{provider}-{tag}"), provider, dataset, [(real, synthetic)],
+            kms_key=kms_key, wip_provider=wip, upload_to=contract.GsUri(DATASETS_BUCKET, prefix),
+            enclave_digests=enclave_digests, hub_key_thumbprints=(self.hub_thumbprint,), project=PROJECT,
+            service_accounts=(WORKLOAD_SA,),
+        )  # fmt: skip
         return Provider(provider, dataset, m.version, kms_key, wip, f"gs://{DATASETS_BUCKET}/{prefix}")
 
 

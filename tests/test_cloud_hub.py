@@ -28,26 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import pytest
 import requests
 from gcp_fakes.compute import ComputeFake, FakeVM
-from gcp_fakes.issuer import FakeAttestationIssuer, vm_claims
-from gcp_fakes.kms import KmsFake
-from gcp_fakes.storage import StorageEmulator
-from gcp_fakes.sts import StsFake
+from gcp_fakes.google import Google, register_version
+from gcp_fakes.issuer import vm_claims
 from gcp_fakes.teeserver import TeeServerFake
-from google.api_core.client_options import ClientOptions
-from google.cloud import kms_v1
-from google.oauth2.credentials import Credentials
 from hub_harness import INSURANCE_REAL, INSURANCE_SYNTHETIC, Hub, policy_config
 
 from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import sha256_bytes
 from dcr_enclave.pack.bundle_builder import build_bundle
 from dcr_enclave.pack.store import Store
-from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
-from dcr_enclave.platform.condition_cel import compile_wip_condition
 from dcr_enclave.platform.sandbox_ids import SandboxIds
 from dcr_spawner.hubkey import load_or_create_hub_key
 
@@ -69,27 +61,6 @@ COUNT_ROWS = [
     "open('results/summary.csv', 'w').write(f'rows\\n{len(rows)}\\n')",
     "print('done')",
 ]
-
-
-class KmsWrapping:
-    """The provider's registration: the data key wrapped by Cloud KMS through the real client."""
-
-    def __init__(self, client: Any, key_name: str) -> None:
-        self.client, self.key_name = client, key_name
-
-    def wrap(self, provider: str, dataset: str, version: str, data_key: bytes) -> dict[str, str]:
-        resp = self.client.encrypt(
-            request={
-                "name": self.key_name,
-                "plaintext": data_key,
-                "plaintext_crc32c": google_crc32c.value(data_key),
-            }
-        )
-        return {
-            "kind": "gcp-kms",
-            "name": self.key_name,
-            "wrapped_data_key": base64.b64encode(resp.ciphertext).decode(),
-        }
 
 
 class EnclaveVM:
@@ -167,14 +138,6 @@ class EnclaveVM:
 
 
 @dataclass
-class Google:
-    issuer: FakeAttestationIssuer
-    storage: StorageEmulator
-    sts: StsFake
-    kms: KmsFake
-
-
-@dataclass
 class CloudHub:
     hub: Hub
     google: Google
@@ -242,49 +205,21 @@ def terminal(job: dict[str, Any]) -> bool:
 def cloud_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudHub]:
     work = tmp_path_factory.mktemp("cloud-hub")
     work.chmod(0o755)
-    storage = StorageEmulator().start()
-    sts = StsFake().start()
-    kms = KmsFake(sts).start()
-    google = Google(FakeAttestationIssuer(), storage, sts, kms)
+    google = Google.start(buckets=("dcr-datasets", "dcr-jobs"))
     vm = EnclaveVM(google, work)
     compute = ComputeFake(vm).start()
     try:
-        storage.create_bucket("dcr-datasets")
-        storage.create_bucket("dcr-jobs")
         (work / "hub").mkdir()
         hub_key = load_or_create_hub_key(work / "hub" / "dcr-hub.key")
         # The provider registers the version with its data key wrapped by Cloud KMS, uploads it, and
         # deploys its condition (this hub's key, the released image, Confidential Space) on its pool.
-        kms.create_key(KMS_KEY)
-        kms_client = kms_v1.KeyManagementServiceClient(
-            credentials=Credentials(token="provider-admin"),
-            transport="rest",
-            client_options=ClientOptions(api_endpoint=kms.endpoint),
-        )
         local = Store(work / "store")
-        added = local.add(
-            "acme",
-            "insurance",
-            [(INSURANCE_REAL, INSURANCE_SYNTHETIC)],
-            keys=KmsWrapping(kms_client, KMS_KEY),
-        )  # type: ignore[arg-type]
-        bucket = storage.client().bucket("dcr-datasets")
-        for f in added.path.rglob("*"):
-            if f.is_file():
-                bucket.blob("stores/acme/" + f.relative_to(local.root).as_posix()).upload_from_filename(
-                    str(f)
-                )
-        cond = KeyReleaseCondition(
-            provider="acme",
-            dataset="insurance",
-            versions=(added.manifest.version,),
-            platform=PlatformCondition.defaults(
-                "confidential_space", project_id=PROJECT, service_accounts=[WORKLOAD_SA]
-            ),
-            enclave_digests=(IMAGE_DIGEST,),
-            hub_key_thumbprints=(hub_key.thumbprint,),
-        )
-        kms.allow_decrypt(KMS_KEY, sts.add_provider(WIP, compile_wip_condition(cond), google.issuer))
+        manifest, _cond = register_version(
+            google, local, "acme", "insurance", [(INSURANCE_REAL, INSURANCE_SYNTHETIC)],
+            kms_key=KMS_KEY, wip_provider=WIP, upload_to=contract.GsUri("dcr-datasets", "stores/acme/"),
+            enclave_digests=(IMAGE_DIGEST,), hub_key_thumbprints=(hub_key.thumbprint,), project=PROJECT,
+            service_accounts=(WORKLOAD_SA,),
+        )  # fmt: skip
 
         root_pem = work / "cs-root.pem"
         root_pem.write_bytes(google.issuer.root_pem)
@@ -307,7 +242,7 @@ def cloud_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudHub]:
         )
         datasets = {
             "acme/insurance": {
-                "version": added.manifest.version,
+                "version": manifest.version,
                 "store": str(local.root),
                 "release": "auto",
                 "entitled": {"users": ["alice"]},
@@ -335,7 +270,7 @@ def cloud_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudHub]:
                     "service_account": WORKLOAD_SA,
                     "jobs_bucket": "gs://dcr-jobs/hub-1/",
                     "compute_endpoint": compute.endpoint,
-                    "storage_endpoint": storage.endpoint,
+                    "storage_endpoint": google.storage.endpoint,
                     "reconcile_interval": 1.0,
                     "max_run_seconds_margin": 60,
                     "enclave_digests": [IMAGE_DIGEST],
@@ -351,9 +286,7 @@ def cloud_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudHub]:
             yield CloudHub(hub, google, compute, vm, work)
     finally:
         compute.stop()
-        kms.stop()
-        sts.stop()
-        storage.stop()
+        google.stop()
 
 
 def test_the_researchers_server_holds_no_google_credential(cloud_hub: CloudHub) -> None:

@@ -122,7 +122,7 @@ class HubBackend(Backend):
     ) -> tuple[int, bytes]:
         contract.check_job_id(job_id)
         path = f"/dcr/cloud/jobs/{job_id}{suffix}{query}"
-        resp = await _send_with(self._hub, method, path, body, headers or {}, f"the cloud job {job_id}")
+        resp = await self._hub._send(method, path, body, None, f"the cloud job {job_id}", extra=headers)
         return resp.code, bytes(resp.body or b"")
 
     @staticmethod
@@ -188,33 +188,6 @@ class HubBackend(Backend):
         code, body = await self._request("DELETE", job.id)
         if code not in (404, 409):
             self._check(code, body, "the cleanup")
-
-
-async def _send_with(
-    hub: HubGrantSource, method: str, path: str, body: bytes | None, extra: dict[str, str], what: str
-) -> Any:
-    from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-
-    api_url = (hub.api_url or hub._env_api_url()).rstrip("/")
-    token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
-    if not api_url or not token:
-        raise Unavailable(
-            "this server has no hub API URL or token (JUPYTERHUB_API_URL, JUPYTERHUB_API_TOKEN)"
-        )
-    req = HTTPRequest(
-        api_url + path,
-        method=method,
-        headers={"Authorization": f"token {token}", **extra},
-        body=body,
-        request_timeout=hub.request_timeout,
-        client_key=os.environ.get("JUPYTERHUB_SSL_KEYFILE") or None,
-        client_cert=os.environ.get("JUPYTERHUB_SSL_CERTFILE") or None,
-        ca_certs=os.environ.get("JUPYTERHUB_SSL_CLIENT_CA") or None,
-    )
-    try:
-        return await AsyncHTTPClient().fetch(req, raise_error=False)
-    except (TimeoutError, OSError, HTTPClientError) as e:
-        raise Unavailable(f"{what} from the hub cannot be reached ({type(e).__name__})") from None
 
 
 def _jti(grant: str) -> str:
