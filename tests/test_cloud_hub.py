@@ -11,6 +11,7 @@ Google credential.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -336,6 +337,59 @@ def test_submit_runs_on_a_confidential_vm_and_leaves_none(cloud_hub: CloudHub) -
             )
         ]
     assert events == ["grant.issued", "cloud.launch", "cloud.end"]
+
+
+def _job_events(hub: Hub, user: str, token: str, started: threading.Event, out: list[dict[str, Any]]) -> None:
+    """Collect ``user``'s DCR job events, as the JupyterLab panel receives them (the server's event
+    socket), until one reaches a terminal state."""
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    from dcr_server_ext.events import EVENT_SCHEMA_ID
+
+    async def listen() -> None:
+        url = f"ws://127.0.0.1:{hub.port}/user/{user}/api/events/subscribe"
+        conn = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {token}"}))
+        started.set()
+        try:
+            while True:
+                raw = await asyncio.wait_for(conn.read_message(), timeout=240)
+                if raw is None:
+                    return
+                msg = json.loads(raw)
+                if msg.get("schema_id") == EVENT_SCHEMA_ID:
+                    out.append(msg)
+                    if msg["state"] in contract.TERMINAL_STATES:
+                        return
+        finally:
+            conn.close()
+
+    asyncio.run(listen())
+
+
+def test_the_panel_sees_the_same_states_as_for_the_local_enclave(cloud_hub: CloudHub) -> None:
+    """The jobs panel draws what the server's job events say: a cloud job goes through the local
+    enclave's states in the same order (submitted, granted, launching, running, checking, succeeded),
+    with its cell progress and no failure reason, and names a hardware enclave."""
+    events: list[dict[str, Any]] = []
+    started = threading.Event()
+    listener = threading.Thread(
+        target=_job_events,
+        args=(cloud_hub.hub, "alice", cloud_hub.token("alice"), started, events),
+        daemon=True,
+    )
+    listener.start()
+    assert started.wait(30)
+    job = cloud_hub.submit(COUNT_ROWS, "panel")
+    listener.join(260)
+    mine = [e for e in events if e["job_id"] == job["id"]]
+    states = [s for i, s in enumerate(e["state"] for e in mine) if i == 0 or mine[i - 1]["state"] != s]
+    assert states == ["submitted", "granted", "launching", "running", "checking", "succeeded"], states
+    assert all(e["reason"] is None for e in mine)
+    assert [e["cells"] for e in mine if e["cells"] is not None][-1] == len(COUNT_ROWS)
+    done = cloud_hub.job(job["id"])
+    assert done["progress"] == {"cell": len(COUNT_ROWS) - 1, "cells": len(COUNT_ROWS)}
+    assert done["enclave"]["simulated"] is False
 
 
 def test_insert_refused_and_operation_errors_fail_the_job_with_a_reason(cloud_hub: CloudHub) -> None:

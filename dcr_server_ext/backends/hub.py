@@ -153,18 +153,31 @@ class HubBackend(Backend):
         doc = self._check(code, body, "the cloud launch", (200, 201))
         return {"cloud": "hub", "grant_id": grant_id, "instance": doc.get("instance")}
 
-    async def status(self, job: Job) -> BackendStatus | None:
+    async def _status_doc(self, job: Job) -> dict[str, Any] | None:
         code, body = await self._request("GET", job.id)
         if code == 404:
             return None
-        return _status(self._check(code, body, "the cloud job's state"))
+        return self._check(code, body, "the cloud job's state")
+
+    async def status(self, job: Job) -> BackendStatus | None:
+        doc = await self._status_doc(job)
+        return None if doc is None else _status(doc)
 
     async def progress(self, job: Job) -> AsyncIterator[BackendStatus]:
+        """Each change, polled: the states the enclave passed through between two polls come first, in
+        order (the hub lists them), so a quick job shows the same states as on the local enclave."""
         last: tuple[Any, ...] | None = None
+        passed = 0
         while True:
-            st = await self.status(job)
-            if st is None:
+            doc = await self._status_doc(job)
+            if doc is None:
                 return
+            st = _status(doc)
+            history = doc.get("states") if isinstance(doc.get("states"), list) else []
+            for state in [s for s in history if s in contract.JOB_STATES][passed:]:
+                passed += 1
+                if state != st.state and (state, None, None) != last:
+                    yield BackendStatus(state=state, enclave=st.enclave)
             key = (st.state, st.cell, st.cells)
             if key != last:
                 last = key

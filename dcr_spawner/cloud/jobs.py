@@ -410,11 +410,13 @@ class CloudJobs:
         if not launch.ended:
             return None
         ended = self._ended_status(launch)
-        ended.update(cell=doc.get("cell"), cells=doc.get("cells"))
+        ended.update(cell=doc.get("cell"), cells=doc.get("cells"), states=doc.get("states", []))
         return ended
 
     def _progress(self, paths: JobPaths) -> dict[str, Any]:
         state, cell, cells, failure = "launching", None, None, None
+        # Every state the enclave reported, in order: a server polling now and then still shows each one.
+        states: list[str] = []
         for name, size in self.storage.names(paths.bucket, paths.progress, MAX_PROGRESS_OBJECTS):
             msg = self._progress_message(paths.bucket, name, size)
             if msg is None:
@@ -423,6 +425,8 @@ class CloudJobs:
             if kind == contract.Progress.STATE and msg.get("state") in contract.JOB_STATES:
                 if msg["state"] not in contract.TERMINAL_STATES and msg["state"] != "held":
                     state = msg["state"]  # the end is read from the completion object only
+                    if state not in states:
+                        states.append(state)
             elif (
                 kind == contract.Progress.CELL
                 and isinstance(msg.get("index"), int)
@@ -431,7 +435,7 @@ class CloudJobs:
                 cell, cells = msg["index"], msg["count"]
             elif kind == contract.Progress.FAILED:
                 failure = _failure(msg)
-        return {"state": state, "cell": cell, "cells": cells, "failure": failure}
+        return {"state": state, "states": states, "cell": cell, "cells": cells, "failure": failure}
 
     def _progress_message(self, bucket: str, name: str, size: int) -> dict[str, Any] | None:
         with self._seen_lock:
