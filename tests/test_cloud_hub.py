@@ -100,6 +100,7 @@ class EnclaveVM:
         if isinstance(special, dict):
             claims = {**claims, **special.get("top", {})}
             claims["submods"]["container"].update(special.get("container", {}))
+            claims["submods"]["container"]["env"].update(special.get("env", {}))
         sock = work / "launcher" / "teeserver.sock"
         tee = TeeServerFake(sock, self.google.issuer, claims).start()
         uid, gid = SandboxIds(self.tmp / "sandbox-ids").allocate()
@@ -572,6 +573,7 @@ def test_the_hubs_reconciler_deletes_a_vm_no_job_owns(cloud_hub: CloudHub) -> No
     [
         ({"container": {"image_digest": sha256_bytes(b"an image no provider approved")}}, "another image"),
         ({"top": {"dbgstat": "enabled"}}, "a debug image"),
+        ({"env": {contract.ENV.HUB_KEY_THUMBPRINT: sha256_bytes(b"another hub's key")}}, "another hub key"),
     ],
 )
 def test_a_vm_the_providers_condition_refuses_fails_before_any_cell(
