@@ -304,7 +304,12 @@ def test_a_failed_runs_sealed_traceback_waits_for_the_reviewers(
     s = make_setup()
     granted, job_key = s.grant()
     job_id = granted["job_id"]
-    detail = {"cell": 2, "ename": "ValueError", "evalue": "age 97 of patient Quixote", "traceback": ["line 1"]}
+    detail = {
+        "cell": 2,
+        "ename": "ValueError",
+        "evalue": "age 97 of patient Quixote",
+        "traceback": ["line 1"],
+    }
     sealed = tmp_path / "failure.sealed"
     sealing.seal_bytes(canonical_json(detail), sealed, s.airlock.key.public, job_id=job_id)
     # Sealed for another job id, or to another key: refused.
