@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import tarfile
@@ -335,3 +336,38 @@ def test_seal_refuses_bad_keys_and_job_ids(tmp_path: Path, keys: tuple[bytes, by
     with pytest.raises(DCRError, match="cannot read"):
         sealing.seal_file(tmp_path / "missing", tmp_path / "s", keys[1], job_id=JOB)
     assert listing(tmp_path) == ["in"]
+
+
+def test_padded_sizes_are_few_and_capped() -> None:
+    from dcr_enclave.formats.sealing import pad_json, padded_size
+
+    kib, mib = 2**10, 2**20
+    assert [padded_size(n, 50 * mib) for n in (0, 1, 64 * kib, 64 * kib + 1, 3 * mib)] == [
+        64 * kib, 64 * kib, 64 * kib, 256 * kib, 4 * mib,
+    ]  # fmt: skip
+    assert padded_size(20 * mib, 50 * mib) == 50 * mib  # the cap, not 64 MiB
+    assert padded_size(60 * mib, 50 * mib) == 60 * mib  # over the cap: its own size
+    doc = b'{"a":1}'
+    assert json.loads(pad_json(doc, mib)) == {"a": 1} and len(pad_json(doc, mib)) == 64 * kib
+
+
+def test_a_padded_sealed_directory_opens_to_the_same_files(tmp_path: Path) -> None:
+    """Padding is zeros after the tar's end marker: the opened tree is exactly the source."""
+    from dcr_enclave.formats.sealing import padded_size, seal_dir
+    from dcr_enclave.formats.unsealing import open_dir, open_to_memory, tar_members
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_bytes(b"alpha" * 100)
+    (src / "sub" / "b.bin").write_bytes(bytes(range(256)) * 10)
+    private, public = sealing.generate_keypair()
+    job = "job-" + "ab" * 12
+    seal_dir(src, tmp_path / "padded", public, job, pad_cap=2**20)
+    seal_dir(src, tmp_path / "plain", public, job)
+    payload = open_to_memory(tmp_path / "padded", private, job_id=job, tar=True, max_bytes=2**22)
+    assert len(payload) == padded_size(
+        len(open_to_memory(tmp_path / "plain", private, job_id=job, tar=True, max_bytes=2**22)), 2**20
+    )
+    assert tar_members(payload, "outputs") == {"a.txt": b"alpha" * 100, "sub/b.bin": bytes(range(256)) * 10}
+    open_dir(tmp_path / "padded", tmp_path / "out", private, job)
+    assert (tmp_path / "out" / "sub" / "b.bin").read_bytes() == bytes(range(256)) * 10

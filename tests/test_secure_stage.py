@@ -269,6 +269,28 @@ def test_output_check_reasons_carry_kinds_not_the_notebooks_numbers(
 # -- 4. held receipts ----------------------------------------------------------------------------------------
 
 
+def test_held_results_show_only_a_padded_size(tmp_path, store, host, make_notebook):
+    """Under review the sealed outputs and their reveal leave the enclave (to the researcher's server, then
+    the hub) before any reviewer has looked, and the notebook chooses what it writes: both are padded, so
+    a byte count the notebook takes from the data shows only which of a few sizes it fell in."""
+    sizes = {}
+    for n in (1_000, 40_000):
+        cells = [
+            READ,
+            f"open('out.bin', 'wb').write(b'x' * {n})\n"
+            f"open('name-{n}-' + str(int(df['age'].sum())) + '.txt', 'w').write('y' * {n // 100})",
+        ]
+        _private, (_job_id, job, out) = _run_under_review(
+            host, store, make_notebook, tmp_path, cells, 1 << 30
+        )
+        assert job["state"] == "held", job
+        sizes[n] = {
+            name: (out / name).stat().st_size
+            for name in (contract.SEALED_OUTPUTS_FILE, contract.SEALED_REVEAL_FILE)
+        }
+    assert sizes[1_000] == sizes[40_000], sizes
+
+
 def test_a_held_receipt_commits_to_its_outputs_without_naming_them(
     tmp_path, store, host, make_notebook, secret, run_cli
 ):

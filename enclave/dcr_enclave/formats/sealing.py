@@ -166,6 +166,27 @@ def seal_file(src: Path, dest: Path, recipient_public: bytes, *, job_id: str) ->
         _seal_stream(fin, st.st_size, Path(dest), recipient_public, job_id, KIND_FILE)
 
 
+#: Held results are padded before they are sealed: their sealed size is visible outside the enclave (to
+#: the researcher's server and storage) before any reviewer has looked, and the notebook chooses what it
+#: writes. Sizes are rounded up to 64 KiB, 256 KiB, 1 MiB, ... (x4), or to a cap when that is smaller.
+PAD_FLOOR: Final = 64 * 2**10
+PAD_FACTOR: Final = 4
+
+
+def padded_size(n: int, cap: int) -> int:
+    """The size ``n`` bytes are padded to: the smallest of :data:`PAD_FLOOR` x 4^k that holds them, or
+    ``cap`` when that is smaller; never less than ``n`` (what is over the cap shows its size)."""
+    size = PAD_FLOOR
+    while size < n:
+        size *= PAD_FACTOR
+    return max(n, min(size, cap))
+
+
+def pad_json(data: bytes, cap: int) -> bytes:
+    """A JSON document padded with trailing spaces (still the same JSON) to :func:`padded_size`."""
+    return data + b" " * (padded_size(len(data), cap) - len(data))
+
+
 def seal_bytes(data: bytes, dest: Path, recipient_public: bytes, *, job_id: str) -> None:
     """Seal ``data`` as a sealed file (:func:`open_file` opens it), writing ``dest`` atomically."""
     _seal_stream(io.BytesIO(data), len(data), Path(dest), recipient_public, job_id, KIND_FILE)
@@ -253,14 +274,19 @@ class _TarStream(io.RawIOBase):
     changes size while it is read is refused instead of producing a tar that lies about it.
     """
 
-    def __init__(self, members: list[tuple[tarfile.TarInfo, Path | None]]) -> None:
+    def __init__(
+        self, members: list[tuple[tarfile.TarInfo, Path | None]], pad_cap: int | None = None
+    ) -> None:
         super().__init__()
         self.size = sum(len(_headers(ti)) + -(-ti.size // _BLOCK) * _BLOCK for ti, _ in members) + 2 * _BLOCK
-        self._pieces = self._generate(members)
+        # Zeros after the end-of-archive blocks: tar readers stop at the end marker.
+        padding = 0 if pad_cap is None else padded_size(self.size, pad_cap) - self.size
+        self.size += padding
+        self._pieces = self._generate(members, padding)
         self._pending = memoryview(b"")
 
     @staticmethod
-    def _generate(members: list[tuple[tarfile.TarInfo, Path | None]]) -> Iterator[bytes]:
+    def _generate(members: list[tuple[tarfile.TarInfo, Path | None]], padding: int = 0) -> Iterator[bytes]:
         for ti, path in members:
             yield _headers(ti)
             if path is None:
@@ -278,6 +304,10 @@ class _TarStream(io.RawIOBase):
             if pad := -ti.size % _BLOCK:
                 yield bytes(pad)
         yield bytes(2 * _BLOCK)
+        while padding:
+            piece = min(padding, READ_SIZE)
+            padding -= piece
+            yield bytes(piece)
 
     def readable(self) -> bool:
         return True
@@ -295,10 +325,13 @@ class _TarStream(io.RawIOBase):
         return n
 
 
-def seal_dir(src_dir: Path, dest_file: Path, recipient_public: bytes, job_id: str) -> None:
-    """Pack ``src_dir`` as a deterministic tar and seal it to ``recipient_public`` for ``job_id``."""
+def seal_dir(
+    src_dir: Path, dest_file: Path, recipient_public: bytes, job_id: str, *, pad_cap: int | None = None
+) -> None:
+    """Pack ``src_dir`` as a deterministic tar and seal it to ``recipient_public`` for ``job_id``; with
+    ``pad_cap``, the tar is padded to :func:`padded_size` (zeros after its end marker)."""
     try:
-        stream = _TarStream(_scan(Path(src_dir)))
+        stream = _TarStream(_scan(Path(src_dir)), pad_cap)
         _seal_stream(stream, stream.size, Path(dest_file), recipient_public, job_id, KIND_TAR)
     except OSError as e:
         raise DCRError(f"cannot seal {src_dir}: {e.strerror} ({e.filename})") from None

@@ -58,7 +58,7 @@ from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import Grant, sealing_key, verify_grant
 from dcr_enclave.formats.jwk import parse_jwks
 from dcr_enclave.formats.receipt import build_manifest, make_reveal, output_commitment
-from dcr_enclave.formats.sealing import seal_bytes, seal_dir
+from dcr_enclave.formats.sealing import pad_json, seal_bytes, seal_dir
 from dcr_enclave.runtime.bundle_extractor import extract_bundle
 from dcr_enclave.runtime.dataset_reader import fetch_datasets
 from dcr_enclave.runtime.disclosure import DisclosureCheck, check_outputs
@@ -71,6 +71,10 @@ from dcr_enclave.runtime.receipt_writer import output_entries, write_receipt_dir
 
 ENV = contract.ENV
 DEFAULT_TIME_QUANTUM = contract.DEFAULT_TIME_QUANTUM
+#: Padding caps (see write_result): above the output byte limit, room for the tar's headers (at most a
+#: few KiB per file); a failure's detail is bounded well below this.
+TAR_PAD_ROOM = 4 * 2**20
+FAILURE_PAD_CAP = 2**20
 
 
 @dataclass
@@ -182,10 +186,11 @@ class Supervisor:
         if not g.airlock_public_key or result.detail is None:
             return
         doc = {"cell": result.cell, "status": result.status, **result.detail.to_json()}
-        # The public report goes out regardless; the detail is a help to reviewers.
+        # The public report goes out regardless; the detail is a help to reviewers. Padded: the sealed
+        # file's size is seen before any reviewer has looked, and the notebook chooses its exception.
         with contextlib.suppress(DCRError, OSError):
             seal_bytes(
-                canonical_json(doc),
+                pad_json(canonical_json(doc), FAILURE_PAD_CAP),
                 self.launch.output / contract.SEALED_FAILURE_FILE,
                 sealing_key(g, held=True),
                 job_id=g.job_id,
@@ -322,10 +327,14 @@ class Supervisor:
         out = self.launch.output
         entries = [] if decision == "rejected" else output_entries(self.outputs)
         commitment = None
+        # What is sealed for reviewers is padded (sealing.padded_size): its size is seen outside the
+        # enclave before anyone has looked, and the notebook chooses what it wrote.
+        pad_cap = g.output_limits.max_bytes + TAR_PAD_ROOM
         if decision == "held":
             reveal = make_reveal(entries, secrets.token_bytes(32))
             commitment = output_commitment(reveal)
-            seal_bytes(canonical_json(reveal), out / contract.SEALED_REVEAL_FILE, seal_to, job_id=g.job_id)
+            sealed_reveal = pad_json(canonical_json(reveal), pad_cap)
+            seal_bytes(sealed_reveal, out / contract.SEALED_REVEAL_FILE, seal_to, job_id=g.job_id)
             entries = []
         platform = self.link.info()
         manifest = build_manifest(
@@ -351,9 +360,11 @@ class Supervisor:
         )
         token = self.link.token(contract.RECEIPT_AUDIENCE, [manifest.digest])
         if decision != "rejected":
-            seal_dir(self.outputs, out / contract.SEALED_OUTPUTS_FILE, seal_to, g.job_id)
+            padding = pad_cap if decision == "held" else None
+            seal_dir(self.outputs, out / contract.SEALED_OUTPUTS_FILE, seal_to, g.job_id, pad_cap=padding)
         if (check.kinds or disclosure.kinds) and g.airlock_public_key:
             details = canonical_json({"violations": check.details, "disclosure": disclosure.details})
+            details = pad_json(details, pad_cap)
             airlock = sealing_key(g, held=True)
             seal_bytes(details, out / contract.SEALED_CHECK_FILE, airlock, job_id=g.job_id)
         write_receipt_dir(out, manifest, token, platform["jwks"])
