@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gcp_fakes.google import Google, register_version
+from gcp_fakes.google import COUNT_ROWS, Google, register_version
 from gcp_fakes.issuer import FakeAttestationIssuer, vm_claims
 from gcp_fakes.sts import pool_principal_set
 from gcp_fakes.teeserver import TeeServerFake
@@ -250,15 +250,6 @@ def _small_dataset(tmp: Path, name: str) -> tuple[Path, Path]:
     (real / "visits.csv").write_text("region,visits\nnorth,120\nsouth,87\n")
     (synthetic / "visits.csv").write_text("region,visits\nnorth,100\nsouth,100\n")
     return real / "visits.csv", synthetic / "visits.csv"
-
-
-COUNT_ROWS = [
-    "import csv, os\n"
-    "rows = list(csv.DictReader(open('/data/acme/insurance/real.csv')))\n"
-    "os.makedirs('results', exist_ok=True)\n"
-    "open('results/summary.csv', 'w').write(f'rows\\n{len(rows)}\\n')",
-    "print('done')",
-]
 
 
 def _receipt_dir(run: Run, tmp: Path) -> Path:

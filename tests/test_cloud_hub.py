@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import requests
 from gcp_fakes.compute import ComputeFake, FakeVM
-from gcp_fakes.google import Google, register_version
+from gcp_fakes.google import COUNT_ROWS, Google, register_version
 from gcp_fakes.issuer import vm_claims
 from gcp_fakes.teeserver import TeeServerFake
 from hub_harness import INSURANCE_REAL, INSURANCE_SYNTHETIC, Hub, policy_config
@@ -55,13 +55,6 @@ KMS_KEY = (
     f"projects/acme-data/locations/europe-west4/keyRings/dcr/cryptoKeys/insurance-{secrets.token_hex(3)}"
 )
 WIP = "projects/555000111222/locations/global/workloadIdentityPools/acme-pool/providers/cs-acme"
-COUNT_ROWS = [
-    "import csv, os\n"
-    "rows = list(csv.DictReader(open('/data/acme/insurance/real.csv')))\n"
-    "os.makedirs('results', exist_ok=True)\n"
-    "open('results/summary.csv', 'w').write(f'rows\\n{len(rows)}\\n')",
-    "print('done')",
-]
 
 
 class EnclaveVM:

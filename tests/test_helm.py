@@ -13,7 +13,6 @@ out as a Secret volume is (entries as links into ``..data``, group-readable).
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import importlib.metadata
 import importlib.util
@@ -34,9 +33,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
-from jupyterhub import orm
-from jupyterhub.objects import Hub
-from jupyterhub.user import User
+from kube_pods import build_pod
 from traitlets.config import Config
 
 from dcr_enclave.formats.errors import DCRError
@@ -818,26 +815,7 @@ def spawner_pod(config: Config, user_name: str, groups: list[str]) -> dict[str, 
     spawners = importlib.metadata.entry_points(group="jupyterhub.spawners")
     spawner_class = spawners[config.JupyterHub.spawner_class].load()
     assert issubclass(spawner_class, DCRKubeSpawner)
-    db = orm.new_session_factory("sqlite://")()
-    orm_user = orm.User(name=user_name)
-    db.add(orm_user)
-    for g in groups:
-        db.add(orm.Group(name=g, users=[orm_user]))
-    db.commit()
-    settings = {
-        "spawner_class": spawner_class,
-        "config": config,
-        "hub": Hub(ip="127.0.0.1", port=8081),
-        "domain": "",
-    }
-    user = User(orm_user, settings)
-
-    async def build() -> dict[str, Any]:
-        spawner = user.spawners[""]
-        pod = await spawner.get_pod_manifest()
-        return dict(spawner.api.api_client.sanitize_for_serialization(pod))
-
-    return asyncio.run(build())
+    return build_pod(config, user_name, groups, spawner_class)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ Kubernetes JSON schemas shipped offline in ``kubernetes-validate``. Entitlements
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -22,10 +21,8 @@ from typing import Any
 import kubernetes_asyncio.config.kube_config as kube_config
 import kubernetes_validate
 import pytest
-from jupyterhub import orm
 from jupyterhub.app import JupyterHub
-from jupyterhub.objects import Hub
-from jupyterhub.user import User
+from kube_pods import build_pod
 from traitlets import TraitError
 from traitlets.config import Config
 
@@ -117,28 +114,9 @@ def manifest(
 
 
 def _manifest(config: Config, user_name: str, groups: Iterable[str]) -> dict[str, Any]:
-    db = orm.new_session_factory("sqlite://")()
-    orm_user = orm.User(name=user_name)
-    db.add(orm_user)
-    for g in groups:
-        db.add(orm.Group(name=g, users=[orm_user]))
-    db.commit()
     config.KubeSpawner.image = IMAGE
     config.KubeSpawner.cmd = ["jupyterhub-singleuser"]
-    settings = {
-        "spawner_class": DCRKubeSpawner,
-        "config": config,
-        "hub": Hub(ip="127.0.0.1", port=8081),
-        "domain": "",
-    }
-    user = User(orm_user, settings)
-
-    async def build() -> dict[str, Any]:
-        spawner = user.spawners[""]  # KubeSpawner needs a running loop for its shared API client
-        pod = await spawner.get_pod_manifest()
-        return dict(spawner.api.api_client.sanitize_for_serialization(pod))
-
-    return asyncio.run(build())
+    return build_pod(config, user_name, groups, DCRKubeSpawner)
 
 
 def config_for(stores: Stores, entitled: dict[str, dict[str, list[str]]]) -> Config:
