@@ -32,9 +32,9 @@ from dcr_enclave.formats.dataset import DatasetVersion, Protection
 from dcr_enclave.formats.digests import DIGEST_RE
 from dcr_enclave.formats.errors import DCRError
 from dcr_enclave.formats.grant import (
-    KMS_KEY_RE,
+    CLOUD_KEYS,
     RELEASE_MODES,
-    WIP_PROVIDER_RE,
+    CloudDataset,
     DisclosureRules,
     OutputLimits,
 )
@@ -53,13 +53,6 @@ _DATASET_KEYS: Final = frozenset(
         "cloud",
     }
 )
-#: The ``cloud`` entry of a dataset (Confidential Space): where its encrypted version is, the Cloud KMS key
-#: its data key is wrapped with, and the Workload Identity pool provider whose condition releases it.
-CLOUD_RES: Final = {
-    "store": re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._~/-]*)?$"),
-    "kms_key": KMS_KEY_RE,
-    "wip_provider": WIP_PROVIDER_RE,
-}
 _ENTITLED_KEYS: Final = frozenset({"users", "groups"})
 _PROVIDER_KEYS: Final = frozenset({"name", "reviewers"})
 DEFAULT_QUOTAS: Final = {
@@ -295,28 +288,29 @@ def parse_dataset(ref: Any, spec: Any) -> DatasetSpec:
 
 
 def _cloud_entry(value: Any, ref: str) -> dict[str, str]:
-    """Check a dataset's ``cloud`` entry: exactly ``store``, ``kms_key``, ``wip_provider``, each well-formed."""
+    """Check a dataset's ``cloud`` entry (Confidential Space): where its encrypted version is, the Cloud KMS
+    key its data key is wrapped with, and the Workload Identity pool provider whose condition releases it.
+    The grant's own check (:class:`CloudDataset`), so the hub never grants what the enclave would refuse."""
     trait = _trait(ref, "cloud")
-    if not isinstance(value, Mapping) or set(value) != set(CLOUD_RES):
+    if not isinstance(value, Mapping) or set(value) != set(CLOUD_KEYS):
         raise PolicyError(
-            f"must be a dict with exactly the keys {sorted(CLOUD_RES)}",
+            f"must be a dict with exactly the keys {sorted(CLOUD_KEYS)}",
             trait=trait,
             ref=ref,
             hint='e.g. {"store": "gs://acme-dcr/store/", "kms_key": "projects/acme/locations/europe-west4/'
             'keyRings/dcr/cryptoKeys/insurance", "wip_provider": "projects/123456789/locations/global/'
             'workloadIdentityPools/dcr/providers/acme"}',
         )
-    for key, pattern in CLOUD_RES.items():
-        item = value[key]
-        if not isinstance(item, str) or not pattern.match(item):
-            raise PolicyError(f"{item!r} is not a valid {key}", trait=_trait(ref, "cloud", key), ref=ref)
-    from dcr_enclave.formats.grant import CloudDataset
-
-    try:  # the grant's own check too: the hub never grants what the enclave would refuse
-        CloudDataset.from_json({k: value[k] for k in CLOUD_RES})
+    for key in CLOUD_KEYS:
+        if not isinstance(value[key], str):
+            raise PolicyError(
+                f"{value[key]!r} is not a valid {key}", trait=_trait(ref, "cloud", key), ref=ref
+            )
+    try:
+        CloudDataset.from_json({k: value[k] for k in CLOUD_KEYS})
     except DCRError as e:
-        raise PolicyError(e.message, trait=trait, ref=ref) from None
-    return {k: str(value[k]) for k in sorted(CLOUD_RES)}
+        raise PolicyError(e.message, trait=trait, ref=ref, hint=e.hint) from None
+    return {k: str(value[k]) for k in sorted(CLOUD_KEYS)}
 
 
 def _disclosure_rules(value: Any, trait: str, ref: str | None = None) -> DisclosureRules:
