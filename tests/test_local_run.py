@@ -512,9 +512,10 @@ def _scratch_device(pid: int, scratch: Path) -> str:
     raise AssertionError(f"{scratch} is not mounted in the namespace of {pid}")
 
 
-def _mounts_of_device(device: str) -> list[str]:
-    """Every mountinfo line, in any process, of the dcr-scratch tmpfs with that device number."""
-    hits = []
+def _views_of_device(device: str) -> list[tuple[int, str, str]]:
+    """Every view, in any process, of a dcr-scratch tmpfs with that device number: (pid, the directory of
+    the tmpfs shown, where it is mounted)."""
+    views = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -526,8 +527,39 @@ def _mounts_of_device(device: str) -> list[str]:
             fields = line.split()
             tail = line.split(" - ", 1)[1].split() if " - " in line else []
             if fields[2] == device and tail[:2] == ["tmpfs", "dcr-scratch"]:
-                hits.append(f"{entry.name}: {line}")
-    return hits
+                views.append((int(entry.name), fields[3], fields[4]))
+    return views
+
+
+def _mark_views(holder: int, scratch: Path, views: list[tuple[int, str, str]], token: str) -> None:
+    """Writes ``token`` into every directory of the tmpfs that a view shows, through the holder's namespace:
+    a device number is reused by the next tmpfs mounted anywhere (another test's), the token is not."""
+    for root in {r for _pid, r, _mountpoint in views}:
+        shown = Path(f"/proc/{holder}/root{scratch}") / root.lstrip("/")
+        if shown.is_dir():
+            (shown / MARK).write_text(token)
+
+
+def _held_views(device: str, token: str, before: list[tuple[int, str, str]]) -> list[str]:
+    """The views of that device that are of the marked tmpfs: a directory holding ``token``, or a file bound
+    alone from the same place to the same place as before (its place in the tmpfs has a random name)."""
+    files = {(root, mountpoint) for _pid, root, mountpoint in before}
+    held = []
+    for pid, root, mountpoint in _views_of_device(device):
+        shown = Path(f"/proc/{pid}/root{mountpoint}")
+        try:
+            if shown.is_dir():
+                ours = (shown / MARK).read_text() == token
+            else:
+                ours = (root, mountpoint) in files and root != "/"
+        except OSError:  # another tmpfs, or the process is gone
+            continue
+        if ours:
+            held.append(f"{pid}: {root} on {mountpoint}")
+    return held
+
+
+MARK = ".dcr-test-held"
 
 
 @pytest.mark.parametrize("how", ["cancel", "kill-9"])
@@ -556,8 +588,15 @@ def test_no_plaintext_after_cancel_or_kill(tmp_path, store, host, make_notebook,
     assert proc is not None
     tree = process_tree(proc.pid)
     assert len(tree) >= 4, tree  # supervisor, bwrap and its namespace init, kernel, sleep
-    device = _scratch_device(proc.pid, host.host.cfg.scratch_root / job_id)
-    assert _mounts_of_device(device)  # the namespaces that hold it now are found by this scan
+    scratch = host.host.cfg.scratch_root / job_id
+    device = _scratch_device(proc.pid, scratch)
+    views = _views_of_device(device)
+    assert {pid for pid, _root, _mountpoint in views} >= {
+        proc.pid
+    }  # this scan finds the namespaces holding it
+    token = secrets.token_hex(16)
+    _mark_views(proc.pid, scratch, views, token)
+    assert len(_held_views(device, token, views)) == len(views)  # every view is found again
     if how == "cancel":
         assert host.client.cancel(job_id)["state"] == "cancelled"
     else:
@@ -574,7 +613,7 @@ def test_no_plaintext_after_cancel_or_kill(tmp_path, store, host, make_notebook,
     while leftover() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert leftover() == []
-    assert _mounts_of_device(device) == []
+    assert _held_views(device, token, views) == []
     # The notebook had copied the real file into its working copy: that copy lived on the supervisor's
     # private tmpfs and is gone with it.
     assert _no_plaintext_anywhere([host.state, Path("/dev/shm")], REAL_ROW) == []
