@@ -50,7 +50,8 @@ CPU_LANE = (
     "test_grant.py",
     "test_jobstore.py",
     # Google's services are loopback fakes and an emulator of their own; the "VM" is a process in its own
-    # namespaces with an account id of its own.
+    # namespaces, its kernel's account id from a range no local host uses (gcp_fakes.google.vm_sandbox_ids).
+    # Its tmpfs may reuse a device number the other lane's scan remembers: that scan marks what it watches.
     "test_cloud_launcher.py",
     "test_cloud_enclave.py",
     "test_cloud_hub.py",

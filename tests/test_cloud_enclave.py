@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gcp_fakes.google import COUNT_ROWS, Google, register_version
+from gcp_fakes.google import COUNT_ROWS, Google, register_version, vm_sandbox_ids
 from gcp_fakes.issuer import FakeAttestationIssuer, vm_claims
 from gcp_fakes.sts import pool_principal_set
 from gcp_fakes.teeserver import TeeServerFake
@@ -39,7 +39,6 @@ from dcr_enclave.pack.bundle_builder import build_bundle
 from dcr_enclave.pack.grant_issuer import issue_grant
 from dcr_enclave.pack.signing_keys import generate_key
 from dcr_enclave.pack.store import Store
-from dcr_enclave.platform.sandbox_ids import SandboxIds
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -190,7 +189,7 @@ def run_job(
     vm["submods"]["container"]["env"] = dict(launch)  # the launcher attests the tee-env-* it passed
     sock = tmp / "launcher" / "teeserver.sock"
     tee = TeeServerFake(sock, g.issuer, vm).start()
-    uid, gid = SandboxIds(tmp / "sandbox-ids").allocate()
+    uid, gid = vm_sandbox_ids(tmp / "sandbox-ids")
     # Short: the kernel's unix sockets live under it (sockaddr_un's 108 bytes).
     scratch = Path(tempfile.mkdtemp(prefix="dcr-cs-", dir="/tmp"))
     env = {

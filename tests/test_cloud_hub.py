@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import requests
 from gcp_fakes.compute import ComputeFake, FakeVM
-from gcp_fakes.google import COUNT_ROWS, Google, register_version
+from gcp_fakes.google import COUNT_ROWS, Google, register_version, vm_sandbox_ids
 from gcp_fakes.issuer import vm_claims
 from gcp_fakes.teeserver import TeeServerFake
 from hub_harness import INSURANCE_REAL, INSURANCE_SYNTHETIC, Hub, policy_config
@@ -41,7 +41,6 @@ from dcr_enclave.formats import contract
 from dcr_enclave.formats.digests import sha256_bytes
 from dcr_enclave.pack.bundle_builder import build_bundle
 from dcr_enclave.pack.store import Store
-from dcr_enclave.platform.sandbox_ids import SandboxIds
 from dcr_spawner.hubkey import load_or_create_hub_key
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -96,7 +95,7 @@ class EnclaveVM:
             claims["submods"]["container"]["env"].update(special.get("env", {}))
         sock = work / "launcher" / "teeserver.sock"
         tee = TeeServerFake(sock, self.google.issuer, claims).start()
-        uid, gid = SandboxIds(self.tmp / "sandbox-ids").allocate()
+        uid, gid = vm_sandbox_ids(self.tmp / "sandbox-ids")
         scratch = Path(tempfile.mkdtemp(prefix="dcr-cs-", dir="/tmp"))
         env = {
             **launch,

@@ -18,6 +18,7 @@ from dcr_enclave.pack.gcp import KmsKeyWrapper, upload_version
 from dcr_enclave.pack.store import Store
 from dcr_enclave.platform.condition import KeyReleaseCondition, PlatformCondition
 from dcr_enclave.platform.condition_cel import compile_wip_condition
+from dcr_enclave.platform.sandbox_ids import DEFAULT_COUNT, DEFAULT_FIRST, SandboxIds
 from gcp_fakes.issuer import FakeAttestationIssuer
 from gcp_fakes.kms import KmsFake
 from gcp_fakes.storage import StorageEmulator
@@ -89,3 +90,10 @@ COUNT_ROWS = [
     "open('results/summary.csv', 'w').write(f'rows\\n{len(rows)}\\n')",
     "print('done')",
 ]
+
+
+def vm_sandbox_ids(state: Path) -> tuple[int, int]:
+    """A kernel account for a test "VM": from the range just above the enclave host's default, so a VM in
+    one test lane never shares an id with a local job's kernel in the other (each allocator only knows the
+    ids its own state file handed out and the ones running at the time)."""
+    return SandboxIds(state, first=DEFAULT_FIRST + DEFAULT_COUNT, count=DEFAULT_COUNT).allocate()
