@@ -14,7 +14,8 @@ Fixtures:
 - ``make_notebook``: writes a notebook from a list of code-cell sources into a fresh workspace directory.
 - ``demo_seed``: one real first run of ``dcr demo`` per session (it generates and synthesizes the demo's
   data, then is stopped); the modules that start a demo begin from a copy of its directory
-  (``browser.demo_process.copy_demo_data``), so the suite synthesizes the demo's data once.
+  (``browser.demo_process.copy_demo_data``), so the suite synthesizes the demo's data once. ``make test``
+  has it made ahead, beside the other lane (``tests/demo_seed.py``).
 
 - pytest-jupyter's server fixtures (``jp_fetch``, ``jp_ws_fetch``, ``jp_serverapp``, ``jp_root_dir``, ...),
   loaded here for the whole suite.
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nbformat
 import pytest
@@ -45,27 +46,20 @@ from dcr_enclave.pack.store import DEV_HUB_KEY_FILE
 from dcr_enclave.platform.client import HostClient
 from dcr_enclave.platform.host import EnclaveHost, HostConfig
 
+if TYPE_CHECKING:
+    from demo_seed import DemoSeed
+
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
-
-
-@dataclass(frozen=True)
-class DemoSeed:
-    #: The stopped demo's directory: data, store, keys, reports, state (copy it, never start it again).
-    dir: Path
-    #: What that first run printed.
-    output: str
 
 
 @pytest.fixture(scope="session")
 def demo_seed(tmp_path_factory: pytest.TempPathFactory) -> DemoSeed:
-    from browser.demo_process import DemoProcess
+    import demo_seed as seeds
 
-    d = DemoProcess(tmp_path_factory.mktemp("demo-seed") / "demo")
-    try:
-        d.start()
-    finally:
-        d.close()
-    return DemoSeed(d.dir, d.output)
+    ahead = os.environ.get(seeds.SEED_ENV)
+    if ahead:  # tests/lanes.py has it made beside the other lane
+        return seeds.wait(Path(ahead))
+    return seeds.make(tmp_path_factory.mktemp("demo-seed"))
 
 
 #: The project's public test data, in ``shared/`` beside the checkout (never copied into it).

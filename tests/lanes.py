@@ -3,9 +3,12 @@
 The **CPU lane** holds the modules that mostly compute (synthesis, dataset registration, file formats, the
 policy and grant service): they start no enclave host, account, researcher server or browser (at most a
 hub or a database of their own on free ports), and look at nothing machine-wide, so the two lanes cannot
-disturb what the other observes. Its numerical libraries use one thread each, so it keeps to one core. The **main lane** runs
-everything else, its output streamed as usual; the CPU lane's output follows when both are done. The
-exit status is the first failing lane's (a lane that selected no test does not fail the run).
+disturb what the other observes. Its numerical libraries use one thread each, so it keeps to one core.
+Before its tests it makes the session's demo seed (``tests/demo_seed.py``: the first run of ``dcr demo``,
+which synthesizes the demo's data, then stops; no job, no account), which the main lane's demo and browser
+modules, run last, copy. The **main lane** runs everything else, its output streamed as usual; the CPU
+lane's output follows when both are done. The exit status is the first failing lane's (a lane that selected
+no test does not fail the run).
 
 Arguments are passed to pytest in both lanes (``make test PYTEST_ARGS="-x"``). Arguments that name test
 files or directories run one ordinary pytest over exactly those instead.
@@ -18,7 +21,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO
+
+import demo_seed
 
 HERE = Path(__file__).resolve().parent
 #: Modules that mostly compute and look at nothing machine-wide: about 40 % of the suite's time.
@@ -56,11 +64,51 @@ CPU_LANE = (
     "test_cloud_enclave.py",
     "test_cloud_hub.py",
 )
+#: The main lane's modules that start ``dcr demo`` from the session's demo seed: run last, by when the seed
+#: the CPU lane made first is there.
+SEED_USERS = ("test_checkout_paths.py", "test_demo.py", "test_browser.py")
 NO_TESTS = 5  # pytest's exit status when a selection holds no test
 
 
 def names_tests(arg: str) -> bool:
     return not arg.startswith("-") and Path(arg.split("::", 1)[0]).exists()
+
+
+def main_lane_files() -> list[str]:
+    """Every test module outside the CPU lane, those that need the demo seed last."""
+    names = sorted(p.name for p in HERE.glob("test_*.py") if p.name not in CPU_LANE)
+    ordered = [n for n in names if n not in SEED_USERS] + [n for n in SEED_USERS if n in names]
+    return [str(HERE / n) for n in ordered]
+
+
+class CpuLane:
+    """The CPU lane in a thread: the demo's first run (when asked for), then its tests, both into ``log``."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log: IO[bytes], seed: Path | None) -> None:
+        seeding = [[sys.executable, str(HERE / "demo_seed.py"), str(seed)]] if seed is not None else []
+        self.steps, self.env, self.log = [*seeding, command], env, log
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def run(self) -> int:
+        status = NO_TESTS
+        for step in self.steps:
+            with self._lock:
+                if self._stopped:
+                    break
+                self._proc = subprocess.Popen(step, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+            # Only the tests' status counts: a failed seed is reported by the main lane's tests that need it.
+            status = self._proc.wait()
+        return status
+
+    def stop(self) -> None:
+        """Interrupted: leave nothing of this lane running."""
+        with self._lock:
+            self._stopped = True
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
+                self._proc.wait()
 
 
 def main(argv: list[str]) -> int:
@@ -69,36 +117,38 @@ def main(argv: list[str]) -> int:
         return subprocess.call([*pytest, "--durations=25", *argv])
     cpu_files = [str(HERE / name) for name in CPU_LANE]
     basetemp = tempfile.mkdtemp(prefix="dcr-cpu-lane-")
+    # The whole suite: the demo's data is synthesized in the CPU lane, before its tests (an explicit
+    # selection makes it only if a selected test asks).
+    seed = Path(tempfile.mkdtemp(prefix="dcr-demo-seed-")) if not argv else None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with tempfile.TemporaryFile() as log:
-        cpu = subprocess.Popen(
-            [
-                *pytest,
-                "-p",
-                "no:cacheprovider",
-                f"--basetemp={basetemp}",
-                "--durations=10",
-                *cpu_files,
-                *argv,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    main_env = {**os.environ, **({demo_seed.SEED_ENV: str(seed)} if seed else {})}
+    cpu_command = [
+        *pytest,
+        "-p",
+        "no:cacheprovider",
+        f"--basetemp={basetemp}",
+        "--durations=10",
+        *cpu_files,
+        *argv,
+    ]
+    with tempfile.TemporaryFile() as log, ThreadPoolExecutor(1) as pool:
+        lane = CpuLane(cpu_command, env, log, seed)
+        cpu = pool.submit(lane.run)
         try:
-            ignore = [f"--ignore={f}" for f in cpu_files]
-            main_status = subprocess.call([*pytest, "--durations=25", *ignore, *argv])
-            cpu_status = cpu.wait()
+            main_status = subprocess.call(
+                [*pytest, "--durations=25", *main_lane_files(), *argv], env=main_env
+            )
+            cpu_status = cpu.result()
         finally:
-            if cpu.poll() is None:  # interrupted: do not leave the other lane running
-                cpu.kill()
-                cpu.wait()
+            lane.stop()
         log.seek(0)
         sys.stdout.flush()
         print(f"\n{'=' * 30} the CPU lane ({', '.join(CPU_LANE)}) {'=' * 30}", flush=True)
         shutil.copyfileobj(log, sys.stdout.buffer)
         sys.stdout.flush()
     shutil.rmtree(basetemp, ignore_errors=True)
+    if seed is not None:
+        shutil.rmtree(seed, ignore_errors=True)
     statuses = [s for s in (main_status, cpu_status) if s != NO_TESTS]
     if not statuses:
         return NO_TESTS

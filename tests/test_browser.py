@@ -26,7 +26,7 @@ import nbformat
 import pytest
 from browser import lab
 from browser.demo_process import DemoProcess, copy_demo_data
-from conftest import DemoSeed
+from demo_seed import DemoSeed
 from playwright.sync_api import BrowserContext, Page, Playwright, expect, sync_playwright
 
 from dcr_demo import data

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from browser.demo_process import DemoProcess, copy_demo_data
-from conftest import DemoSeed
+from demo_seed import DemoSeed
 from hub_harness import KernelResult, _execute
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

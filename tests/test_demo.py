@@ -26,7 +26,7 @@ import nbformat
 import pytest
 import requests
 from browser.demo_process import BIN, READY_LINE, DemoError, DemoProcess, copy_demo_data, free_port
-from conftest import DemoSeed
+from demo_seed import DemoSeed
 
 from dcr_demo import data
 from dcr_demo import prepare as prepare_module
