@@ -688,10 +688,18 @@ class HubDB:
             return [str(g) for g in s.scalars(q)]
 
     def record_ends(self, grant_ids: Iterable[str], at: int) -> None:
-        """Note that these granted jobs have ended (idempotent)."""
-        with self.session() as s:
-            known = set(s.scalars(select(JobEnd.grant_id).where(JobEnd.grant_id.in_(list(grant_ids)))))
-            s.add_all(JobEnd(grant_id=g, ended_at=at) for g in set(grant_ids) - known)
+        """Note that these granted jobs have ended (idempotent, also when two writers note the same end)."""
+        wanted = set(grant_ids)
+        for attempt in (1, 2):
+            try:
+                with self.session() as s:
+                    known = set(s.scalars(select(JobEnd.grant_id).where(JobEnd.grant_id.in_(list(wanted)))))
+                    s.add_all(JobEnd(grant_id=g, ended_at=at) for g in wanted - known)
+                return
+            except IntegrityError:
+                if attempt == 2:  # not another writer's row: something else is wrong
+                    raise
+                # Another writer noted one of these ends between the read and the write: read again.
 
     def job_exists(self, job_id: str) -> bool:
         with self.session() as s:

@@ -35,7 +35,8 @@ from hub_harness import (
     register_dataset,
     write_fidelity_reports,
 )
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from dcr_enclave.formats import contract, sealing
 from dcr_enclave.formats.errors import DCRError
@@ -45,7 +46,7 @@ from dcr_server_ext.errors import Unavailable
 from dcr_server_ext.grant_sources import GrantRefused, HubGrantSource
 from dcr_spawner import DCRPolicy, GrantService
 from dcr_spawner.grant_service import Refusal
-from dcr_spawner.hubdb import GrantedJob, HubDB, Meta
+from dcr_spawner.hubdb import GrantedJob, HubDB, JobEnd, Meta
 from dcr_spawner.hubkey import load_or_create_hub_key
 from dcr_spawner.platform import EnclavePlatform
 
@@ -459,6 +460,38 @@ def test_records_database_checks(db_url: str, tmp_path: Path) -> None:
     with pytest.raises(DCRError, match="schema version 99"):
         again.setup()
     again.dispose()
+
+
+def test_job_ends_are_noted_once_also_by_two_writers(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ends given as any iterable are all noted; noting them again changes nothing; and when another
+    writer (a second hub process) notes one of the same ends between this one's read and its write, both
+    succeed and the end is noted once, with the first writer's time."""
+    db, other = HubDB(db_url), HubDB(db_url)
+    db.setup()
+    grants = [f"grant-{n}" + "0" * 31 for n in range(3)]
+    for n, g in enumerate(grants):
+        db.record_grant(GrantedJob(g, f"job-{n}" + "0" * 23, "alice", BUNDLE, "k", T0, T0 + 60, T0 + 660, ()))
+    assert sorted(db.unended_grants("alice", T0)) == grants
+    db.record_ends((g for g in grants[:2]), T0 + 1)  # a generator is read once
+    db.record_ends(grants[:1], T0 + 5)
+    assert db.unended_grants("alice", T0) == [grants[2]]
+
+    add_all = Session.add_all
+    raced: list[bool] = []
+
+    def add_after_the_other_writer(session: Session, rows: Any) -> None:
+        if not raced:
+            raced.append(True)
+            other.record_ends([grants[2]], T0 + 7)  # commits between this writer's read and its write
+        add_all(session, rows)
+
+    monkeypatch.setattr(Session, "add_all", add_after_the_other_writer)
+    db.record_ends([grants[2]], T0 + 9)
+    assert raced and db.unended_grants("alice", T0) == []
+    with db.session() as s:
+        assert s.scalar(select(JobEnd.ended_at).where(JobEnd.grant_id == grants[2])) == T0 + 7
+    other.dispose()
+    db.dispose()
 
 
 def test_a_records_file_is_owner_only(tmp_path: Path) -> None:
