@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,7 @@ def test_policy_refuses_a_condition_over_googles_length_limit(
         ("DIR", ("--kms-key", KMS), "--platform confidential-space"),
         ("DIR", (*CLOUD, "--kms-key", "not-a-key"), "not a Cloud KMS key"),
         ("DIR", (*CLOUD, "--hub-copy", "DIR"), "only for a gs://"),
+        ("s3://acme-dcr/datasets", (*CLOUD, "--keys", "KEYS"), "neither a directory nor a Cloud Storage"),
     ],
 )
 def test_add_refuses_inconsistent_cloud_options_and_writes_nothing(
@@ -177,7 +179,9 @@ def test_add_refuses_inconsistent_cloud_options_and_writes_nothing(
     store: str,
     extra: tuple[str, ...],
     message: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # a store refused by mistake as a relative directory would land here
     sub = {"KEYS": str(tmp_path / "keys"), "DIR": str(tmp_path / "store")}
     args = _add(sub.get(store, store), files, *(sub.get(e, e) for e in extra))
     code, _out, err = _dcr(capsys, *args)
@@ -271,3 +275,43 @@ def test_add_to_a_gs_store_refuses_an_object_with_other_content(
         for b in storage.client().list_blobs("acme-dcr", prefix="second/")
         if b.name.endswith("manifest.json")
     ]
+
+
+def test_add_without_google_credentials_says_how_to_sign_in_and_writes_nothing(
+    tmp_path: Path,
+    files: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without Application Default Credentials (no credentials file, no gcloud sign-in, not on Google
+    Cloud), ``--kms-key`` stops before any work with how to sign in, for a gs:// store and a directory."""
+    for name in [n for n in os.environ if n.startswith(("GOOGLE_", "CLOUDSDK_", "GCE_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no gcloud sign-in there
+    monkeypatch.setenv("NO_GCE_CHECK", "true")  # not on Google Cloud: no metadata server is asked
+    for var in ("GCE_METADATA_HOST", "GCE_METADATA_IP"):
+        monkeypatch.setenv(var, "127.0.0.1:9")  # and were one asked, it would be on loopback
+    for store in ("gs://acme-dcr/datasets", tmp_path / "store"):
+        args = _add(store, files, *CLOUD, "--kms-key", KMS, "--keys", tmp_path / "keys")
+        code, _out, err = _dcr(capsys, *args)
+        assert code == 2 and "no Google credentials were found" in err, err
+        assert "gcloud auth application-default login" in err and "Traceback" not in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "keys").exists()
+
+
+def test_add_refused_by_kms_writes_nothing(
+    tmp_path: Path, files: tuple[Path, Path], cloud: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key KMS does not know (or will not use for this caller): the error names the key and the role
+    needed, and no store, keys directory or object is left behind."""
+    storage, kms = cloud
+    other = KMS.replace("/claims", "/unknown")
+    for store in ("gs://acme-dcr/refused", tmp_path / "store"):
+        args = _add(
+            store, files, *CLOUD, "--kms-key", other, "--keys", tmp_path / "keys",
+            "--kms-endpoint", kms.endpoint, "--storage-endpoint", storage.endpoint,
+        )  # fmt: skip
+        code, _out, err = _dcr(capsys, *args)
+        assert code != 0 and other in err and "roles/cloudkms.cryptoKeyEncrypter" in err, err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "keys").exists()
+    assert list(storage.client().list_blobs("acme-dcr", prefix="refused/")) == []

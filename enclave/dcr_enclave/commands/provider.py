@@ -614,6 +614,11 @@ def _check_cloud_args(args: argparse.Namespace) -> GsUri | None:
                 "--kms-key is for --platform confidential-space", hint="add --platform confidential-space"
             )
     if not cloud:
+        if "://" in str(args.store):
+            raise DCRError(
+                f"--store {args.store!r} is neither a directory nor a Cloud Storage location",
+                hint="give a directory, or gs://BUCKET/PREFIX",
+            )
         if args.hub_copy is not None:
             raise DCRError("--hub-copy is only for a gs:// --store")
         args.store = Path(args.store)
@@ -632,6 +637,10 @@ def _run_add(args: argparse.Namespace, work: Path, upload: GsUri | None = None) 
     store = Store(args.store)
     keys = KeyDirectory(args.keys if args.keys else store.default_keys_dir)
     wrapper: Any = keys if args.kms_key is None else KmsKeyWrapper(args.kms_key, endpoint=args.kms_endpoint)
+    # Google's clients first: without credentials the provider is told before any work or write.
+    if isinstance(wrapper, KmsKeyWrapper):
+        wrapper.connect()
+    client = storage_client(args.storage_endpoint, project=args.project_id) if upload is not None else None
     if keys.path.exists():
         ensure_private_dir(keys.path)  # refuses a keys directory others can read, before any work
     check_chunk_size(args.chunk_size)
@@ -679,7 +688,6 @@ def _run_add(args: argparse.Namespace, work: Path, upload: GsUri | None = None) 
     if upload is not None:
         # Encrypting again would give other ciphertext (a new data key) for the same version.
         rel = store.version_dir(prepared.provider, prepared.dataset, prepared.version).relative_to(store.root)
-        client = storage_client(args.storage_endpoint, project=args.project_id)
         there = uploaded_manifest(rel.as_posix(), upload, client)
         if there is not None:
             print(
@@ -694,9 +702,6 @@ def _run_add(args: argparse.Namespace, work: Path, upload: GsUri | None = None) 
         print(hub_snippet(store, existing, args.release, description=args.description))
         return 0
 
-    if thumbprints is None:  # the local development hub key, created on first use
-        ensure_private_dir(keys.path)
-        thumbprints = [thumbprint(public_jwk(load_or_create_key(dev_key)))]
     result = store.commit(prepared, wrapper, args.chunk_size, progress=progress.bytes("encrypting"))
     progress.done()
     manifest = result.manifest
@@ -710,6 +715,9 @@ def _run_add(args: argparse.Namespace, work: Path, upload: GsUri | None = None) 
             f"{manifest.ref} version {manifest.version} is already in the store {store.root}; nothing changed."
         )
         return 0
+    if thumbprints is None:  # the local development hub key, created on first use (once the data is in)
+        ensure_private_dir(keys.path)
+        thumbprints = [thumbprint(public_jwk(load_or_create_key(dev_key)))]
     condition = KeyReleaseCondition(
         provider=manifest.provider,
         dataset=manifest.dataset,

@@ -17,6 +17,8 @@ works without them.
 from __future__ import annotations
 
 import base64
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,6 +36,36 @@ CS_ISSUER_URI: Final = "https://confidentialcomputing.googleapis.com/"
 STS_AUDIENCE: Final = KEY_RELEASE_AUDIENCE
 DECRYPTER_ROLE: Final = "roles/cloudkms.cryptoKeyDecrypter"
 OBJECT_VIEWER_ROLE: Final = "roles/storage.objectViewer"
+
+
+#: What to do when Google finds no credentials, or refuses the ones it found.
+CREDENTIALS_HINT: Final = (
+    "sign in with `gcloud auth application-default login`, or point GOOGLE_APPLICATION_CREDENTIALS at a "
+    "credentials file"
+)
+
+
+@contextlib.contextmanager
+def google_calls(action: str, hint: str) -> Iterator[None]:
+    """Google's errors as a :class:`DCRError` that says what failed (``action``) and what to do."""
+    import requests
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+
+    try:
+        yield
+    except auth.DefaultCredentialsError:
+        raise DCRError(f"{action}: no Google credentials were found", hint=CREDENTIALS_HINT) from None
+    except auth.GoogleAuthError as e:  # a credential that cannot be refreshed, an unreachable token server
+        raise DCRError(f"{action}: Google sign-in failed ({e})", hint=CREDENTIALS_HINT) from None
+    except api.GoogleAPICallError as e:
+        raise DCRError(f"{action}: {e.message}", hint=hint) from None
+    except api.RetryError as e:
+        raise DCRError(f"{action}: Google did not answer ({e.cause or e})", hint="try again") from None
+    except requests.RequestException as e:  # the REST transports' own: no route, no name, a reset
+        raise DCRError(
+            f"{action}: Google cannot be reached ({e})", hint="check the network, then try again"
+        ) from None
 
 
 def check_kms_key(name: str) -> str:
@@ -65,6 +97,10 @@ def parse_store(uri: str) -> GsUri:
     return u if not u.name or u.name.endswith("/") else GsUri(u.bucket, u.name + "/")
 
 
+#: What a provider needs on the store's bucket to upload a version.
+UPLOAD_HINT: Final = "you need roles/storage.objectCreator and roles/storage.objectViewer on the bucket"
+
+
 def _crc32c(data: bytes) -> int:
     import google_crc32c
 
@@ -89,37 +125,39 @@ class KmsKeyWrapper:
         self.name = check_kms_key(name)
         self.endpoint = endpoint
         self.credentials = credentials
+        self._kms: Any = None
 
-    def _client(self) -> Any:
-        from google.api_core.client_options import ClientOptions
-        from google.cloud import kms_v1
+    def connect(self) -> Any:
+        """The KMS client, made once: Google's credentials are looked up here, so a provider without any
+        is told before anything is written."""
+        if self._kms is None:
+            from google.api_core.client_options import ClientOptions
+            from google.cloud import kms_v1
 
-        options = ClientOptions(api_endpoint=self.endpoint) if self.endpoint else None
-        credentials = self.credentials
-        if credentials is None and self.endpoint:
-            # An emulator (tests): a placeholder bearer token, never the machine's own credentials.
-            from google.oauth2.credentials import Credentials
+            options = ClientOptions(api_endpoint=self.endpoint) if self.endpoint else None
+            credentials = self.credentials
+            if credentials is None and self.endpoint:
+                # An emulator (tests): a placeholder bearer token, never the machine's own credentials.
+                from google.oauth2.credentials import Credentials
 
-            credentials = Credentials(token="dcr-emulator")  # noqa: S106 (not a secret)
-        return kms_v1.KeyManagementServiceClient(
-            credentials=credentials, transport="rest", client_options=options
-        )
+                credentials = Credentials(token="dcr-emulator")  # noqa: S106 (not a secret)
+            with google_calls(f"cannot reach Cloud KMS for {self.name}", hint=CREDENTIALS_HINT):
+                self._kms = kms_v1.KeyManagementServiceClient(
+                    credentials=credentials, transport="rest", client_options=options
+                )
+        return self._kms
 
     def wrap(self, provider: str, dataset: str, version: str, data_key: bytes) -> dict[str, Any]:
         check_name(provider, "provider")
         check_name(dataset, "dataset")
         check_digest(version, "dataset version")
-        from google.api_core import exceptions
-
-        try:
-            reply = self._client().encrypt(
+        with google_calls(
+            f"Cloud KMS refused to wrap the data key with {self.name}",
+            hint="you need roles/cloudkms.cryptoKeyEncrypter on the key (gcloud auth application-default login)",
+        ):
+            reply = self.connect().encrypt(
                 request={"name": self.name, "plaintext": data_key, "plaintext_crc32c": _crc32c(data_key)}
             )
-        except exceptions.GoogleAPICallError as e:
-            raise DCRError(
-                f"Cloud KMS refused to wrap the data key with {self.name}: {e.message}",
-                hint="you need roles/cloudkms.cryptoKeyEncrypter on the key (gcloud auth application-default login)",
-            ) from None
         # CRC32C both ways: the request arrived intact, and the ciphertext we store is what KMS returned.
         if not reply.verified_plaintext_crc32c or reply.ciphertext_crc32c != _crc32c(reply.ciphertext):
             raise DCRError(
@@ -143,7 +181,8 @@ def storage_client(endpoint: str | None = None, credentials: Any = None, project
             credentials=credentials or AnonymousCredentials(),
             client_options={"api_endpoint": endpoint},
         )
-    return storage.Client(project=project, credentials=credentials)
+    with google_calls("cannot reach Cloud Storage", hint=CREDENTIALS_HINT):
+        return storage.Client(project=project, credentials=credentials)
 
 
 def upload_version(version_dir: Path, rel: str, dest: GsUri, client: Any) -> list[str]:
@@ -159,26 +198,23 @@ def upload_version(version_dir: Path, rel: str, dest: GsUri, client: Any) -> lis
     names = []
     for path in [*files, version_dir / MANIFEST_FILE]:  # the manifest last: it says the version is complete
         name = dest.name + rel.rstrip("/") + "/" + path.relative_to(version_dir).as_posix()
-        try:
+        with google_calls(f"cannot upload to gs://{dest.bucket}/{name}", hint=UPLOAD_HINT):
             there = bucket.get_blob(name)
             if there is None:
-                # Create-only, so a concurrent writer cannot be overwritten between the look and the write.
-                bucket.blob(name).upload_from_filename(str(path), if_generation_match=0, checksum="crc32c")
-            elif there.size != path.stat().st_size or there.crc32c != _file_crc32c(path):
-                raise DCRError(
-                    f"gs://{dest.bucket}/{name} already exists with other content",
-                    hint="a version's objects never change: remove the stray object or use another prefix",
-                )
-        except exceptions.PreconditionFailed:
+                try:  # create-only: a concurrent writer is never overwritten between the look and the write
+                    bucket.blob(name).upload_from_filename(
+                        str(path), if_generation_match=0, checksum="crc32c"
+                    )
+                except exceptions.PreconditionFailed:
+                    raise DCRError(
+                        f"gs://{dest.bucket}/{name} appeared while it was being uploaded",
+                        hint="run the command again",
+                    ) from None
+        if there is not None and (there.size != path.stat().st_size or there.crc32c != _file_crc32c(path)):
             raise DCRError(
-                f"gs://{dest.bucket}/{name} appeared while it was being uploaded",
-                hint="run the command again",
-            ) from None
-        except exceptions.GoogleAPICallError as e:
-            raise DCRError(
-                f"cannot upload to gs://{dest.bucket}/{name}: {e.message}",
-                hint="you need roles/storage.objectCreator and objectViewer on the bucket",
-            ) from None
+                f"gs://{dest.bucket}/{name} already exists with other content",
+                hint="a version's objects never change: remove the stray object or use another prefix",
+            )
         names.append(name)
     return names
 
@@ -191,8 +227,10 @@ PROVIDER_ATTRIBUTE: Final = "dcr_wip_provider"
 
 def uploaded_manifest(rel: str, dest: GsUri, client: Any) -> bytes | None:
     """The manifest of the version at ``dest`` + ``rel`` if it was uploaded completely (it goes last)."""
-    blob = client.bucket(dest.bucket).get_blob(dest.name + rel.rstrip("/") + "/" + MANIFEST_FILE)
-    return None if blob is None else bytes(blob.download_as_bytes())
+    name = dest.name + rel.rstrip("/") + "/" + MANIFEST_FILE
+    with google_calls(f"cannot read gs://{dest.bucket}/{name}", hint=UPLOAD_HINT):
+        blob = client.bucket(dest.bucket).get_blob(name)
+        return None if blob is None else bytes(blob.download_as_bytes())
 
 
 def principal_set(wip_provider: str) -> str:
