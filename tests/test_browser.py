@@ -12,7 +12,6 @@ appears in the hub's log (the servers log there too) or in the page's responses.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
@@ -24,34 +23,23 @@ from typing import Any
 
 import nbformat
 import pytest
-from browser import lab
+from browser import fixtures, lab
 from browser.demo_process import DemoProcess, copy_demo_data
 from demo_seed import DemoSeed
-from playwright.sync_api import BrowserContext, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, Playwright, expect
 
 from dcr_demo import data
 from dcr_demo.prepare import REVIEWER_ACCOUNT, Layout
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
+# Playwright's fixtures, and pytest-jupyter's loop and server cleanup replaced for it (browser/fixtures.py).
+jp_asyncio_loop, jp_server_cleanup = fixtures.jp_asyncio_loop, fixtures.jp_server_cleanup
+pw, context = fixtures.pw, fixtures.context
+
 USER = "alice"
 RIVERSIDE = "Riverside Hospital"
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def jp_asyncio_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """Replaces pytest-jupyter's autouse loop fixture here: it would close the thread's current loop, which
-    is the one Playwright's sync API runs on for the whole module. This module runs no in-process server."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture
-def jp_server_cleanup() -> Iterator[None]:
-    """Replaces pytest-jupyter's autouse server cleanup: no in-process Jupyter server runs here."""
-    yield
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +49,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory, demo_seed: DemoSeed) -> Itera
         yield d.start()
     finally:
         d.close()
-
-
-@pytest.fixture(scope="module")
-def pw() -> Iterator[Playwright]:
-    with sync_playwright() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def context(pw: Playwright, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
-    with lab.chromium(pw, tmp_path_factory.mktemp("chromium-profile")) as ctx:
-        ctx.set_default_timeout(60_000)
-        yield ctx
 
 
 @pytest.fixture(scope="module")
