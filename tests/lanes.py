@@ -1,14 +1,16 @@
 """Run the whole suite as ``make test`` does: in two lanes side by side, one per core.
 
 The **CPU lane** holds the modules that mostly compute (synthesis, dataset registration, file formats, the
-policy and grant service): they start no enclave host, account, researcher server or browser (at most a
-hub or a database of their own on free ports), and look at nothing machine-wide, so the two lanes cannot
-disturb what the other observes. Its numerical libraries use one thread each, so it keeps to one core.
-Before its tests it makes the session's demo seed (``tests/demo_seed.py``: the first run of ``dcr demo``,
-which synthesizes the demo's data, then stops; no job, no account), which the main lane's demo and browser
-modules, run last, copy. The **main lane** runs everything else, its output streamed as usual; the CPU
-lane's output follows when both are done. The exit status is the first failing lane's (a lane that selected
-no test does not fail the run).
+policy and grant service) and those that look at nothing machine-wide and leave nothing a machine-wide look
+of the other lane could take for its own: hubs and databases of their own on free ports, the cloud tests
+(loopback Google; their VMs' kernel accounts from an id range no local host uses; one of them drives
+Chromium), read-only checks of the installed extension. Its numerical libraries use one thread each, so it
+keeps to about one core. Before its tests it makes the session's demo seed (``tests/demo_seed.py``: the
+first run of ``dcr demo``, which synthesizes the demo's data, then stops; no job, no account), which the
+main lane's demo and browser modules, run last, copy. The **main lane** runs everything else (every local
+enclave host, the demos, the local spawner's accounts, the tests that scan processes, mounts or accounts),
+its output streamed as usual; the CPU lane's output follows when both are done. The exit status is the first
+failing lane's (a lane that selected no test does not fail the run).
 
 Arguments are passed to pytest in both lanes (``make test PYTEST_ARGS="-x"``). Arguments that name test
 files or directories run one ordinary pytest over exactly those instead.
@@ -63,6 +65,12 @@ CPU_LANE = (
     "test_cloud_launcher.py",
     "test_cloud_enclave.py",
     "test_cloud_hub.py",
+    "test_cloud_browser.py",
+    # Read-only checks of the installed extension and of settings; a refusal in a /proc of its own.
+    "test_labextension.py",
+    "test_platform.py",
+    "test_release_policy.py",
+    "test_process_visibility.py",
 )
 #: The main lane's modules that start ``dcr demo`` from the session's demo seed: run last, by when the seed
 #: the CPU lane made first is there.
